@@ -1,0 +1,38 @@
+"""aimv2-mlx: Apple's AIMv2 vision encoders in MLX.
+
+A system OpenBLAS is loaded (Linux) before MLX is imported; see `backend`.
+"""
+
+from .backend import load_openblas
+
+load_openblas()
+
+from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, preset  # noqa: E402
+from .embed import embed, embed_folder  # noqa: E402
+from .encoder import VisionEncoder  # noqa: E402
+from .images import open_image, preprocess  # noqa: E402
+from .lit import LiT  # noqa: E402
+from .model import ModelNotFoundError, build, load, load_default, parameter_count, save  # noqa: E402
+from .weights import CheckpointError  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError",
+    "EncoderConfig",
+    "LiT",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "PreprocessConfig",
+    "TextConfig",
+    "VisionEncoder",
+    "build",
+    "embed",
+    "embed_folder",
+    "load",
+    "load_default",
+    "open_image",
+    "parameter_count",
+    "preprocess",
+    "preset",
+    "save",
+]

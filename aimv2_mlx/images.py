@@ -1,0 +1,169 @@
+"""Decode images correctly and turn them into the pixels an AIMv2 model expects.
+
+Decoding applies EXIF orientation and converts every Pillow mode to 8-bit RGB: 16-bit and
+32-bit integer images are scaled (not clipped), transparency is composited onto white, CMYK
+goes through Pillow's converter. Preprocessing follows the hub's `CLIPImageProcessor`
+("clip", the default for released checkpoints), ml-aim's README recipe ("ml-aim"), or keeps the
+aspect ratio with both sides a multiple of the patch size ("native").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import PreprocessConfig
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+DEFAULT_MAX_MEGAPIXELS = 178.0
+_BACKGROUND = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """An image that could not be used; the message names the file and the reason."""
+
+
+def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
+    """Open a file (or take a PIL image) and return an upright 8-bit RGB image."""
+    name = source if not isinstance(source, Image.Image) else "<PIL image>"
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            image = Image.open(source)
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
+        except Exception as exc:
+            raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if max_megapixels is not None and image.width * image.height > max_megapixels * 1e6:
+        raise ImageError(
+            f"{name}: {image.width}x{image.height} exceeds the {max_megapixels:g}-megapixel limit"
+        )
+    try:
+        if hasattr(image, "n_frames") and image.n_frames > 1:
+            image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{name}: could not decode ({type(exc).__name__}: {exc})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, scaling high bit depths and flattening alpha onto white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    if mode == "F":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or values.max(initial=0) <= 65535:
+        top = 65535.0
+    else:
+        top = float(2**32 - 1)
+    return np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize_shortest(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `size` (transformers' rounding of the longer one)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int, rounding: str = "floor") -> Image.Image:
+    """Centre crop; `rounding` "floor" is transformers' offset, "round" torchvision's."""
+    w, h = image.size
+    offset = (lambda d: d // 2) if rounding == "floor" else (lambda d: int(round(d / 2.0)))
+    left, top = offset(w - size), offset(h - size)
+    return image.crop((left, top, left + size, top + size))
+
+
+def native_size(width: int, height: int, shortest: int, patch: int) -> tuple[int, int]:
+    """Scale so the shorter side is about `shortest`, keep aspect, round both sides to patches."""
+    scale = shortest / min(width, height)
+    return (
+        max(patch, round(width * scale / patch) * patch),
+        max(patch, round(height * scale / patch) * patch),
+    )
+
+
+def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14) -> np.ndarray:
+    """One RGB image to a normalised float32 (H, W, 3) array."""
+    if config.mode == "clip":
+        image = center_crop(resize_shortest(image, config.size), config.size, "floor")
+    elif config.mode == "ml-aim":
+        image = resize_shortest(image, math.ceil(config.size / config.crop_fraction))
+        image = center_crop(image, config.size, "round")
+    elif config.mode == "native":
+        image = image.resize(native_size(*image.size, config.size, patch_size), Image.Resampling.BICUBIC)
+    else:
+        raise ValueError(f"unknown preprocessing mode {config.mode!r}")
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    return (pixels - mean) / std
+
+
+def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str | None = None,
+               config: PreprocessConfig | None = None):
+    """Paths or PIL images to model-ready channels-last float32 pixels, as an `mx.array`.
+
+    The preprocessing is the model's own (`model.model_config.preprocess`) unless `mode`
+    ("clip", "ml-aim", "native") or a full `config` is given. Native-resolution images of
+    different shapes cannot share a batch: then a list of (1, H, W, 3) arrays is returned.
+    """
+    import mlx.core as mx
+
+    config = _choose_config(model, mode, config)
+    patch = model.model_config.vision.patch_size if model is not None else 14
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    arrays = [to_pixels(open_image(img), config, patch) for img in images]
+    if len({a.shape for a in arrays}) > 1:
+        return [mx.array(a[None]) for a in arrays]
+    return mx.array(np.stack(arrays))
+
+
+def _choose_config(model, mode: str | None, config: PreprocessConfig | None) -> PreprocessConfig:
+    if config is not None:
+        return config
+    base = model.model_config.preprocess if model is not None else PreprocessConfig()
+    if mode is None or mode == base.mode:
+        return base
+    return PreprocessConfig.for_mode(mode, base.size)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under a folder, recursively, sorted; hidden and AppleDouble files skipped."""
+    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
+    root = Path(folder)
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in suffixes and path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
