@@ -29,25 +29,34 @@ class ImageError(ValueError):
 
 
 def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
-    """Open a file (or take a PIL image) and return an upright 8-bit RGB image."""
-    name = source if not isinstance(source, Image.Image) else "<PIL image>"
+    """Open a file (or take a PIL image) and return an upright 8-bit RGB image.
+
+    Files are decoded fully and closed before returning. Any failure (missing, not an image,
+    truncated, too large) raises `ImageError` with the file's name in the message.
+    """
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            image = Image.open(source)
-        except FileNotFoundError:
-            raise ImageError(f"{name}: no such file") from None
-        except Exception as exc:
-            raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+        return _upright_rgb(source, "<PIL image>", max_megapixels)
+    name = os.fspath(source)
+    try:
+        handle = Image.open(source)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except Exception as exc:
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    with handle:
+        return _upright_rgb(handle, name, max_megapixels)
+
+
+def _upright_rgb(image: Image.Image, name, max_megapixels: float | None) -> Image.Image:
     if max_megapixels is not None and image.width * image.height > max_megapixels * 1e6:
         raise ImageError(
             f"{name}: {image.width}x{image.height} exceeds the {max_megapixels:g}-megapixel limit"
         )
     try:
-        if hasattr(image, "n_frames") and image.n_frames > 1:
+        if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
             image.seek(0)
-        image = ImageOps.exif_transpose(image)
+        image.load()  # decode now: truncated data fails here, and the file can be closed after
+        image = ImageOps.exif_transpose(image)  # always a new image, never the open file
         return to_rgb(image)
     except ImageError:
         raise
@@ -56,16 +65,21 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB, scaling high bit depths and flattening alpha onto white."""
+    """Any Pillow mode to 8-bit RGB, scaling high bit depths and flattening alpha onto white.
+
+    Transparency in any form (an alpha band, a palette with alpha, a `transparency` colour key)
+    is composited onto white, as transformers' `convert_rgb` does.
+    """
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode == "La":  # premultiplied: Pillow has no La -> RGBA conversion
+        image, mode = image.convert("LA"), "LA"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info or (
+        mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
+    if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -141,6 +155,8 @@ def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     arrays = [to_pixels(open_image(img), config, patch) for img in images]
+    if not arrays:
+        raise ValueError("preprocess() needs at least one image")
     if len({a.shape for a in arrays}) > 1:
         return [mx.array(a[None]) for a in arrays]
     return mx.array(np.stack(arrays))

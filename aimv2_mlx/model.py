@@ -36,6 +36,8 @@ def parameter_count(model: nn.Module) -> int:
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str]:
     """A local folder holding the checkpoint, and a description of where it came from."""
+    if str(path_or_id) == "bundled":
+        return BUNDLED_DIR, "bundled"
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path, str(path.resolve())
@@ -117,3 +119,17 @@ def load_default(verbose: bool = True) -> nn.Module:
         if verbose:
             print(f"{exc}; using the bundled offline model {BUNDLED_DIR.name}", flush=True)
         return load(BUNDLED_DIR)
+
+
+def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -> dict:
+    """What `aimv2 info` reports about a model: name, origin, size and config."""
+    model = load(path_or_id, revision)
+    config = model.model_config
+    return {
+        "name": config.name,
+        "origin": config.source.get("origin", str(path_or_id)),
+        "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
+        "parameters": f"{parameter_count(model):,}",
+        "label": config.source.get("label"),
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,19 @@
+"""`aimv2`: the Typer app; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
+
+from . import convert, embed, info
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="AIMv2 vision encoders in MLX: inspect, convert and embed.")
+app.command("info")(info.info)
+app.command("embed")(embed.embed)
+app.command("convert")(convert.convert)
+
+
+def main() -> None:
+    app()
