@@ -1,0 +1,74 @@
+"""The `aimv2` command: the quickstart job and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import aimv2_mlx
+
+PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
+
+
+def _aimv2(*args, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
+    out = tmp_path / "vectors"
+    result = _aimv2("embed", str(PHOTOS), "-o", str(out), cache=tmp_path / "empty-cache")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "apple/aimv2-large-patch14-224" in lines[0] and "bundled" in lines[0]
+    assert str(out / "embeddings.npy") in lines[-1]
+    vectors = np.load(out / "embeddings.npy")
+    paths = (out / "paths.txt").read_text().split()
+    assert vectors.shape == (len(paths), 192) and len(paths) >= 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocess"]["mode"] == "clip" and manifest["count"] == len(paths)
+    model = aimv2_mlx.load("bundled")
+    single = aimv2_mlx.embed([PHOTOS / paths[0]], model, batch_size=1)
+    assert np.abs(single[0] - vectors[0]).max() <= 1e-5
+
+
+def test_missing_folder_is_one_line_error(tmp_path):
+    result = _aimv2("embed", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "-m", "bundled",
+                    cache=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "nope" in result.stderr
+
+
+def test_info_on_unreachable_model_names_it(tmp_path):
+    result = _aimv2("info", "apple/aimv2-huge-patch14-448", cache=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: apple/aimv2-huge-patch14-448")
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_info_labels_bundled_model(tmp_path):
+    result = _aimv2("info", "bundled", cache=tmp_path)
+    assert result.returncode == 0
+    assert "random-init" in result.stdout and "2,819,136" in result.stdout
+
+
+def test_convert_round_trip(tmp_path, transformers_reference):
+    import torch
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    torch.manual_seed(0)
+    Aimv2VisionModel(Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=56, use_head=False)).save_pretrained(tmp_path / "hf")
+    result = _aimv2("convert", str(tmp_path / "hf"), str(tmp_path / "mlx"), cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a, b = aimv2_mlx.load(tmp_path / "hf"), aimv2_mlx.load(tmp_path / "mlx")
+    assert json.loads((tmp_path / "mlx" / "config.json").read_text())["format"] == "aimv2-mlx"
+    x = aimv2_mlx.preprocess(PHOTOS / "chelsea.jpg", a)
+    assert np.array_equal(np.array(a(x)), np.array(b(x)))
+    again = _aimv2("convert", str(tmp_path / "hf"), str(tmp_path / "mlx"), cache=tmp_path)
+    assert again.returncode == 1 and "already exists" in again.stderr
