@@ -23,11 +23,13 @@ def embed(images: Iterable[ImageInput], model, batch_size: int = 8, pool: str = 
     config = model.model_config.preprocess
     patch = model.model_config.vision.patch_size
     images = list(images)
+    if config.mode == "native":  # every image keeps its own shape: batches of one
+        batch_size = 1
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = np.stack([to_pixels(open_image(img), config, patch) for img in chunk])
-        if len(chunk) < batch_size and config.mode != "native":
+        if len(chunk) < batch_size:
             pixels = np.concatenate([pixels, np.zeros((batch_size - len(chunk),) + pixels.shape[1:], np.float32)])
         vectors = _pool(model, mx.array(pixels), pool)[: len(chunk)]
         if normalize:
