@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .encoder import VisionEncoder
 from .lit import LiT
-from .weights import CheckpointError, infer_config, read_json, read_safetensors, to_ours
+from .weights import CheckpointError, infer_config, read_checkpoint, read_json, to_ours
 
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-random"
@@ -67,7 +67,7 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     """Load a model from a local folder or a hub id; PyTorch layouts are converted in memory."""
     folder, origin = resolve(path_or_id, revision)
     config_json = read_json(folder / "config.json")
-    weights, weights_file = read_safetensors(folder)
+    weights, weights_file = read_checkpoint(folder)
     if config_json and config_json.get("format") == "aimv2-mlx":
         config = ModelConfig.from_dict(config_json)
     else:

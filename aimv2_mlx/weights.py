@@ -225,8 +225,12 @@ def _preprocess_from_hub(pre: dict, default: PreprocessConfig) -> PreprocessConf
     )
 
 
-def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], Path]:
-    """All tensors of a folder's checkpoint (single file or sharded index), and the file used."""
+def read_checkpoint(folder: Path) -> tuple[dict[str, mx.array], Path]:
+    """All tensors of a folder's checkpoint, and the file used.
+
+    safetensors (single, or sharded with an index) are preferred; a PyTorch zip pickle
+    (`pytorch_model.bin`, `*.pth`, `*.pt`) is read by the restricted, torch-free reader.
+    """
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -243,7 +247,24 @@ def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], Path]:
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
         return _load_file(files[0]), files[0]
-    raise CheckpointError(f"{folder}: no model.safetensors (or a sharded index) found")
+    pickles = sorted(p for ext in ("*.bin", "*.pth", "*.pt") for p in folder.glob(ext))
+    if len(pickles) == 1:
+        return _load_torch_pickle(pickles[0]), pickles[0]
+    raise CheckpointError(f"{folder}: no model.safetensors, sharded index or single PyTorch checkpoint found")
+
+
+def _load_torch_pickle(path: Path) -> dict[str, mx.array]:
+    from .convert.torch_pickle import Bfloat16Array, read_torch_checkpoint
+
+    out = {}
+    for key, value in read_torch_checkpoint(path).items():
+        if isinstance(value, Bfloat16Array):
+            out[key] = mx.array(value.bits).view(mx.bfloat16)
+        elif hasattr(value, "dtype"):
+            out[key] = mx.array(value)
+        else:
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return out
 
 
 def _load_file(path: Path) -> dict[str, mx.array]:

@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -92,3 +93,31 @@ def test_truncated_zip_is_a_clear_error(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.pth"):
         read_torch_checkpoint(tmp_path / "cut.pth")
+
+
+def test_pth_folder_loads_like_its_safetensors_twin(tmp_path, transformers_reference):
+    import json
+
+    import torch
+    from mlx.utils import tree_flatten
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    import aimv2_mlx
+
+    torch.manual_seed(0)
+    config = Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=56, use_head=False)
+    reference = Aimv2VisionModel(config)
+    reference.save_pretrained(tmp_path / "st")
+    (tmp_path / "pth").mkdir()
+    torch.save({k: v.bfloat16() if "rms_norm" in k else v for k, v in reference.state_dict().items()},
+               tmp_path / "pth" / "pytorch_model.bin")
+    (tmp_path / "pth" / "config.json").write_text(json.dumps(config.to_dict()))
+    twin = dict(tree_flatten(aimv2_mlx.load(tmp_path / "st").parameters()))
+    loaded = dict(tree_flatten(aimv2_mlx.load(tmp_path / "pth").parameters()))
+    assert loaded.keys() == twin.keys()
+    for key, value in twin.items():
+        if "norm" in key:  # stored as bfloat16 on purpose: exact after rounding the twin the same way
+            assert loaded[key].dtype == mx.bfloat16
+            value = value.astype(mx.bfloat16)
+        assert np.array_equal(np.array(loaded[key].astype(mx.float32)), np.array(value.astype(mx.float32))), key
