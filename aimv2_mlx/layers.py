@@ -16,6 +16,7 @@ from . import kernels
 from .backend import on_cpu
 
 Mask = mx.array | str | None
+MIN_SPLIT_ROWS = 64  # below this many tokens (batch x sequence) the trunk runs on one stream
 
 
 def prefix_mask(prefix_lengths: mx.array, num_tokens: int) -> mx.array:
@@ -65,13 +66,20 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Mask = None) -> mx.array:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
         if _fast_path(x):
-            out = kernels.attention(q, k, v, self.scale, _additive(mask, N, x.dtype))
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            return self.proj(self.attend(qkv, _additive(mask, N, x.dtype)))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
+
+    def attend(self, qkv: mx.array, mask: mx.array | None, kv: mx.array | None = None) -> mx.array:
+        """The CPU float32 path between the projections: (B, n, 3D) -> (B, n, D).
+
+        `mask` is additive (or None); `kv` holds the whole sequence's projections when `qkv`
+        is only a block of its rows.
+        """
+        return kernels.qkv_attention(qkv, self.num_heads, self.scale, mask, kv)
 
 
 class SwiGLU(nn.Module):
@@ -105,7 +113,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The trunk: a stack of blocks and the post-trunk RMSNorm."""
+    """The trunk: a stack of blocks and the post-trunk RMSNorm.
+
+    On the CPU in float32 the rows are split over `kernels.cpu_streams()` (one MLX stream per
+    core): whole images per stream when the batch divides evenly, else blocks of tokens per
+    stream, which meet at each attention to share keys and values. Results are the same as
+    the unsplit forward (each row's arithmetic is unchanged).
+    """
 
     def __init__(self, dims: int, depth: int, num_heads: int, hidden: int, eps: float):
         super().__init__()
@@ -117,11 +131,81 @@ class Transformer(nn.Module):
     ) -> tuple[mx.array, list[mx.array]]:
         """Returns the normed output and the raw outputs of the blocks in `feature_blocks`."""
         wanted = {i % len(self.blocks) for i in feature_blocks}
+        plan = _split_plan(x)
+        if plan:
+            x, features = self._split(x, mask, wanted, *plan)
+        else:
+            features = []
+            for i, block in enumerate(self.blocks):
+                x = block(x, mask)
+                if i in wanted:
+                    features.append(x)
+            x = self.post_trunk_norm(x)
+        order = sorted(wanted)
+        return x, [features[order.index(i % len(self.blocks))] for i in feature_blocks]
+
+    def _split(self, x: mx.array, mask: Mask, wanted: set, streams: list, axis: int):
+        B, N, _ = x.shape
+        mask = _additive(mask, N, x.dtype)
+        length = x.shape[axis]
+        bounds = [(length * j // len(streams), length * (j + 1) // len(streams)) for j in range(len(streams))]
+        parts = [x[a:b] if axis == 0 else x[:, a:b] for a, b in bounds]
+        masks = [_mask_part(mask, axis, B, a, b) for a, b in bounds]
         features = []
         for i, block in enumerate(self.blocks):
-            x = block(x, mask)
+            if axis == 0:
+                for j, stream in enumerate(streams):
+                    with mx.stream(stream):
+                        parts[j] = block(parts[j], masks[j])
+            else:
+                parts = _block_over_token_blocks(block, parts, masks, streams)
             if i in wanted:
-                features.append(x)
-        order = sorted(wanted)
-        features = [features[order.index(i % len(self.blocks))] for i in feature_blocks]
-        return self.post_trunk_norm(x), features
+                features.append(mx.concatenate(parts, axis=axis))
+        outs = []
+        for stream, part in zip(streams, parts):
+            with mx.stream(stream):
+                outs.append(self.post_trunk_norm(part))
+        return mx.concatenate(outs, axis=axis), features
+
+
+def _split_plan(x: mx.array) -> tuple[list, int] | None:
+    """(streams, axis) to split a (B, N, D) trunk input over, or None to run it whole.
+
+    Whole images per stream when the batch divides evenly (axis 0, no cross-stream traffic),
+    else blocks of tokens (axis 1). None off the CPU/float32 path or when too small to pay.
+    """
+    if not _fast_path(x) or x.shape[0] * x.shape[1] < MIN_SPLIT_ROWS:
+        return None
+    streams = kernels.cpu_streams()
+    if len(streams) < 2:
+        return None
+    B, N = x.shape[0], x.shape[1]
+    if B % len(streams) == 0:
+        return streams, 0
+    if N >= len(streams):
+        return streams, 1
+    return None
+
+
+def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> mx.array | None:
+    """The rows of an additive mask (broadcastable to (B, H, N, N)) that one part needs."""
+    if mask is None:
+        return None
+    if axis == 0:
+        return mask[a:b] if mask.ndim == 4 and mask.shape[0] == batch > 1 else mask
+    return mask[..., a:b, :] if mask.shape[-2] > 1 else mask
+
+
+def _block_over_token_blocks(block: Block, parts: list, masks: list, streams: list) -> list:
+    """One block over row blocks of the sequence; every block's queries see all keys/values."""
+    qkvs = []
+    for stream, x in zip(streams, parts):
+        with mx.stream(stream):
+            qkvs.append(block.attn.qkv(block.norm_1(x)))
+    outs = []
+    for stream, x, qkv, mask in zip(streams, parts, qkvs, masks):
+        with mx.stream(stream):
+            kv = mx.concatenate(qkvs, axis=1)
+            x = x + block.attn.proj(block.attn.attend(qkv, mask, kv))
+            outs.append(x + block.mlp(block.norm_2(x)))
+    return outs
