@@ -100,13 +100,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.preprocessor = Preprocessor(config)
-        self.trunk = Transformer(
-            config.hidden_size,
-            config.num_hidden_layers,
-            config.num_attention_heads,
-            config.intermediate_size,
-            config.rms_norm_eps,
-        )
+        self.trunk = Transformer.from_config(config)
         if config.use_head:
             self.head = AttentionPoolHead(config.hidden_size, config.num_attention_heads)
 

@@ -121,6 +121,12 @@ class Transformer(nn.Module):
     the unsplit forward (each row's arithmetic is unchanged).
     """
 
+    @classmethod
+    def from_config(cls, config) -> "Transformer":
+        """A trunk sized by any config with transformers-style field names (vision or text)."""
+        return cls(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                   config.intermediate_size, config.rms_norm_eps)
+
     def __init__(self, dims: int, depth: int, num_heads: int, hidden: int, eps: float):
         super().__init__()
         self.blocks = [Block(dims, num_heads, hidden, eps) for _ in range(depth)]

@@ -30,13 +30,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.preprocessor = TextPreprocessor(config)
-        self.trunk = Transformer(
-            config.hidden_size,
-            config.num_hidden_layers,
-            config.num_attention_heads,
-            config.intermediate_size,
-            config.rms_norm_eps,
-        )
+        self.trunk = Transformer.from_config(config)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         input_ids = input_ids[:, : self.config.max_position_embeddings]
