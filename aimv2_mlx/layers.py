@@ -117,8 +117,8 @@ class Transformer(nn.Module):
 
     On the CPU in float32 the rows are split over `kernels.cpu_streams()` (one MLX stream per
     core): whole images per stream when the batch divides evenly, else blocks of tokens per
-    stream, which meet at each attention to share keys and values. Results are the same as
-    the unsplit forward (each row's arithmetic is unchanged).
+    stream, which meet at each attention to share keys and values. Results equal the unsplit
+    forward to float32 rounding (BLAS may sum differently for different row counts).
     """
 
     @classmethod

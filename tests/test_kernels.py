@@ -146,7 +146,9 @@ def test_qkv_attention_on_row_blocks_equals_whole_sequence():
     mask = layers._additive(prefix_mask(mx.array([4, 9]), N), N, mx.float32)
     whole = kernels.qkv_attention(qkv, H, 0.3, mask)
     rows = [kernels.qkv_attention(qkv[:, a:b], H, 0.3, mask[..., a:b, :], kv=qkv) for a, b in ((0, 8), (8, N))]
-    np.testing.assert_allclose(_np(mx.concatenate(rows, axis=1)), _np(whole), rtol=1e-6, atol=1e-7)
+    # Equal to float32 rounding: BLAS may block a GEMM differently for each shape (measured up
+    # to 3e-7 on values near 2 with OpenBLAS on an AVX-512 machine).
+    np.testing.assert_allclose(_np(mx.concatenate(rows, axis=1)), _np(whole), rtol=1e-5, atol=1e-6)
     q, k, v = qkv.reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     np.testing.assert_allclose(_np(whole), _np(expected.transpose(0, 2, 1, 3).reshape(B, N, D)), rtol=1e-5, atol=2e-6)
@@ -208,12 +210,11 @@ def test_split_over_streams_matches_single_stream(tiny_model, batch, prefix, mon
     monkeypatch.setattr(kernels, "cpu_streams", lambda: streams)
     assert layers._split_plan(tiny_model.preprocessor(images)) is not None
     split = _forward(tiny_model, images, lengths)
-    # Per image the arithmetic is identical; token blocks change GEMM row counts, and with
-    # them OpenBLAS's summation order, so allow float32 rounding (relative to the scale).
+    # Splitting changes GEMM row counts, and OpenBLAS may block (and so sum) differently for
+    # each row count (not bit-identical on an AVX-512 Zen 5 machine even for whole images),
+    # so allow float32 rounding, relative to the scale.
     for got, expected in zip(split, whole):
         assert np.max(np.abs(got - expected)) <= 1e-5 * max(1.0, np.max(np.abs(expected)))
-    if batch % len(streams) == 0:
-        assert all(np.array_equal(g, e) for g, e in zip(split, whole))
 
 
 def test_compiled_forward_equals_eager(tiny_model, pixels):
