@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,24 @@ class PreprocessConfig:
         if mode == "native":
             return cls("native", size, CLIP_MEAN, CLIP_STD, 1.0)
         raise ValueError(f"unknown preprocessing mode {mode!r}: use clip, ml-aim or native")
+
+    def to_hub(self) -> dict:
+        """This recipe as a `CLIPImageProcessor` `preprocessor_config.json`, for other tools."""
+        fixed = self.mode != "native"
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": fixed,
+            "size": {"shortest_edge": math.ceil(self.size / self.crop_fraction)},
+            "resample": 3,
+            "do_center_crop": fixed,
+            "crop_size": {"height": self.size, "width": self.size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
 
 
 @dataclass
@@ -131,6 +150,49 @@ _SIZES = {
     "1B": (2048, 24, 16, 5632),
     "3B": (3072, 24, 24, 8192),
 }
+
+
+# ml-aim's pinned hub revisions: the original (ml-aim) layout of each released checkpoint.
+ML_AIM_REVISIONS = {
+    "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
+    "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
+    "aimv2-1B-patch14-224": "4d24a422f71e87d327d476bc405030fe6593d8b1",
+    "aimv2-3B-patch14-224": "df1cbc288096c9742ec8bd6709ff82757972338c",
+    "aimv2-large-patch14-336": "639423ae9f07319d24a7fc431b61908110d08d3a",
+    "aimv2-huge-patch14-336": "21528bd53a2438a84162e79f1f9a46453b88004c",
+    "aimv2-1B-patch14-336": "5a15f23f6757776fdd487283353a018677621939",
+    "aimv2-3B-patch14-336": "d1adb39ee92dfd7ecf3114b1ee3aa7e9027ce98f",
+    "aimv2-large-patch14-448": "cefb13f21003bdadba65bfbee956c82b976cd23d",
+    "aimv2-huge-patch14-448": "44e6440a24a8ea966ad0deadf5399a22d852bcc0",
+    "aimv2-1B-patch14-448": "7f292735d3a07a911559c0fabb3ad3e9d141713f",
+    "aimv2-3B-patch14-448": "70810b618e4456b724bacc8ef4d2d038060ceda6",
+    "aimv2-large-patch14-224-distilled": "d6d09b071e8ba31735c5e05ccd4b2a393020ce90",
+    "aimv2-large-patch14-336-distilled": "8fe1704e5cc1c80cefc99c194afcefe21dff1faa",
+    "aimv2-large-patch14-native": "cfe7bdbbc924a5f65272d5e2c27fe5f61771a629",
+    "aimv2-large-patch14-224-lit": "c2cd59a786c4c06f39d199c50d08cc2eab9f8605",
+}
+
+
+def official_name(repo_or_name: str) -> str | None:
+    """The released model's name for `apple/aimv2-…` or a bare `aimv2-…`, else None."""
+    owner, _, name = str(repo_or_name).rpartition("/")
+    return name if owner in ("", "apple") and name in ML_AIM_REVISIONS else None
+
+
+def family_of(vision: EncoderConfig) -> str | None:
+    """"large", "huge", "1B" or "3B" when the encoder has that family's width and MLP; else None."""
+    for family, (width, _, _, hidden) in _SIZES.items():
+        if (vision.hidden_size, vision.intermediate_size) == (width, hidden):
+            return family
+    return None
+
+
+def default_heads(width: int) -> int:
+    """Heads for a width: the AIMv2 family's count, else head dim 128 as in every family."""
+    for family_width, _, heads, _ in _SIZES.values():
+        if family_width == width:
+            return heads
+    return max(1, width // 128)
 
 
 def _official_presets() -> dict[str, ModelConfig]:

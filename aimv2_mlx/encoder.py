@@ -116,7 +116,7 @@ class VisionEncoder(nn.Module):
         prefix_lengths: mx.array | None = None,
     ) -> tuple[mx.array, list[mx.array]]:
         """Tokens plus the raw outputs of the chosen blocks (negative indices count from the end)."""
-        x = self.preprocessor(pixels)
+        x = self.preprocessor(pixels.astype(self.preprocessor.patchifier.proj.weight.dtype))
         mask: Mask = None if prefix_lengths is None else prefix_mask(prefix_lengths, x.shape[1])
         return self.trunk(x, mask, tuple(feature_blocks))
 

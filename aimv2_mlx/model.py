@@ -3,29 +3,61 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .backend import on_cpu
+from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, family_of, official_name
 from .encoder import VisionEncoder
 from .lit import LiT
-from .weights import CheckpointError, infer_config, read_checkpoint, read_json, to_ours
+from .quantize import dequantize_model, quantize_model
+from .weights import Recipe, check_tensors, detect_layout, infer_config, plan, read_json
+
+if TYPE_CHECKING:
+    from .convert.checkpoint import Checkpoint
 
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-random"
-HUB_PATTERNS = ["*.json", "model.safetensors", "model-*.safetensors", "*.txt"]
+# What is fetched from the hub: configs, tokenizer files and safetensors weights. ml-aim's
+# pinned revisions hold the same weights twice (torch and MLX files): the MLX copy is skipped.
+HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+HUB_IGNORE = ["mlx_model.safetensors"]
+PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local folder nor something the Hugging Face hub (or its cache) could provide."""
 
 
+@dataclass
+class Location:
+    """Where a checkpoint was found: a local folder or file, and what to record about it."""
+
+    path: Path
+    origin: str
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.origin.startswith("hf://"):
+            return self.origin.removeprefix("hf://").split("/")[-1]
+        return (self.path if self.path.is_dir() else self.path.parent).name
+
+
 def build(config: ModelConfig) -> nn.Module:
-    """A randomly initialised model for `config` (LiT when it has a text tower)."""
+    """A randomly initialised model for `config` (LiT when it has a text tower).
+
+    Quantized configs get their quantized linears; weights stay lazy until evaluated, so building
+    even a 3B model only to read its parameter shapes costs no memory.
+    """
     model = LiT(config) if config.is_lit else VisionEncoder(config.vision)
+    if config.quantization:
+        quantize_model(model, config.quantization["bits"], config.quantization["group_size"])
     model.model_config = config
     return model
 
@@ -34,71 +66,88 @@ def parameter_count(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str]:
-    """A local folder holding the checkpoint, and a description of where it came from."""
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pickle: bool = False) -> Location:
+    """A local folder or file holding the checkpoint, fetched from the hub (or its cache) for hub ids.
+
+    Official names (`apple/aimv2-…` or bare `aimv2-…`) default to ml-aim's pinned revision.
+    """
     if str(path_or_id) == "bundled":
-        return BUNDLED_DIR, "bundled"
+        return Location(BUNDLED_DIR, "bundled")
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path, str(path.resolve())
+    if path.exists():
+        return Location(path, str(path.resolve()))
     if path.suffix or str(path_or_id).startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{path_or_id}: no such model folder")
-    repo = str(path_or_id)
+        raise ModelNotFoundError(f"{path_or_id}: no such model folder or file")
+    official = official_name(str(path_or_id))
+    repo = f"apple/{official}" if official else str(path_or_id)
     if "/" not in repo:
-        repo = f"apple/{repo}"
+        raise ModelNotFoundError(f"{path_or_id}: no such folder, and not a hub id (owner/name) or an official AIMv2 name")
+    if revision is None and official:
+        revision = ML_AIM_REVISIONS[official]
     from huggingface_hub import snapshot_download
 
+    download = dict(revision=revision, allow_patterns=HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []),
+                    ignore_patterns=HUB_IGNORE)
     try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        folder = snapshot_download(repo, local_files_only=True, **download)
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise ModelNotFoundError(f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
         try:
-            folder = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+            folder = snapshot_download(repo, **download)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotFoundError(
                 f"{repo}: not in the Hugging Face cache and the hub could not be reached ({reason})"
             ) from None
-    return Path(folder), f"hf://{repo}" + (f"@{revision}" if revision else "")
+    return Location(Path(folder), f"hf://{repo}", revision)
 
 
-def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> nn.Module:
-    """Load a model from a local folder or a hub id; PyTorch layouts are converted in memory."""
-    folder, origin = resolve(path_or_id, revision)
-    config_json = read_json(folder / "config.json")
-    weights, weights_file = read_checkpoint(folder)
-    if config_json and config_json.get("format") == "aimv2-mlx":
-        config = ModelConfig.from_dict(config_json)
-    else:
-        weights = to_ours(weights)
-        config = infer_config(weights, config_json, read_json(folder / "preprocessor_config.json"),
-                              name=folder.name if origin.startswith("/") else origin.split("://")[-1])
-        config.source = {"origin": origin, "revision": revision, "converted_from": "pytorch layout"}
+def conversion_plan(checkpoint: Checkpoint, location: Location) -> tuple[ModelConfig, dict[str, Recipe]]:
+    """Our config and how to make each of our tensors, from names, shapes and any config.json."""
+    config_json = read_json(checkpoint.folder / "config.json")
+    if config_json and config_json.get("format") == FORMAT:
+        return ModelConfig.from_dict(config_json), {key: Recipe((key,)) for key in checkpoint.tensors}
+    layout = detect_layout(checkpoint.tensors)
+    recipes = plan(checkpoint.tensors, layout)
+    shapes = {key: recipe.shape(checkpoint.tensors) for key, recipe in recipes.items()}
+    config = infer_config(shapes, config_json, read_json(checkpoint.folder / "preprocessor_config.json"),
+                          name=location.name)
+    config.source = {
+        "origin": location.origin,
+        "revision": location.revision,
+        "layout": layout,
+        "file": checkpoint.path.name,
+        "family": family_of(config.vision),
+    }
+    return config, recipes
+
+
+def expected_parameters(model: nn.Module) -> dict[str, mx.array]:
+    """Our key -> the (lazy, never evaluated) parameter it must fill: shapes and dtypes."""
+    return dict(tree_flatten(model.parameters()))
+
+
+def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None,
+         dequantize: bool | None = None) -> nn.Module:
+    """Load a model from a local folder or file, or a hub id; PyTorch layouts are mapped in memory.
+
+    Quantized models are dequantized into float32 linears on the CPU (`dequantize=None`), where
+    quantized matmuls are slow; pass `dequantize=False` to keep them quantized.
+    """
+    from .convert.checkpoint import open_checkpoint
+
+    location = resolve(path_or_id, revision)
+    checkpoint = open_checkpoint(location.path)
+    config, recipes = conversion_plan(checkpoint, location)
     model = build(config)
-    _assign(model, weights, weights_file)
-    return model
-
-
-def _assign(model: nn.Module, weights: dict[str, mx.array], origin: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(expected.keys() - weights.keys())
-    extra = sorted(weights.keys() - expected.keys())
-    if missing:
-        raise CheckpointError(f"{origin}: missing tensor {missing[0]!r}" + _more(missing))
-    if extra:
-        raise CheckpointError(f"{origin}: unexpected tensor {extra[0]!r}" + _more(extra))
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{origin}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
-    model.load_weights(list(weights.items()))
+    check_tensors(expected_parameters(model), {k: r.shape(checkpoint.tensors) for k, r in recipes.items()},
+                  checkpoint.path)
+    model.load_weights([(key, recipe.build(lambda k: checkpoint.tensors[k].load())) for key, recipe in recipes.items()])
     mx.eval(model.parameters())
-
-
-def _more(keys: list[str]) -> str:
-    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    if config.quantization and (on_cpu() if dequantize is None else dequantize):
+        dequantize_model(model)
+    return model
 
 
 def save(model: nn.Module, folder: str | os.PathLike) -> Path:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import mlx.core as mx
 
-from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
+from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, default_heads
 
 ML_AIM_MLX = "ml-aim-mlx"
 ML_AIM_TORCH = "ml-aim-torch"
@@ -65,11 +67,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file or key and the reason."""
 
 
-def detect_layout(weights: dict) -> str:
-    """Which layout a state dict is in, judged by its keys and shapes only."""
+def shape_of(value) -> tuple[int, ...]:
+    """The shape of an array, a lazy tensor reference, or a shape tuple itself."""
+    return tuple(value) if isinstance(value, tuple) else tuple(value.shape)
+
+
+def detect_layout(weights: Mapping) -> str:
+    """Which layout a state dict is in, judged by its keys and shapes only (values or shapes)."""
     for key, value in weights.items():
         if key.endswith("preprocessor.patchifier.proj.weight"):
-            return ML_AIM_MLX if value.shape[-1] < value.shape[1] else ML_AIM_TORCH
+            shape = shape_of(value)
+            return ML_AIM_MLX if shape[-1] < shape[1] else ML_AIM_TORCH
     if any(k.endswith("embeddings.patch_embed.weight") for k in weights):
         return TRANSFORMERS
     if "patch_embed.proj.weight" in weights and "blocks.0.mlp.fc1_g.weight" in weights:
@@ -78,18 +86,55 @@ def detect_layout(weights: dict) -> str:
     raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample})")
 
 
-def to_ours(weights: dict[str, mx.array], layout: str | None = None) -> dict[str, mx.array]:
-    """Rename and reshape a state dict of any supported layout into our MLX layout."""
+@dataclass(frozen=True)
+class Recipe:
+    """How one of our tensors is made from a checkpoint's: renamed, maybe fused or reshaped.
+
+    `op`: "copy"; "conv" (torch (O, I, kH, kW) -> MLX (O, kH, kW, I)); "pos" ((N, D) -> (1, N, D));
+    "scalar" (-> ()); "qkv" (transformers' q, k, v projections stacked in that order).
+    """
+
+    sources: tuple[str, ...]
+    op: str = "copy"
+
+    def shape(self, shapes: Mapping) -> tuple[int, ...]:
+        first = shape_of(shapes[self.sources[0]])
+        if self.op == "conv":
+            return (first[0], first[2], first[3], first[1])
+        if self.op == "pos":
+            return (1, *first)
+        if self.op == "scalar":
+            return ()
+        if self.op == "qkv":
+            return (sum(shape_of(shapes[s])[0] for s in self.sources), *first[1:])
+        return first
+
+    def build(self, get: Callable[[str], mx.array]) -> mx.array:
+        values = [get(s) for s in self.sources]
+        if self.op == "qkv":
+            return mx.concatenate(values, axis=0)
+        value = values[0]
+        if self.op == "conv":
+            return value.transpose(0, 2, 3, 1)
+        if self.op == "pos":
+            return value[None]
+        if self.op == "scalar":
+            return value.reshape(())
+        return value
+
+
+def plan(weights: Mapping, layout: str | None = None) -> dict[str, Recipe]:
+    """Our key -> how to make it, for a state dict (values or shapes) of any supported layout."""
     layout = layout or detect_layout(weights)
-    out: dict[str, mx.array] = {}
-    qkv_parts: dict[str, dict[str, mx.array]] = {}
-    for key, value in weights.items():
+    recipes: dict[str, Recipe] = {}
+    qkv_parts: dict[str, dict[str, str]] = {}
+    for key in weights:
         if layout == TRANSFORMERS:
             match = _TRANSFORMERS_QKV.fullmatch(key)
             if match:
                 prefix, block, part = match.groups()
                 target = f"{_tower(prefix)}trunk.blocks.{block}.attn.qkv.weight"
-                qkv_parts.setdefault(target, {})[part] = value
+                qkv_parts.setdefault(target, {})[part] = key
                 continue
             new_key = _rename_transformers(key)
         elif layout == TIMM:
@@ -98,13 +143,37 @@ def to_ours(weights: dict[str, mx.array], layout: str | None = None) -> dict[str
             new_key = key
         if new_key is None:
             raise CheckpointError(f"unexpected tensor {key!r} in a {layout} checkpoint")
-        out[new_key] = value
+        recipes[new_key] = Recipe((key,), _op(new_key, shape_of(weights[key]), layout))
     for target, parts in qkv_parts.items():
         missing = {"q", "k", "v"} - parts.keys()
         if missing:
             raise CheckpointError(f"{target}: missing {sorted(missing)} projection(s)")
-        out[target] = mx.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
-    return {k: _reshape(k, v, layout) for k, v in out.items()}
+        recipes[target] = Recipe((parts["q"], parts["k"], parts["v"]), "qkv")
+    return recipes
+
+
+def to_ours(weights: dict[str, mx.array], layout: str | None = None) -> dict[str, mx.array]:
+    """Rename and reshape a state dict of any supported layout into our MLX layout."""
+    return {key: recipe.build(weights.__getitem__) for key, recipe in plan(weights, layout).items()}
+
+
+def ours_for_transformers_key(key: str) -> tuple[str | None, int | None]:
+    """Our key for a transformers key and, for q/k/v, which row block of our fused qkv it is."""
+    match = _TRANSFORMERS_QKV.fullmatch(key)
+    if match:
+        prefix, block, part = match.groups()
+        return f"{_tower(prefix)}trunk.blocks.{block}.attn.qkv.weight", "qkv".index(part)
+    return _rename_transformers(key), None
+
+
+def _op(key: str, shape: tuple[int, ...], layout: str) -> str:
+    if key.endswith("patchifier.proj.weight") and layout != ML_AIM_MLX:
+        return "conv"
+    if key.endswith("preprocessor.pos_embed") and len(shape) == 2:
+        return "pos"
+    if key.endswith("log_logit_scale") and shape != ():
+        return "scalar"
+    return "copy"
 
 
 def _tower(prefix: str) -> str:
@@ -133,23 +202,33 @@ def _apply_rules(rules, key: str) -> str | None:
     return None
 
 
-def _reshape(key: str, value: mx.array, layout: str) -> mx.array:
-    if key.endswith("patchifier.proj.weight") and layout != ML_AIM_MLX:
-        return value.transpose(0, 2, 3, 1)  # torch (O, I, kH, kW) -> MLX (O, kH, kW, I)
-    if key.endswith("preprocessor.pos_embed") and value.ndim == 2:
-        return value[None]
-    if key.endswith("log_logit_scale"):
-        return value.reshape(())
-    return value
+def check_tensors(expected: Mapping, found: Mapping, origin) -> None:
+    """Refuse a missing, unexpected or wrongly shaped tensor, naming it and `origin`."""
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(f"{origin}: missing tensor {missing[0]!r}" + _more(missing))
+    if extra:
+        raise CheckpointError(f"{origin}: unexpected tensor {extra[0]!r}" + _more(extra))
+    for key, value in found.items():
+        if shape_of(value) != shape_of(expected[key]):
+            raise CheckpointError(
+                f"{origin}: tensor {key!r} has shape {shape_of(value)}, expected {shape_of(expected[key])}"
+            )
+
+
+def _more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
 def infer_config(
-    weights: dict[str, mx.array],
+    weights: Mapping,
     config_json: dict | None = None,
     preprocessor_json: dict | None = None,
     name: str = "",
 ) -> ModelConfig:
-    """Build our config from tensor shapes, taking heads/eps/ids from any foreign config.json."""
+    """Build our config from tensor shapes (our layout; values or shapes), taking heads, eps and
+    ids from any foreign config.json; heads default to the AIMv2 family of that width."""
     config_json = config_json or {}
     lit = "image_encoder.preprocessor.patchifier.proj.weight" in weights
     vision_json = config_json.get("vision_config") or config_json
@@ -157,7 +236,7 @@ def infer_config(
     text = projection = None
     if lit:
         text = _text_config(weights, config_json.get("text_config") or {})
-        projection = weights["image_projector.weight"].shape[0]
+        projection = shape_of(weights["image_projector.weight"])[0]
     mode = "native" if vision.is_native else "clip"
     preprocess = PreprocessConfig.for_mode(mode, vision.image_size)
     if preprocessor_json and not vision.is_native:
@@ -173,17 +252,16 @@ def infer_config(
 
 
 def _vision_config(weights: dict, prefix: str, cfg: dict) -> EncoderConfig:
-    proj = weights[prefix + "preprocessor.patchifier.proj.weight"]
-    hidden, patch, _, channels = proj.shape
+    hidden, patch, _, channels = shape_of(weights[prefix + "preprocessor.patchifier.proj.weight"])
     depth = _count_blocks(weights, prefix + "trunk.blocks.")
     pos = weights.get(prefix + "preprocessor.pos_embed")
     native = pos is None
-    image_size = int(cfg.get("image_size", 224)) if native else round(pos.shape[1] ** 0.5) * patch
+    image_size = int(cfg.get("image_size", 224)) if native else round(shape_of(pos)[1] ** 0.5) * patch
     return EncoderConfig(
         hidden_size=hidden,
         num_hidden_layers=depth,
-        num_attention_heads=int(cfg.get("num_attention_heads", max(1, hidden // 128))),
-        intermediate_size=weights[prefix + "trunk.blocks.0.mlp.fc1.weight"].shape[0],
+        num_attention_heads=int(cfg.get("num_attention_heads", default_heads(hidden))),
+        intermediate_size=shape_of(weights[prefix + "trunk.blocks.0.mlp.fc1.weight"])[0],
         patch_size=patch,
         image_size=image_size,
         num_channels=channels,
@@ -194,14 +272,14 @@ def _vision_config(weights: dict, prefix: str, cfg: dict) -> EncoderConfig:
 
 
 def _text_config(weights: dict, cfg: dict) -> TextConfig:
-    vocab, hidden = weights["text_encoder.preprocessor.text_embedding.weight"].shape
+    vocab, hidden = shape_of(weights["text_encoder.preprocessor.text_embedding.weight"])
     return TextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=_count_blocks(weights, "text_encoder.trunk.blocks."),
-        num_attention_heads=int(cfg.get("num_attention_heads", max(1, hidden // 128))),
-        intermediate_size=weights["text_encoder.trunk.blocks.0.mlp.fc1.weight"].shape[0],
-        max_position_embeddings=weights["text_encoder.preprocessor.positional_embedding"].shape[0],
+        num_attention_heads=int(cfg.get("num_attention_heads", default_heads(hidden))),
+        intermediate_size=shape_of(weights["text_encoder.trunk.blocks.0.mlp.fc1.weight"])[0],
+        max_position_embeddings=shape_of(weights["text_encoder.preprocessor.positional_embedding"])[0],
         eos_token_id=int(cfg.get("eos_token_id", 49407)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
     )
@@ -225,54 +303,10 @@ def _preprocess_from_hub(pre: dict, default: PreprocessConfig) -> PreprocessConf
     )
 
 
-def read_checkpoint(folder: Path) -> tuple[dict[str, mx.array], Path]:
-    """All tensors of a folder's checkpoint, and the file used.
-
-    safetensors (single, or sharded with an index) are preferred; a PyTorch zip pickle
-    (`pytorch_model.bin`, `*.pth`, `*.pt`) is read by the restricted, torch-free reader.
-    """
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights = {}
-        for shard in shards:
-            path = (folder / shard).resolve()
-            if folder.resolve() not in path.parents:
-                raise CheckpointError(f"{index}: shard {shard!r} points outside its folder")
-            weights.update(_load_file(path))
-        return weights, index
-    for candidate in ("model.safetensors", "mlx_model.safetensors"):
-        if (folder / candidate).exists():
-            return _load_file(folder / candidate), folder / candidate
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) == 1:
-        return _load_file(files[0]), files[0]
-    pickles = sorted(p for ext in ("*.bin", "*.pth", "*.pt") for p in folder.glob(ext))
-    if len(pickles) == 1:
-        return _load_torch_pickle(pickles[0]), pickles[0]
-    raise CheckpointError(f"{folder}: no model.safetensors, sharded index or single PyTorch checkpoint found")
-
-
-def _load_torch_pickle(path: Path) -> dict[str, mx.array]:
-    from .convert.torch_pickle import Bfloat16Array, read_torch_checkpoint
-
-    out = {}
-    for key, value in read_torch_checkpoint(path).items():
-        if isinstance(value, Bfloat16Array):
-            out[key] = mx.array(value.bits).view(mx.bfloat16)
-        elif hasattr(value, "dtype"):
-            out[key] = mx.array(value)
-        else:
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return out
-
-
-def _load_file(path: Path) -> dict[str, mx.array]:
-    try:
-        return mx.load(str(path))
-    except Exception as exc:  # MLX raises bare RuntimeError/ValueError on bad files
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-
-
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None

@@ -3,7 +3,9 @@
 A torch checkpoint is a zip holding `data.pkl` plus one raw file per storage. The pickle is
 read by an unpickler that resolves only the globals needed to rebuild tensors and plain
 containers; any other global (`os.system`, `builtins.eval`, …) is refused before it can be
-called, with an error naming it. Storages are read straight from the zip into NumPy.
+called, with an error naming it. Tensors come back lazy (`TorchTensor`): their shape and dtype
+are known at once, their bytes are read from the zip only when asked for, one at a time, so a
+converter's memory stays near one tensor.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import numpy as np
 
 from aimv2_mlx.weights import CheckpointError
 
+# storage class -> (dtype name, NumPy dtype holding its bytes; bfloat16 as uint16 bit patterns)
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+    "DoubleStorage": ("float64", np.float64),
+    "FloatStorage": ("float32", np.float32),
+    "HalfStorage": ("float16", np.float16),
+    "BFloat16Storage": ("bfloat16", np.uint16),
+    "LongStorage": ("int64", np.int64),
+    "IntStorage": ("int32", np.int32),
+    "ShortStorage": ("int16", np.int16),
+    "CharStorage": ("int8", np.int8),
+    "ByteStorage": ("uint8", np.uint8),
+    "BoolStorage": ("bool", np.bool_),
 }
 
 
@@ -37,11 +40,37 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage's raw bytes viewed as its dtype (bfloat16 kept as uint16 bit patterns)."""
+    """Where a storage's bytes live in the archive; nothing is read yet."""
 
-    def __init__(self, data: bytes, dtype):
-        self.bfloat16 = dtype == "bfloat16"
-        self.array = np.frombuffer(data, dtype=np.uint16 if self.bfloat16 else dtype)
+    def __init__(self, path: Path, entry: str, dtype: str, numpy_dtype, nbytes: int):
+        self.path, self.entry, self.dtype, self.numpy_dtype = path, entry, dtype, np.dtype(numpy_dtype)
+        self.numel = nbytes // self.numpy_dtype.itemsize
+
+
+class TorchTensor:
+    """A tensor of a torch checkpoint, read from the zip only by `numpy()`."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.offset, self.stride = storage, offset, stride
+        self.shape = size
+        self.dtype = storage.dtype
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+        if extent > storage.numel:
+            raise CheckpointError(
+                f"{storage.path}: tensor of shape {size} reaches element {extent} of a storage "
+                f"holding {storage.numel} (corrupt file)"
+            )
+
+    def numpy(self) -> np.ndarray:
+        """The values (bfloat16 as uint16 bit patterns: NumPy has no bfloat16)."""
+        with zipfile.ZipFile(self.storage.path) as archive:
+            data = np.frombuffer(archive.read(self.storage.entry), dtype=self.storage.numpy_dtype)
+        if not self.shape:
+            return data[self.offset:self.offset + 1].reshape(()).copy()
+        itemsize = data.itemsize
+        return np.lib.stride_tricks.as_strided(
+            data[self.offset:], shape=self.shape, strides=tuple(s * itemsize for s in self.stride)
+        ).copy()
 
 
 class Bfloat16Array:
@@ -56,14 +85,7 @@ class Bfloat16Array:
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_ignored):
-    itemsize = storage.array.itemsize
-    if len(size) == 0:
-        values = storage.array[offset:offset + 1].reshape(())
-    else:
-        values = np.lib.stride_tricks.as_strided(
-            storage.array[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
-        ).copy()
-    return Bfloat16Array(values) if storage.bfloat16 else values
+    return TorchTensor(storage, int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride))
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -103,30 +125,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
         if key not in self.storages:
-            data = self.archive.read(f"{self.prefix}data/{key}")
-            self.storages[key] = _Storage(data, _STORAGE_DTYPES[storage_type.name])
+            entry = f"{self.prefix}data/{key}"
+            try:
+                info = self.archive.getinfo(entry)
+            except KeyError:
+                raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
+            dtype, numpy_dtype = _STORAGE_DTYPES[storage_type.name]
+            self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
 
 
-def read_torch_checkpoint(path: str | Path) -> dict:
-    """A torch-saved state dict as {name: np.ndarray | Bfloat16Array}, without importing torch."""
+def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
+    """A torch-saved state dict as {name: TorchTensor}, without importing torch or reading data."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
-        prefix = pickles[0][: -len("data.pkl")]
-        with archive.open(pickles[0]) as handle:
-            try:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+            prefix = pickles[0][: -len("data.pkl")]
+            with archive.open(pickles[0]) as handle:
                 state = _RestrictedUnpickler(handle, archive, prefix, path).load()
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
+    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(value, TorchTensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
     return dict(state)
+
+
+def read_torch_checkpoint(path: str | Path) -> dict:
+    """Every tensor of a torch checkpoint as {name: np.ndarray | Bfloat16Array}, read eagerly."""
+    return {
+        key: Bfloat16Array(t.numpy()) if t.dtype == "bfloat16" else t.numpy()
+        for key, t in open_torch_checkpoint(path).items()
+    }
+

@@ -1,0 +1,117 @@
+"""Open a checkpoint (folder or file) as lazy tensors: names, shapes and dtypes at once, values
+only when asked for.
+
+Containers: safetensors (single, or sharded with `model.safetensors.index.json`) and PyTorch zip
+pickles (`.pth`, `.pt`, `.bin`, read by the restricted torch-free reader). A file given directly
+is recognised by its content, not its name. Every file is checked when opened (header against
+size, index entries inside the folder), so damage is reported before any work is done.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from aimv2_mlx.weights import CheckpointError
+
+from .safetensors_io import read_header, read_tensor
+from .torch_pickle import open_torch_checkpoint
+
+INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
+
+
+@dataclass
+class TensorRef:
+    """One tensor of a checkpoint; `load()` reads it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path
+    read: Callable[[], np.ndarray]
+
+    def load(self) -> mx.array:
+        values = mx.array(self.read())
+        return values.view(mx.bfloat16) if self.dtype == "bfloat16" else values
+
+
+@dataclass
+class Checkpoint:
+    folder: Path  # where config.json / preprocessor_config.json / tokenizer files may sit
+    path: Path  # the file (or index) the tensors come from, for messages
+    tensors: dict[str, TensorRef]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({ref.file for ref in self.tensors.values()})
+
+    def largest_file_bytes(self) -> int:
+        return max(f.stat().st_size for f in self.files)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if path.is_file():
+        return Checkpoint(path.parent, path, _open_file(path))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    index = path / INDEX
+    if index.exists():
+        return Checkpoint(path, index, _open_index(index))
+    for name in ("model.safetensors", "mlx_model.safetensors"):
+        if (path / name).exists():
+            return Checkpoint(path, path / name, _open_safetensors(path / name))
+    candidates = sorted(path.glob("*.safetensors"))
+    if not candidates:
+        candidates = sorted(p for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if len(candidates) == 1:
+        return Checkpoint(path, candidates[0], _open_file(candidates[0]))
+    found = f"found {', '.join(p.name for p in candidates)}" if candidates else "found none"
+    raise CheckpointError(
+        f"{path}: expected one model.safetensors, a sharded {INDEX} or one PyTorch checkpoint ({found})"
+    )
+
+
+def _open_file(path: Path) -> dict[str, TensorRef]:
+    if zipfile.is_zipfile(path):
+        return _open_pickle(path)
+    return _open_safetensors(path)
+
+
+def _open_safetensors(path: Path) -> dict[str, TensorRef]:
+    return {
+        key: TensorRef(entry.shape, entry.dtype, path, lambda path=path, entry=entry: read_tensor(path, entry))
+        for key, entry in read_header(path).items()
+    }
+
+
+def _open_pickle(path: Path) -> dict[str, TensorRef]:
+    return {key: TensorRef(t.shape, t.dtype, path, t.numpy) for key, t in open_torch_checkpoint(path).items()}
+
+
+def _open_index(index: Path) -> dict[str, TensorRef]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+    folder = index.parent.resolve()
+    shards: dict[str, dict[str, TensorRef]] = {}
+    tensors = {}
+    for key, shard in weight_map.items():
+        if shard not in shards:
+            path = (index.parent / shard).resolve()
+            if folder not in path.parents:
+                raise CheckpointError(f"{index}: shard {shard!r} points outside its folder")
+            if not path.is_file():
+                raise CheckpointError(f"{index}: shard {shard!r} is missing")
+            shards[shard] = _open_safetensors(path)
+        if key not in shards[shard]:
+            raise CheckpointError(f"{index}: tensor {key!r} is not in its shard {shard!r}")
+        tensors[key] = shards[shard][key]
+    return tensors

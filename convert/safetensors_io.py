@@ -1,0 +1,136 @@
+"""safetensors without loading whole files: a checked header reader, per-tensor reads, and a
+writer that streams tensors to disk one at a time.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each name to its
+dtype, shape and byte range, then the raw bytes. Reading the header first lets every damaged
+file (truncated, inconsistent offsets) be refused before anything is converted; writing the
+header first (all shapes are known in advance) lets a converter hold one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+import numpy as np
+
+from aimv2_mlx.weights import CheckpointError
+
+# safetensors code -> (our dtype name, NumPy dtype holding its bytes; bfloat16 as uint16)
+CODES = {
+    "F64": ("float64", np.float64),
+    "F32": ("float32", np.float32),
+    "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.uint16),
+    "I64": ("int64", np.int64),
+    "I32": ("int32", np.int32),
+    "I16": ("int16", np.int16),
+    "I8": ("int8", np.int8),
+    "U32": ("uint32", np.uint32),
+    "U8": ("uint8", np.uint8),
+    "BOOL": ("bool", np.bool_),
+}
+_CODE_OF = {name: code for code, (name, _) in CODES.items()}
+NUMPY_OF = {name: np.dtype(numpy) for name, numpy in CODES.values()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's place in a safetensors file."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """Every tensor's entry, after checking the header against the file's real size."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {key!r}") from None
+        if code not in CODES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+        dtype = CODES[code][0]
+        nbytes = math.prod(shape) * NUMPY_OF[dtype].itemsize
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {key!r}: byte range {begin}..{end} does not fit shape {shape}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, the file holds {data_size}"
+            )
+        entries[key] = Entry(shape, dtype, data_start + begin, nbytes)
+    return entries
+
+
+def read_tensor(path: Path, entry: Entry) -> np.ndarray:
+    """One tensor's values (bfloat16 as uint16 bit patterns)."""
+    dtype = NUMPY_OF[entry.dtype]
+    values = np.fromfile(path, dtype=dtype, count=entry.nbytes // dtype.itemsize, offset=entry.start)
+    return values.reshape(entry.shape)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """'float32', 'bfloat16', … for an MLX dtype."""
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def write_streaming(
+    path: Path,
+    specs: Iterable[tuple[str, tuple[int, ...], str]],
+    produce: Callable[[str], mx.array],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write tensors given as (name, shape, dtype) specs, calling `produce(name)` for each in turn.
+
+    The header is written first from the specs, then each tensor's bytes as it is produced and
+    freed, so memory holds one tensor at a time. Returns the bytes of tensor data written.
+    """
+    specs = list(specs)
+    header: dict = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * NUMPY_OF[dtype].itemsize
+        header[name] = {"dtype": _CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for name, shape, dtype in specs:
+            value = produce(name)
+            if tuple(value.shape) != tuple(shape) or dtype_name(value.dtype) != dtype:
+                raise AssertionError(f"{name}: produced {value.shape} {value.dtype}, planned {shape} {dtype}")
+            if value.dtype == mx.bfloat16:
+                value = value.view(mx.uint16)
+            handle.write(memoryview(np.ascontiguousarray(np.array(value))).cast("B"))
+            del value
+            mx.clear_cache()
+    return offset
