@@ -60,6 +60,6 @@ def convert(
         typer.echo(f"verify: skipped: {check['skipped']}")
     elif check:
         typer.echo(f"verify: max abs difference {check['max_abs_diff']:.3g}, cosine similarity "
-                   f"{check['cosine']:.6f} ({check['compared']} vs {check['reference']})")
+                   f"{check['cosine']:.8f} ({check['compared']} vs {check['reference']})")
     if result.uploaded_to:
         typer.echo(f"uploaded to https://huggingface.co/{result.uploaded_to}")

@@ -164,7 +164,7 @@ def _producer(model, recipes, checkpoint, dtypes: dict[str, str]):
         return checkpoint.tensors[source_key].load()
 
     def produce(key: str) -> mx.array:
-        module, part = key.rsplit(".", 1)
+        module, _, part = key.rpartition(".")
         if module not in quantized:
             return recipes[key].build(read).astype(getattr(mx, dtypes[key]))
         if module not in pending:
