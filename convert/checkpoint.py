@@ -47,13 +47,6 @@ class Checkpoint:
     path: Path  # the file (or index) the tensors come from, for messages
     tensors: dict[str, TensorRef]
 
-    @property
-    def files(self) -> list[Path]:
-        return sorted({ref.file for ref in self.tensors.values()})
-
-    def largest_file_bytes(self) -> int:
-        return max(f.stat().st_size for f in self.files)
-
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)

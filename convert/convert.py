@@ -14,14 +14,14 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from aimv2_mlx import __version__
-from aimv2_mlx.config import PreprocessConfig
+from aimv2_mlx.config import ModelConfig, PreprocessConfig
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.weights import CheckpointError, check_tensors
@@ -40,12 +40,11 @@ class Conversion:
     """What `convert()` wrote."""
 
     path: Path
-    config: object
+    config: ModelConfig
     shards: list[str]
     tensor_bytes: int
     verification: dict | None = None
     uploaded_to: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def convert(
