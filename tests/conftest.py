@@ -19,6 +19,17 @@ def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> Mod
     )
 
 
+def timm_key(ml_aim_key: str) -> str:
+    """An ml-aim key rewritten by hand into timm's `aimv2_*` name (facts §3), not by our key map."""
+    return (ml_aim_key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
+            .replace("preprocessor.patchifier.norm", "patch_embed.norm")
+            .replace("preprocessor.pos_embed", "pos_embed")
+            .replace("trunk.post_trunk_norm", "norm")
+            .replace("trunk.blocks", "blocks")
+            .replace("norm_1", "norm1").replace("norm_2", "norm2")
+            .replace("mlp.fc1.", "mlp.fc1_g.").replace("mlp.fc3.", "mlp.fc1_x."))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

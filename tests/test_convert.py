@@ -25,7 +25,7 @@ import aimv2_mlx
 from aimv2_mlx.convert import convert
 from aimv2_mlx.convert.safetensors_io import read_header
 
-from .conftest import tiny_config
+from .conftest import timm_key, tiny_config
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 TOL = 1e-4
@@ -63,21 +63,6 @@ def _ml_aim_state(hf: dict, channels_last: bool) -> dict:
     return out
 
 
-def _timm_state(ml_aim: dict) -> dict:
-    """ml-aim torch names -> timm's `aimv2_*` names (facts §3)."""
-    out = {}
-    for key, value in ml_aim.items():
-        new = (key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
-               .replace("preprocessor.patchifier.norm", "patch_embed.norm")
-               .replace("preprocessor.pos_embed", "pos_embed")
-               .replace("trunk.post_trunk_norm", "norm")
-               .replace("trunk.blocks", "blocks")
-               .replace("norm_1", "norm1").replace("norm_2", "norm2")
-               .replace("mlp.fc1.", "mlp.fc1_g.").replace("mlp.fc3.", "mlp.fc1_x."))
-        out[new] = value
-    return out
-
-
 def _write_layouts(hf_folder: Path, root: Path) -> dict[str, Path]:
     """The same weights as an ml-aim torch safetensors, an ml-aim MLX file and a timm .pth."""
     import torch
@@ -94,7 +79,7 @@ def _write_layouts(hf_folder: Path, root: Path) -> dict[str, Path]:
     save_file(_ml_aim_state(hf, channels_last=True), folders["ml-aim-mlx"] / "mlx_model.safetensors")
     folders["timm"] = root / "timm"
     folders["timm"].mkdir()
-    torch.save({k: torch.from_numpy(v) for k, v in _timm_state(ml_aim).items()}, folders["timm"] / "pytorch_model.bin")
+    torch.save({timm_key(k): torch.from_numpy(v) for k, v in ml_aim.items()}, folders["timm"] / "pytorch_model.bin")
     return folders
 
 

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 import aimv2_mlx
 from aimv2_mlx.weights import ML_AIM_MLX, ML_AIM_TORCH, TIMM, TRANSFORMERS, detect_layout, to_ours
 
-from .conftest import tiny_config
+from .conftest import timm_key, tiny_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -43,13 +43,7 @@ def _timm_state(ours: dict) -> dict:
     out = {}
     for key, value in ours.items():
         value = np.array(value)
-        key = (key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
-               .replace("preprocessor.patchifier.norm", "patch_embed.norm")
-               .replace("preprocessor.pos_embed", "pos_embed")
-               .replace("trunk.post_trunk_norm", "norm")
-               .replace("trunk.blocks", "blocks")
-               .replace("norm_1", "norm1").replace("norm_2", "norm2")
-               .replace("mlp.fc1.", "mlp.fc1_g.").replace("mlp.fc3.", "mlp.fc1_x."))
+        key = timm_key(key)
         if key == "patch_embed.proj.weight":
             value = value.transpose(0, 3, 1, 2)
         out[key] = mx.array(value)
