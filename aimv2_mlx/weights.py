@@ -280,7 +280,7 @@ def _text_config(weights: dict, cfg: dict) -> TextConfig:
         num_attention_heads=int(cfg.get("num_attention_heads", default_heads(hidden))),
         intermediate_size=shape_of(weights["text_encoder.trunk.blocks.0.mlp.fc1.weight"])[0],
         max_position_embeddings=shape_of(weights["text_encoder.preprocessor.positional_embedding"])[0],
-        eos_token_id=int(cfg.get("eos_token_id", 49407)),
+        eos_token_id=int(cfg.get("eos_token_id", vocab - 1)),  # CLIP: <|endoftext|> is the last id
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
     )
 

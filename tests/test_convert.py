@@ -442,3 +442,32 @@ def test_verify_reports_difference_and_cosine(tmp_path, transformers_reference):
     diff = float(line.split("max abs difference ")[1].split(",")[0])
     cosine = float(line.split("cosine similarity ")[1].split(" ")[0])
     assert 0 < diff < 0.5 and 0.99 < cosine <= 1.0  # 8-bit: close to, but not exactly, the reference
+
+
+def test_ml_aim_torch_lit_without_config_converts_with_head_overrides(tmp_path, rng):
+    """ml-aim's torch LiT layout (conv channels-first, no config.json): heads come from the flags."""
+    from aimv2_mlx.config import EncoderConfig, ModelConfig, TextConfig
+
+    mx.random.seed(0)
+    config = ModelConfig(
+        name="tiny-lit", projection_dim=32,
+        vision=EncoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                             image_size=56, use_head=True),
+        text=TextConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=16, eos_token_id=99))
+    model = aimv2_mlx.build(config)
+    weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    key = "image_encoder.preprocessor.patchifier.proj.weight"
+    weights[key] = weights[key].transpose(0, 3, 1, 2)
+    weights["log_logit_scale"] = weights["log_logit_scale"].reshape(1)
+    (tmp_path / "src").mkdir()
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp_path / "src" / "model.safetensors")
+    result = convert(tmp_path / "src", tmp_path / "out", num_heads=2, text_num_heads=2, name="tiny-lit")
+    assert result.config.source["layout"] == "ml-aim-torch" and result.config.is_lit
+    converted = aimv2_mlx.load(tmp_path / "out")
+    pixels = mx.array(rng.standard_normal((2, 56, 56, 3)).astype(np.float32))
+    ids = mx.array(np.concatenate([rng.integers(1, 99, (3, 10)), np.full((3, 1), 99)], axis=1))
+    for got, expected in zip(converted.logits(pixels, ids), model.logits(pixels, ids)):
+        assert np.abs(np.array(got) - np.array(expected)).max() <= 1e-5
