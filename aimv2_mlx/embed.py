@@ -101,6 +101,8 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     _check_choice("dtype", dtype, DTYPES)
     if shard_size < 1 or batch_size < 1:
         raise ValueError("--shard-size and --batch-size must be at least 1")
+    if pool == "tokens" and model.model_config.preprocess.mode == "native":
+        raise ValueError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover(inputs)
     if not items:

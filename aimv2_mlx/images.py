@@ -18,6 +18,13 @@ from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
 
+try:  # HEIC/HEIF through the optional `heif` extra
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
+
 ImageInput = Union[str, os.PathLike, Image.Image, BinaryIO]
 DEFAULT_MAX_MEGAPIXELS = 178.0
 _BACKGROUND = (255, 255, 255)
@@ -42,6 +49,8 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
         handle = Image.open(source)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: exceeds Pillow's decompression-bomb megapixel limit ({exc})") from None
     except Exception as exc:
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     with handle:

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FORMATS = ("npy", "safetensors", "parquet")
+METADATA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+                      ("width", pa.int32()), ("height", pa.int32())])
 
 
 def shard_name(index: int) -> str:
@@ -39,7 +41,7 @@ def write_json(path: Path, data) -> None:
 def write_shard(folder: Path, index: int, vectors: np.ndarray, metadata: dict, fmt: str) -> list[str]:
     """Write one shard's embeddings (.npy, .safetensors or inside the parquet) and metadata parquet."""
     name = shard_name(index)
-    table = pa.table(metadata)
+    table = pa.table(metadata, schema=METADATA)
     files = []
     if fmt == "npy":
         def save_npy(tmp):
@@ -82,11 +84,11 @@ def read_embeddings(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
     for shard in manifest["shards"]:
         table = pq.read_table(folder / f"{shard['name']}.parquet")
         if fmt == "npy":
-            vectors.append(np.load(folder / f"{shard['name']}.npy"))
+            vectors.append(np.load(folder / f"{shard['name']}.npy").reshape((-1,) + row_shape))
         elif fmt == "safetensors":
             from safetensors.numpy import load_file
 
-            vectors.append(load_file(folder / f"{shard['name']}.safetensors")["embeddings"])
+            vectors.append(load_file(folder / f"{shard['name']}.safetensors")["embeddings"].reshape((-1,) + row_shape))
         else:
             flat = table.column("embedding").combine_chunks().flatten().to_numpy()
             vectors.append(flat.reshape((table.num_rows,) + row_shape))

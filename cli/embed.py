@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
+from PIL import Image
 
 from aimv2_mlx import distributed
 from aimv2_mlx.embed import embed_folder
@@ -39,6 +40,7 @@ def embed(
 ) -> None:
     """Embed images into OUT: shard-*.npy + shard-*.parquet, failures.jsonl, manifest.json."""
     rank, _ = distributed.rank_and_size()
+    Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             encoder = load_default() if model == "default" else load(model)
