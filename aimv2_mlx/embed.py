@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -26,7 +25,7 @@ from . import distributed
 from .data.pipeline import batches, decode, decoded
 from .data.sources import discover
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
-from .shards import FORMATS, marker_path, read_marker, shard_name, write_json, write_shard
+from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 
 POOLS = ("mean", "tokens", "head")
 DTYPES = ("float32", "float16")
@@ -195,12 +194,13 @@ def _write_shard(output: Path, index: int, vectors: list, rows: list, failures: 
 
 
 def _prepare(output: Path, settings: dict, overwrite: bool) -> None:
-    """Create the folder (cleared of our files with `overwrite`) and record the settings first."""
+    """Create the folder (cleared of our files with `overwrite`), drop a killed run's temporary
+    files, and record the settings first."""
     output.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for path in output.iterdir():
-            if path.name.startswith(("shard-", ".shard-")) or path.name in ("manifest.json", "failures.jsonl"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in output.iterdir():
+        ours = path.name.startswith("shard-") or path.name in ("manifest.json", "failures.jsonl")
+        if (path.name.startswith(".") and ".tmp-" in path.name) or (overwrite and ours):
+            path.unlink()  # temporary files of a killed run, or everything when overwriting
     if not (output / "manifest.json").exists():
         write_json(output / "manifest.json", {"format_version": 1, "complete": False, **settings})
 
@@ -237,10 +237,9 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, device:
         raise RuntimeError(f"{output}: {missing[0]} was not written by any process")
     failures = [f for m in markers for f in m["failures"]]
     lines = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-    (output / ".failures.jsonl.tmp").write_text(lines)
-    os.replace(output / ".failures.jsonl.tmp", output / "failures.jsonl")
+    atomic_write(output / "failures.jsonl", lambda tmp: tmp.write_text(lines))
     for stale in output.glob("shard-*.done.json"):  # shards past the end of a shrunk input
-        index = int(stale.name[6:11])
+        index = int(stale.name.split(".")[0].split("-")[1])
         if index >= len(shards):
             for name in read_marker(output, index)["files"] + [stale.name]:
                 (output / name).unlink(missing_ok=True)

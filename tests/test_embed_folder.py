@@ -121,11 +121,13 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(messy, tmp_path
     embed_folder(messy, out, model, shard_size=5)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     (out / "shard-00002.done.json").unlink()  # as if the run had died while writing shard 2
+    (out / ".shard-00002.npy.tmp-99999").write_bytes(b"half a file")
     again = embed_folder(messy, out, model, shard_size=5)
     assert again.shards_reused == 3 and again.processed == 5
     now = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     assert all(now[name] == first[name] for name in first if not name.startswith("shard-00002"))
     assert now["shard-00002.npy"] != first["shard-00002.npy"]
+    assert not list(out.glob(".*"))  # the killed run's temporary file is gone
     with pytest.raises(FileExistsError, match="pool"):
         embed_folder(messy, out, model, shard_size=5, pool="tokens")
     with pytest.raises(FileExistsError, match="model"):
