@@ -7,6 +7,7 @@ stopping, and splits the shards over processes started by `mlx.launch`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -102,6 +103,8 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
         raise ValueError("--shard-size and --batch-size must be at least 1")
     if pool == "tokens" and model.model_config.preprocess.mode == "native":
         raise ValueError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
+    if pool == "head" and not (model.model_config.vision.use_head or model.model_config.is_lit):
+        raise ValueError(f"{model.model_config.name} has no attention-pooling head: use --pool mean or tokens")
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover(inputs)
     if not items:
@@ -131,34 +134,43 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     fingerprints = [_fingerprint(shard) for shard in shards]
     mine = distributed.my_range(len(shards), rank, size)
     todo = [i for i in mine if (read_marker(output, i) or {}).get("inputs") != fingerprints[i]]
-    total = sum(len(shards[i]) for i in todo)
-    batch_size = _batch_size(model, batch_size)
-    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
-                   max_megapixels=max_megapixels)
-    stream = decoded((item for i in todo for item in shards[i]), work, workers)
-    done = failed_so_far = 0
-    for index in todo:
-        vectors, rows, failures = [], [], []
-        for good, pixels, failed in batches(itertools.islice(stream, len(shards[index])), batch_size):
-            failures += [{"path": r.source.key, "reason": r.error} for r in failed]
-            if good:
-                vectors.append(_vectors(model, pixels, pool, normalize)[: len(good)])
-                rows += good
-            done += len(good) + len(failed)
-            failed_so_far += len(failed)
-            if progress:
-                progress(done, total, failed_so_far)
-        _write_shard(output, index, vectors, rows, failures, fingerprints[index], dtype, format)
+    _embed_shards(model, output, shards, todo, fingerprints, batch_size=_batch_size(model, batch_size), pool=pool,
+                  normalize=normalize, dtype=dtype, fmt=format, max_megapixels=max_megapixels, workers=workers,
+                  progress=progress)
     distributed.barrier(world)
     if rank == 0:
-        _finish(output, settings, shards, batch_size, str(mx.default_device()), _compute_dtype(model))
+        _finish(output, settings, shards, _batch_size(model, batch_size), _compute_dtype(model))
     distributed.barrier(world)
     manifest = json.loads((output / "manifest.json").read_text())
     return EmbedSummary(
         output=str(output), model=config.name, images=len(items), embedded=manifest["counts"]["embedded"],
         failed=manifest["counts"]["failed"], shards=len(shards), shards_reused=len(mine) - len(todo),
-        processed=total, seconds=time.perf_counter() - start,
+        processed=sum(len(shards[i]) for i in todo), seconds=time.perf_counter() - start,
     )
+
+
+def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: list, *, batch_size: int,
+                  pool: str, normalize: bool, dtype: str, fmt: str, max_megapixels, workers: int, progress) -> None:
+    """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
+    config = model.model_config
+    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
+                   max_megapixels=max_megapixels)
+    stream = decoded((item for i in todo for item in shards[i]), work, workers)
+    total = sum(len(shards[i]) for i in todo)
+    done = failed_so_far = 0
+    with contextlib.closing(stream):
+        for index in todo:
+            vectors, rows, failures = [], [], []
+            for good, pixels, failed in batches(itertools.islice(stream, len(shards[index])), batch_size):
+                failures += [{"path": r.source.key, "reason": r.error} for r in failed]
+                if good:
+                    vectors.append(_vectors(model, pixels, pool, normalize)[: len(good)])
+                    rows += good
+                done += len(good) + len(failed)
+                failed_so_far += len(failed)
+                if progress:
+                    progress(done, total, failed_so_far)
+            _write_shard(output, index, vectors, rows, failures, fingerprints[index], dtype, fmt)
 
 
 def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarray:
@@ -167,9 +179,8 @@ def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarra
         out = model(x).mean(axis=1)
     elif pool == "tokens":
         out = model(x)
-    else:
-        encoder = model.image_encoder if hasattr(model, "image_encoder") else model
-        out = encoder.pool(x)
+    else:  # the attention-pool head; for LiT the projected image embedding (its zero-shot space)
+        out = model.encode_image(x) if hasattr(model, "encode_image") else model.pool(x)
     out = out.astype(mx.float32)
     if normalize:
         out = out / mx.linalg.norm(out, axis=-1, keepdims=True)
@@ -229,7 +240,7 @@ def _comparable(key: str, value):
     return value
 
 
-def _finish(output: Path, settings: dict, shards: list, batch_size: int, device: str, compute_dtype: str) -> None:
+def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute_dtype: str) -> None:
     """Gather every shard's marker into failures.jsonl and the final manifest."""
     markers = [read_marker(output, i) for i in range(len(shards))]
     missing = [shard_name(i) for i, m in enumerate(markers) if m is None]
