@@ -50,6 +50,7 @@ def embed(
                                    max_megapixels=max_megapixels, workers=workers, overwrite=overwrite,
                                    progress=progress)
     if rank == 0:
+        _report_failures(output / "failures.jsonl")
         if as_json:
             typer.echo(json.dumps(summary.to_dict()))
         else:
@@ -58,6 +59,16 @@ def embed(
                        f"{summary.shards} shards reused; {summary.model})")
     if summary.embedded == 0 or (strict and summary.failed):
         raise typer.Exit(1)
+
+
+def _report_failures(path: Path, shown: int = 20) -> None:
+    """One line per failed file on stderr (the first `shown`; all of them are in failures.jsonl)."""
+    lines = path.read_text().splitlines()
+    for line in lines[:shown]:
+        failure = json.loads(line)
+        typer.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
+    if len(lines) > shown:
+        typer.echo(f"... and {len(lines) - shown} more in {path}", err=True)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,23 @@ def test_embed_json_summary_is_the_only_stdout(tmp_path):
     assert "bundled" in result.stderr  # the offline fallback notice moves to stderr
 
 
+def test_embed_strict_fails_on_a_bad_file_and_nothing_usable_fails_always(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes((PHOTOS / "chelsea.jpg").read_bytes())
+    (folder / "bad.jpg").write_text("not a jpeg")
+    lenient = _aimv2("embed", str(folder), "-o", str(tmp_path / "a"), "-m", "bundled", cache=tmp_path)
+    assert lenient.returncode == 0 and "1 failed" in lenient.stdout
+    assert "skipped bad.jpg: not a readable image" in lenient.stderr
+    strict = _aimv2("embed", str(folder), "-o", str(tmp_path / "b"), "-m", "bundled", "--strict", cache=tmp_path)
+    assert strict.returncode == 1
+    failures = [json.loads(line) for line in (tmp_path / "b" / "failures.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in failures] == ["bad.jpg"] and "bad.jpg" in failures[0]["path"]
+    (folder / "good.jpg").unlink()
+    nothing = _aimv2("embed", str(folder), "-o", str(tmp_path / "c"), "-m", "bundled", cache=tmp_path)
+    assert nothing.returncode == 1
+
+
 def test_missing_folder_is_one_line_error(tmp_path):
     result = _aimv2("embed", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "-m", "bundled",
                     cache=tmp_path)

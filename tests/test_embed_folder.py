@@ -146,3 +146,27 @@ def test_heic_decodes_when_pillow_heif_is_installed(tmp_path):
     vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / "out")
     assert summary.failed == 0 and metadata.column("path").to_pylist() == ["cat.heic"]
     assert (metadata.column("width")[0].as_py(), metadata.column("height")[0].as_py()) == (451, 300)
+
+
+def test_webdataset_tar_members_embed_like_the_files(tmp_path):
+    import tarfile
+
+    from skimage import data
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    Image.fromarray(data.chelsea()).save(folder / "000000.jpg")
+    Image.fromarray(data.rocket()).save(folder / "000001.png")
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name in ("000000.jpg", "000001.png"):
+            tar.add(folder / name, arcname=name)
+            info = tarfile.TarInfo(name.split(".")[0] + ".json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    model = aimv2_mlx.load("bundled")
+    embed_folder(folder, tmp_path / "from-files", model)
+    embed_folder(tmp_path / "00000.tar", tmp_path / "from-tar", model)
+    files, _ = aimv2_mlx.read_embeddings(tmp_path / "from-files")
+    tarred, metadata = aimv2_mlx.read_embeddings(tmp_path / "from-tar")
+    assert metadata.column("path").to_pylist() == ["000000.jpg", "000001.png"]
+    assert np.array_equal(files, tarred)
