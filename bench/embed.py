@@ -1,6 +1,6 @@
 """`aimv2 embed` end to end vs the encoder alone (pre-decoded) vs a PyTorch DataLoader loop.
 
-    python bench/embed.py                  # 256 JPEGs, ~12 minutes on 2 cores
+    python bench/embed.py                  # 256 JPEGs, ~13 minutes on 2 cores
     python bench/embed.py --json out.json  # also write every figure as JSON
 
 All in one invocation, each measurement in its own process:
@@ -10,7 +10,8 @@ All in one invocation, each measurement in its own process:
    real-photo content at camera sizes (scikit-image's photos upscaled to 1920x1080, 2048x1536,
    3000x2000 and 4032x3024, with sensor-like noise so they compress like photos, quality 90).
 2. encoder: our MLX encoder on pre-decoded, preprocessed tensors (`--warmup` untimed batches,
-   then `--encoder-batches` timed batches): the ceiling for the pipeline.
+   then `--encoder-batches` timed batches): the ceiling for the pipeline. Run before and after
+   the two end-to-end runs; the faster of the two is the reference.
 3. embed: `aimv2 embed FOLDER -o OUT -m MODEL --json` as a subprocess; img/s is the images
    over `embed_folder`'s own clock (file discovery, decoding, the first compiled batch and
    writing included; model loading excluded).
@@ -174,13 +175,18 @@ def drive(args) -> dict:
         print(f"prepared AIMv2-L and {prep['images']} JPEGs ({prep['megabytes']:.0f} MB)", flush=True)
         common = dict(dir=folder, batch=args.batch)
         results = {}
+        encoder_opts = dict(warmup=args.warmup, encoder_batches=args.encoder_batches)
+        runs = []
         for name, opts, env in (
-            ("encoder", dict(warmup=args.warmup, encoder_batches=args.encoder_batches), None),
+            ("encoder", encoder_opts, None),
             ("embed", {}, None),
             ("torch", dict(threads=args.threads, loader_workers=args.loader_workers), {"AIMV2_MLX_NO_OPENBLAS": "1"}),
+            ("encoder", encoder_opts, None),  # again after: the better of the two is the ceiling
         ):
-            results[name] = _child(name, env=env, **common, **opts)
-            r = results[name]
+            r = _child(name, env=env, **common, **opts)
+            runs.append({"mode": name, **r})
+            if name not in results or r["img_per_s"] > results[name]["img_per_s"]:
+                results[name] = r
             print(f"{name:8s}: {r['img_per_s']:.3f} img/s ({r['images']} images in {r['seconds']:.0f} s; "
                   f"others used {r['others_cpu']:.2f} CPU)", flush=True)
         import aimv2_mlx  # noqa: F401  (only to read the output back)
@@ -193,6 +199,7 @@ def drive(args) -> dict:
         "model": PRESET + " (random weights, torch.manual_seed(0))",
         "images": prep,
         "results": results,
+        "runs": runs,
         "embed_over_encoder": results["embed"]["img_per_s"] / results["encoder"]["img_per_s"],
         "embed_over_torch": results["embed"]["img_per_s"] / results["torch"]["img_per_s"],
         "max_abs_diff_vs_torch": diff,

@@ -18,7 +18,7 @@ from aimv2_mlx.embed import embed_folder
 
 from .conftest import tiny_config
 
-BAD = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"}
+BAD = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "bad\\xff.jpg"}
 
 
 def _png_bomb(path: Path, side: int = 20_000) -> None:
@@ -62,6 +62,8 @@ def messy(tmp_path_factory) -> Path:
     (root / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     (root / "empty.jpg").write_bytes(b"")
     (root / "notes.jpg").write_text("not an image\n")
+    with open(os.fsencode(root) + b"/bad\xff.jpg", "wb") as fh:  # a bad file with a non-UTF-8 name
+        fh.write(b"\xff\xd8 not a JPEG")
     _png_bomb(root / "bomb.png")
     (root / ".hidden.jpg").write_bytes(b"hidden files are skipped")
     (root / "._astronaut.jpg").write_bytes(b"AppleDouble resource fork")

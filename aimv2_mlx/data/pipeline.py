@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..config import PreprocessConfig
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageError, open_image, to_pixels
-from .sources import Item
+from .sources import Item, display
 
 
 @dataclass
@@ -53,9 +53,10 @@ def decode(source, config: PreprocessConfig, patch_size: int,
         return Decoded(source, to_pixels(image, config, patch_size), image.width, image.height)
     except ImageError as exc:
         reason = str(exc)
-        return Decoded(source, error=reason[len(name) + 2:] if reason.startswith(name + ": ") else reason)
+        reason = reason[len(name) + 2:] if reason.startswith(name + ": ") else reason
     except Exception as exc:  # a broken file must never stop a run
-        return Decoded(source, error=f"{type(exc).__name__}: {exc}")
+        reason = f"{type(exc).__name__}: {exc}"
+    return Decoded(source, error=display(reason))  # reasons may quote undecodable file names
 
 
 def decoded(sources: Iterable, work: Callable[[object], Decoded], workers: int = 0,
