@@ -12,6 +12,7 @@ from .embed import embed, embed_folder  # noqa: E402
 from .encoder import VisionEncoder  # noqa: E402
 from .images import open_image, preprocess  # noqa: E402
 from .lit import LiT  # noqa: E402
+from .shards import read_embeddings  # noqa: E402
 from .model import ModelNotFoundError, build, load, load_default, parameter_count, save  # noqa: E402
 from .weights import CheckpointError  # noqa: E402
 
@@ -34,5 +35,6 @@ __all__ = [
     "parameter_count",
     "preprocess",
     "preset",
+    "read_embeddings",
     "save",
 ]

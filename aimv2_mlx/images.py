@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
-from typing import Iterable, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+try:  # HEIC/HEIF through the optional `heif` extra
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
+
+ImageInput = Union[str, os.PathLike, Image.Image, BinaryIO]
 DEFAULT_MAX_MEGAPIXELS = 178.0
 _BACKGROUND = (255, 255, 255)
 
@@ -28,19 +34,23 @@ class ImageError(ValueError):
     """An image that could not be used; the message names the file and the reason."""
 
 
-def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
-    """Open a file (or take a PIL image) and return an upright 8-bit RGB image.
+def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+               name: str | None = None) -> Image.Image:
+    """Open a file, a binary file object (or take a PIL image) and return an upright 8-bit RGB image.
 
     Files are decoded fully and closed before returning. Any failure (missing, not an image,
-    truncated, too large) raises `ImageError` with the file's name in the message.
+    truncated, too large) raises `ImageError` with `name` (default: the file's) in the message.
     """
     if isinstance(source, Image.Image):
-        return _upright_rgb(source, "<PIL image>", max_megapixels)
-    name = os.fspath(source)
+        return _upright_rgb(source, name or "<PIL image>", max_megapixels)
+    if name is None:
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
     try:
         handle = Image.open(source)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: exceeds Pillow's decompression-bomb megapixel limit ({exc})") from None
     except Exception as exc:
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     with handle:
@@ -169,17 +179,3 @@ def _choose_config(model, mode: str | None, config: PreprocessConfig | None) -> 
     if mode is None or mode == base.mode:
         return base
     return PreprocessConfig.for_mode(mode, base.size)
-
-
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files under a folder, recursively, sorted; hidden and AppleDouble files skipped."""
-    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
-    root = Path(folder)
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in suffixes and path.is_file():
-            found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())

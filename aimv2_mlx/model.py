@@ -147,6 +147,7 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     mx.eval(model.parameters())
     if config.quantization and (on_cpu() if dequantize is None else dequantize):
         dequantize_model(model)
+    model.location = location  # where it came from, so outputs can say how to load it again
     return model
 
 

@@ -26,15 +26,41 @@ def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert "apple/aimv2-large-patch14-224" in lines[0] and "bundled" in lines[0]
-    assert str(out / "embeddings.npy") in lines[-1]
-    vectors = np.load(out / "embeddings.npy")
-    paths = (out / "paths.txt").read_text().split()
-    assert vectors.shape == (len(paths), 192) and len(paths) >= 3
+    assert str(out) in lines[-1] and "embedded 4 of 4" in lines[-1]
+    vectors, metadata = aimv2_mlx.read_embeddings(out)
+    paths = metadata.column("path").to_pylist()
+    assert vectors.shape == (len(paths), 192) and paths == sorted(p.name for p in PHOTOS.glob("*.jpg"))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["preprocess"]["mode"] == "clip" and manifest["count"] == len(paths)
+    assert manifest["preprocess"]["mode"] == "clip" and manifest["counts"]["embedded"] == len(paths)
+    assert (out / "failures.jsonl").read_text() == ""
     model = aimv2_mlx.load("bundled")
     single = aimv2_mlx.embed([PHOTOS / paths[0]], model, batch_size=1)
     assert np.abs(single[0] - vectors[0]).max() <= 1e-5
+
+
+def test_embed_json_summary_is_the_only_stdout(tmp_path):
+    result = _aimv2("embed", str(PHOTOS), "-o", str(tmp_path / "o"), "--json", cache=tmp_path / "empty-cache")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["embedded"] == 4 and summary["failed"] == 0 and summary["images_per_s"] > 0
+    assert "bundled" in result.stderr  # the offline fallback notice moves to stderr
+
+
+def test_embed_strict_fails_on_a_bad_file_and_nothing_usable_fails_always(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes((PHOTOS / "chelsea.jpg").read_bytes())
+    (folder / "bad.jpg").write_text("not a jpeg")
+    lenient = _aimv2("embed", str(folder), "-o", str(tmp_path / "a"), "-m", "bundled", cache=tmp_path)
+    assert lenient.returncode == 0 and "1 failed" in lenient.stdout
+    assert "skipped bad.jpg: not a readable image" in lenient.stderr
+    strict = _aimv2("embed", str(folder), "-o", str(tmp_path / "b"), "-m", "bundled", "--strict", cache=tmp_path)
+    assert strict.returncode == 1
+    failures = [json.loads(line) for line in (tmp_path / "b" / "failures.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in failures] == ["bad.jpg"] and "bad.jpg" in failures[0]["path"]
+    (folder / "good.jpg").unlink()
+    nothing = _aimv2("embed", str(folder), "-o", str(tmp_path / "c"), "-m", "bundled", cache=tmp_path)
+    assert nothing.returncode == 1
 
 
 def test_missing_folder_is_one_line_error(tmp_path):

@@ -2,5 +2,7 @@
 
 from .attentive import AttentiveSettings
 from .data import LabelledImages, ProbeDataError, load_labelled
+from .run import HEADS, ProbeSettings, classify_with_probe, load_probe, probe
 
-__all__ = ["AttentiveSettings", "LabelledImages", "ProbeDataError", "load_labelled"]
+__all__ = ["HEADS", "AttentiveSettings", "LabelledImages", "ProbeDataError", "ProbeSettings", "classify_with_probe",
+           "load_labelled", "load_probe", "probe"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import image_files
+from ..data.sources import discover
 
 
 class ProbeDataError(ValueError):
@@ -34,6 +34,11 @@ class LabelledImages:
                               [self.labels[i] for i in index])
 
 
+def images_under(folder: Path) -> list[Path]:
+    """Every image file under `folder`, sorted (the embed pipeline's discovery rules)."""
+    return [Path(item.path) for item in discover([folder]) if item.offset < 0]
+
+
 def load_labelled(source: str | Path) -> LabelledImages:
     """An ImageFolder root or a `.csv`/`.tsv`/`.parquet` label file."""
     source = Path(source).expanduser()
@@ -50,7 +55,7 @@ def image_folder(root: Path) -> LabelledImages:
     if not folders:
         raise ProbeDataError(f"{root}: no class folders (expected {root}/<class>/<images>)")
     for folder in folders:
-        files = image_files(folder)
+        files = images_under(folder)
         if not files:
             data.warnings.append(f"{folder}: empty class folder (no images), skipped")
             continue

@@ -1,0 +1,1 @@
+"""Input side of `embed`: finding images (sources) and decoding them beside the model (pipeline)."""

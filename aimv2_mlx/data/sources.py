@@ -1,0 +1,143 @@
+"""Which images a run covers: folders, file lists and WebDataset tars, as one sorted list.
+
+Every image becomes an `Item` with a stable key (its relative POSIX path) so that row order,
+shard boundaries and per-rank ranges depend only on the input, never on the walk order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to embed: where its bytes are, and what the outputs call it."""
+
+    key: str  # relative POSIX path; undecodable bytes of a name appear as \xNN
+    path: str  # the file on disk (the tar itself for tar members)
+    size: int
+    mtime: float
+    offset: int = -1  # start of the member's data inside a tar; -1 for plain files
+
+    def open(self):
+        """A binary file object with the image's bytes."""
+        if self.offset < 0:
+            return open(self.path, "rb")
+        with open(self.path, "rb") as tar:
+            tar.seek(self.offset)
+            return io.BytesIO(tar.read(self.size))
+
+
+def display(name: str | bytes) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 are shown as \\xNN."""
+    raw = name if isinstance(name, bytes) else os.fsencode(name)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def discover(inputs: list[str | os.PathLike]) -> list[Item]:
+    """All images under `inputs`, sorted by key, each file once.
+
+    A folder is searched recursively; symlinks are followed, but never into a folder that is
+    already being walked (no cycles), and a file reached twice (by a link or a second input)
+    is kept once, under its first key. Hidden entries (".*", AppleDouble "._*") are skipped.
+    A `.tar` is read as a WebDataset shard (img2dataset layout); any other file is a list of
+    image paths, one a line, relative to the list's folder. With several inputs, each key
+    starts with its input's name.
+    """
+    if not inputs:
+        raise ValueError("no inputs given")
+    found: list[tuple[bytes, Item, tuple]] = []
+    names = set()
+    for source in inputs:
+        root = Path(source)
+        prefix = "" if len(inputs) == 1 else root.name + "/"
+        if prefix and prefix in names:
+            raise ValueError(f"{source}: two inputs are named {root.name!r}; their keys would collide")
+        names.add(prefix)
+        if root.is_dir():
+            found += _walk(root, prefix)
+        elif root.is_file() and root.suffix.lower() == ".tar":
+            found += _tar_members(root, prefix)
+        elif root.is_file():
+            found += _listed(root, prefix)
+        else:
+            raise FileNotFoundError(f"{source}: no such file or folder")
+    found.sort(key=lambda entry: entry[0])
+    seen, items = set(), []
+    for _, item, identity in found:
+        if identity not in seen:
+            seen.add(identity)
+            items.append(item)
+    return items
+
+
+def _entry(key_bytes: bytes, path: str, stat: os.stat_result, identity=None, offset: int = -1):
+    item = Item(display(key_bytes), path, stat.st_size, stat.st_mtime, offset)
+    return key_bytes, item, identity or (stat.st_dev, stat.st_ino)
+
+
+def _walk(root: Path, prefix: str):
+    entries = []
+    stack = [(os.fsencode(root), b"", frozenset())]
+    while stack:
+        folder, rel, ancestors = stack.pop()
+        real = os.path.realpath(folder)
+        if real in ancestors:
+            continue  # a link back into the walk: following it would loop
+        ancestors = ancestors | {real}
+        try:
+            children = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for child in children:
+            if child.name.startswith(b"."):
+                continue
+            key = rel + child.name
+            try:
+                if child.is_dir():
+                    stack.append((child.path, key + b"/", ancestors))
+                elif os.path.splitext(child.name)[1].lower().decode("ascii", "replace") in IMAGE_SUFFIXES:
+                    entries.append(_entry(os.fsencode(prefix) + key, os.fsdecode(child.path), child.stat()))
+            except OSError:  # a dangling link or a file removed during the walk
+                continue
+    return entries
+
+
+def _tar_members(tar_path: Path, prefix: str):
+    entries = []
+    stat = tar_path.stat()
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            name = Path(member.name)
+            if not member.isfile() or any(p.startswith(".") for p in name.parts):
+                continue
+            if name.suffix.lower() in IMAGE_SUFFIXES:
+                key = f"{prefix}{member.name}".encode("utf-8", "surrogateescape")
+                item_stat = os.stat_result((0, 0, 0, 0, 0, 0, member.size, 0, member.mtime, 0))
+                identity = (stat.st_dev, stat.st_ino, member.offset_data)
+                entries.append(_entry(key, str(tar_path), item_stat, identity, member.offset_data))
+    return entries
+
+
+def _listed(list_path: Path, prefix: str):
+    entries = []
+    base = list_path.parent
+    for line in list_path.read_text(errors="surrogateescape").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = base / line
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = os.stat_result((0,) * 10)  # missing: kept, so the run reports it as a failure
+            entries.append(_entry(os.fsencode(prefix + line), str(path), stat, ("missing", str(path))))
+            continue
+        entries.append(_entry(os.fsencode(prefix + line), str(path), stat))
+    return entries

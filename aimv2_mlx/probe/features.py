@@ -1,0 +1,133 @@
+"""Frozen features for probes, computed once through the embed pipeline and cached on disk.
+
+The cache key covers everything that changes a feature: the model (name, origin, revision and
+a fingerprint of its weights), the preprocessing, what is extracted (pooled mean or patch
+tokens, which blocks), the compute dtype, and the sorted file list with sizes and mtimes. Any
+change is a new key, so a stale cache is never read. Images that fail to decode are excluded
+and listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..data.pipeline import batches, decode, decoded
+from ..embed import _model_identity as model_identity
+from ..images import DEFAULT_MAX_MEGAPIXELS
+
+TOKEN_CACHE_WARN_BYTES = 2 * 10**9
+
+
+@dataclass
+class Features:
+    values: np.ndarray  # (N, D) pooled, or (N, T, D) tokens, for the images that decoded
+    kept: np.ndarray  # indices into the input list of the rows of `values`
+    failures: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    from_cache: bool = False
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "aimv2-mlx" / "features"
+
+
+def cache_key(paths: list[Path], model, kind: str, blocks: tuple[int, ...] | None) -> str:
+    files = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        files.update(f"{os.fsdecode(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    config = model.model_config
+    description = {
+        "model": model_identity(model),
+        "preprocess": dataclasses.asdict(config.preprocess),
+        "kind": kind,
+        "blocks": list(blocks) if blocks else None,
+        "dtype": str(_encoder(model).preprocessor.patchifier.proj.weight.dtype),
+        "files": files.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=list).encode()).hexdigest()[:24]
+
+
+def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
+                 cache_dir: Path | None = None, batch_size: int = 8, workers: int = 0,
+                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Features:
+    """Pooled (`kind="mean"`) or token (`"tokens"`) features of `paths`, from the cache when it has them.
+
+    A "mean" request is also served from a cached "tokens" entry (the mean over its tokens).
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    wanted = cache_dir / f"{cache_key(paths, model, kind, blocks)}.npz"
+    if wanted.exists():
+        return _read(wanted)
+    if kind == "mean":
+        tokens = cache_dir / f"{cache_key(paths, model, 'tokens', blocks)}.npz"
+        if tokens.exists():
+            cached = _read(tokens)
+            return Features(cached.values.mean(axis=1), cached.kept, cached.failures, True)
+    features = extract(paths, model, kind, blocks, batch_size, workers, max_megapixels)
+    if kind == "tokens" and features.values.nbytes > TOKEN_CACHE_WARN_BYTES:
+        print(f"warning: caching {features.values.nbytes / 1e9:.1f} GB of patch tokens in {cache_dir}",
+              file=sys.stderr)
+    _write(wanted, features)
+    return features
+
+
+def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
+            batch_size: int = 8, workers: int = 0,
+            max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Features:
+    """Run the encoder over `paths` (decoding on a thread pool ahead of it)."""
+    if kind not in ("mean", "tokens"):
+        raise ValueError(f"unknown feature kind {kind!r}: use mean or tokens")
+    config = model.model_config
+    if config.preprocess.mode == "native":
+        if kind == "tokens":
+            raise ValueError("patch-token features need a fixed-resolution model (native token counts vary)")
+        batch_size = 1
+    index = {id(p): i for i, p in enumerate(paths)}
+    work = lambda source: decode(source, config.preprocess, config.vision.patch_size, max_megapixels)  # noqa: E731
+    rows, kept, failures = [], [], []
+    for good, pixels, failed in batches(decoded(paths, work, workers), batch_size):
+        failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)
+        if not good:
+            continue
+        tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
+        rows.append(np.array((tokens.mean(axis=1) if kind == "mean" else tokens).astype(mx.float32)))
+        kept.extend(index[id(g.source)] for g in good)
+    dims = config.vision.hidden_size
+    values = np.concatenate(rows) if rows else np.zeros((0, dims) if kind == "mean" else (0, 0, dims), np.float32)
+    return Features(values, np.array(kept, dtype=np.int64), failures)
+
+
+def _encoder(model):
+    return model.image_encoder if hasattr(model, "image_encoder") else model
+
+
+def _tokens(model, pixels: mx.array, blocks: tuple[int, ...] | None) -> mx.array:
+    """Post-trunk-normed tokens, or the mean of the chosen blocks' raw outputs (AIMv1 style)."""
+    if not blocks:
+        return model(pixels)
+    _, outputs = _encoder(model).forward_features(pixels, feature_blocks=tuple(blocks))
+    return sum(outputs[1:], outputs[0]) / len(outputs)
+
+
+def _read(path: Path) -> Features:
+    with np.load(path, allow_pickle=False) as data:
+        failures = json.loads(str(data["failures"]))
+        return Features(data["values"], data["kept"], failures, from_cache=True)
+
+
+def _write(path: Path, features: Features) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
+    os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""`probe()`: labelled folders → frozen features → linear / kNN / attentive heads → metrics; and
+`classify_with_probe()`, which applies a saved probe to new images.
+
+Everything a run decides is written next to its metrics: `split.json` (which image went where),
+`failures.jsonl`, `metrics.json`, one confusion-matrix PNG per head, and the heads themselves
+(`probe.json` + one safetensors file per head), so `aimv2 classify --probe DIR` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..embed import _model_identity as model_identity
+from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
+from .data import LabelledImages, ProbeDataError, images_under, load_labelled, save_split, stratified_split
+from .features import features_for
+from .knn import DEFAULT_KS, KnnHead, train_knn
+from .linear import DEFAULT_C_GRID, LinearHead, train_linear
+from .metrics import classification_metrics, save_confusion_png
+
+HEADS = ("linear", "knn", "attentive")
+
+
+@dataclass
+class ProbeSettings:
+    heads: tuple[str, ...] = ("linear", "knn")
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # only when no test set is given
+    seed: int = 0
+    normalize: bool = True  # L2-normalise pooled features for the linear head
+    blocks: tuple[int, ...] | None = None  # None: post-trunk-normed tokens; else mean of these blocks
+    c_grid: tuple[float, ...] = DEFAULT_C_GRID
+    ks: tuple[int, ...] = DEFAULT_KS
+    attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
+    batch_size: int = 8
+    workers: int = 0
+    cache_dir: Path | None = None
+
+
+def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
+          test: str | os.PathLike | None = None, settings: ProbeSettings | None = None,
+          log: Callable[[str], None] | None = None) -> dict:
+    """Train the requested heads on `train` (ImageFolder root or label file) and evaluate them.
+
+    Returns the metrics (also written to `output/metrics.json`).
+    """
+    settings = settings or ProbeSettings()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    unknown = set(settings.heads) - set(HEADS)
+    if unknown or not settings.heads:
+        raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    splits = _splits(train, val, test, settings, log)
+    classes = sorted(set(splits["train"].labels))
+    for name in ("val", "test"):
+        strangers = sorted(set(splits[name].labels) - set(classes))
+        if strangers:
+            raise ProbeDataError(f"{name} set has class {strangers[0]!r}, which the training set lacks")
+    save_split(output / "split.json", splits, {"seed": settings.seed, "val_fraction": settings.val_fraction,
+                                                "test_fraction": None if test else settings.test_fraction})
+
+    kind = "tokens" if "attentive" in settings.heads else "mean"
+    arrays, failures = {}, []
+    started = time.perf_counter()
+    for name, data in splits.items():
+        features = features_for(data.paths, model, kind, settings.blocks, settings.cache_dir,
+                                settings.batch_size, settings.workers)
+        failures += [{**f, "split": name} for f in features.failures]
+        labels = np.array([classes.index(data.labels[i]) for i in features.kept], dtype=np.int64)
+        arrays[name] = (features.values, labels, [data.names[i] for i in features.kept])
+        log(f"{name}: {len(labels)} images" + (" (cached features)" if features.from_cache else "")
+            + (f", {len(features.failures)} failed to decode" if features.failures else ""))
+    feature_seconds = time.perf_counter() - started
+    _write_failures(output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in splits["train"].missing])
+    for failure in failures:
+        log(f"skipped {failure['path']}: {failure['reason']}")
+    if any(len(arrays[name][1]) == 0 for name in arrays):
+        empty = next(name for name in arrays if len(arrays[name][1]) == 0)
+        raise ProbeDataError(f"no usable images left in the {empty} set")
+
+    pooled = {name: (values.mean(axis=1) if kind == "tokens" else values, labels)
+              for name, (values, labels, _) in arrays.items()}
+    heads, report = {}, {"classes": classes, "model": model_identity(model), "feature_seconds": feature_seconds,
+                         "counts": {name: len(arrays[name][1]) for name in arrays}, "failed": len(failures),
+                         "heads": {}}
+    for name in settings.heads:
+        started = time.perf_counter()
+        if name == "linear":
+            head, chosen = train_linear(pooled["train"], pooled["val"], len(classes), settings.c_grid,
+                                        settings.normalize)
+            scores = head.scores(pooled["test"][0])
+        elif name == "knn":
+            head, chosen = train_knn(pooled["train"], pooled["val"], len(classes), settings.ks)
+            scores = head.scores(pooled["test"][0])
+        else:
+            attentive = settings.attentive
+            if attentive.num_heads is None:
+                attentive = AttentiveSettings(**{**asdict(attentive),
+                                                 "num_heads": model.model_config.vision.num_attention_heads})
+            head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive)
+            scores = head_scores(head, arrays["test"][0])
+        heads[name] = head
+        metrics = classification_metrics(scores, arrays["test"][1], classes)
+        metrics.update(chosen=chosen, seconds=time.perf_counter() - started)
+        report["heads"][name] = metrics
+        skipped = save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
+                                     f"{name} probe: top-1 {metrics['top1']:.3f}")
+        if skipped:
+            log(skipped)
+    _save_heads(output, heads, classes, model, kind, settings)
+    tmp = output / "metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, output / "metrics.json")
+    return report
+
+
+def _splits(train, val, test, settings: ProbeSettings, log) -> dict[str, LabelledImages]:
+    data = load_labelled(train)
+    for warning in data.warnings:
+        log(f"warning: {warning}")
+    if test is not None:
+        test_data = load_labelled(test)
+    else:
+        keep, held = stratified_split(data.labels, settings.test_fraction, settings.seed)
+        data, test_data = _with_missing(data.subset(keep), data), data.subset(held)
+    if val is not None:
+        val_data = load_labelled(val)
+    else:
+        keep, held = stratified_split(data.labels, settings.val_fraction, settings.seed + 1)
+        data, val_data = _with_missing(data.subset(keep), data), data.subset(held)
+    return {"train": data, "val": val_data, "test": test_data}
+
+
+def _with_missing(subset: LabelledImages, whole: LabelledImages) -> LabelledImages:
+    subset.missing = whole.missing
+    return subset
+
+
+def _write_failures(path: Path, failures: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
+    os.replace(tmp, path)
+
+
+def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str, settings: ProbeSettings) -> None:
+    record = {
+        "format": "aimv2-mlx-probe",
+        "classes": classes,
+        "model": {**model_identity(model), "load": _load_argument(model)},
+        "features": {"kind": kind, "blocks": list(settings.blocks) if settings.blocks else None},
+        "heads": {},
+    }
+    for name, head in heads.items():
+        if isinstance(head, LinearHead):
+            arrays = {"weight": head.weight, "bias": head.bias}
+            record["heads"][name] = {"file": "linear.safetensors", "C": head.C, "normalize": head.normalize}
+        elif isinstance(head, KnnHead):
+            arrays = {"features": head.features, "labels": head.labels.astype(np.int32)}
+            record["heads"][name] = {"file": "knn.safetensors", "k": head.k, "temperature": head.temperature}
+        else:
+            arrays = head_arrays(head)
+            record["heads"][name] = {"file": "attentive.safetensors", "num_heads": head.num_heads}
+        mx.save_safetensors(str(output / record["heads"][name]["file"]),
+                            {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _load_argument(model) -> dict | None:
+    """What `aimv2_mlx.load()` needs to rebuild the probe's encoder (None: built in memory)."""
+    location = getattr(model, "location", None)
+    if location is None:
+        return None
+    if location.origin.startswith("hf://"):
+        return {"path_or_id": location.origin.removeprefix("hf://"), "revision": location.revision}
+    return {"path_or_id": "bundled" if location.origin == "bundled" else str(location.path.resolve()),
+            "revision": None}
+
+
+@dataclass
+class LoadedProbe:
+    classes: list[str]
+    heads: dict
+    record: dict
+
+    def scores(self, features: np.ndarray, name: str) -> np.ndarray:
+        """Class probabilities (N, C) from pooled (linear/kNN) or token (attentive) features."""
+        head = self.heads[name]
+        if isinstance(head, KnnHead):
+            votes = head.scores(features.mean(axis=1) if features.ndim == 3 else features)
+            return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
+        logits = (head.scores(features.mean(axis=1) if features.ndim == 3 else features)
+                  if isinstance(head, LinearHead) else head_scores(head, features))
+        logits = logits - logits.max(1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(1, keepdims=True)
+
+
+def load_probe(folder: str | os.PathLike) -> LoadedProbe:
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "probe.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no probe.json (not a folder written by `aimv2 probe`)") from None
+    heads = {}
+    for name, info in record["heads"].items():
+        arrays = {k: np.array(v) for k, v in mx.load(str(folder / info["file"])).items()}
+        if name == "linear":
+            heads[name] = LinearHead(arrays["weight"], arrays["bias"], info["C"], info["normalize"])
+        elif name == "knn":
+            heads[name] = KnnHead(arrays["features"], arrays["labels"], len(record["classes"]), info["k"],
+                                  info["temperature"])
+        else:
+            heads[name] = head_from_arrays(arrays, info["num_heads"])
+    return LoadedProbe(record["classes"], heads, record)
+
+
+def classify_with_probe(images: list, probe_dir: str | os.PathLike, model=None, head: str | None = None,
+                        top_k: int = 5, batch_size: int = 8) -> tuple[list[dict], list[dict]]:
+    """Top-k labels for each image: ([{"path", "labels": [[label, probability], …]}], failures)."""
+    from ..model import load
+
+    loaded = load_probe(probe_dir)
+    head = head or next(h for h in ("attentive", "linear", "knn") if h in loaded.heads)
+    if head not in loaded.heads:
+        raise ValueError(f"{probe_dir}: has no {head!r} head (it has {', '.join(loaded.heads)})")
+    if model is None:
+        argument = loaded.record["model"]["load"]
+        if not argument:
+            raise ValueError(f"{probe_dir}: the probe's encoder was built in memory, not loaded; pass the model")
+        model = load(argument["path_or_id"], revision=argument["revision"])
+    paths = [p for image in images for p in (images_under(Path(image)) if Path(image).is_dir() else [Path(image)])]
+    kind = "tokens" if head == "attentive" else "mean"
+    from .features import extract
+
+    blocks = loaded.record["features"]["blocks"]
+    features = extract(paths, model, kind, tuple(blocks) if blocks else None, batch_size)
+    probabilities = loaded.scores(features.values, head)
+    results = []
+    for row, index in zip(probabilities, features.kept):
+        order = np.argsort(-row)[:top_k]
+        results.append({"path": os.fsdecode(paths[index]),
+                        "labels": [[loaded.classes[i], float(row[i])] for i in order]})
+    return results, features.failures

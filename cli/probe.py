@@ -1,0 +1,52 @@
+"""`aimv2 probe TRAIN -o OUT`: how good are the features on my labelled images?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from aimv2_mlx.model import load, load_default
+from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe as run_probe
+
+from .errors import one_line_errors
+
+
+def probe(
+    train: Path = typer.Argument(..., help="ImageFolder root (root/class/*.jpg) or a CSV/parquet with path,label."),
+    output: Path = typer.Option(Path("probe"), "-o", "--output", help="Folder for metrics, split and heads."),
+    model: str = typer.Option("default", "-m", "--model", help="Model folder or hub id ('default': as aimv2 embed)."),
+    heads: str = typer.Option("linear,knn", help=f"Comma-separated heads: {', '.join(HEADS)} (or 'all')."),
+    val_dir: Path = typer.Option(None, help="Validation set (else --val-fraction of the training set)."),
+    test_dir: Path = typer.Option(None, help="Test set (else --test-fraction of the training set)."),
+    val_fraction: float = typer.Option(0.1, help="Stratified validation fraction."),
+    test_fraction: float = typer.Option(0.2, help="Stratified test fraction, when no --test-dir."),
+    seed: int = typer.Option(0, help="Seed of the splits and the attentive head."),
+    normalize: bool = typer.Option(True, help="L2-normalise pooled features for the linear head."),
+    blocks: str = typer.Option(None, help="Use the mean of these blocks' raw outputs, e.g. '-6,-1' (default: last, normed)."),
+    epochs: int = typer.Option(30, help="Attentive head: epochs."),
+    batch_size: int = typer.Option(256, help="Attentive head: batch size."),
+    cache_dir: Path = typer.Option(None, help="Feature cache (default ~/.cache/aimv2-mlx/features)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+) -> None:
+    """Train linear / kNN / attentive probes on frozen features and report test metrics."""
+    with one_line_errors():
+        names = HEADS if heads == "all" else tuple(h.strip() for h in heads.split(",") if h.strip())
+        settings = ProbeSettings(
+            heads=names, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, normalize=normalize,
+            blocks=tuple(int(b) for b in blocks.split(",")) if blocks else None,
+            attentive=AttentiveSettings(epochs=epochs, batch_size=batch_size, seed=seed), cache_dir=cache_dir)
+        encoder = load_default() if model == "default" else load(model)
+        report = run_probe(train, output, encoder, val=val_dir, test=test_dir, settings=settings)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{encoder.model_config.name}: {report['counts']['train']} train / {report['counts']['val']} val / "
+               f"{report['counts']['test']} test images, {len(report['classes'])} classes")
+    for name, metrics in report["heads"].items():
+        top5 = f", top-5 {metrics['top5']:.3f}" if "top5" in metrics else ""
+        chosen = ", ".join(f"{k}={v}" for k, v in metrics["chosen"].items() if not isinstance(v, dict))
+        typer.echo(f"{name:>10}: top-1 {metrics['top1']:.3f}{top5}, balanced {metrics['balanced_accuracy']:.3f} "
+                   f"({chosen})")
+    typer.echo(f"wrote {output / 'metrics.json'}")

@@ -1,0 +1,172 @@
+"""`probe()` end to end: splits, the feature cache, bad input, saved heads and `classify --probe`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+import aimv2_mlx
+from aimv2_mlx.config import PreprocessConfig
+from aimv2_mlx.encoder import VisionEncoder
+from aimv2_mlx.probe import AttentiveSettings, ProbeDataError, ProbeSettings, classify_with_probe, probe
+
+from .conftest import tiny_config
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+
+
+def _image_folder(root: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """Noisy images whose dominant colour is their class."""
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def model():
+    mx.random.seed(0)
+    encoder = aimv2_mlx.build(tiny_config())
+    encoder.preprocessor.pos_embed = mx.random.normal(encoder.preprocessor.pos_embed.shape) * 0.5
+    return encoder
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    calls = []
+    original = VisionEncoder.__call__
+
+    def counting(self, pixels, *args, **kwargs):
+        calls.append(pixels.shape[0])
+        return original(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(VisionEncoder, "__call__", counting)
+    return calls
+
+
+def _settings(tmp_path: Path, **overrides) -> ProbeSettings:
+    base = dict(heads=("linear", "knn"), val_fraction=0.25, test_fraction=0.25, cache_dir=tmp_path / "cache",
+                ks=(3, 5), attentive=AttentiveSettings(epochs=5, batch_size=8))
+    return ProbeSettings(**{**base, **overrides})
+
+
+def test_probe_writes_metrics_split_and_heads(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear", "knn", "attentive")),
+                   log=lambda message: None)
+    assert report["counts"] == {"train": 12, "val": 6, "test": 6}
+    for name in ("linear", "knn", "attentive"):
+        metrics = report["heads"][name]
+        assert set(metrics["per_class"]) == set(COLOURS) and sum(map(sum, metrics["confusion_matrix"])) == 6
+    assert report["heads"]["linear"]["top1"] >= 0.8  # colour is easy even for a random encoder
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    names = [row["path"] for part in ("train", "val", "test") for row in split[part]]
+    assert len(names) == len(set(names)) == 24  # a partition
+    assert all(sum(row["label"] == c for row in split["test"]) == 2 for c in COLOURS)  # stratified
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["heads"]["knn"]["top1"] == report["heads"]["knn"]["top1"]
+    for name in ("probe.json", "linear.safetensors", "knn.safetensors", "attentive.safetensors"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_second_run_reads_the_cache_and_new_preprocessing_does_not(tmp_path, model, encoder_calls):
+    data = _image_folder(tmp_path / "data")
+    settings = _settings(tmp_path)
+    probe(data, tmp_path / "first", model, settings=settings, log=lambda m: None)
+    first = len(encoder_calls)
+    assert first > 0
+    probe(data, tmp_path / "second", model, settings=settings, log=lambda m: None)
+    assert len(encoder_calls) == first  # no encoder call at all
+    model.model_config.preprocess = PreprocessConfig.for_mode("ml-aim", 56)
+    probe(data, tmp_path / "third", model, settings=settings, log=lambda m: None)
+    assert len(encoder_calls) > first
+
+
+def test_token_cache_serves_a_later_mean_request(tmp_path, model, encoder_calls):
+    data = _image_folder(tmp_path / "data")
+    probe(data, tmp_path / "a", model, settings=_settings(tmp_path, heads=("attentive",)), log=lambda m: None)
+    calls = len(encoder_calls)
+    probe(data, tmp_path / "b", model, settings=_settings(tmp_path, heads=("linear",)), log=lambda m: None)
+    assert len(encoder_calls) == calls
+
+
+def test_bad_images_and_empty_class_are_reported_not_fatal(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    (data / "empty").mkdir()
+    (data / "red" / "notes.jpg").write_text("not an image")
+    cut = (data / "green" / "00.png").read_bytes()
+    (data / "green" / "cut.png").write_bytes(cut[: len(cut) // 2])
+    messages = []
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path), log=messages.append)
+    assert any("empty" in m and "skipped" in m for m in messages)
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(Path(f["path"]).name for f in failures) == ["cut.png", "notes.jpg"]
+    assert all(f["reason"] for f in failures)
+    assert report["failed"] == 2 and "empty" not in report["classes"]
+
+
+def test_label_file_with_missing_images_excludes_and_lists_them(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    rows += ["red/gone.png,red", "blue/also-gone.png,blue"]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    messages = []
+    report = probe(data / "labels.csv", tmp_path / "out", model, settings=_settings(tmp_path), log=messages.append)
+    assert any("2 listed image(s) do not exist" in m and "gone.png" in m for m in messages)
+    listed = (tmp_path / "out" / "failures.jsonl").read_text()
+    assert "red/gone.png" in listed and "blue/also-gone.png" in listed
+    assert sum(report["counts"].values()) == 24
+
+
+@pytest.mark.parametrize("case", ["single-class", "nothing"])
+def test_unusable_data_is_a_clear_error(tmp_path, model, case):
+    data = tmp_path / "data"
+    if case == "single-class":
+        _image_folder(data)
+        for name in ("green", "blue"):
+            for p in (data / name).iterdir():
+                p.unlink()
+            (data / name).rmdir()
+        match = "only one class"
+    else:
+        data.mkdir()
+        match = "no class folders"
+    with pytest.raises(ProbeDataError, match=match):
+        probe(data, tmp_path / "out", model, settings=_settings(tmp_path), log=lambda m: None)
+
+
+def test_cli_single_class_is_one_line_exit_1(tmp_path):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "data" / "only" / "a.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "probe", str(tmp_path / "data"), "-o",
+                             str(tmp_path / "out"), "-m", "bundled"], capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "only one class" in result.stderr
+
+
+def test_saved_probe_classifies_new_images(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    encoder = aimv2_mlx.load(tmp_path / "encoder")  # the probe records where its encoder came from
+    probe(data, tmp_path / "out", encoder, settings=_settings(tmp_path, heads=("linear", "knn")), log=lambda m: None)
+    fresh = _image_folder(tmp_path / "fresh", per_class=3, seed=1)
+    results, failures = classify_with_probe([fresh], tmp_path / "out", top_k=2, head="linear")
+    assert not failures and len(results) == 9
+    for result in results:
+        assert len(result["labels"]) == 2 and sum(p for _, p in result["labels"]) <= 1.0 + 1e-6
+    correct = sum(r["labels"][0][0] == Path(r["path"]).parent.name for r in results)
+    assert correct >= 7
+    knn, _ = classify_with_probe([fresh], tmp_path / "out", model=encoder, head="knn")
+    assert [r["path"] for r in knn] == [r["path"] for r in results]
