@@ -14,6 +14,7 @@ from .images import open_image, preprocess  # noqa: E402
 from .lit import LiT  # noqa: E402
 from .model import ModelNotFoundError, build, load, load_default, parameter_count, save  # noqa: E402
 from .weights import CheckpointError  # noqa: E402
+from .zeroshot import zero_shot  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "preprocess",
     "preset",
     "save",
+    "zero_shot",
 ]

@@ -141,6 +141,7 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     checkpoint = open_checkpoint(location.path)
     config, recipes = conversion_plan(checkpoint, location)
     model = build(config)
+    model.source_folder = location.path if location.path.is_dir() else location.path.parent  # tokenizer files
     check_tensors(expected_parameters(model), {k: r.shape(checkpoint.tensors) for k, r in recipes.items()},
                   checkpoint.path)
     model.load_weights([(key, recipe.build(lambda k: checkpoint.tensors[k].load())) for key, recipe in recipes.items()])

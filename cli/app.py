@@ -6,13 +6,14 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import convert, embed, info
+from . import classify, convert, embed, info
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="AIMv2 vision encoders in MLX: inspect, convert and embed.")
 app.command("info")(info.info)
 app.command("embed")(embed.embed)
 app.command("convert")(convert.convert)
+app.command("classify")(classify.classify)
 
 
 def main() -> None:
