@@ -58,12 +58,17 @@ class ZeroShotClassifier:
         """(C, D): per class, the re-normalised mean of its normalised template embeddings."""
         prompts = [template.format(label) for label in self.labels for template in self.templates]
         ids = self.tokenizer(prompts, context_length=self.model.model_config.text.max_position_embeddings)
-        chunks = [_normalize(self.model.encode_text(mx.array(ids[i:i + TEXT_BATCH])))
+        chunks = [_normalize(self.model.encode_text(mx.array(self._trim(ids[i:i + TEXT_BATCH]))))
                   for i in range(0, len(ids), TEXT_BATCH)]
         text = mx.concatenate(chunks).reshape(len(self.labels), len(self.templates), -1).mean(axis=1)
         text = _normalize(text)
         mx.eval(text)
         return text
+
+    def _trim(self, ids: np.ndarray) -> np.ndarray:
+        """Cut the padding after the batch's last end token: the causal tower pooled at the first
+        end token never sees it, and short prompts run ~7x faster than at 77 tokens."""
+        return ids[:, : int((ids == self.tokenizer.end_id).argmax(axis=1).max()) + 1]
 
     def logits(self, pixels: mx.array) -> np.ndarray:
         """float32 (B, C) logits for preprocessed pixels (B, H, W, 3)."""

@@ -62,6 +62,7 @@ def test_vocabulary_is_clip_shaped_and_merges_are_used(vocab_folder):
     assert (tokenizer.start_id, tokenizer.end_id) == (size - 2, size - 1)
     ids = tokenizer.encode("a photo of a cat")
     assert len(ids) == 5 and min(ids[1:3]) >= 512  # one id per word: "photo", "of" are merged tokens
+    assert ids[0] == ids[3] == 320  # "a</w>", the id it has in CLIP's real vocabulary too
 
 
 @pytest.mark.parametrize("text", TEXTS + [LONG])
