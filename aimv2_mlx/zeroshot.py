@@ -36,7 +36,7 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 class ZeroShotClassifier:
@@ -102,13 +102,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _pixel_batches(images: list, model, batch_size: int):
     config, patch = model.model_config.preprocess, model.model_config.vision.patch_size
     for start in range(0, len(images), batch_size):
-        yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in images[start:start + batch_size]]))
+        chunk = images[start:start + batch_size]
+        yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
 
 
 def _folder_tokenizer(model) -> ClipTokenizer:
     folder = getattr(model, "source_folder", None)
     if folder is None:
-        raise ValueError(f"{model.model_config.name}: not loaded from a folder; pass tokenizer=ClipTokenizer.from_folder(…)")
+        raise ValueError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
+                         "pass tokenizer=ClipTokenizer.from_folder(…)")
     return ClipTokenizer.from_folder(folder)
 
 
@@ -132,7 +134,8 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
         except (ValueError, IndexError, KeyError):
             ok = False
         if not ok:
-            raise ValueError(f"template {template!r}: needs exactly one {{}} where the label goes (other braces doubled)")
+            raise ValueError(f"template {template!r}: needs exactly one {{}} where the label goes "
+                             "(other braces doubled)")
     return templates
 
 

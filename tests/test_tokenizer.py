@@ -95,8 +95,8 @@ def test_truncation_keeps_start_and_end(vocab_folder):
     row = tokenizer(LONG, context_length=16)[0]
     assert len(full) > 16
     assert row.tolist() == [tokenizer.start_id, *full[:14], tokenizer.end_id]
-    short = tokenizer(["x"], context_length=8)[0].tolist()
-    assert short == [tokenizer.start_id, *tokenizer.encode("x"), tokenizer.end_id] + [0] * (8 - 2 - len(tokenizer.encode("x")))
+    x = tokenizer.encode("x")
+    assert tokenizer(["x"], context_length=8)[0].tolist() == [tokenizer.start_id, *x, tokenizer.end_id] + [0] * (6 - len(x))
 
 
 def test_tokenizer_json_is_used_when_present(vocab_folder, hf_tokenizer, tmp_path):

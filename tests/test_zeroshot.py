@@ -59,7 +59,8 @@ def _reference(lit, prompts: list[str], pixels: mx.array):
     _, reference, _, hf_tokenizer = lit
     ids = hf_tokenizer(prompts, padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
     with torch.inference_mode():
-        return reference(input_ids=ids["input_ids"], pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
+        return reference(input_ids=ids["input_ids"],
+                         pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
                          attention_mask=torch.ones_like(ids["input_ids"]))  # makes the text tower causal
 
 
