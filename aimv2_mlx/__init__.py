@@ -15,6 +15,7 @@ from .lit import LiT  # noqa: E402
 from .shards import read_embeddings  # noqa: E402
 from .model import ModelNotFoundError, build, load, load_default, parameter_count, save  # noqa: E402
 from .weights import CheckpointError  # noqa: E402
+from .zeroshot import zero_shot  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "preset",
     "read_embeddings",
     "save",
+    "zero_shot",
 ]

@@ -43,10 +43,15 @@ class Location:
     revision: str | None = None
 
     @property
+    def folder(self) -> Path:
+        """The folder holding the checkpoint (and any tokenizer or preprocessor files)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
     def name(self) -> str:
         if self.origin.startswith("hf://"):
             return self.origin.removeprefix("hf://").split("/")[-1]
-        return (self.path if self.path.is_dir() else self.path.parent).name
+        return self.folder.name
 
 
 def build(config: ModelConfig) -> nn.Module:
@@ -147,7 +152,7 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     mx.eval(model.parameters())
     if config.quantization and (on_cpu() if dequantize is None else dequantize):
         dequantize_model(model)
-    model.location = location  # where it came from, so outputs can say how to load it again
+    model.location = location  # where it came from: to load it again, and its tokenizer files
     return model
 
 

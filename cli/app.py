@@ -6,14 +6,15 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import convert, embed, info, probe
+from . import classify, convert, embed, info, probe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="AIMv2 vision encoders in MLX: inspect, convert, embed and probe.")
+                  help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe and classify.")
 app.command("info")(info.info)
 app.command("embed")(embed.embed)
 app.command("convert")(convert.convert)
 app.command("probe")(probe.probe)
+app.command("classify")(classify.classify)
 
 
 def main() -> None:

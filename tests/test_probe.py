@@ -16,7 +16,7 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
-from aimv2_mlx.probe import AttentiveSettings, ProbeDataError, ProbeSettings, classify_with_probe, probe
+from aimv2_mlx.probe import AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, probe
 
 from .conftest import tiny_config
 
@@ -161,12 +161,28 @@ def test_saved_probe_classifies_new_images(tmp_path, model):
     aimv2_mlx.save(model, tmp_path / "encoder")
     encoder = aimv2_mlx.load(tmp_path / "encoder")  # the probe records where its encoder came from
     probe(data, tmp_path / "out", encoder, settings=_settings(tmp_path, heads=("linear", "knn")), log=lambda m: None)
-    fresh = _image_folder(tmp_path / "fresh", per_class=3, seed=1)
-    results, failures = classify_with_probe([fresh], tmp_path / "out", top_k=2, head="linear")
-    assert not failures and len(results) == 9
-    for result in results:
-        assert len(result["labels"]) == 2 and sum(p for _, p in result["labels"]) <= 1.0 + 1e-6
-    correct = sum(r["labels"][0][0] == Path(r["path"]).parent.name for r in results)
+    fresh = sorted(_image_folder(tmp_path / "fresh", per_class=3, seed=1).rglob("*.png"))
+    probabilities = ProbeClassifier(tmp_path / "out", head="linear")(fresh)
+    assert probabilities.shape == (9, 3) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    classes = sorted(COLOURS)
+    correct = sum(classes[row.argmax()] == path.parent.name for row, path in zip(probabilities, fresh))
     assert correct >= 7
-    knn, _ = classify_with_probe([fresh], tmp_path / "out", model=encoder, head="knn")
-    assert [r["path"] for r in knn] == [r["path"] for r in results]
+    knn = ProbeClassifier(tmp_path / "out", model=encoder, head="knn")(fresh)
+    assert (knn.argmax(1) == probabilities.argmax(1)).mean() >= 0.7
+
+
+def test_cli_classify_with_a_probe(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"), settings=_settings(tmp_path),
+          log=lambda m: None)
+    (tmp_path / "fresh").mkdir()
+    Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "fresh" / "blue.png")
+    (tmp_path / "fresh" / "broken.jpg").write_text("no")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "classify", str(tmp_path / "fresh"), "--probe",
+                             str(tmp_path / "out"), "--top-k", "2", "--json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["labels"] == sorted(COLOURS) and len(report["results"]) == 1
+    assert len(report["results"][0]["top"]) == 2 and len(report["skipped"]) == 1

@@ -141,3 +141,8 @@ def _listed(list_path: Path, prefix: str):
             continue
         entries.append(_entry(os.fsencode(prefix + line), str(path), stat))
     return entries
+
+
+def images_under(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under `folder` (the rules of `discover`), as paths, sorted by key."""
+    return [Path(item.path) for item in discover([folder]) if item.offset < 0]

@@ -2,7 +2,7 @@
 
 from .attentive import AttentiveSettings
 from .data import LabelledImages, ProbeDataError, load_labelled
-from .run import HEADS, ProbeSettings, classify_with_probe, load_probe, probe
+from .run import HEADS, ProbeClassifier, ProbeSettings, load_probe, probe
 
-__all__ = ["HEADS", "AttentiveSettings", "LabelledImages", "ProbeDataError", "ProbeSettings", "classify_with_probe",
+__all__ = ["HEADS", "AttentiveSettings", "LabelledImages", "ProbeClassifier", "ProbeDataError", "ProbeSettings",
            "load_labelled", "load_probe", "probe"]

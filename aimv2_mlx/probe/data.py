@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import discover
+from ..data.sources import images_under
 
 
 class ProbeDataError(ValueError):
@@ -32,11 +32,6 @@ class LabelledImages:
     def subset(self, index) -> "LabelledImages":
         return LabelledImages([self.paths[i] for i in index], [self.names[i] for i in index],
                               [self.labels[i] for i in index])
-
-
-def images_under(folder: Path) -> list[Path]:
-    """Every image file under `folder`, sorted (the embed pipeline's discovery rules)."""
-    return [Path(item.path) for item in discover([folder]) if item.offset < 0]
 
 
 def load_labelled(source: str | Path) -> LabelledImages:

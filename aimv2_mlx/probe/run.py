@@ -1,5 +1,5 @@
 """`probe()`: labelled folders → frozen features → linear / kNN / attentive heads → metrics; and
-`classify_with_probe()`, which applies a saved probe to new images.
+`ProbeClassifier`, which applies a saved probe to new images.
 
 Everything a run decides is written next to its metrics: `split.json` (which image went where),
 `failures.jsonl`, `metrics.json`, one confusion-matrix PNG per head, and the heads themselves
@@ -20,9 +20,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..embed import _model_identity as model_identity
+from ..images import ImageError
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
-from .data import LabelledImages, ProbeDataError, images_under, load_labelled, save_split, stratified_split
-from .features import features_for
+from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
+from .features import extract, features_for
 from .knn import DEFAULT_KS, KnnHead, train_knn
 from .linear import DEFAULT_C_GRID, LinearHead, train_linear
 from .metrics import classification_metrics, save_confusion_png
@@ -224,30 +225,34 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
     return LoadedProbe(record["classes"], heads, record)
 
 
-def classify_with_probe(images: list, probe_dir: str | os.PathLike, model=None, head: str | None = None,
-                        top_k: int = 5, batch_size: int = 8) -> tuple[list[dict], list[dict]]:
-    """Top-k labels for each image: ([{"path", "labels": [[label, probability], …]}], failures)."""
-    from ..model import load
+class ProbeClassifier:
+    """A saved probe and its encoder; call it on images (paths or PIL) for class probabilities.
 
-    loaded = load_probe(probe_dir)
-    head = head or next(h for h in ("attentive", "linear", "knn") if h in loaded.heads)
-    if head not in loaded.heads:
-        raise ValueError(f"{probe_dir}: has no {head!r} head (it has {', '.join(loaded.heads)})")
-    if model is None:
-        argument = loaded.record["model"]["load"]
-        if not argument:
-            raise ValueError(f"{probe_dir}: the probe's encoder was built in memory, not loaded; pass the model")
-        model = load(argument["path_or_id"], revision=argument["revision"])
-    paths = [p for image in images for p in (images_under(Path(image)) if Path(image).is_dir() else [Path(image)])]
-    kind = "tokens" if head == "attentive" else "mean"
-    from .features import extract
+    The encoder is the one the probe records (`probe.json`) unless `model` is given.
+    """
 
-    blocks = loaded.record["features"]["blocks"]
-    features = extract(paths, model, kind, tuple(blocks) if blocks else None, batch_size)
-    probabilities = loaded.scores(features.values, head)
-    results = []
-    for row, index in zip(probabilities, features.kept):
-        order = np.argsort(-row)[:top_k]
-        results.append({"path": os.fsdecode(paths[index]),
-                        "labels": [[loaded.classes[i], float(row[i])] for i in order]})
-    return results, features.failures
+    def __init__(self, probe_dir: str | os.PathLike, model=None, head: str | None = None):
+        from ..model import load
+
+        self.probe = load_probe(probe_dir)
+        self.head = head or next(h for h in ("attentive", "linear", "knn") if h in self.probe.heads)
+        if self.head not in self.probe.heads:
+            raise ValueError(f"{probe_dir}: has no {self.head!r} head (it has {', '.join(self.probe.heads)})")
+        if model is None:
+            argument = self.probe.record["model"]["load"]
+            if not argument:
+                raise ValueError(f"{probe_dir}: the probe's encoder was built in memory, not loaded; pass the model")
+            model = load(argument["path_or_id"], revision=argument["revision"])
+        self.model = model
+        self.labels = self.probe.classes
+        blocks = self.probe.record["features"]["blocks"]
+        self.blocks = tuple(blocks) if blocks else None
+
+    def __call__(self, images, batch_size: int = 8) -> np.ndarray:
+        images = list(images)
+        kind = "tokens" if self.head == "attentive" else "mean"
+        features = extract(images, self.model, kind, self.blocks, batch_size)
+        if features.failures:
+            failure = features.failures[0]
+            raise ImageError(f"{failure['path']}: {failure['reason']}")
+        return self.probe.scores(features.values, self.head)
