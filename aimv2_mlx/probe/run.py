@@ -61,7 +61,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    splits = _splits(train, val, test, settings, log)
+    splits, missing = _splits(train, val, test, settings, log)
     classes = sorted(set(splits["train"].labels))
     for name in ("val", "test"):
         strangers = sorted(set(splits[name].labels) - set(classes))
@@ -82,7 +82,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         log(f"{name}: {len(labels)} images" + (" (cached features)" if features.from_cache else "")
             + (f", {len(features.failures)} failed to decode" if features.failures else ""))
     feature_seconds = time.perf_counter() - started
-    _write_failures(output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in splits["train"].missing])
+    _write_failures(output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in missing])
     for failure in failures:
         log(f"skipped {failure['path']}: {failure['reason']}")
     if any(len(arrays[name][1]) == 0 for name in arrays):
@@ -125,26 +125,23 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     return report
 
 
-def _splits(train, val, test, settings: ProbeSettings, log) -> dict[str, LabelledImages]:
+def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, LabelledImages], list[dict]]:
+    """The train/val/test sets, and the label-file rows that named missing images."""
     data = load_labelled(train)
     for warning in data.warnings:
         log(f"warning: {warning}")
+    missing = list(data.missing)
     if test is not None:
         test_data = load_labelled(test)
     else:
         keep, held = stratified_split(data.labels, settings.test_fraction, settings.seed)
-        data, test_data = _with_missing(data.subset(keep), data), data.subset(held)
+        data, test_data = data.subset(keep), data.subset(held)
     if val is not None:
         val_data = load_labelled(val)
     else:
         keep, held = stratified_split(data.labels, settings.val_fraction, settings.seed + 1)
-        data, val_data = _with_missing(data.subset(keep), data), data.subset(held)
-    return {"train": data, "val": val_data, "test": test_data}
-
-
-def _with_missing(subset: LabelledImages, whole: LabelledImages) -> LabelledImages:
-    subset.missing = whole.missing
-    return subset
+        data, val_data = data.subset(keep), data.subset(held)
+    return {"train": data, "val": val_data, "test": test_data}, missing
 
 
 def _write_failures(path: Path, failures: list[dict]) -> None:
