@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-3, 4))  # 1e-3 … 1e3
+DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
 
 
 @dataclass
