@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import distributed
-from .data.pipeline import batches, decode, decoded
+from .data.pipeline import batches, decode, decoded, name_of
 from .data.sources import discover
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
@@ -53,7 +53,7 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
     outputs = []
     for good, pixels, failed in batches(decoded(list(images), work, workers), batch_size):
         if failed:
-            raise ImageError(f"{_name(failed[0])}: {failed[0].error}")
+            raise ImageError(f"{name_of(failed[0].source)}: {failed[0].error}")
         outputs.append(_vectors(model, pixels, pool, normalize)[: len(good)])
     if not outputs:
         return np.zeros((0, model.model_config.vision.hidden_size), np.float32)
@@ -112,7 +112,7 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     output = Path(output)
     config = model.model_config
     settings = {
-        "model": _model_identity(model),
+        "model": model_identity(model),
         "preprocess": asdict(config.preprocess),
         "max_megapixels": max_megapixels,
         "pool": pool,
@@ -268,7 +268,7 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute
     })
 
 
-def _model_identity(model) -> dict:
+def model_identity(model) -> dict:
     """Name, origin and a fingerprint of the weights (their first values), to refuse mixing models."""
     config = model.model_config
     digest = hashlib.sha256()
@@ -297,8 +297,3 @@ def _check_choice(what: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}: use {', '.join(choices)}")
 
-
-def _name(result) -> str:
-    from .data.pipeline import name_of
-
-    return name_of(result.source)

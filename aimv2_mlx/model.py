@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,7 +173,7 @@ def load_default(verbose: bool = True) -> nn.Module:
         return load(DEFAULT_MODEL)
     except ModelNotFoundError as exc:
         if verbose:
-            print(f"{exc}; using the bundled offline model {BUNDLED_DIR.name}", flush=True)
+            print(f"{exc}; using the bundled offline model {BUNDLED_DIR.name}", file=sys.stderr, flush=True)
         return load(BUNDLED_DIR)
 
 

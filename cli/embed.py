@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -42,8 +41,7 @@ def embed(
     rank, _ = distributed.rank_and_size()
     Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
-        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-            encoder = load_default() if model == "default" else load(model)
+        encoder = load_default() if model == "default" else load(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,
                                    pool=pool, normalize=normalize, dtype=dtype, format=fmt,

@@ -24,8 +24,8 @@ def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
     out = tmp_path / "vectors"
     result = _aimv2("embed", str(PHOTOS), "-o", str(out), cache=tmp_path / "empty-cache")
     assert result.returncode == 0, result.stderr
+    assert "apple/aimv2-large-patch14-224" in result.stderr and "bundled" in result.stderr
     lines = result.stdout.strip().splitlines()
-    assert "apple/aimv2-large-patch14-224" in lines[0] and "bundled" in lines[0]
     assert str(out) in lines[-1] and "embedded 4 of 4" in lines[-1]
     vectors, metadata = aimv2_mlx.read_embeddings(out)
     paths = metadata.column("path").to_pylist()

@@ -32,3 +32,11 @@ def test_native_model_embeds_mixed_aspect_ratios():
     assert vectors.shape == (len(PHOTOS), 64) and np.isfinite(vectors).all()
     shapes = {tuple(p.shape) for p in aimv2_mlx.preprocess(PHOTOS, model)}
     assert len(shapes) > 1  # the photos really differ in shape
+
+
+def test_embed_names_the_bad_image(tmp_path):
+    import pytest
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(aimv2_mlx.images.ImageError, match="bad.png"):
+        aimv2_mlx.embed([PHOTOS[0], tmp_path / "bad.png"], aimv2_mlx.load("bundled"))

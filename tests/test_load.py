@@ -118,8 +118,10 @@ def test_load_default_falls_back_to_bundled(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = aimv2_mlx.load_default()
     assert model.model_config.source["random_init"] is True
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "apple/aimv2-large-patch14-224" in out[0] and "bundled" in out[0]
+    captured = capsys.readouterr()
+    notice = captured.err.strip().splitlines()
+    assert len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]
+    assert captured.out == ""  # stdout stays clean for machine-readable output
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra", "shape"])

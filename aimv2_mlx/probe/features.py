@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data.pipeline import batches, decode, decoded
-from ..embed import _model_identity as model_identity
+from ..embed import model_identity
 from ..images import DEFAULT_MAX_MEGAPIXELS
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9

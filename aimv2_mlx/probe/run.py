@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..embed import _model_identity as model_identity
+from ..embed import model_identity
 from ..images import ImageError
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
