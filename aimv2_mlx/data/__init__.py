@@ -1,0 +1,1 @@
+"""Image data for pre-training and probing: sources, captions, augmentation, generated sets."""
