@@ -6,13 +6,17 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import convert, embed, info
+from . import convert, data, embed, export, info, pretrain, tokenizer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="AIMv2 vision encoders in MLX: inspect, convert and embed.")
 app.command("info")(info.info)
 app.command("embed")(embed.embed)
 app.command("convert")(convert.convert)
+app.command("pretrain")(pretrain.pretrain)
+app.command("export")(export.export)
+app.add_typer(data.app, name="data")
+app.add_typer(tokenizer.app, name="tokenizer")
 
 
 def main() -> None:
