@@ -30,8 +30,8 @@ class MicroBatch:
 @dataclass
 class StepBatch:
     micro: list[MicroBatch]
-    pixel_count: int  # counted target patches over the whole step (all ranks)
-    text_count: int  # counted caption tokens on this rank (summed over ranks by the caller)
+    pixel_count: int  # counted target patches of this rank's micro-batches (summed over ranks by the caller)
+    text_count: int  # counted caption tokens of this rank's micro-batches (likewise)
 
 
 class BatchPlan:
@@ -77,7 +77,7 @@ class BatchPlan:
             ids = self.tokenizer.encode([caption for _, caption in loaded])
             micro.append(MicroBatch(np.stack([p for p, _ in loaded]), ids, prefixes[lo:lo + B],
                                     np.array([i for _, i in where])))
-        return StepBatch(micro, pixel_count(prefixes, self.num_patches),
+        return StepBatch(micro, sum(pixel_count(m.prefix_lengths, self.num_patches) for m in micro),
                          sum(text_count(m.input_ids, self.tokenizer.ignore_ids) for m in micro))
 
     def prefetch(self, step: int):

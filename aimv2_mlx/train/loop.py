@@ -62,7 +62,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     else:
         if config is None or tokenizer is None:
             raise ValueError("a new run needs a config and a tokenizer")
-        if (out / "checkpoints").exists():
+        if rank == 0 and (out / "checkpoints").exists():
             raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
         if rank == 0:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
