@@ -9,6 +9,7 @@ alone writes files.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import mlx.core as mx
 
 from .. import layers
 from ..config import ModelConfig, PreprocessConfig
-from ..data.captioned import CaptionedImages, load_captioned
+from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
 from ..tokenizer import CaptionTokenizer, load_tokenizer
@@ -47,13 +48,14 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "") -> Pretrai
 
 def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
              resume: bool = False, until: int | None = None, distributed: bool = False, echo=print) -> dict:
-    """Train (or resume) the run in `out` on `data` (a path or `CaptionedImages`); returns the last
-    step's log record. `until` stops early (after writing a checkpoint) without changing the schedule."""
+    """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
+    like `CaptionedImages`); returns the last step's log record. `until` stops early (after
+    writing a checkpoint) without changing the schedule."""
     out = Path(out)
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     layers.use_fast_kernels(False)  # training needs gradients through every op
-    source = data if isinstance(data, CaptionedImages) else load_captioned(data)
+    source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         if not (out / "config.json").is_file():
             raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
@@ -105,7 +107,8 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         if config.sample_every and done % config.sample_every == 0:
             write_samples(model, batch.micro[0], tokenizer, config, out / "samples" / f"step-{done:08d}")
         if done % config.checkpoint_every == 0 or done == end:
-            save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed})
+            save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
+                                                          "config": config.to_dict()})
     if rank == 0:
         logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
