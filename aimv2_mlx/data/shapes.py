@@ -1,11 +1,12 @@
 """`aimv2 data shapes`: a procedural captioned dataset with per-image attribute labels.
 
-Each image holds 1–3 coloured shapes (circle, square, triangle; small or large; no overlaps) on
-a textured background (stripes, checks or noise in muted colours). The caption names every
-shape with its size and colour and says where the first one sits relative to the second,
-e.g. "a small red circle above a large blue square". The labels describe the first (primary)
-shape — colour, shape, position (the image quadrant of its centre) — and the shape count,
-for linear probes. Image i depends only on (seed, i), so any subset regenerates identically.
+Each image holds 1–3 coloured shapes (circle, square, triangle; no overlaps) on a textured
+background (stripes, checks or noise in muted colours). One shape is large — the primary, so
+that the labels are visible in the image — the others small or medium. The caption names every
+shape with its size and colour, the primary first, and says where it sits relative to the
+second, e.g. "a large red circle above a small blue square". The labels describe the primary
+shape — colour, shape, position (the image quadrant of its centre) — and the shape count, for
+linear probes. Image i depends only on (seed, i), so any subset regenerates identically.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ COLORS = {
     "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.14, "large": 0.28}  # side / diameter as a fraction of the image side
+SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}  # side / diameter as a fraction of the image side
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}
@@ -95,7 +96,7 @@ def _place(rng: np.random.Generator, size: int, count: int) -> list[Shape]:
     shapes: list[Shape] = []
     while len(shapes) < count:
         for _ in range(100):
-            size_name = ("small", "large")[int(rng.integers(0, 2))]
+            size_name = "large" if not shapes else ("small", "medium")[int(rng.integers(0, 2))]
             radius = SIZES[size_name] * size / 2 * 1.4
             cx, cy = rng.uniform(radius, size - radius, size=2)
             if all(np.hypot(cx - s.cx, cy - s.cy) > radius + s.radius + 2 for s in shapes):
