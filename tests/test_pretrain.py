@@ -168,3 +168,24 @@ def test_config_round_trips():
     assert cfg.decoder == DecoderConfig()  # the recipe's decoder for AIMv2-L (facts §5)
     assert PretrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert dataclasses.replace(cfg, seed=3) != cfg
+
+
+def test_reconstruction_of_perfect_predictions_is_the_image(rng):
+    """Predicted patches are de-normalised with the real patch statistics: exact targets give the image back."""
+    from aimv2_mlx.objective import pixel_targets
+    from aimv2_mlx.train.samples import reconstruct
+
+    class Perfect(nn.Module):
+        def __init__(self, encoder, targets):
+            super().__init__()
+            self.encoder = encoder
+            self.targets = targets
+
+        def decoder(self, tokens, ids=None):  # output i = target i + 1 (the last output predicts nothing)
+            return mx.concatenate([self.targets[:, 1:], self.targets[:, :1]], axis=1), None
+
+    cfg = tiny_run(train_tokenizer(["a b"], 10, 4))
+    pixels = mx.array(rng.normal(size=(2, 28, 28, 3)).astype(np.float32))
+    model = Perfect(build_pretrain_model(cfg).encoder, pixel_targets(pixels, 14))
+    real, predicted, _ = reconstruct(model, pixels, "multimodal", cfg.mean, cfg.std)
+    assert np.abs(real.astype(int) - predicted.astype(int)).max() <= 1
