@@ -20,13 +20,15 @@ MIN_SPLIT_ROWS = 64  # below this many tokens (batch x sequence) the trunk runs 
 _fast_kernels = {"enabled": True}
 
 
-def use_fast_kernels(enabled: bool) -> None:
-    """Switch the CPU float32 fast kernels on or off (process-wide).
+def use_fast_kernels(enabled: bool) -> bool:
+    """Switch the CPU float32 fast kernels on or off (process-wide); returns the previous setting.
 
     They have no gradients (bit-cast ops), so training switches them off and gets MLX's own
     differentiable ops; inference keeps them.
     """
+    previous = _fast_kernels["enabled"]
     _fast_kernels["enabled"] = bool(enabled)
+    return previous
 
 
 def prefix_mask(prefix_lengths: mx.array, num_tokens: int) -> mx.array:

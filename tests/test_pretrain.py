@@ -189,3 +189,18 @@ def test_reconstruction_of_perfect_predictions_is_the_image(rng):
     model = Perfect(build_pretrain_model(cfg).encoder, pixel_targets(pixels, 14))
     real, predicted, _ = reconstruct(model, pixels, "multimodal", cfg.mean, cfg.std)
     assert np.abs(real.astype(int) - predicted.astype(int)).max() <= 1
+
+
+def test_pretrain_restores_the_fast_kernels_and_they_match_the_plain_path(shapes, tmp_path, rng):
+    from aimv2_mlx import layers
+
+    source, tok = shapes
+    pretrain(source, tmp_path / "run", tiny_run(tok, steps=1), tok, echo=lambda *_: None)
+    assert layers.use_fast_kernels(True) is True  # pretrain() switched them off and back on
+    encoder = build_pretrain_model(tiny_run(tok)).encoder
+    pixels = mx.array(rng.normal(size=(2, 28, 28, 3)).astype(np.float32))
+    fast = np.array(encoder(pixels, prefix_lengths=mx.array([1, 3])))
+    layers.use_fast_kernels(False)
+    plain = np.array(encoder(pixels, prefix_lengths=mx.array([1, 3])))
+    layers.use_fast_kernels(True)
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)

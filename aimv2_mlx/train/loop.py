@@ -54,7 +54,14 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     out = Path(out)
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    layers.use_fast_kernels(False)  # training needs gradients through every op
+    previous = layers.use_fast_kernels(False)  # training needs gradients through every op
+    try:
+        return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo)
+    finally:
+        layers.use_fast_kernels(previous)
+
+
+def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         if not (out / "config.json").is_file():
