@@ -49,8 +49,8 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "") -> Pretrai
 def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
              resume: bool = False, until: int | None = None, distributed: bool = False, echo=print) -> dict:
     """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
-    like `CaptionedImages`); returns the last step's log record. `until` stops early (after
-    writing a checkpoint) without changing the schedule."""
+    like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
+    `until` stops early (after writing a checkpoint) without changing the schedule."""
     out = Path(out)
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
@@ -116,8 +116,9 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
         if done % config.checkpoint_every == 0 or done == end:
             save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
                                                           "config": config.to_dict()})
-    if rank == 0:
-        logs.plot_losses(out / "log.jsonl", out / "loss.png")
+    if rank != 0:
+        return {}
+    logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
 
 
