@@ -231,3 +231,29 @@ def preset(name: str) -> ModelConfig:
     if key not in PRESETS:
         raise KeyError(f"unknown model name {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ModelConfig.from_dict(PRESETS[key].to_dict())
+
+
+@dataclass
+class DecoderConfig:
+    """The pre-training decoder (facts §5): one causal transformer over image tokens + caption.
+
+    Saved with training checkpoints only; exported encoders never carry it.
+    """
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    intermediate_size: int = 2816
+    vocab_size: int = 32000
+    context_length: int = 77
+    rms_norm_eps: float = 1e-5
+
+    @classmethod
+    def for_encoder(cls, vision: EncoderConfig, vocab_size: int = 32000, context_length: int = 77) -> "DecoderConfig":
+        """The default decoder for an encoder: same width, heads and MLP, half the depth (L: 12 blocks)."""
+        return cls(vision.hidden_size, max(1, vision.num_hidden_layers // 2), vision.num_attention_heads,
+                   vision.intermediate_size, vocab_size, context_length, vision.rms_norm_eps)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DecoderConfig":
+        return _build(cls, values)

@@ -17,6 +17,18 @@ from .backend import on_cpu
 
 Mask = mx.array | str | None
 MIN_SPLIT_ROWS = 64  # below this many tokens (batch x sequence) the trunk runs on one stream
+_fast_kernels = {"enabled": True}
+
+
+def use_fast_kernels(enabled: bool) -> bool:
+    """Switch the CPU float32 fast kernels on or off (process-wide); returns the previous setting.
+
+    They have no gradients (bit-cast ops), so training switches them off and gets MLX's own
+    differentiable ops; inference keeps them.
+    """
+    previous = _fast_kernels["enabled"]
+    _fast_kernels["enabled"] = bool(enabled)
+    return previous
 
 
 def prefix_mask(prefix_lengths: mx.array, num_tokens: int) -> mx.array:
@@ -41,7 +53,7 @@ def _additive(mask: Mask, n: int, dtype) -> mx.array | None:
 
 
 def _fast_path(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and on_cpu()
+    return _fast_kernels["enabled"] and x.dtype == mx.float32 and on_cpu()
 
 
 class RMSNorm(nn.Module):

@@ -1,1 +1,2 @@
-"""Input side of `embed`: finding images (sources) and decoding them beside the model (pipeline)."""
+"""Image data: finding images (sources), decoding them beside the model (pipeline), and for
+pre-training captioned sources, augmentation and the generated shapes set."""

@@ -1,0 +1,1 @@
+"""AIMv2 pre-training: config and presets, optimizer, batches, the compiled step, checkpoints, loop."""

@@ -1,0 +1,85 @@
+"""Which images, crops and prefix lengths each optimizer step sees — stateless in (seed, step).
+
+Step s covers global positions [s·G, (s+1)·G) of the data order, G = micro-batch × accumulation
+× ranks; position p is sample perm_e[p mod n] of epoch e = p div n, perm_e a permutation drawn
+from (seed, e). A sample's crop and flip come from (seed, e, sample) and the step's prefix
+lengths from (seed, s). So resuming at step s needs only s, and one process with batch 2B sees
+exactly what two ranks with batch B see together (micro-batch k of a step is the global slice
+[k·B·W, (k+1)·B·W); rank r takes its r-th block of B).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.augment import augment, normalize
+from ..objective import pixel_count, sample_prefix_lengths, text_count
+
+
+@dataclass
+class MicroBatch:
+    pixels: np.ndarray  # (B, H, W, 3) float32
+    input_ids: np.ndarray  # (B, T) int32
+    prefix_lengths: np.ndarray  # (B,) int32
+    indices: np.ndarray  # sample indices, for the record
+
+
+@dataclass
+class StepBatch:
+    micro: list[MicroBatch]
+    pixel_count: int  # counted target patches of this rank's micro-batches (summed over ranks by the caller)
+    text_count: int  # counted caption tokens of this rank's micro-batches (likewise)
+
+
+class BatchPlan:
+    def __init__(self, source, tokenizer, config, rank: int = 0, world: int = 1, workers: int = 2):
+        self.source, self.tokenizer, self.config = source, tokenizer, config
+        self.rank, self.world = rank, world
+        self.num_patches = config.encoder.num_patches
+        self._pool = ThreadPoolExecutor(max(1, workers))  # decodes the images of a micro-batch
+        self._ahead = ThreadPoolExecutor(1)  # prepares the next step while this one trains
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.accumulation * self.world
+
+    def samples_seen(self, step: int) -> int:
+        return step * self.global_batch
+
+    def _sample(self, position: int) -> tuple[int, int]:
+        n = len(self.source)
+        epoch = position // n
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(n)}
+        return epoch, int(self._perms[epoch][position % n])
+
+    def _load(self, epoch: int, index: int) -> tuple[np.ndarray, str]:
+        cfg = self.config
+        image, caption = self.source[index]
+        rng = np.random.default_rng([cfg.seed, 1, epoch, index])
+        image = augment(image, cfg.encoder.image_size, rng, cfg.crop_scale)
+        return normalize(image, cfg.mean, cfg.std), caption
+
+    def step(self, step: int) -> StepBatch:
+        cfg, B, W = self.config, self.config.batch_size, self.world
+        start = step * self.global_batch
+        prefixes = sample_prefix_lengths(np.random.default_rng([cfg.seed, 2, step]), self.global_batch,
+                                         self.num_patches)
+        micro = []
+        for k in range(cfg.accumulation):
+            lo = k * B * W + self.rank * B
+            where = [self._sample(start + lo + j) for j in range(B)]
+            loaded = list(self._pool.map(lambda ei: self._load(*ei), where))
+            ids = self.tokenizer.encode([caption for _, caption in loaded])
+            micro.append(MicroBatch(np.stack([p for p, _ in loaded]), ids, prefixes[lo:lo + B],
+                                    np.array([i for _, i in where])))
+        return StepBatch(micro, sum(pixel_count(m.prefix_lengths, self.num_patches) for m in micro),
+                         sum(text_count(m.input_ids, self.tokenizer.ignore_ids) for m in micro))
+
+    def prefetch(self, step: int):
+        """A future for `step(step)`, prepared in the background while the current step runs."""
+        return self._ahead.submit(self.step, step)

@@ -1,0 +1,82 @@
+"""What a pre-training run is: model sizes, objective, optimisation and data settings.
+
+Presets set the encoder (tiny/small/base/large; large is AIMv2-L) and scale the decoder with it
+(same width, half the depth: AIMv2-L gets the recipe's 12-block decoder). Optimisation defaults
+are the recipe's (facts §5) except the step counts, which a laptop run chooses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DecoderConfig, EncoderConfig, _build
+
+# name: (width, depth, heads, SwiGLU hidden, image size)
+PRESETS = {
+    "tiny": (128, 4, 2, 384, 112),
+    "small": (384, 12, 3, 1024, 224),
+    "base": (768, 12, 6, 2048, 224),
+    "large": (1024, 24, 8, 2816, 224),
+}
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "tiny"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    objective: str = "multimodal"  # multimodal | image | caption
+    pixel_weight: float = 0.4
+    text_weight: float = 1.0
+    batch_size: int = 32  # per rank and micro-batch
+    accumulation: int = 1
+    steps: int = 1000
+    warmup_steps: int = 100
+    peak_lr: float = 1e-3
+    start_lr: float = 1e-6
+    end_lr: float = 1e-5
+    weight_decay: float = 0.1  # MLX/PyTorch AdamW semantics: p *= 1 - lr·wd
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # float32 | bfloat16 (compute; master weights, norms' statistics, losses fp32)
+    compile: bool = True
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    sample_every: int = 0  # reconstruction grid + greedy captions every K steps (0: off)
+
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, **overrides) -> "PretrainConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+        width, depth, heads, hidden, size = PRESETS[name]
+        encoder = EncoderConfig(width, depth, heads, hidden, image_size=size)
+        decoder = DecoderConfig.for_encoder(encoder, vocab_size, context_length)
+        return cls(preset=name, encoder=encoder, decoder=decoder, **overrides)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step on one rank (micro-batch × accumulation)."""
+        return self.batch_size * self.accumulation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PretrainConfig":
+        values = dict(data)
+        values["encoder"] = _build(EncoderConfig, data["encoder"])
+        values["decoder"] = DecoderConfig.from_dict(data["decoder"])
+        for key in ("betas", "crop_scale", "mean", "std"):
+            values[key] = tuple(values[key])
+        return _build(cls, values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,91 @@
+"""`aimv2 pretrain DATA -o RUN`: AIMv2 pre-training (multimodal, image-only or caption-only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
+from aimv2_mlx.train.config import PRESETS, PretrainConfig
+from aimv2_mlx.train.loop import pretrain as run_pretraining
+
+from .errors import one_line_errors
+
+
+def pretrain(
+    data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
+    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)}."),
+    objective: str = typer.Option("multimodal", help="multimodal | image | caption (the paper's ablation)."),
+    steps: int = typer.Option(1000, help="Total optimizer steps (the cosine schedule's length)."),
+    batch_size: int = typer.Option(32, "-b", "--batch-size", help="Images per micro-batch per process."),
+    accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    warmup_steps: int = typer.Option(100),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    end_lr: float = typer.Option(1e-5),
+    weight_decay: float = typer.Option(0.1, help="AdamW decay (PyTorch semantics, p *= 1 - lr*wd)."),
+    pixel_weight: float = typer.Option(0.4),
+    text_weight: float = typer.Option(1.0),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 (compute; fp32 masters and losses)."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="mx.compile the step."),
+    seed: int = typer.Option(0),
+    image_size: int = typer.Option(None, help="Override the preset's image size."),
+    width: int = typer.Option(None, help="Override the encoder width."),
+    depth: int = typer.Option(None, help="Override the encoder depth."),
+    heads: int = typer.Option(None, help="Override the encoder heads."),
+    decoder_width: int = typer.Option(None),
+    decoder_depth: int = typer.Option(None),
+    decoder_heads: int = typer.Option(None),
+    tokenizer: Path = typer.Option(None, help="tokenizer.json to use; default: train a BPE on the captions."),
+    vocab_size: int = typer.Option(4096, help="BPE size when training a tokenizer."),
+    context_length: int = typer.Option(77),
+    checkpoint_every: int = typer.Option(500),
+    log_every: int = typer.Option(10),
+    sample_every: int = typer.Option(0, help="Reconstruction grid + greedy captions every K steps (0: off)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over mlx.launch ranks."),
+) -> None:
+    """Pre-train an AIMv2 encoder + decoder on image + caption pairs."""
+    with one_line_errors():
+        source = load_captioned(data)
+        config = tok = None
+        if not resume:
+            tok = (load_tokenizer(tokenizer, context_length) if tokenizer
+                   else train_tokenizer(source.captions(), vocab_size, context_length))
+            config = PretrainConfig.from_preset(
+                preset, tok.vocab_size, context_length, objective=objective, steps=steps, batch_size=batch_size,
+                accumulation=accumulation, warmup_steps=warmup_steps, peak_lr=lr, end_lr=end_lr,
+                weight_decay=weight_decay, pixel_weight=pixel_weight, text_weight=text_weight, dtype=dtype,
+                compile=compile, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
+                sample_every=sample_every)
+            config.encoder = _override(config.encoder, image_size=image_size, hidden_size=width,
+                                       num_hidden_layers=depth, num_attention_heads=heads)
+            config.decoder = _override(config.decoder, hidden_size=decoder_width, num_hidden_layers=decoder_depth,
+                                       num_attention_heads=decoder_heads)
+            _check(config)
+        record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed, echo=typer.echo)
+    if record:
+        typer.echo(f"done: step {record['step']}, loss {record['loss']:.4f}; checkpoints in {out / 'checkpoints'}")
+
+
+def _override(config, **values):
+    """Replace the fields given (not None); a new width without new MLP keeps the 8/3 ratio."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if "hidden_size" in values:
+        values["intermediate_size"] = (int(2 * 4 * values["hidden_size"] / 3) + 63) // 64 * 64
+    return dataclasses.replace(config, **values)
+
+
+def _check(config: PretrainConfig) -> None:
+    if config.objective not in ("multimodal", "image", "caption"):
+        raise ValueError(f"unknown objective {config.objective!r}: use multimodal, image or caption")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
+    for part in (config.encoder, config.decoder):
+        if part.hidden_size % part.num_attention_heads:
+            raise ValueError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
+    if config.encoder.image_size % config.encoder.patch_size:
+        raise ValueError(f"image size {config.encoder.image_size} is not a multiple of the patch size")

@@ -1,0 +1,27 @@
+"""`aimv2 tokenizer train DATA -o tokenizer.json`: a BPE over a dataset's captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.tokenizer import train_tokenizer
+
+from .errors import one_line_errors
+
+app = typer.Typer(no_args_is_help=True, help="Caption tokenizers.")
+
+
+@app.command("train")
+def train(
+    data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
+    output: Path = typer.Option(Path("tokenizer.json"), "-o", "--output"),
+    vocab_size: int = typer.Option(4096, help="Largest vocabulary (smaller when the captions allow no more merges)."),
+) -> None:
+    """Train a lower-cased, punctuation-free BPE (EOS pads and is ignored by the loss)."""
+    with one_line_errors():
+        tokenizer = train_tokenizer(load_captioned(data).captions(), vocab_size)
+        tokenizer.save(output)
+    typer.echo(f"wrote {output} ({tokenizer.vocab_size} tokens)")
