@@ -1,7 +1,7 @@
 """Fashion-MNIST benchmark: a tiny encoder pre-trained on Fashion-MNIST images with class-name
 captions ("a photo of a sneaker") vs image-only vs random init, compared by a linear probe.
 
-    python bench/pretrain_fashion.py --out bench-out/fashion     # ≈ 12 minutes on 2 cores
+    python bench/pretrain_fashion.py --out bench-out/fashion     # ≈ 16 minutes on 2 cores
 
 Data: Debian's `dataset-fashion-mnist`. Pre-training: the first --n-train images of the train
 split, 28 px grayscale as RGB, RandomResizedCrop to 56 px (16 patches), tiny preset otherwise.
@@ -70,7 +70,7 @@ def probe(train_x, train_y, test_x, test_y) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-test", type=int, default=2000)
