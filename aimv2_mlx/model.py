@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .convert.checkpoint import Checkpoint
 
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
-BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-random"
+BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-shapes"
 # What is fetched from the hub: configs, tokenizer files and safetensors weights. ml-aim's
 # pinned revisions hold the same weights twice (torch and MLX files): the MLX copy is skipped.
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
@@ -187,5 +187,19 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
         "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
         "parameters": f"{parameter_count(model):,}",
         "label": config.source.get("label"),
+        "trained": _training_summary(config.source),
         "config": config.to_dict(),
     }
+
+
+def _training_summary(source: dict) -> str | None:
+    """Data, steps and probe scores of a model pre-trained by this pipeline (None otherwise)."""
+    if "step" not in source:
+        return None
+    text = f"{source['step']} steps" + (f" on {source['data']}" if source.get("data") else "")
+    probe = source.get("probe_scores")
+    if probe:
+        scores = ", ".join(f"{k} {v:.1f}" for k, v in probe["pretrained"].items())
+        text += (f"; probe ({probe['what']}): {scores}"
+                 f" (random init: mean {probe['random_init']['mean']:.1f})")
+    return text

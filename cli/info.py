@@ -24,7 +24,7 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    for key in ("name", "origin", "kind", "parameters", "label"):
+    for key in ("name", "origin", "kind", "parameters", "label", "trained"):
         if summary.get(key) is not None:
             typer.echo(f"{key:>12}: {summary[key]}")
     typer.echo(f"{'config':>12}: {json.dumps(summary['config'])}")

@@ -29,7 +29,8 @@ def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
     assert str(out) in lines[-1] and "embedded 4 of 4" in lines[-1]
     vectors, metadata = aimv2_mlx.read_embeddings(out)
     paths = metadata.column("path").to_pylist()
-    assert vectors.shape == (len(paths), 192) and paths == sorted(p.name for p in PHOTOS.glob("*.jpg"))
+    width = aimv2_mlx.load("bundled").model_config.vision.hidden_size
+    assert vectors.shape == (len(paths), width) and paths == sorted(p.name for p in PHOTOS.glob("*.jpg"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["preprocess"]["mode"] == "clip" and manifest["counts"]["embedded"] == len(paths)
     assert (out / "failures.jsonl").read_text() == ""
@@ -80,7 +81,12 @@ def test_info_on_unreachable_model_names_it(tmp_path):
 def test_info_labels_bundled_model(tmp_path):
     result = _aimv2("info", "bundled", cache=tmp_path)
     assert result.returncode == 0
-    assert "random-init" in result.stdout and "2,819,136" in result.stdout
+    model = aimv2_mlx.load("bundled")
+    probe = model.model_config.source["probe_scores"]
+    assert "pre-trained by aimv2-mlx" in result.stdout and "not a general-purpose encoder" in result.stdout
+    assert f"{aimv2_mlx.parameter_count(model):,}" in result.stdout
+    assert f"mean {probe['pretrained']['mean']:.1f}" in result.stdout and "steps on aimv2 data shapes" in result.stdout
+    assert probe["pretrained"]["mean"] > probe["random_init"]["mean"]
 
 
 def test_convert_round_trip(tmp_path, transformers_reference):

@@ -117,7 +117,7 @@ def test_load_default_falls_back_to_bundled(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = aimv2_mlx.load_default()
-    assert model.model_config.source["random_init"] is True
+    assert model.model_config.name == aimv2_mlx.load("bundled").model_config.name
     captured = capsys.readouterr()
     notice = captured.err.strip().splitlines()
     assert len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]

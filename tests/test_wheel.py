@@ -21,7 +21,7 @@ def test_wheel_layout_and_console_script(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"aimv2_mlx"}
     assert "aimv2_mlx/cli/app.py" in names and "aimv2_mlx/convert/convert.py" in names
-    assert any(n.startswith("aimv2_mlx/assets/aimv2-tiny-random/") for n in names)
+    assert any(n.startswith("aimv2_mlx/assets/aimv2-tiny-shapes/") for n in names)
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
