@@ -24,7 +24,8 @@ import sys, numpy as np
 import aimv2_mlx, mlx.core as mx
 from aimv2_mlx import backend
 model = aimv2_mlx.load("bundled")
-x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+size = model.model_config.vision.image_size
+x = np.random.default_rng(0).standard_normal((8, size, size, 3)).astype(np.float32)
 np.save(sys.argv[1], np.array(model(mx.array(x))))
 print(backend._state["openblas"] or "none")
 """

@@ -32,7 +32,8 @@ def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
     width = aimv2_mlx.load("bundled").model_config.vision.hidden_size
     assert vectors.shape == (len(paths), width) and paths == sorted(p.name for p in PHOTOS.glob("*.jpg"))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["preprocess"]["mode"] == "clip" and manifest["counts"]["embedded"] == len(paths)
+    bundled = aimv2_mlx.load("bundled").model_config.preprocess.mode
+    assert manifest["preprocess"]["mode"] == bundled and manifest["counts"]["embedded"] == len(paths)
     assert (out / "failures.jsonl").read_text() == ""
     model = aimv2_mlx.load("bundled")
     single = aimv2_mlx.embed([PHOTOS / paths[0]], model, batch_size=1)
