@@ -68,11 +68,12 @@ class LiT(nn.Module):
 
     def logits(self, pixels: mx.array, input_ids: mx.array) -> tuple[mx.array, mx.array]:
         """Zero-shot logits: (logits_per_image (B_img, B_txt), logits_per_text)."""
-        image = _l2_normalize(self.encode_image(pixels))
-        text = _l2_normalize(self.encode_text(input_ids))
+        image = l2_normalize(self.encode_image(pixels))
+        text = l2_normalize(self.encode_text(input_ids))
         per_text = self.logit_scale() * text @ image.T
         return per_text.T, per_text
 
 
-def _l2_normalize(x: mx.array) -> mx.array:
+def l2_normalize(x: mx.array) -> mx.array:
+    """Unit vectors along the last axis (the CLIP-style embedding space)."""
     return x / mx.linalg.norm(x, axis=-1, keepdims=True)

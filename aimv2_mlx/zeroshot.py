@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .images import ImageInput, open_image, to_pixels
+from .lit import l2_normalize
 from .tokenizer import ClipTokenizer
 
 # Six of the seven prompts CLIP's authors selected for ImageNet ("Prompt Engineering for
@@ -58,10 +59,10 @@ class ZeroShotClassifier:
         """(C, D): per class, the re-normalised mean of its normalised template embeddings."""
         prompts = [template.format(label) for label in self.labels for template in self.templates]
         ids = self.tokenizer(prompts, context_length=self.model.model_config.text.max_position_embeddings)
-        chunks = [_normalize(self.model.encode_text(mx.array(self._trim(ids[i:i + TEXT_BATCH]))))
+        chunks = [l2_normalize(self.model.encode_text(mx.array(self._trim(ids[i:i + TEXT_BATCH]))))
                   for i in range(0, len(ids), TEXT_BATCH)]
         text = mx.concatenate(chunks).reshape(len(self.labels), len(self.templates), -1).mean(axis=1)
-        text = _normalize(text)
+        text = l2_normalize(text)
         mx.eval(text)
         return text
 
@@ -72,7 +73,7 @@ class ZeroShotClassifier:
 
     def logits(self, pixels: mx.array) -> np.ndarray:
         """float32 (B, C) logits for preprocessed pixels (B, H, W, 3)."""
-        image = _normalize(self.model.encode_image(pixels))
+        image = l2_normalize(self.model.encode_image(pixels))
         return np.array(self.model.logit_scale() * image @ self.class_embeddings.T, dtype=np.float32)
 
     def __call__(self, images: Iterable[ImageInput] | mx.array, batch_size: int = 8) -> np.ndarray:
@@ -137,7 +138,3 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
             raise ValueError(f"template {template!r}: needs exactly one {{}} where the label goes "
                              "(other braces doubled)")
     return templates
-
-
-def _normalize(x: mx.array) -> mx.array:
-    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
