@@ -1,6 +1,6 @@
 """`aimv2 embed` end to end vs the encoder alone (pre-decoded) vs a PyTorch DataLoader loop.
 
-    python bench/embed.py                  # 256 JPEGs, ~16 minutes on 2 cores
+    python bench/embed.py                  # 256 JPEGs, ~16 min on 2 Zen 5 cores, ~36 on Zen 1
     python bench/embed.py --json out.json  # also write every figure as JSON
 
 All in one invocation, each measurement in its own process:
