@@ -1,12 +1,9 @@
 """aimv2-mlx: Apple's AIMv2 vision encoders in MLX.
 
-A system OpenBLAS is loaded (Linux) before MLX is imported; see `backend`.
+A system OpenBLAS is loaded (Linux) before MLX is imported; see `cpu.blas`.
 """
 
-from .backend import load_openblas
-
-load_openblas()
-
+from . import cpu  # noqa: F401  (first: loads the BLAS before MLX)
 from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, preset  # noqa: E402
 from .embed import embed, embed_folder  # noqa: E402
 from .encoder import VisionEncoder  # noqa: E402

@@ -12,8 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
-from .backend import on_cpu
+from .cpu import kernels, on_cpu
 
 Mask = mx.array | str | None
 MIN_SPLIT_ROWS = 64  # below this many tokens (batch x sequence) the trunk runs on one stream

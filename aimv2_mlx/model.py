@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .backend import on_cpu
+from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, family_of, official_name
 from .encoder import VisionEncoder
 from .lit import LiT

@@ -110,7 +110,7 @@ def mode_roofline_mlx(args) -> None:
     import aimv2_mlx
     import mlx.core as mx
 
-    from aimv2_mlx import backend
+    from aimv2_mlx.cpu import blas as backend
 
     n = args.size
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
@@ -119,7 +119,7 @@ def mode_roofline_mlx(args) -> None:
     result = {"mlx_gemm_gflops": single, "blas": backend._state.get("openblas") or backend._state["reason"]}
     # For reference: the configuration the encoder uses on CPU (one OpenBLAS thread, one
     # matmul per core on its own stream, run concurrently).
-    from aimv2_mlx import kernels
+    from aimv2_mlx.cpu import kernels
 
     streams = kernels.cpu_streams()
     if len(streams) > 1:

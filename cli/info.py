@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from aimv2_mlx import backend
+from aimv2_mlx.cpu import blas as backend
 from aimv2_mlx.model import describe_model
 
 from .errors import one_line_errors

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import aimv2_mlx
-from aimv2_mlx import backend
+from aimv2_mlx.cpu import blas as backend
 
 linux_with_openblas = pytest.mark.skipif(
     sys.platform != "linux" or not backend._candidates(),
@@ -22,7 +22,7 @@ linux_with_openblas = pytest.mark.skipif(
 _ENCODE = """
 import sys, numpy as np
 import aimv2_mlx, mlx.core as mx
-from aimv2_mlx import backend
+from aimv2_mlx.cpu import blas as backend
 model = aimv2_mlx.load("bundled")
 size = model.model_config.vision.image_size
 x = np.random.default_rng(0).standard_normal((8, size, size, 3)).astype(np.float32)
@@ -81,4 +81,4 @@ def test_disable_env(monkeypatch):
 
 def test_gemm_measurement_is_positive():
     assert backend.measure_gemm_gflops(128, repeats=1) > 0
-    assert aimv2_mlx.backend.on_cpu() == (mx.default_device() == mx.cpu)
+    assert aimv2_mlx.cpu.on_cpu() == (mx.default_device() == mx.cpu)

@@ -15,7 +15,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import aimv2_mlx
-from aimv2_mlx import kernels, layers
+from aimv2_mlx import layers
+from aimv2_mlx.cpu import kernels
 from aimv2_mlx.layers import prefix_mask
 
 from .conftest import tiny_config

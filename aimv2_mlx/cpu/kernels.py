@@ -44,7 +44,7 @@ import threading
 
 import mlx.core as mx
 
-from . import backend
+from . import blas as backend
 
 STREAMS_ENV = "AIMV2_MLX_CPU_STREAMS"
 
