@@ -88,9 +88,11 @@ class AttentionPoolHead(nn.Module):
         q = q.reshape(B, -1, h, d).transpose(0, 2, 1, 3)
         k = self.k(x).reshape(B, N, h, d).transpose(0, 2, 1, 3)
         v = self.v(x).reshape(B, N, h, d).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
-        out = out.transpose(0, 2, 1, 3).reshape(B, -1, D).mean(axis=1)
+        out = self.attend(q, k, v, d**-0.5).transpose(0, 2, 1, 3).reshape(B, -1, D).mean(axis=1)
         return self.linear(out)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 class VisionEncoder(nn.Module):

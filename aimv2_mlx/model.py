@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import cpu
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, family_of, official_name
 from .encoder import VisionEncoder
@@ -139,7 +140,8 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     """Load a model from a local folder or file, or a hub id; PyTorch layouts are mapped in memory.
 
     Quantized models are dequantized into float32 linears on the CPU (`dequantize=None`), where
-    quantized matmuls are slow; pass `dequantize=False` to keep them quantized.
+    quantized matmuls are slow; pass `dequantize=False` to keep them quantized. On the CPU the
+    model gets the CPU backend (`cpu.apply`: vectorised kernels, every core).
     """
     from .convert.checkpoint import open_checkpoint
 
@@ -153,6 +155,8 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     mx.eval(model.parameters())
     if config.quantization and (on_cpu() if dequantize is None else dequantize):
         dequantize_model(model)
+    if on_cpu():
+        cpu.apply(model)
     model.location = location  # where it came from: to load it again, and its tokenizer files
     return model
 

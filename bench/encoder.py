@@ -119,9 +119,9 @@ def mode_roofline_mlx(args) -> None:
     result = {"mlx_gemm_gflops": single, "blas": backend._state.get("openblas") or backend._state["reason"]}
     # For reference: the configuration the encoder uses on CPU (one OpenBLAS thread, one
     # matmul per core on its own stream, run concurrently).
-    from aimv2_mlx.cpu import kernels
+    from aimv2_mlx.cpu import settings
 
-    streams = kernels.cpu_streams()
+    streams = settings.tune()
     if len(streams) > 1:
         def concurrent():
             outs = []

@@ -22,7 +22,6 @@ from PIL import Image
 
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
-from aimv2_mlx import layers
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.probe import fashion_mnist
 from aimv2_mlx.probe.linear import train_linear
@@ -51,7 +50,6 @@ class CaptionedArrays:
 
 
 def features(encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    layers.use_fast_kernels(True)
     out = []
     for i in range(0, len(images), batch):
         pixels = np.stack([normalize(Image.fromarray(im).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))

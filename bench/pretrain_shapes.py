@@ -29,7 +29,6 @@ import numpy as np
 
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
-from aimv2_mlx import layers
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import ATTRIBUTES, read_labels, write_shapes
@@ -45,7 +44,6 @@ OBJECTIVES = ("multimodal", "image", "caption")
 
 
 def features(encoder, folder: Path, paths: list[str], batch: int = 64) -> np.ndarray:
-    layers.use_fast_kernels(True)
     out = []
     for i in range(0, len(paths), batch):
         pixels = np.stack([normalize(open_image(folder / p)) for p in paths[i:i + batch]])

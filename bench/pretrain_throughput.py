@@ -60,7 +60,6 @@ def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) ->
     import mlx.core as mx
     import numpy as np
 
-    from aimv2_mlx import layers
     from aimv2_mlx.objective import pixel_count, sample_prefix_lengths
     from aimv2_mlx.train.batches import MicroBatch, StepBatch
     from aimv2_mlx.train.config import PretrainConfig
@@ -68,7 +67,6 @@ def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) ->
     from aimv2_mlx.train.optimizer import build_optimizer
     from aimv2_mlx.train.step import TrainStep
 
-    layers.use_fast_kernels(False)
     config = PretrainConfig.from_preset(preset, VOCAB, CONTEXT, batch_size=batch, compile=compiled, steps=1000)
     model = build_pretrain_model(config)
     optimizer = build_optimizer(config)

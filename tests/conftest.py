@@ -40,3 +40,12 @@ def transformers_reference():
     """transformers + torch, or a skip that says why."""
     pytest.importorskip("torch", reason="parity tests need the test extra: pip install -e '.[test]'")
     return pytest.importorskip("transformers", reason="parity tests need transformers>=5 (test extra)")
+
+
+@pytest.fixture(autouse=True)
+def cpu_settings_restored():
+    """Whatever a test's `load()` or training run tuned process-wide is put back after it."""
+    from aimv2_mlx.cpu import settings
+
+    yield
+    settings.restore()

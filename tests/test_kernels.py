@@ -1,7 +1,7 @@
-"""The fast CPU float32 paths (kernels.py, the split trunk) against plain references.
+"""The CPU backend (aimv2_mlx.cpu: kernels, modules) against the plain MLX layers.
 
-Every fast path is compared with MLX's own ops (mx.exp, nn.silu, mx.softmax,
-mx.fast.scaled_dot_product_attention) or with float64 NumPy, on tiny shapes.
+Every fast path is compared, forward and gradient, with MLX's own ops (mx.exp, nn.silu,
+mx.softmax, mx.fast.scaled_dot_product_attention) or with float64 NumPy, on tiny shapes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import aimv2_mlx
-from aimv2_mlx import layers
-from aimv2_mlx.cpu import kernels
+from aimv2_mlx import cpu
+from aimv2_mlx.cpu import kernels, modules, settings
 from aimv2_mlx.layers import prefix_mask
 
 from .conftest import tiny_config
@@ -86,6 +86,34 @@ def test_silu_mul_extreme_gates():
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
 
 
+def _silu_grads(fn, gate, up, cotangent):
+    return [_np(g) for g in mx.grad(lambda g, u: (fn(g, u) * cotangent).sum(), argnums=(0, 1))(gate, up)]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_silu_mul_gradients_match_nn_silu(compiled):
+    key_g, key_u, key_c = mx.random.split(mx.random.key(13), 3)
+    gate = mx.random.normal((129, 64), key=key_g) * 6
+    up = mx.random.normal((129, 64), key=key_u)
+    cotangent = mx.random.normal((129, 64), key=key_c)
+    fast = kernels.silu_mul if not compiled else mx.compile(lambda g, u: kernels.silu_mul(g, u))
+    got = _silu_grads(fast, gate, up, cotangent)
+    expected = _silu_grads(lambda g, u: nn.silu(g) * u, gate, up, cotangent)
+    for a, b in zip(got, expected):
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+
+
+def test_silu_mul_gradients_at_extreme_gates_are_finite_and_exact():
+    gate = mx.array([-1e4, -150.0, -89.0, -88.0, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 87.0, 88.0, 150.0, 1e4])
+    up = mx.full(gate.shape, 1.5)
+    ones = mx.ones(gate.shape)
+    got = _silu_grads(kernels.silu_mul, gate, up, ones)
+    expected = _silu_grads(lambda g, u: nn.silu(g) * u, gate, up, ones)
+    for a, b in zip(got, expected):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30)
+
+
 # --- softmax ---------------------------------------------------------------------------------
 
 
@@ -120,39 +148,95 @@ def _causal_bool(n):
     return idx[None, :] <= idx[:, None]
 
 
-@pytest.mark.parametrize("kind", ["none", "additive", "boolean", "causal", "prefix"])
+def _mask(kind: str, B: int, N: int):
+    if kind == "none":
+        return None
+    if kind == "additive":
+        return mx.random.normal((B, 1, N, N), key=mx.random.key(7))
+    if kind == "boolean":
+        mask = mx.random.uniform(shape=(B, 1, N, N), key=mx.random.key(8)) < 0.6
+        return mask | mx.eye(N, dtype=mx.bool_)  # every query sees at least itself
+    if kind == "causal":
+        return "causal"
+    return prefix_mask(mx.array([3, 11][:B]), N)
+
+
+KINDS = ["none", "additive", "boolean", "causal", "prefix"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_attention_matches_sdpa(kind):
     q, k, v = _qkv()
     B, H, N, d = q.shape
     scale = d**-0.5
-    if kind == "none":
-        mask = None
-    elif kind == "additive":
-        mask = mx.random.normal((B, 1, N, N), key=mx.random.key(7))
-    elif kind == "boolean":
-        mask = mx.random.uniform(shape=(B, 1, N, N), key=mx.random.key(8)) < 0.6
-        mask = mask | mx.eye(N, dtype=mx.bool_)  # every query sees at least itself
-    elif kind == "causal":
-        mask = "causal"
-    else:
-        mask = prefix_mask(mx.array([3, 11]), N)
+    mask = _mask(kind, B, N)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    got = kernels.attention(q, k, v, scale, layers._additive(mask, N, mx.float32))
+    got = kernels.attention(q, k, v, scale, modules.additive(mask, N, mx.float32))
     np.testing.assert_allclose(_np(got), _np(expected), rtol=1e-5, atol=2e-6)
 
 
-def test_qkv_attention_on_row_blocks_equals_whole_sequence():
+def _plain_qkv_attention(qkv, heads, scale, mask):
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    q, k, v = qkv.reshape(B, N, 3, heads, D // heads).transpose(2, 0, 3, 1, 4)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3).reshape(B, N, D)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_qkv_attention_gradient_matches_sdpa(kind, compiled):
+    B, N, D, H = 2, 19, 24, 3
+    qkv = mx.random.normal((B, N, 3 * D), key=mx.random.key(14)) * 2
+    cotangent = mx.random.normal((B, N, D), key=mx.random.key(15))
+    mask = _mask(kind, B, N)
+    additive = modules.additive(mask, N, mx.float32)
+
+    def fast(x):
+        return (kernels.qkv_attention(x, H, 0.3, additive) * cotangent).sum()
+
+    def plain(x):
+        return (_plain_qkv_attention(x, H, 0.3, mask) * cotangent).sum()
+
+    grad = mx.grad(fast)
+    got = _np((mx.compile(grad) if compiled else grad)(qkv))
+    expected = _np(mx.grad(plain)(qkv))
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
+    assert abs(fast(qkv).item() - plain(qkv).item()) <= 1e-5 * abs(plain(qkv).item())
+
+
+def test_qkv_attention_gradient_with_large_logits_and_masked_rows():
+    """Logits of ~1e3 (one key takes all the weight) and -inf entries stay exact and finite."""
+    B, N, D, H = 1, 12, 8, 1
+    qkv = mx.random.normal((B, N, 3 * D), key=mx.random.key(16)) * 12
+    mask = prefix_mask(mx.array([1]), N)
+    cotangent = mx.random.normal((B, N, D), key=mx.random.key(17))
+    additive = modules.additive(mask, N, mx.float32)
+    got = _np(mx.grad(lambda x: (kernels.qkv_attention(x, H, 1.0, additive) * cotangent).sum())(qkv))
+    expected = _np(mx.grad(lambda x: (_plain_qkv_attention(x, H, 1.0, mask) * cotangent).sum())(qkv))
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_qkv_attention_on_row_blocks_equals_whole_sequence_forward_and_gradient():
     B, N, D, H = 2, 21, 24, 3
     qkv = mx.random.normal((B, N, 3 * D), key=mx.random.key(9))
-    mask = layers._additive(prefix_mask(mx.array([4, 9]), N), N, mx.float32)
-    whole = kernels.qkv_attention(qkv, H, 0.3, mask)
-    rows = [kernels.qkv_attention(qkv[:, a:b], H, 0.3, mask[..., a:b, :], kv=qkv) for a, b in ((0, 8), (8, N))]
+    cotangent = mx.random.normal((B, N, D), key=mx.random.key(18))
+    mask = modules.additive(prefix_mask(mx.array([4, 9]), N), N, mx.float32)
+
+    def whole(x):
+        return kernels.qkv_attention(x, H, 0.3, mask)
+
+    def rows(x):
+        blocks = [kernels.qkv_attention(x[:, a:b], H, 0.3, mask[..., a:b, :], kv=x) for a, b in ((0, 8), (8, N))]
+        return mx.concatenate(blocks, axis=1)
+
     # Equal to float32 rounding: BLAS may block a GEMM differently for each shape (measured up
     # to 3e-7 on values near 2 with OpenBLAS on an AVX-512 machine).
-    np.testing.assert_allclose(_np(mx.concatenate(rows, axis=1)), _np(whole), rtol=1e-5, atol=1e-6)
-    q, k, v = qkv.reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-    np.testing.assert_allclose(_np(whole), _np(expected.transpose(0, 2, 1, 3).reshape(B, N, D)), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(_np(rows(qkv)), _np(whole(qkv)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(whole(qkv)), _np(_plain_qkv_attention(qkv, H, 0.3, mask)), rtol=1e-5, atol=2e-6)
+    grads = [_np(mx.grad(lambda x, f=f: (f(x) * cotangent).sum())(qkv)) for f in (rows, whole)]
+    assert np.max(np.abs(grads[0] - grads[1])) <= 1e-5 * np.max(np.abs(grads[1]))
 
 
 # --- whole encoder ---------------------------------------------------------------------------
@@ -178,25 +262,35 @@ def pixels():
     return mx.random.normal((4, 56, 56, 3), key=mx.random.key(11))
 
 
-@pytest.fixture
-def no_split(monkeypatch):
-    monkeypatch.setattr(kernels, "cpu_streams", lambda: [])
-
-
 def _forward(model, pixels, prefix=None):
     tokens, features = model.forward_features(pixels, feature_blocks=(0, -1), prefix_lengths=prefix)
     mx.eval(tokens, features)
     return [_np(tokens)] + [_np(f) for f in features]
 
 
+def _close(got, expected):  # raw block outputs reach |x| ~ 5: relative to the scale
+    return np.max(np.abs(got - expected)) <= 1e-5 * max(1.0, np.max(np.abs(expected)))
+
+
+def test_apply_swaps_every_piece_and_remove_restores_the_plain_classes(tiny_model):
+    plain = {name: type(m) for name, m in tiny_model.named_modules()}
+    cpu.apply(tiny_model, streams=())
+    swapped = {name: type(m) for name, m in tiny_model.named_modules()}
+    assert all(swapped[n] is modules.SWAPS[plain[n]] for n in plain if plain[n] in modules.SWAPS)
+    assert {modules.CPUAttention, modules.CPUSwiGLU, modules.CPUBlock, modules.CPUTransformer} <= set(swapped.values())
+    assert all(swapped[n] is plain[n] for n in plain if plain[n] not in modules.SWAPS)
+    assert tree_flatten(tiny_model.parameters())  # still only arrays: streams are no parameters
+    cpu.remove(tiny_model)
+    assert {name: type(m) for name, m in tiny_model.named_modules()} == plain
+
+
 @pytest.mark.parametrize("prefix", [None, [2, 7, 16, 1]])
-def test_encoder_fast_path_matches_sdpa_path(tiny_model, pixels, prefix, monkeypatch, no_split):
+def test_encoder_with_cpu_backend_matches_the_plain_layers(tiny_model, pixels, prefix):
     prefix = None if prefix is None else mx.array(prefix)
-    fast = _forward(tiny_model, pixels, prefix)
-    monkeypatch.setattr(layers, "_fast_path", lambda x: False)  # nn.silu + mx.fast SDPA
-    reference = _forward(tiny_model, pixels, prefix)
-    for got, expected in zip(fast, reference):  # raw block outputs reach |x| ~ 5: relative
-        assert np.max(np.abs(got - expected)) <= 1e-5 * max(1.0, np.max(np.abs(expected)))
+    reference = _forward(tiny_model, pixels, prefix)  # nn.silu + mx.fast SDPA
+    fast = _forward(cpu.apply(tiny_model, streams=()), pixels, prefix)
+    for got, expected in zip(fast, reference):
+        assert _close(got, expected)
 
 
 @pytest.mark.parametrize("batch", [4, 3, 1])  # 4: images per stream; 3 and 1: token blocks
@@ -205,33 +299,97 @@ def test_split_over_streams_matches_single_stream(tiny_model, batch, prefix, mon
     images = mx.random.normal((batch, 56, 56, 3), key=mx.random.key(12))
     lengths = mx.array([5, 1, 12, 3][:batch]) if prefix else None
     streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
-    monkeypatch.setattr(layers, "MIN_SPLIT_ROWS", 1)
-    monkeypatch.setattr(kernels, "cpu_streams", lambda: [])
-    whole = _forward(tiny_model, images, lengths)
-    monkeypatch.setattr(kernels, "cpu_streams", lambda: streams)
-    assert layers._split_plan(tiny_model.preprocessor(images)) is not None
+    monkeypatch.setattr(modules, "MIN_SPLIT_ROWS", 1)
+    whole = _forward(cpu.apply(tiny_model, streams=()), images, lengths)
+    cpu.apply(tiny_model, streams=streams)
+    assert modules.split_plan(tiny_model.preprocessor(images), streams) is not None
     split = _forward(tiny_model, images, lengths)
     # Splitting changes GEMM row counts, and OpenBLAS may block (and so sum) differently for
     # each row count (not bit-identical on an AVX-512 Zen 5 machine even for whole images),
     # so allow float32 rounding, relative to the scale.
     for got, expected in zip(split, whole):
-        assert np.max(np.abs(got - expected)) <= 1e-5 * max(1.0, np.max(np.abs(expected)))
+        assert _close(got, expected)
+
+
+@pytest.mark.parametrize("batch", [4, 3])
+def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(tiny_model, batch, monkeypatch):
+    images = mx.random.normal((batch, 56, 56, 3), key=mx.random.key(19))
+    lengths = mx.array([5, 1, 12, 3][:batch])
+    monkeypatch.setattr(modules, "MIN_SPLIT_ROWS", 1)
+
+    def loss(params):
+        tiny_model.update(params)
+        return (tiny_model(images, prefix_lengths=lengths) ** 2).mean()
+
+    params = tiny_model.trainable_parameters()
+    expected = tree_flatten(mx.grad(loss)(params))
+    cpu.apply(tiny_model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    got = dict(tree_flatten(mx.grad(loss)(params)))
+    for name, value in expected:
+        assert _close(_np(got[name]), _np(value)), name
 
 
 def test_compiled_forward_equals_eager(tiny_model, pixels):
+    cpu.apply(tiny_model, streams=())
     eager = _np(tiny_model(pixels))
     compiled = _np(mx.compile(tiny_model)(pixels))
     assert np.max(np.abs(compiled - eager)) <= 1e-6
 
 
 def test_non_float32_uses_native_ops(tiny_model, pixels):
-    tiny_model.set_dtype(mx.bfloat16)
-    out = tiny_model(pixels.astype(mx.bfloat16))
-    assert out.dtype == mx.bfloat16 and np.all(np.isfinite(_np(out)))
+    cpu.apply(tiny_model, streams=())
+    reference = _np(cpu.remove(tiny_model).set_dtype(mx.bfloat16) or tiny_model(pixels.astype(mx.bfloat16)))
+    out = cpu.apply(tiny_model, streams=())(pixels.astype(mx.bfloat16))
+    assert out.dtype == mx.bfloat16 and np.array_equal(_np(out), reference)
 
 
-def test_cpu_streams_configuration(monkeypatch):
-    monkeypatch.setenv(kernels.STREAMS_ENV, "1")
-    assert kernels.stream_count() == 1
-    monkeypatch.setenv(kernels.STREAMS_ENV, "3")
-    assert kernels.stream_count() == 3
+def test_cpu_stream_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(settings.STREAMS_ENV, "1")
+    assert settings.stream_count() == 1
+    monkeypatch.setenv(settings.STREAMS_ENV, "3")
+    assert settings.stream_count() == 3
+
+
+def test_tune_and_restore_put_the_process_settings_back():
+    from aimv2_mlx.cpu import blas
+
+    threads, cache = blas.get_blas_threads(), mx.set_cache_limit(mx.get_memory_limit())
+    mx.set_cache_limit(cache)
+    with settings.tuned() as streams:
+        if len(streams) > 1:
+            assert blas.get_blas_threads() == 1
+    assert blas.get_blas_threads() == threads
+    assert mx.set_cache_limit(cache) == cache
+
+
+def test_attention_pool_head_with_cpu_backend_matches_plain_forward_and_gradient():
+    from aimv2_mlx.encoder import AttentionPoolHead
+
+    head = AttentionPoolHead(32, 4, out_dims=5)
+    head.cls_token = mx.random.normal(head.cls_token.shape, key=mx.random.key(20))
+    tokens = mx.random.normal((6, 17, 32), key=mx.random.key(21)) * 3
+    labels = mx.array([0, 1, 2, 3, 4, 0])
+
+    def loss(params):
+        head.update(params)
+        return nn.losses.cross_entropy(head(tokens), labels, reduction="mean")
+
+    params = head.trainable_parameters()
+    expected_loss, expected = loss(params).item(), tree_flatten(mx.grad(loss)(params))
+    cpu.apply(head, streams=())
+    assert isinstance(head, modules.CPUAttentionPoolHead)
+    assert abs(loss(params).item() - expected_loss) <= 1e-5 * abs(expected_loss)
+    got = dict(tree_flatten(mx.grad(loss)(params)))
+    for name, value in expected:
+        assert _close(_np(got[name]), _np(value)), name
+
+
+def test_load_applies_the_cpu_backend_on_a_cpu_and_nothing_elsewhere(monkeypatch):
+    from aimv2_mlx import model as model_module
+    from aimv2_mlx.layers import Transformer
+
+    assert isinstance(aimv2_mlx.load("bundled").trunk, modules.CPUTransformer) == cpu.on_cpu()
+    monkeypatch.setattr(model_module, "on_cpu", lambda: False)  # as on a GPU
+    plain = aimv2_mlx.load("bundled")
+    assert all(type(m) not in modules.PLAIN for _, m in plain.named_modules())
+    assert type(plain.trunk) is Transformer

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from aimv2_mlx import layers, objective
+from aimv2_mlx import objective
 from aimv2_mlx.config import DecoderConfig
 from aimv2_mlx.decoder import MultimodalDecoder
 from aimv2_mlx.encoder import VisionEncoder
@@ -18,13 +18,6 @@ from .conftest import tiny_config
 
 PAD = 0
 IGNORE = (PAD, 1)
-
-
-@pytest.fixture(autouse=True)
-def differentiable_kernels():
-    layers.use_fast_kernels(False)
-    yield
-    layers.use_fast_kernels(True)
 
 
 def _models(seed=0, vocab=23, context=6):

@@ -16,8 +16,10 @@ import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
+from aimv2_mlx.objective import pixel_count, text_count
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
+from aimv2_mlx.train.batches import MicroBatch, StepBatch
 from aimv2_mlx.train.export import export_encoder
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
 from aimv2_mlx.train.optimizer import build_optimizer, decays, schedule
@@ -191,16 +193,40 @@ def test_reconstruction_of_perfect_predictions_is_the_image(rng):
     assert np.abs(real.astype(int) - predicted.astype(int)).max() <= 1
 
 
-def test_pretrain_restores_the_fast_kernels_and_they_match_the_plain_path(shapes, tmp_path, rng):
-    from aimv2_mlx import layers
+@pytest.mark.parametrize(("batch", "compiled"), [(4, True), (3, False)])  # 4: images per stream; 3: token blocks
+def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng, batch, compiled, monkeypatch):
+    """Loss, gradient norm and the weights after one AdamW step: CPU backend (kernels with
+    their own gradients, rows split over two streams) against the plain MLX layers."""
+    from aimv2_mlx import cpu
+    from aimv2_mlx.cpu import modules
+    from aimv2_mlx.train.optimizer import build_optimizer
+    from aimv2_mlx.train.step import TrainStep
 
-    source, tok = shapes
-    pretrain(source, tmp_path / "run", tiny_run(tok, steps=1), tok, echo=lambda *_: None)
-    assert layers.use_fast_kernels(True) is True  # pretrain() switched them off and back on
-    encoder = build_pretrain_model(tiny_run(tok)).encoder
-    pixels = mx.array(rng.normal(size=(2, 28, 28, 3)).astype(np.float32))
-    fast = np.array(encoder(pixels, prefix_lengths=mx.array([1, 3])))
-    layers.use_fast_kernels(False)
-    plain = np.array(encoder(pixels, prefix_lengths=mx.array([1, 3])))
-    layers.use_fast_kernels(True)
-    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(modules, "MIN_SPLIT_ROWS", 1)
+    _, tok = shapes
+    # The recipe's peak learning rate from the first step. AdamW's first step moves each weight by
+    # about lr * g / (|g| + eps): a gradient element near eps = 1e-8 turns float32 rounding into
+    # a large change of that one element, so weights are compared by each tensor's norm.
+    config = tiny_run(tok, batch_size=batch, warmup_steps=0, peak_lr=1e-3, compile=compiled)
+    pixels = rng.normal(size=(batch, 28, 28, 3)).astype(np.float32)
+    ids = rng.integers(2, tok.vocab_size, size=(batch, config.decoder.context_length)).astype(np.int32)
+    prefix = np.array([1, 3, 2, 1][:batch], dtype=np.int32)
+    n = config.encoder.num_patches
+    batch_data = StepBatch([MicroBatch(pixels, ids, prefix, np.arange(batch))], pixel_count(prefix, n),
+                           text_count(ids, tok.ignore_ids))
+    results = []
+    for backend in (False, True):
+        model = build_pretrain_model(config, cpu_backend=False)
+        if backend:
+            cpu.apply(model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+        assert isinstance(model.encoder.trunk, modules.CPUTransformer) == backend
+        optimizer = build_optimizer(config)
+        optimizer.init(model.trainable_parameters())
+        stats = TrainStep(model, optimizer, config, tok.ignore_ids)(batch_data)
+        results.append((stats, dict(tree_flatten(model.parameters()))))
+    (plain, plain_weights), (fast, fast_weights) = results
+    for key in ("loss", "loss_pixel", "loss_text", "grad_norm"):
+        assert abs(fast[key] - plain[key]) <= 1e-5 * abs(plain[key]), key
+    for name, value in plain_weights.items():
+        expected, got = np.array(value, dtype=np.float64), np.array(fast_weights[name], dtype=np.float64)
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), name

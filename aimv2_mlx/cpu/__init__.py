@@ -1,11 +1,22 @@
-"""Everything CPU-specific: the BLAS MLX calls, fast float32 kernels, and using every core.
+"""Everything CPU-specific, behind one call: `apply(model)`.
 
-Importing this package loads a system OpenBLAS (Linux) before MLX is imported (see `blas`),
-which is why `aimv2_mlx` imports it first.
+* `blas`: the BLAS MLX calls on Linux — a system OpenBLAS (or a library the user names) loaded
+  before MLX, with the right kernel for the CPU. Importing this package loads it, which is why
+  `aimv2_mlx` imports it first.
+* `kernels`: float32 exp, SiLU·mul and attention from vectorised arithmetic, with gradients.
+* `modules`: subclasses of the transformer pieces that use them and split a trunk's rows over
+  one stream per core; `apply`/`remove` swap them into or out of a model.
+* `settings`: the process-wide settings that needs (BLAS threads, MLX's cache limit), in one
+  place, restorable.
+
+`load()` and the training loop call `apply` when MLX computes on the CPU; on GPUs nothing of
+this is applied.
 """
 
 from .blas import load_openblas, on_cpu
 
 load_openblas()
 
-__all__ = ["load_openblas", "on_cpu"]
+from .modules import apply, remove  # noqa: E402
+
+__all__ = ["apply", "load_openblas", "on_cpu", "remove"]

@@ -111,3 +111,32 @@ def on_cpu() -> bool:
     import mlx.core as mx
 
     return mx.default_device() == mx.cpu
+
+
+def _library():
+    path = _state.get("openblas")
+    if not path:
+        return None
+    try:
+        return ctypes.CDLL(path)
+    except OSError:
+        return None
+
+
+def get_blas_threads() -> int | None:
+    """The loaded OpenBLAS's thread count, or None when there is none to ask."""
+    lib = _library()
+    try:
+        return int(lib.openblas_get_num_threads()) if lib is not None else None
+    except AttributeError:
+        return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count (process-wide). False when there is none."""
+    lib = _library()
+    try:
+        lib.openblas_set_num_threads(ctypes.c_int(int(n)))
+    except AttributeError:
+        return False
+    return True

@@ -26,27 +26,17 @@ that each stage is one vectorised loop (check with the C++ files MLX caches in
 The same expression spelled two ways (`s - C` and `-C + s`, `r * r` and `square(r)`) is
 deliberate: it keeps MLX's common-subexpression pass from sharing a node between two branches,
 which would cut the kernel in two. On GPUs the native ops are fast, so callers use these only
-for float32 on the CPU (`layers._fast_path`); tests/test_kernels.py checks every path.
+for float32 on the CPU (`cpu.modules`); tests/test_kernels.py checks every path.
 
-Two cores
----------
-MLX runs element-wise work on one thread per stream. On CPU the trunk therefore splits its
-rows across `cpu_streams()` (one MLX CPU stream per core) and OpenBLAS is set to one thread,
-so each stream's GEMMs and element-wise ops run on their own core, concurrently; see
-`cpu_streams` for that process-wide choice.
+Every kernel that a model calls has a vector-Jacobian product built from the same
+vectorised exp (`mx.custom_function`), so training gets the fast path in forward and backward.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
+from functools import lru_cache
 
 import mlx.core as mx
-
-from . import blas as backend
-
-STREAMS_ENV = "AIMV2_MLX_CPU_STREAMS"
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125  # 11 significant bits: n * _LN2_HI is exact for |n| < 2^13
@@ -147,10 +137,40 @@ def _silu_out(gate, up, r, t):
     return gate * up / (1.0 + _poly(r) * t)
 
 
-def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up, the SwiGLU product, in four vectorised passes."""
+@mx.compile
+def _silu_grads(gate, up, cotangent, r, t):
+    """d/dgate and d/dup of silu(gate) * up, with sigma = sigmoid(gate) = 1 / (1 + exp(-gate)).
+
+    d/dgate = up * sigma * (1 + gate * (1 - sigma)); written with 1 - sigma (not e * sigma) so
+    that exp(-gate) = inf for very negative gates gives sigma = 0 rather than inf * 0.
+    """
+    sigma = 1.0 / (1.0 + _poly(r) * t)
+    d_up = cotangent * gate * sigma
+    d_gate = cotangent * up * sigma * (1.0 + gate * (1.0 - sigma))
+    return d_gate, d_up
+
+
+def _exp_of_minus(gate: mx.array) -> tuple[mx.array, mx.array]:
+    """(r, 2^n) with exp(-gate) = p(r) * 2^n, for the stages above."""
     s = _silu_s(gate)
-    return _silu_out(gate, up, _silu_r(gate, s), _two_n(s))
+    return _silu_r(gate, s), _two_n(s)
+
+
+@mx.custom_function
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the SwiGLU product, in four vectorised passes (and five backward)."""
+    return _silu_out(gate, up, *_exp_of_minus(gate))
+
+
+@silu_mul.vjp
+def _silu_mul_vjp(primals, cotangent, output):
+    gate, up = primals
+    return _silu_grads(gate, up, _single(cotangent), *_exp_of_minus(gate))
+
+
+def _single(arrays):
+    """custom_function passes a lone output's cotangent as an array or a 1-tuple."""
+    return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
 
 
 # --- softmax and attention -------------------------------------------------------------------
@@ -178,20 +198,59 @@ def softmax(scores: mx.array, scale: float = 1.0) -> mx.array:
     return e / mx.sum(e, axis=-1, keepdims=True)
 
 
-def _attend(q, k, v, scale, mask):
-    """(B, H, n, d) queries against (B, H, N, d) keys/values -> unnormalised out, row sums."""
+def _weights(q, k, scale, mask):
+    """Unnormalised attention weights E = exp(S - max S), S = scale q k^T + mask, and their row sums."""
     scores = q @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores * scale + mask
         scale = 1.0
     e = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True), scale)
-    return e @ v, mx.sum(e, axis=-1, keepdims=True)
+    return e, mx.sum(e, axis=-1, keepdims=True)
+
+
+@mx.compile
+def _scores_grad(e, d_weights, delta, factor):
+    """dL/dS' for S' = q k^T: softmax's backward, P (dP - delta), with P = e / total folded in."""
+    return e * (d_weights - delta) * factor
+
+
+@lru_cache(maxsize=64)
+def _attention(scale: float, masked: bool):
+    """Differentiable softmax attention over (B, H, N, d) heads, for one scale and mask kind.
+
+    Backward recomputes the weights (one GEMM and the vectorised exp) instead of keeping the
+    (B, H, n, N) weights of every block alive for the whole step, as flash attention does.
+    """
+
+    def forward(q, k, v, mask=None):
+        e, total = _weights(q, k, scale, mask)
+        return (e @ v) / total
+
+    def backward(primals, cotangent, output):
+        q, k, v = primals[:3]
+        mask = primals[3] if masked else None
+        e, total = _weights(q, k, scale, mask)
+        d_out = _single(cotangent)
+        d_weights = d_out @ v.swapaxes(-1, -2)
+        # delta = sum(P dP) rather than the cheaper sum(dO O): exact when P is one-hot.
+        delta = mx.sum(e * d_weights, axis=-1, keepdims=True) / total
+        d_scores = _scores_grad(e, d_weights, delta, scale / total)
+        grads = (d_scores @ k, d_scores.swapaxes(-1, -2) @ q, e.swapaxes(-1, -2) @ (d_out / total))
+        return grads + (mx.zeros_like(mask),) if masked else grads
+
+    if masked:
+        function = mx.custom_function(lambda q, k, v, mask: forward(q, k, v, mask))
+    else:
+        function = mx.custom_function(lambda q, k, v: forward(q, k, v))
+    function.vjp(backward)
+    return function
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
-    """Softmax attention, (B, H, N, d) in and out; `mask` is additive and broadcastable."""
-    out, total = _attend(q, k, v, scale, mask)
-    return out / total
+    """Softmax attention, (B, H, n, d) queries against (B, H, N, d) keys and values; `mask` is
+    additive and broadcastable to (B, H, n, N). Differentiable."""
+    function = _attention(float(scale), mask is not None)
+    return function(q, k, v) if mask is None else function(q, k, v, mask)
 
 
 def qkv_attention(
@@ -201,8 +260,7 @@ def qkv_attention(
 
     Queries come from `qkv`; keys and values from `kv` (B, N, 3D), which defaults to `qkv`
     (a row block of the sequence passes the whole sequence's projections there). One copy
-    puts q, k, v head-major; the softmax normalisation is folded into the copy that puts the
-    heads back, so no extra pass touches the (B, H, n, N) scores.
+    puts q, k, v head-major, one puts the heads back.
     """
     B, n, three_d = qkv.shape
     D, h = three_d // 3, num_heads
@@ -212,78 +270,4 @@ def qkv_attention(
         N = kv.shape[1]
         q = mx.contiguous(qkv[..., :D].reshape(B, n, h, D // h).transpose(0, 2, 1, 3))
         k, v = mx.contiguous(kv[..., D:].reshape(B, N, 2, h, D // h).transpose(2, 0, 3, 1, 4))
-    out, total = _attend(q, k, v, scale, mask)
-    return (out.transpose(0, 2, 1, 3) / total.transpose(0, 2, 1, 3)).reshape(B, n, D)
-
-
-# --- using both cores ------------------------------------------------------------------------
-
-_lock = threading.Lock()
-_streams: list | None = None
-
-
-def stream_count() -> int:
-    """How many CPU streams the trunk splits over: `$AIMV2_MLX_CPU_STREAMS`, else one per core.
-
-    Splitting needs the system OpenBLAS that `backend` loads (its thread count can be set);
-    without it (reference BLAS, macOS Accelerate) this is 1 and nothing is changed.
-    """
-    env = os.environ.get(STREAMS_ENV, "").strip()
-    if env:
-        return max(1, int(env))
-    if not backend._state.get("openblas"):
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set the loaded OpenBLAS's thread count (process-wide). False when there is none."""
-    path = backend._state.get("openblas")
-    if not path:
-        return False
-    try:
-        lib = ctypes.CDLL(path)
-        lib.openblas_set_num_threads(ctypes.c_int(int(n)))
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-def cpu_streams() -> list:
-    """The CPU streams the trunk splits its rows over ([] when splitting is off).
-
-    The first call tunes the process for CPU inference; both settings are process-wide:
-
-    * OpenBLAS is set to ONE thread (only when there is more than one stream). Each stream
-      then runs its share of every GEMM on one core while the others do the same, and MLX's
-      single-threaded element-wise ops (norms, SiLU, softmax) run on every core too. Measured
-      on 2 cores (AIMv2-L, batch 8, fp32): 2 streams x 1 BLAS thread 7.0 s per batch; 1 stream
-      x 2 BLAS threads 8.3 s; 2 streams x 2 BLAS threads 9.5 s (OpenBLAS serialises concurrent
-      threaded calls and its spinning threads compete for the cores). The catch: a large
-      matmul elsewhere in the process, outside the trunk, now gets one core. Call
-      `set_blas_threads(n)` to change that, or set AIMV2_MLX_CPU_STREAMS=1 before the first
-      forward to keep one stream and leave OpenBLAS alone.
-    * MLX's buffer cache limit is raised to a quarter of its memory limit (never lowered).
-      MLX's CPU default keeps only 32 MB of freed buffers, so the forward's large activations
-      were returned to the OS and page-faulted back in on every use (~3% of the forward).
-    """
-    global _streams
-    with _lock:
-        if _streams is None:
-            _streams = []
-            if mx.default_device() == mx.cpu:
-                _raise_cache_limit(mx.get_memory_limit() // 4)
-                count = stream_count()
-                if count > 1 and set_blas_threads(1):
-                    _streams = [mx.new_stream(mx.cpu) for _ in range(count)]
-        return _streams
-
-
-def _raise_cache_limit(limit: int) -> None:
-    previous = mx.set_cache_limit(limit)
-    if previous > limit:
-        mx.set_cache_limit(previous)
+    return attention(q, k, v, scale, mask).transpose(0, 2, 1, 3).reshape(B, n, D)

@@ -17,6 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import cpu
 from ..encoder import AttentionPoolHead
 
 DEFAULT_SWEEP = ((1e-3, 0.05), (3e-4, 0.05), (1e-3, 0.2))  # (peak learning rate, weight decay)
@@ -37,7 +38,7 @@ def new_head(dims: int, num_classes: int, num_heads: int, seed: int) -> Attentio
     head = AttentionPoolHead(dims, num_heads, out_dims=num_classes)
     head.cls_token = mx.random.normal(head.cls_token.shape) * 0.02
     mx.eval(head.parameters())
-    return head
+    return cpu.apply(head, streams=()) if cpu.on_cpu() else head
 
 
 def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: int, lr: float, weight_decay: float,

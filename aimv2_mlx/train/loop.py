@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import layers
+from .. import cpu
 from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
@@ -31,7 +31,9 @@ from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
 
 
-def build_pretrain_model(config: PretrainConfig, data_name: str = "") -> PretrainModel:
+def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
+    """Encoder + decoder, initialised as the recipe says; with the CPU backend on a CPU
+    (`cpu_backend=False`: the plain layers, e.g. as a reference)."""
     enc = config.encoder
     encoder = VisionEncoder(enc)
     encoder.model_config = ModelConfig(
@@ -43,6 +45,8 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "") -> Pretrai
     decoder = MultimodalDecoder(config.decoder, enc.hidden_size, enc.patch_size ** 2 * enc.num_channels)
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)
+    if cpu_backend and cpu.on_cpu():
+        cpu.apply(model)
     return model
 
 
@@ -54,11 +58,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     out = Path(out)
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    previous = layers.use_fast_kernels(False)  # training needs gradients through every op
-    try:
-        return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo)
-    finally:
-        layers.use_fast_kernels(previous)
+    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo)
 
 
 def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo) -> dict:

@@ -1,0 +1,175 @@
+"""The CPU versions of the transformer pieces, and `apply`, which swaps them into a model.
+
+`apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`,
+`SwiGLU`, `Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place. Weights, parameter names
+and saved files are untouched; `remove(model)` turns them back. In float32 the subclasses use
+the vectorised kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to
+the plain classes. The trunk also splits its rows over one MLX stream per core
+(`settings.tune`): whole images per stream when the batch divides evenly, else blocks of tokens
+per stream, which meet at each attention to share keys and values. Results equal the plain
+forward to float32 rounding (BLAS may sum differently for different row counts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..encoder import AttentionPoolHead
+from ..layers import Attention, Block, Mask, SwiGLU, Transformer, block_indices
+from . import kernels, settings
+
+MIN_SPLIT_ROWS = 64  # below this many tokens (batch x sequence) a trunk runs on one stream
+
+
+def additive(mask: Mask, n: int, dtype) -> mx.array | None:
+    """A mask as the kernels take it: None, or an additive array (0 = may attend, -inf = not)."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown mask {mask!r}")
+        idx = mx.arange(n)
+        mask = idx[None, :] <= idx[:, None]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, mx.array(0.0, dtype), mx.array(-math.inf, dtype))
+    return mask.astype(dtype)
+
+
+class CPUAttention(Attention):
+    def __call__(self, x: mx.array, mask: Mask = None) -> mx.array:
+        if x.dtype != mx.float32:
+            return super().__call__(x, mask)
+        return self.proj(self.attend(self.qkv(x), additive(mask, x.shape[1], x.dtype)))
+
+    def attend(self, qkv: mx.array, mask: mx.array | None, kv: mx.array | None = None) -> mx.array:
+        """Between the projections: (B, n, 3D) -> (B, n, D); `kv`: the whole sequence's
+        projections when `qkv` holds only a block of its rows."""
+        return kernels.qkv_attention(qkv, self.num_heads, self.scale, mask, kv)
+
+
+class CPUSwiGLU(SwiGLU):
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float32:
+            return super().__call__(x)
+        return self.fc2(kernels.silu_mul(self.fc1(x), self.fc3(x)))
+
+
+class CPUAttentionPoolHead(AttentionPoolHead):
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        if q.dtype != mx.float32:
+            return super().attend(q, k, v, scale)
+        return kernels.attention(q, k, v, scale, None)
+
+
+class CPUBlock(Block):
+    def over_row_blocks(self, parts: list, masks: list, streams: list) -> list:
+        """This block over row blocks of one sequence, each on its own stream; every block's
+        queries see the keys and values of all rows."""
+        qkvs = []
+        for stream, x in zip(streams, parts):
+            with mx.stream(stream):
+                qkvs.append(self.attn.qkv(self.norm_1(x)))
+        outs = []
+        for stream, x, qkv, mask in zip(streams, parts, qkvs, masks):
+            with mx.stream(stream):
+                x = x + self.attn.proj(self.attn.attend(qkv, mask, mx.concatenate(qkvs, axis=1)))
+                outs.append(x + self.mlp(self.norm_2(x)))
+        return outs
+
+
+class CPUTransformer(Transformer):
+    streams: tuple = ()  # set per trunk by `apply` (an attribute, not a child: no parameters)
+
+    def __call__(
+        self, x: mx.array, mask: Mask = None, feature_blocks: tuple[int, ...] = ()
+    ) -> tuple[mx.array, list[mx.array]]:
+        if x.dtype != mx.float32:
+            return super().__call__(x, mask, feature_blocks)
+        mask = additive(mask, x.shape[1], x.dtype)
+        plan = split_plan(x, self.streams)
+        if plan is None:
+            return super().__call__(x, mask, feature_blocks)
+        axis = plan
+        B, length = x.shape[0], x.shape[axis]
+        count = len(self.streams)
+        bounds = [(length * j // count, length * (j + 1) // count) for j in range(count)]
+        parts = [x[a:b] if axis == 0 else x[:, a:b] for a, b in bounds]
+        masks = [_mask_part(mask, axis, B, a, b) for a, b in bounds]
+        wanted = block_indices(feature_blocks, len(self.blocks))
+        outputs = {}
+        for i, block in enumerate(self.blocks):
+            if axis == 0:
+                for j, stream in enumerate(self.streams):
+                    with mx.stream(stream):
+                        parts[j] = block(parts[j], masks[j])
+            else:
+                parts = block.over_row_blocks(parts, masks, self.streams)
+            if i in wanted:
+                outputs[i] = mx.concatenate(parts, axis=axis)
+        normed = []
+        for stream, part in zip(self.streams, parts):
+            with mx.stream(stream):
+                normed.append(self.post_trunk_norm(part))
+        return mx.concatenate(normed, axis=axis), [outputs[i] for i in wanted]
+
+
+def split_plan(x: mx.array, streams: list) -> int | None:
+    """The axis to split a (B, N, D) trunk input over `streams`, or None to run it whole.
+
+    Whole images per stream when the batch divides evenly (axis 0, no cross-stream traffic),
+    else blocks of tokens (axis 1); None when too small to pay.
+    """
+    B, N = x.shape[0], x.shape[1]
+    if len(streams) < 2 or B * N < MIN_SPLIT_ROWS:
+        return None
+    if B % len(streams) == 0:
+        return 0
+    return 1 if N >= len(streams) else None
+
+
+def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> mx.array | None:
+    """The rows of an additive mask (broadcastable to (B, H, N, N)) that one part needs."""
+    if mask is None:
+        return None
+    if axis == 0:
+        return mask[a:b] if mask.ndim == 4 and mask.shape[0] == batch > 1 else mask
+    return mask[..., a:b, :] if mask.shape[-2] > 1 else mask
+
+
+SWAPS = {Attention: CPUAttention, SwiGLU: CPUSwiGLU, Block: CPUBlock, Transformer: CPUTransformer,
+         AttentionPoolHead: CPUAttentionPoolHead}
+PLAIN = {cpu: plain for plain, cpu in SWAPS.items()}
+
+
+def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
+    """Swap the CPU versions into `model` in place, and return it.
+
+    `streams`: what each trunk splits its rows over. None: one stream per core, with the
+    process-wide settings of `settings.tune`; () keeps each trunk on one stream (and the BLAS
+    threads as they are); a list of CPU streams uses those.
+    """
+    if streams is None:
+        streams = settings.tune()
+    else:
+        settings.tune(split=False)
+    for _, module in model.named_modules():
+        cls = SWAPS.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+        if isinstance(module, CPUTransformer):
+            object.__setattr__(module, "streams", tuple(streams))
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Turn the CPU versions back into the plain classes, in place."""
+    for _, module in model.named_modules():
+        cls = PLAIN.get(type(module))
+        if cls is not None:
+            module.__dict__.pop("streams", None)
+            module.__class__ = cls
+    return model

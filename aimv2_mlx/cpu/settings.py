@@ -1,0 +1,98 @@
+"""The process-wide settings the CPU backend makes: all of them here, all restorable.
+
+`tune()` is called by `cpu.apply` (so by `load()` and the training loop on a CPU):
+
+* OpenBLAS (or MKL) is set to ONE thread when the trunk splits its rows over more than one
+  stream. Each stream then runs its share of every GEMM on one core while the others do the
+  same, and MLX's single-threaded element-wise ops run on every core too. Measured on 2 cores
+  (AIMv2-L, batch 8, fp32): 2 streams x 1 BLAS thread 7.0 s per batch; 1 stream x 2 BLAS
+  threads 8.3 s; 2 streams x 2 threads 9.5 s (concurrent threaded calls serialise and their
+  spinning threads compete for the cores). The catch: a large matmul elsewhere in the process,
+  outside the trunk, gets one core. `AIMV2_MLX_CPU_STREAMS=1` keeps one stream and leaves the
+  BLAS alone.
+* MLX's buffer cache limit is raised to a quarter of its memory limit (never lowered). MLX's
+  CPU default keeps only 32 MB of freed buffers, so a forward's large activations were
+  returned to the OS and page-faulted back in on every use (~3% of an AIMv2-L forward).
+
+`restore()` puts both back as they were before the first `tune()`; `tuned()` scopes them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+from . import blas
+
+STREAMS_ENV = "AIMV2_MLX_CPU_STREAMS"
+MAX_STREAMS = 8
+
+_lock = threading.Lock()
+_saved: dict | None = None  # what tune() changed, to restore; None while untuned
+_streams: list = []
+
+
+def stream_count() -> int:
+    """How many CPU streams a trunk splits over: `$AIMV2_MLX_CPU_STREAMS`, else one per core.
+
+    Splitting needs a BLAS whose thread count can be set (the system OpenBLAS or MKL that
+    `blas` loads); without one (reference BLAS, macOS Accelerate) this is 1.
+    """
+    env = os.environ.get(STREAMS_ENV, "").strip()
+    if env:
+        return max(1, int(env))
+    if blas.get_blas_threads() is None:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_STREAMS))
+
+
+def tune(split: bool = True) -> list:
+    """Make the settings above and return the CPU streams trunks split over ([]: none).
+
+    `split=False` only raises the cache limit (one stream, the BLAS keeps its threads).
+    Repeated calls change nothing more; `restore()` undoes them all.
+    """
+    global _saved, _streams
+    with _lock:
+        if _saved is None:
+            limit = mx.get_memory_limit() // 4
+            _saved = {"cache_limit": mx.set_cache_limit(limit)}
+            if _saved["cache_limit"] > limit:
+                mx.set_cache_limit(_saved["cache_limit"])
+        if split and "blas_threads" not in _saved:
+            count, threads = stream_count(), blas.get_blas_threads()
+            if count > 1 and threads is not None and blas.set_blas_threads(1):
+                _saved["blas_threads"] = threads
+                if len(_streams) != count:
+                    _streams = [mx.new_stream(mx.cpu) for _ in range(count)]
+        return _streams if split and "blas_threads" in _saved else []
+
+
+def restore() -> None:
+    """Undo `tune()`: the BLAS thread count and the cache limit it found."""
+    global _saved
+    with _lock:
+        if _saved is None:
+            return
+        mx.set_cache_limit(_saved["cache_limit"])
+        if "blas_threads" in _saved:
+            blas.set_blas_threads(_saved["blas_threads"])
+        _saved = None
+
+
+@contextmanager
+def tuned():
+    """`tune()` for the duration of a block, restored after it unless it was already tuned."""
+    was_tuned = _saved is not None
+    try:
+        yield tune()
+    finally:
+        if not was_tuned:
+            restore()
