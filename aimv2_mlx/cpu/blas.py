@@ -129,16 +129,16 @@ def cpu_isa() -> Isa:
 def best_coretype(isa: Isa) -> str | None:
     """The OpenBLAS coretype whose kernels match `isa` (None where we know no safe choice).
 
-    x86: SkylakeX needs AVX-512 F/BW/DQ/VL/CD; Cooperlake is SkylakeX plus the AVX512-BF16
-    kernels and is what 0.3.21 picks itself on such CPUs; Haswell needs AVX2 + FMA.
+    x86: SkylakeX needs AVX-512 F/BW/DQ/VL/CD, Haswell AVX2 + FMA. Cooperlake (AVX512-BF16)
+    and SapphireRapids reuse SkylakeX's fp32 GEMM and only add bf16 kernels MLX never calls;
+    SkylakeX is known to every release since 0.2.20, and an unknown name makes OpenBLAS fall
+    back to its own detection, i.e. to the generic kernel we meant to avoid.
     aarch64: the NEON kernels tuned for Neoverse N1 (OpenBLAS uses them for Apple cores and
     for SVE CPUs whose OS lacks SVE); CortexA57 for a core without the v8.2 dot product.
     No SVE kernel is forced: forcing skips OpenBLAS's own SVE check and older releases differ.
     """
     if isa.arch == "x86_64":
-        if isa.level == "avx512":
-            return "Cooperlake" if "avx512_bf16" in isa.extras else "SkylakeX"
-        return "Haswell" if isa.level == "avx2" else None
+        return {"avx512": "SkylakeX", "avx2": "Haswell"}.get(isa.level)
     if isa.arch == "aarch64" and isa.level in ("neon", "sve", "sve2"):
         return "NEOVERSEN1" if "asimddp" in isa.extras else "CORTEXA57"
     return None
@@ -278,16 +278,21 @@ def candidate_paths() -> list[str]:
 
 
 def _preloaded_blas() -> str | None:
-    """A BLAS already mapped into this process (LD_PRELOAD), from /proc/self/maps."""
+    """A BLAS already in this process's global symbol scope (LD_PRELOAD): its path, from /proc/self/maps.
+
+    Only global symbols count: numpy's bundled OpenBLAS is loaded locally with prefixed names
+    and serves no `cblas_sgemm` to MLX.
+    """
+    scope = ctypes.CDLL(None)
+    if not any(hasattr(scope, name) for name in ("openblas_get_corename", "MKL_Get_Max_Threads")):
+        return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if "libopenblas" in path or "libmkl_rt" in path:
-                    return path
+            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
     except OSError:
-        pass
-    return None
+        paths = set()
+    found = sorted(p for p in paths if os.path.basename(p).startswith(("libopenblas", "libmkl_rt")))
+    return found[0] if found else "preloaded"
 
 
 def _warn_mlx_first() -> None:
@@ -480,6 +485,9 @@ def _blas_name(path: str) -> str:
 
 
 def _kernel_source() -> str:
+    chosen, kernel = _state["chosen"], kernel_in_use()
+    if chosen and kernel and chosen.lower() != kernel.lower():
+        return f"{_state['why']}, but the library runs {kernel} instead of {chosen}"
     if _state["why"]:
         return _state["why"]
     if CORETYPE_ENV in os.environ:
