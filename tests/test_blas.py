@@ -164,6 +164,7 @@ def test_no_library_means_no_change(monkeypatch):
     monkeypatch.delenv(blas.DISABLE_ENV, raising=False)
     monkeypatch.setattr(blas, "_state", blas._fresh_state())
     monkeypatch.setattr(blas, "candidate_paths", lambda: [])
+    monkeypatch.setattr(blas, "_preloaded_blas", lambda: None)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delitem(sys.modules, "mlx.core")
     assert blas.load_openblas() is None
@@ -360,6 +361,18 @@ def test_info_warns_with_the_fix_when_mlx_gemm_trails_numpy(monkeypatch, mlx_gfl
         assert blas.PATH_ENV in report["warning"] and "\n" not in report["warning"]
         if target and target.lower() != blas.kernel_in_use().lower():
             assert f"{blas.CORETYPE_ENV}={target}" in report["warning"]
+
+
+@linux_with_openblas
+def test_info_says_when_the_library_ignored_the_chosen_coretype(monkeypatch):
+    if mx.default_device() != mx.cpu or not blas.library_path():
+        pytest.skip("needs MLX on the CPU with the system OpenBLAS loaded")
+    asked = "Prescott" if blas.kernel_in_use().lower() != "prescott" else "Haswell"
+    monkeypatch.setitem(blas._state, "chosen", asked)
+    monkeypatch.setitem(blas._state, "why", "chosen by aimv2-mlx: test")
+    monkeypatch.setattr(blas, "compare_gemm", lambda size: (100.0, 100.0))
+    source = blas.describe()["blas_kernel_source"]
+    assert f"the library runs {blas.kernel_in_use()} instead of {asked}" in source
 
 
 @linux_with_openblas

@@ -161,8 +161,7 @@ def choose_coretype(isa: Isa, library_kernel: str | None, env: Mapping[str, str]
         return Choice(None, f"the library's own choice (no better kernel known for {isa})")
     if not library_kernel:
         return Choice(None, "the library's own choice (its kernel could not be probed)")
-    if _KERNEL_CLASS.get(library_kernel.lower()) in _GENERIC and (
-            isa.arch == "aarch64" or isa.level in ("avx512", "avx2")):
+    if _KERNEL_CLASS.get(library_kernel.lower()) in _GENERIC:
         return Choice(target, f"chosen by aimv2-mlx: the library would run its generic "
                               f"{library_kernel} kernel on this {isa.level} CPU")
     return Choice(None, f"the library's own choice ({library_kernel})")
@@ -292,7 +291,7 @@ def _preloaded_blas() -> str | None:
     except OSError:
         paths = set()
     found = sorted(p for p in paths if os.path.basename(p).startswith(("libopenblas", "libmkl_rt")))
-    return found[0] if found else "preloaded"
+    return found[0] if found else None
 
 
 def _warn_mlx_first() -> None:
@@ -331,12 +330,12 @@ def load_openblas() -> str | None:
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         _state["reason"] = f"disabled by {DISABLE_ENV}"
         return None
+    preloaded = _preloaded_blas()
+    if preloaded:
+        _state.update(openblas=preloaded, reason="preloaded (LD_PRELOAD)",
+                      why="whatever was in the environment when it was preloaded")
+        return preloaded
     if "mlx.core" in sys.modules:
-        preloaded = _preloaded_blas()
-        if preloaded:
-            _state.update(openblas=preloaded, reason="preloaded before mlx.core (LD_PRELOAD)",
-                          why="set when it was preloaded")
-            return preloaded
         _state["reason"] = "mlx.core was imported before aimv2_mlx; import aimv2_mlx first"
         _warn_mlx_first()
         return None
