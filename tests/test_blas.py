@@ -216,6 +216,15 @@ def test_a_corrupt_cache_is_probed_again_and_rewritten(cache_home, monkeypatch, 
     assert isinstance(json.loads(cache_home.read_text()), dict)
 
 
+@linux_with_openblas
+def test_a_cache_that_cannot_be_written_still_gives_the_kernel(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert isinstance(blas.probe_library_kernel(blas.candidate_paths()[0]), str)
+    assert blocker.read_text() == "a file where the cache folder would go"
+
+
 def test_a_failed_probe_changes_nothing_and_is_not_cached(cache_home, monkeypatch, tmp_path):
     fake = tmp_path / "libopenblas.so.0"
     fake.write_bytes(b"not a shared library")

@@ -14,6 +14,7 @@ No MLX import at the top: `aimv2_mlx` calls `load_openblas()` first thing, then 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -34,7 +35,7 @@ CORETYPE_ENV = "OPENBLAS_CORETYPE"
 CHOSEN_ENV = "AIMV2_MLX_CHOSEN_CORETYPE"
 SLOW_GFLOPS = 20.0
 SLOW_RATIO = 0.7
-PROBE_TIMEOUT_S = 20.0
+PROBE_TIMEOUT_S = 10.0
 _CACHE_ENTRIES = 32
 
 _OPENBLAS_PATHS = (
@@ -216,19 +217,21 @@ def _read_cache(cache: Path) -> dict:
 
 
 def _write_cache(cache: Path, entries: dict) -> None:
+    """Replace the cache file atomically; a cache that cannot be written only costs a probe."""
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(dict(list(entries.items())[-_CACHE_ENTRIES:])))
         os.replace(tmp, cache)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def probe_library_kernel(path: str) -> str | None:
     """The kernel the library at `path` picks on this CPU with no OPENBLAS_CORETYPE set.
 
-    Found by loading it in a short subprocess (~60 ms), then cached keyed on the library's
+    Found by loading it in a short subprocess (~20 ms), then cached keyed on the library's
     path, size and mtime and the CPU's identity. None when it cannot be found out (not an
     OpenBLAS, probe failed): the caller then changes nothing.
     """
