@@ -116,7 +116,8 @@ def mode_roofline_mlx(args) -> None:
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b)
     single = _best_gflops(lambda: mx.eval(a @ b), n, args.repeats)
-    result = {"mlx_gemm_gflops": single, "blas": backend._state.get("openblas") or backend._state["reason"]}
+    result = {"mlx_gemm_gflops": single, "blas": backend.library_path() or backend.load_reason(),
+              "blas_kernel": backend.kernel_in_use() or "n/a", "isa": str(backend.cpu_isa())}
     # For reference: the configuration the encoder uses on CPU (one OpenBLAS thread, one
     # matmul per core on its own stream, run concurrently).
     from aimv2_mlx.cpu import settings

@@ -28,8 +28,9 @@ def info(
         if summary.get(key) is not None:
             typer.echo(f"{key:>12}: {summary[key]}")
     typer.echo(f"{'config':>12}: {json.dumps(summary['config'])}")
+    width = max(12, *(len(key) for key in summary["backend"]))
     for key, value in summary["backend"].items():
         if key != "warning":
-            typer.echo(f"{key:>12}: {value}")
+            typer.echo(f"{key:>{width}}: {value}")
     if "warning" in summary["backend"]:
         typer.echo(f"warning: {summary['backend']['warning']}", err=True)

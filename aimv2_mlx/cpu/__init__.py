@@ -1,8 +1,8 @@
 """Everything CPU-specific, behind one call: `apply(model)`.
 
 * `blas`: the BLAS MLX calls on Linux — a system OpenBLAS (or a library the user names) loaded
-  before MLX, with the right kernel for the CPU. Importing this package loads it, which is why
-  `aimv2_mlx` imports it first.
+  before MLX, with the kernel that suits this CPU. Importing this package loads it, which is
+  why `aimv2_mlx` imports it first.
 * `kernels`: float32 exp, SiLU·mul and attention from vectorised arithmetic, with gradients.
 * `modules`: subclasses of the transformer pieces that use them and split a trunk's rows over
   one stream per core; `apply`/`remove` swap them into or out of a model.
@@ -13,10 +13,10 @@
 this is applied.
 """
 
-from .blas import load_openblas, on_cpu
+from .blas import get_blas_threads, library_path, load_openblas, on_cpu, set_blas_threads
 
 load_openblas()
 
 from .modules import apply, remove  # noqa: E402
 
-__all__ = ["apply", "load_openblas", "on_cpu", "remove"]
+__all__ = ["apply", "get_blas_threads", "library_path", "load_openblas", "on_cpu", "remove", "set_blas_threads"]
