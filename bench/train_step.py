@@ -18,7 +18,8 @@ with a boolean prefix mask or `is_causal`) and SwiGLU fc2(silu(fc1 x)·fc3 x); e
 Before timing, each preset is checked once, cheaply (its widths and image size, batch 2, at most
 2 encoder blocks): the MLX model's initial weights are copied into the torch model and both take
 one step on the same batch; the losses must agree to 1e-4 relative and every weight after the
-AdamW step to 1e-4 relative (per tensor, in norm), else the run stops. `--check` does that at the
+AdamW step to 1e-4 relative (per tensor, in norm; the update after − before to 1e-2, the
+pre-clip gradient norm to 1e-3), else the run stops. `--check` does that at the
 full preset depth and times nothing.
 
 Timing: each framework in its own process, alternated MLX, torch, MLX, torch (`--rounds`), each
@@ -52,6 +53,7 @@ PAD = 0  # the ignored caption id of the synthetic batches
 BATCHES = {"tiny": 64, "small": 8, "base": 8}
 TOLERANCE = 1e-4
 UPDATE_TOLERANCE = 1e-2  # the step itself (after − before): Adam's first step ≈ lr·sign(g) flips where g ≈ 0
+NORM_TOLERANCE = 1e-3  # the pre-clip gradient norm: a sum of squares over every gradient, summed in another order
 NO_DECAY_NAMES = ("pos_embed", "text_pos_embed", "cls")  # as aimv2_mlx/train/optimizer.py
 
 
@@ -409,32 +411,56 @@ def _spec_file(folder: Path, args, preset: str, batch: int, depth: int = 0, warm
     return spec, path
 
 
-def check(folder: Path, args, preset: str, batch: int, depth: int) -> dict:
-    """The torch reference against our step from the same weights; raises SystemExit if they differ.
+def compare(ours: dict, ref: dict) -> dict:
+    """Relative differences of the MLX step's figures (`ours`) and the torch check's (`ref`)."""
+    relative = {k: abs(ours[k] - ref["stats"][k]) / max(abs(ref["stats"][k]), 1e-30)
+                for k in ("loss", "loss_pixel", "loss_text", "grad_norm")}
+    return {"mlx": ours, "torch": ref["stats"], "relative": relative,
+            **{k: ref[k] for k in ("weights_max_relative", "worst_weight", "update_max_relative", "worst_update")}}
+
+
+def failures(figures: dict) -> list[str]:
+    """Which figures are past their tolerance (empty: the reference took the same step)."""
+    relative = figures["relative"]
+    bad = [f"{k} {relative[k]:.1e} > {TOLERANCE:g}" for k in ("loss", "loss_pixel", "loss_text")
+           if relative[k] > TOLERANCE]
+    if relative["grad_norm"] > NORM_TOLERANCE:
+        bad.append(f"gradient norm {relative['grad_norm']:.1e} > {NORM_TOLERANCE:g}")
+    if figures["weights_max_relative"] > TOLERANCE:
+        bad.append(f"weights {figures['weights_max_relative']:.1e} ({figures['worst_weight']}) > {TOLERANCE:g}")
+    if figures["update_max_relative"] > UPDATE_TOLERANCE:
+        bad.append(f"update {figures['update_max_relative']:.1e} ({figures['worst_update']}) > {UPDATE_TOLERANCE:g}")
+    return bad
+
+
+def run_check(folder: Path, args, preset: str, batch: int, depth: int, spec_path: Path | None = None) -> dict:
+    """Our step and the torch reference from the same initial weights and batch; `compare`'s figures.
 
     warmup_steps 0 makes the first step's learning rate the peak (1e-3), so the AdamW update is
     large enough (a few % of a weight) that a wrong step shows far above the tolerance.
+    `spec_path` replaces the model/step description the torch side is built from.
     """
-    _, spec_path = _spec_file(folder, args, preset, batch, depth, 0)
+    if spec_path is None:
+        _, spec_path = _spec_file(folder, args, preset, batch, depth, 0)
     out = folder / f"check-{preset}.npz"
     ours = _run("mlx-check", args, preset=preset, batch=batch, depth=depth, warmup_steps=0, out=out)["stats"]
     ref = _run("torch-check", args, spec=spec_path, out=out)
     out.unlink()
-    losses = {k: abs(ours[k] - ref["stats"][k]) / max(abs(ref["stats"][k]), 1e-30)
-              for k in ("loss", "loss_pixel", "loss_text", "grad_norm")}
-    result = {"preset": preset, "batch": batch, "depth": depth or "full", "mlx": ours, "torch": ref["stats"],
-              "relative": losses, "weights_max_relative": ref["weights_max_relative"],
-              "worst_weight": ref["worst_weight"], "update_max_relative": ref["update_max_relative"],
-              "worst_update": ref["worst_update"]}
-    print(f"check {preset}: loss rel {losses['loss']:.1e} (pixel {losses['loss_pixel']:.1e}, text "
-          f"{losses['loss_text']:.1e}), grad norm rel {losses['grad_norm']:.1e}, weights after one step rel "
-          f"{ref['weights_max_relative']:.1e} ({ref['worst_weight']}), update rel {ref['update_max_relative']:.1e} ({ref['worst_update']})",
+    return {"preset": preset, "batch": batch, "depth": depth or "full", **compare(ours, ref)}
+
+
+def check(folder: Path, args, preset: str, batch: int, depth: int) -> dict:
+    """`run_check`, printed; raises SystemExit when the reference is not the same step."""
+    figures = run_check(folder, args, preset, batch, depth)
+    r = figures["relative"]
+    print(f"check {preset}: loss rel {r['loss']:.1e} (pixel {r['loss_pixel']:.1e}, text {r['loss_text']:.1e}), "
+          f"grad norm rel {r['grad_norm']:.1e}, weights after one step rel {figures['weights_max_relative']:.1e} "
+          f"({figures['worst_weight']}), update rel {figures['update_max_relative']:.1e} ({figures['worst_update']})",
           flush=True)
-    if (max(losses.values()) > TOLERANCE or ref["weights_max_relative"] > TOLERANCE
-            or ref["update_max_relative"] > UPDATE_TOLERANCE):
-        raise SystemExit(f"check {preset}: the PyTorch reference is not the same step as ours (tolerance "
-                         f"{TOLERANCE:g} relative, {UPDATE_TOLERANCE:g} on the update)")
-    return result
+    bad = failures(figures)
+    if bad:
+        raise SystemExit(f"check {preset}: the PyTorch reference is not the same step as ours: " + "; ".join(bad))
+    return figures
 
 
 def drive(args) -> dict:
