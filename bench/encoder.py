@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,33 +196,22 @@ def mode_torch(args) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 
-def _cpu_busy_seconds() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _child(mode: str, **options) -> dict:
     """Run one measurement in a fresh process; returns its result and the others' CPU use."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    linux = sys.platform == "linux"
-    busy0 = _cpu_busy_seconds() if linux else 0.0
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with host.OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"bench mode {mode} failed (exit {proc.returncode})")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1][len("RESULT "):])
-    if linux:
-        ours = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-        result["others_cpu"] = max(0.0, (_cpu_busy_seconds() - busy0 - ours) / wall)
+    if others.cpus is not None:
+        result["others_cpu"] = others.cpus
     result["wall_s"] = wall
     return result
 

@@ -18,8 +18,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +155,38 @@ def collect_in_subprocess() -> dict:
     out = subprocess.run([sys.executable, str(Path(__file__).resolve())], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
+
+
+def _busy_cpu_seconds() -> float:
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersCpu:
+    """`with OthersCpu() as others:` — afterwards `others.cpus` is how many CPUs other processes
+    kept busy on average meanwhile (this process and its children excluded; None off Linux), so a
+    bench can flag runs a shared machine disturbed."""
+
+    def __enter__(self) -> "OthersCpu":
+        self.cpus = None
+        self._linux = sys.platform == "linux"
+        self._busy = _busy_cpu_seconds() if self._linux else 0.0
+        self._ours = self._own_seconds()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._start
+        if self._linux and wall > 0:
+            others = _busy_cpu_seconds() - self._busy - (self._own_seconds() - self._ours)
+            self.cpus = max(0.0, others / wall)
+
+    @staticmethod
+    def _own_seconds() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def summary(facts: dict) -> str:

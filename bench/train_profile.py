@@ -1,6 +1,6 @@
 """Where one compiled AIMv2 pre-training step spends its time, per preset.
 
-    python bench/train_profile.py                        # tiny, small, base (≈ 4 min idle, 2 cores)
+    python bench/train_profile.py                        # tiny, small, base (≈ 5 min idle, 2 cores)
     python bench/train_profile.py --presets tiny --repeats 2   # a smoke run (≈ 30 s)
     python bench/train_profile.py --plain --json out.json      # MLX without the CPU backend; JSON too
 

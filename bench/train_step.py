@@ -1,9 +1,9 @@
 """One AIMv2 pre-training step, compiled MLX (aimv2_mlx.train) against the same model and step
 written here in PyTorch, plus the fp32 GEMM roofline measured in the same run.
 
-    python bench/train_step.py                          # tiny, small, base; 2 rounds (≈ 6 min idle, 2 cores)
+    python bench/train_step.py                          # tiny, small, base; 2 rounds (≈ 9 min idle, 2 cores)
     python bench/train_step.py --presets tiny --rounds 1 --steps 2   # a smoke run (≈ 40 s)
-    python bench/train_step.py --check                  # only prove the reference is the same step (≈ 1 min)
+    python bench/train_step.py --check                  # only the reference check, full depth (≈ 3 min)
     python bench/train_step.py --plain --json out.json  # MLX without the CPU backend; all figures as JSON
 
 The step: prefix-attention encoder + multimodal causal decoder, 0.4·pixel + 1.0·text loss (sums
@@ -28,7 +28,8 @@ doing `--warmup` untimed steps (MLX compiles there) and `--steps` timed ones on 
 lengths), the same batches for both. Reported: median s/step over all timed steps, img/s,
 achieved GFLOP/s (analytic matmul FLOPs of the forward × 3 for forward + backward, from
 bench/pretrain_throughput.py), % of the roofline (best fp32 4096² matmul in an MLX process,
-measured before and after), MLX/torch, and the host facts of bench/host.py.
+measured before and after), MLX/torch, and the host facts of bench/host.py; runs during which
+other processes used more than 10% of a CPU are flagged.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def torch_model(spec: dict):
 
 
 def torch_setup(spec: dict, threads: int, weights: dict | None = None):
-    """(model, optimizer, step function); `weights` (aimv2_mlx paths -> arrays) replaces the init."""
+    """(model, step function); `weights` (aimv2_mlx paths -> arrays) replaces the torch init."""
     import torch
 
     torch.set_num_threads(threads)
@@ -396,12 +397,13 @@ def _run(worker: str, args, **options) -> dict:
            "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--plain"] if args.plain else [])
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with host.OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"train_step worker {worker} {options} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return {**json.loads(lines[-1][len("RESULT "):]), "others_cpu": others.cpus}
 
 
 def _spec_file(folder: Path, args, preset: str, batch: int, depth: int = 0, warmup_steps: int = 100) -> tuple:
@@ -483,14 +485,15 @@ def drive(args) -> dict:
         for preset in presets:
             batch = args.batch or BATCHES.get(preset, 8)
             spec, spec_path = _spec_file(folder, args, preset, batch)
-            times = {"mlx": [], "torch": []}
+            times, others = {"mlx": [], "torch": []}, {"mlx": [], "torch": []}
             for r in range(args.rounds):
                 for name in ("mlx", "torch"):
                     options = {"preset": preset, "batch": batch} if name == "mlx" else {"spec": spec_path}
                     run = _run(name, args, **options)
                     times[name].append(run["times"])
+                    others[name].append(run["others_cpu"] or 0.0)
                     print(f"{preset} round {r + 1} {name:5s}: " + ", ".join(f"{t:.3f}" for t in run["times"])
-                          + " s/step", flush=True)
+                          + f" s/step (others used {others[name][-1]:.2f} CPU)", flush=True)
             for name in ("mlx", "torch"):
                 seconds = statistics.median([t for run in times[name] for t in run])
                 report["rows"].append({"preset": preset, "framework": name, "batch": batch,
@@ -498,6 +501,7 @@ def drive(args) -> dict:
                                        "gflop_per_image": spec["gflop_per_image"],
                                        "gflop_per_s": spec["gflop_per_image"] * batch / seconds,
                                        "round_medians": [statistics.median(run) for run in times[name]],
+                                       "max_others_cpu": max(others[name]),
                                        "times": times[name]})
         report["roofline_runs"].append(_run("roofline", args)["gflops"])
     roof = report["roofline_gflops"] = max(report["roofline_runs"])
@@ -514,13 +518,19 @@ def markdown(report: dict) -> str:
     lines = [f"Host: {host.summary(report['host'])}",
              f"MLX side: {report['mlx_backend']}; roofline (best fp32 4096² MLX GEMM, before/after): "
              f"{report['roofline_gflops']:.0f} GFLOP/s", "",
-             "| preset | framework | batch | s / step | img/s | GFLOP/s | % of roofline | MLX / torch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| preset | framework | batch | s / step | img/s | GFLOP/s | % of roofline | MLX / torch "
+             "| round medians |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         ratio = f"**{report['mlx_over_torch'][r['preset']]:.2f}×**" if r["framework"] == "mlx" else ""
         name = "MLX (aimv2_mlx, compiled)" if r["framework"] == "mlx" else "PyTorch (eager, reference)"
         lines.append(f"| {r['preset']} | {name} | {r['batch']} | {r['s_per_step']:.3f} | {r['img_per_s']:.1f} | "
-                     f"{r['gflop_per_s']:.0f} | {100 * r['roofline_fraction']:.0f}% | {ratio} |")
+                     f"{r['gflop_per_s']:.0f} | {100 * r['roofline_fraction']:.0f}% | {ratio} | "
+                     + ", ".join(f"{m:.3f}" for m in r["round_medians"]) + " |")
+    busy = [f"{r['preset']} {r['framework']}" for r in report["rows"] if r["max_others_cpu"] > 0.1]
+    if busy:
+        lines.append("\nWARNING: other processes used > 10% of a CPU during " + ", ".join(busy)
+                     + " (figures may be low)")
     return "\n".join(lines)
 
 
