@@ -55,7 +55,6 @@ BATCHES = {"tiny": 64, "small": 8, "base": 8}
 TOLERANCE = 1e-4
 UPDATE_TOLERANCE = 1e-2  # the step itself (after − before): Adam's first step ≈ lr·sign(g) flips where g ≈ 0
 NORM_TOLERANCE = 1e-3  # the pre-clip gradient norm: a sum of squares over every gradient, summed in another order
-NO_DECAY_NAMES = ("pos_embed", "text_pos_embed", "cls")  # as aimv2_mlx/train/optimizer.py
 
 
 # --- shared by both frameworks: the synthetic batches ------------------------------------------
@@ -114,12 +113,15 @@ def _step_batch(step: int, config):
 def worker_spec(args) -> dict:
     """The model and step as plain numbers, so the torch process needs no MLX."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    from aimv2_mlx.train.optimizer import schedule
+    from aimv2_mlx.train.loop import build_pretrain_model
+    from aimv2_mlx.train.optimizer import decays, schedule
     from pretrain_throughput import forward_flops
 
     config = _mlx_config(args.preset, args.batch, args.depth, args.warmup_steps)
     e, d = config.encoder, config.decoder
+    parameters = tree_flatten(build_pretrain_model(config, cpu_backend=not args.plain).trainable_parameters())
     return {
         "preset": args.preset, "batch": args.batch, "image_size": e.image_size, "patch_size": e.patch_size,
         "channels": e.num_channels, "width": e.hidden_size, "depth": e.num_hidden_layers,
@@ -129,6 +131,7 @@ def worker_spec(args) -> dict:
         "pixel_weight": config.pixel_weight, "text_weight": config.text_weight,
         "lr": float(schedule(config)(mx.array(0)).item()), "betas": list(config.betas), "adam_eps": config.eps,
         "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
+        "decayed": [path for path, value in parameters if decays(path, value)],
         "gflop_per_image": 3 * forward_flops(config) / 1e9,
     }
 
@@ -323,8 +326,9 @@ def torch_setup(spec: dict, threads: int, weights: dict | None = None):
                 param.zero_()
             elif param.ndim >= 2 and not name.endswith("norm.weight"):
                 param.normal_(0.0, 0.02)  # the init sets values, not cost
-    decay = [p for k, p in model.named_parameters() if p.ndim >= 2 and k.split(".")[-1] not in NO_DECAY_NAMES]
-    rest = [p for k, p in model.named_parameters() if not (p.ndim >= 2 and k.split(".")[-1] not in NO_DECAY_NAMES)]
+    decayed = set(spec["decayed"])  # our optimizer's own rule, applied in the MLX process
+    decay = [p for k, p in model.named_parameters() if k in decayed]
+    rest = [p for k, p in model.named_parameters() if k not in decayed]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
                                    {"params": rest, "weight_decay": 0.0}],
                                   lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["adam_eps"])
