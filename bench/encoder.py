@@ -24,8 +24,8 @@ Achieved GFLOP/s = FLOPs/image x img/s; "% roofline" = achieved / roofline.
 
 The host facts (CPU model, family/model, vector ISA, cores, the BLAS MLX calls and its kernel,
 OPENBLAS_* settings) come from bench/host.py, read in a fresh process. The machine should be
-otherwise idle: the driver measures how much CPU other processes used
-during each run (from /proc/stat) and flags runs where they took more than 10% of a core.
+otherwise idle: the driver measures how much CPU other processes used during each run (from
+/proc/stat, `host.OthersCpu`) and flags runs where they took more than 10% of a core.
 """
 
 from __future__ import annotations
