@@ -22,23 +22,24 @@ FLOPs per image are counted analytically from the matmuls of the forward (patch 
 qkv, attention scores, attention x values, output projection, three SwiGLU matmuls).
 Achieved GFLOP/s = FLOPs/image x img/s; "% roofline" = achieved / roofline.
 
-The machine should be otherwise idle: the driver measures how much CPU other processes used
-during each run (from /proc/stat) and flags runs where they took more than 10% of a core.
+The host facts (CPU model, family/model, vector ISA, cores, the BLAS MLX calls and its kernel,
+OPENBLAS_* settings) come from bench/host.py, read in a fresh process. The machine should be
+otherwise idle: the driver measures how much CPU other processes used during each run (from
+/proc/stat, `host.OthersCpu`) and flags runs where they took more than 10% of a core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import host
 
 PRESET = "aimv2-large-patch14-224"
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,67 +197,29 @@ def mode_torch(args) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 
-def _cpu_busy_seconds() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _child(mode: str, **options) -> dict:
     """Run one measurement in a fresh process; returns its result and the others' CPU use."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    linux = sys.platform == "linux"
-    busy0 = _cpu_busy_seconds() if linux else 0.0
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with host.OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"bench mode {mode} failed (exit {proc.returncode})")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1][len("RESULT "):])
-    if linux:
-        ours = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-        result["others_cpu"] = max(0.0, (_cpu_busy_seconds() - busy0 - ours) / wall)
+    if others.cpus is not None:
+        result["others_cpu"] = others.cpus
     result["wall_s"] = wall
     return result
 
 
 def _machine() -> dict:
-    info = {"platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", "").strip()
-        # Virtual machines often report only "AMD EPYC": family/model and the widest vector
-        # unit tell the hosts apart (Zen 1 runs fp32 GEMM at about a third of Zen 5's speed).
-        info["cpu_family_model"] = f"{fields.get('CPU family', '?').strip()}/{fields.get('Model', '?').strip()}"
-        flags = fields.get("Flags", "").split()
-        info["vector_isa"] = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
-        info["cores"] = int(fields.get("CPU(s)", "0").strip() or 0)
-        for key in ("L2 cache", "L3 cache"):
-            if key in fields:
-                info[key.lower().replace(" ", "_")] = fields[key].strip()
-    except (OSError, ValueError):
-        info["cores"] = os.cpu_count()
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    versions = subprocess.run(
-        [sys.executable, "-c",
-         "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-         "('mlx', 'torch', 'transformers', 'numpy')}))"],
-        capture_output=True, text=True,
-    )
-    info["versions"] = json.loads(versions.stdout) if versions.returncode == 0 else {}
-    return info
+    """The host facts (bench/host.py), read in a fresh process that loaded aimv2_mlx's BLAS."""
+    return host.collect_in_subprocess()
 
 
 def _row(name, dtype, batch, times, flops, roofline, others):
@@ -273,7 +236,7 @@ def _row(name, dtype, batch, times, flops, roofline, others):
 
 def drive(args) -> dict:
     machine = _machine()
-    print(f"machine: {machine.get('cpu')} ({machine.get('cores')} CPUs), versions {machine['versions']}", flush=True)
+    print(f"machine: {host.summary(machine)}; versions {machine['versions']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="aimv2-bench-") as folder:
         t0 = time.perf_counter()
         prep = _child("prepare", dir=folder, batch=args.batch)
@@ -339,7 +302,7 @@ def drive(args) -> dict:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"Machine: {m.get('cpu')}, {m.get('cores')} CPUs, {m.get('memory_gib')} GiB; "
+        f"Machine: {host.summary(m)}; {m.get('memory_gib')} GiB; "
         + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
         f"Roofline (best fp32 4096² GEMM): {report['roofline_gflops']:.0f} GFLOP/s; "
         f"forward = {report['flops_per_image'] / 1e9:.1f} GFLOP/image",
