@@ -98,9 +98,9 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
     record: dict = {}
     future = plan.prefetch(start) if start < end else None
     for step in range(start, end):
+        began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
         batch = future.result()
         future = plan.prefetch(step + 1) if step + 1 < end else None
-        began = time.perf_counter()
         stats = train_step(batch)
         seconds = time.perf_counter() - began
         done = step + 1
