@@ -116,7 +116,8 @@ def convert(
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             written = Path(exc.filename) if exc.filename else tmp
             where = output / written.relative_to(tmp) if written.is_relative_to(tmp) else output
-            raise OSError(errno.ENOSPC, "no space left on device (the partial output was removed)", str(where)) from None
+            reason = "no space left on device (the partial output was removed)"
+            raise OSError(errno.ENOSPC, reason, str(where)) from None
         raise
     result = Conversion(output, config, shards, total)
     if verify:

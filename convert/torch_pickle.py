@@ -6,6 +6,10 @@ containers; any other global (`os.system`, `builtins.eval`, …) is refused befo
 called, with an error naming it. Tensors come back lazy (`TorchTensor`): their shape and dtype
 are known at once, their bytes are read from the zip only when asked for, one at a time, so a
 converter's memory stays near one tensor.
+
+Nothing in the file is trusted: every tensor's extent is checked against its storage, every
+storage's claimed size against the bytes the archive holds, only the bytes a tensor spans are
+read, and no opcode can change the reader's own objects.
 """
 
 from __future__ import annotations
@@ -98,14 +102,15 @@ class TorchTensor(_Sealed):
         """The values (bfloat16 as uint16 bit patterns: NumPy has no bfloat16)."""
         itemsize = self.storage.numpy_dtype.itemsize
         count = self.end - self.offset
+        where = f"{self.storage.path}: storage {self.storage.entry!r}"
         try:
             with zipfile.ZipFile(self.storage.path) as archive, archive.open(self.storage.entry) as handle:
                 handle.seek(self.offset * itemsize)
                 raw = handle.read(count * itemsize)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise CheckpointError(f"{self.storage.path}: storage {self.storage.entry!r} is unreadable ({exc})") from None
+            raise CheckpointError(f"{where} is unreadable ({exc})") from None
         if len(raw) != count * itemsize:
-            raise CheckpointError(f"{self.storage.path}: storage {self.storage.entry!r} is truncated")
+            raise CheckpointError(f"{where} is truncated")
         data = np.frombuffer(raw, dtype=self.storage.numpy_dtype)
         if not self.shape:
             return data[:1].reshape(()).copy()

@@ -349,13 +349,16 @@ class FullDisk:
             raise OSError(errno.ENOSPC, "No space left on device")
         return self.handle.write(data)
 
-safetensors_io.open = lambda path, mode="r": FullDisk(builtins.open(path, mode)) if "w" in mode else builtins.open(path, mode)
+def full_disk_open(path, mode="r"):
+    return FullDisk(builtins.open(path, mode)) if "w" in mode else builtins.open(path, mode)
+
+safetensors_io.open = full_disk_open
 """
 
 
 def test_a_full_disk_during_convert_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
-    code = f"{_FULL_DISK}\nfrom aimv2_mlx.cli.app import main\nimport sys\nsys.argv = ['aimv2', *sys.argv[1:]]\nmain()\n"
+    code = f"{_FULL_DISK}\nimport sys\nfrom aimv2_mlx.cli.app import main\nsys.argv = ['aimv2', *sys.argv[1:]]\nmain()"
     result = subprocess.run([sys.executable, "-c", code, "convert", str(folder), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _assert_one_line(result.returncode, result.stderr, str(tmp_path / "out" / "model.safetensors"),
