@@ -345,13 +345,17 @@ def _expect(shapes: Mapping, key: str, shape: tuple[int, ...]) -> None:
 
 
 def _preprocess_from_hub(pre: dict, default: PreprocessConfig) -> PreprocessConfig:
+    """The recipe of a `CLIPImageProcessor` config, its values left for `check_config` to judge."""
+    if not isinstance(pre, dict):
+        raise ValueError("config field 'preprocess' must be an object")
     crop = pre.get("crop_size", default.size)
-    size = crop.get("height", default.size) if isinstance(crop, dict) else int(crop)
+    size = crop.get("height", default.size) if isinstance(crop, dict) else crop
+    mean, std = pre.get("image_mean", default.mean), pre.get("image_std", default.std)
     return PreprocessConfig(
         mode="clip",
         size=size,
-        mean=tuple(pre.get("image_mean", default.mean)),
-        std=tuple(pre.get("image_std", default.std)),
+        mean=tuple(mean) if isinstance(mean, list) else mean,
+        std=tuple(std) if isinstance(std, list) else std,
     )
 
 
@@ -360,5 +364,5 @@ def read_json(path: Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None

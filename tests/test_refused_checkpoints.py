@@ -278,6 +278,15 @@ def test_a_bad_field_of_a_transformers_config_is_refused_naming_the_file(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("contents", ['{"crop_size": -5}', '{"crop_size": {"height": 10000000}}',
+                                      '{"image_mean": 0.5}', '[1]', b'\xff\xfe{}', "[" * 100_000])
+def test_a_bad_preprocessor_config_is_refused_naming_that_file(tmp_path, contents):
+    folder = _transformers_folder(tmp_path / "hf", num_attention_heads=2)
+    pre = folder / "preprocessor_config.json"
+    pre.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    _assert_one_line(*_cli("info", folder), str(pre))
+
+
 def test_zero_heads_is_refused_by_embed_in_one_line(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
     _edit_config(folder, lambda data: data["vision"].update(num_attention_heads=0))
