@@ -167,6 +167,7 @@ _MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 _MAX_COMPRESSION_RATIO = 32
 _MAX_UNUSED_RATIO = 8
 _SLACK_BYTES = 1 << 20
+_MAX_PICKLE_BYTES = 1 << 28
 
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
@@ -211,19 +212,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
             info = self.archive.getinfo(entry)
         except KeyError:
             raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
-        self._check_plausible(entry, info)
+        _check_plausible(entry, info, self.archive_bytes)
         self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
 
-    def _check_plausible(self, entry: str, info: zipfile.ZipInfo) -> None:
-        """Refuse a storage whose claimed size the archive cannot hold (a zip bomb)."""
-        if info.header_offset + info.compress_size > self.archive_bytes:
-            raise _Refused(f"storage {entry!r} claims {info.compress_size} bytes past the end of the file")
-        stored = info.compress_type == zipfile.ZIP_STORED
-        if (stored and info.file_size != info.compress_size) or (
-                info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES):
-            raise _Refused(f"storage {entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} "
-                           "in the file (a compressed storage no torch checkpoint holds)")
+def _check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> None:
+    """Refuse an archive member whose claimed size the archive cannot hold (a zip bomb)."""
+    if info.header_offset + info.compress_size > archive_bytes:
+        raise _Refused(f"{entry!r} claims {info.compress_size} bytes past the end of the file")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if (stored and info.file_size != info.compress_size) or (
+            info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES):
+        raise _Refused(f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
+                       "(a zip bomb: torch.save does not compress)")
 
 
 def _check_storage_use(tensors) -> None:
@@ -251,6 +252,10 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
             if len(pickles) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
             prefix = pickles[0][: -len("data.pkl")]
+            info = archive.getinfo(pickles[0])
+            _check_plausible(pickles[0], info, os.path.getsize(path))
+            if info.file_size > _MAX_PICKLE_BYTES:
+                raise _Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB")
             with archive.open(pickles[0]) as handle:
                 state = _RestrictedUnpickler(handle, archive, prefix, path).load()
         for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
