@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -374,3 +375,21 @@ def test_a_full_disk_during_convert_is_one_line_naming_the_file_and_leaves_nothi
                      "no space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
+
+
+def test_a_real_full_disk_during_convert_is_one_line_and_leaves_the_disk_empty(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a private tmpfs")
+    folder = _tiny_folder(tmp_path / "model")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "out"
+    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))} || exit 77; "
+              f"{shlex.quote(sys.executable)} -m aimv2_mlx.cli convert {shlex.quote(str(folder))} "
+              f"{shlex.quote(str(out))}; code=$?; ls -A {shlex.quote(str(disk))}; exit $code")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    _assert_one_line(result.returncode, result.stderr, str(out / "model.safetensors"), "no space left on device")
+    assert result.stdout == ""  # nothing left on the full disk
