@@ -116,7 +116,10 @@ def _entry(path: Path, key: str, info, data_start: int, data_size: int) -> Entry
 def read_tensor(path: Path, entry: Entry) -> np.ndarray:
     """One tensor's values (bfloat16 as uint16 bit patterns)."""
     dtype = NUMPY_OF[entry.dtype]
-    values = np.fromfile(path, dtype=dtype, count=entry.nbytes // dtype.itemsize, offset=entry.start)
+    count = entry.nbytes // dtype.itemsize
+    values = np.fromfile(path, dtype=dtype, count=count, offset=entry.start)
+    if values.size != count:  # the file shrank since its header was checked
+        raise CheckpointError(f"{path}: truncated: a tensor ends past the end of the file")
     return values.reshape(entry.shape)
 
 

@@ -24,6 +24,7 @@ import aimv2_mlx.model
 from aimv2_mlx.cli.app import app
 from aimv2_mlx.convert import convert
 from aimv2_mlx.convert.checkpoint import open_checkpoint
+from aimv2_mlx.convert.safetensors_io import read_header, read_tensor
 from aimv2_mlx.weights import CheckpointError
 
 from .conftest import tiny_config
@@ -393,3 +394,12 @@ def test_a_real_full_disk_during_convert_is_one_line_and_leaves_the_disk_empty(t
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     _assert_one_line(result.returncode, result.stderr, str(out / "model.safetensors"), "no space left on device")
     assert result.stdout == ""  # nothing left on the full disk
+
+
+def test_a_safetensors_file_cut_short_after_its_header_was_read_is_refused(tmp_path):
+    path = _tiny_folder(tmp_path / "model") / "model.safetensors"
+    entries = read_header(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    last = max(entries.values(), key=lambda entry: entry.start)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        read_tensor(path, last)
