@@ -40,6 +40,16 @@ _STORAGE_DTYPES = {
     "BoolStorage": ("bool", np.bool_),
 }
 
+_MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+# A storage's claimed size must be plausible for the bytes the archive holds: torch.save writes
+# storages uncompressed (caffe2/serialize/inline_container.cc), so a compressed one is a re-zip,
+# and trained weights deflate by far less than this ratio; a storage this much larger than what
+# its tensors span is refused too (only what they span is ever read).
+_MAX_COMPRESSION_RATIO = 32
+_MAX_UNUSED_RATIO = 8
+_SLACK_BYTES = 1 << 20
+_MAX_PICKLE_BYTES = 1 << 28
+
 
 class _Refused(Exception):
     """A reason to refuse the file, raised where the file's name is not at hand."""
@@ -159,16 +169,6 @@ def _rebuild_parameter(data, *_ignored):
     return data
 
 
-_MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
-# A storage's claimed size must be plausible for the bytes the archive holds: torch.save writes
-# storages uncompressed (caffe2/serialize/inline_container.cc), so a compressed one is a re-zip,
-# and trained weights deflate by far less than this ratio; a storage this much larger than what
-# its tensors span is refused too (only what they span is ever read).
-_MAX_COMPRESSION_RATIO = 32
-_MAX_UNUSED_RATIO = 8
-_SLACK_BYTES = 1 << 20
-_MAX_PICKLE_BYTES = 1 << 28
-
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _Rebuild(_rebuild_tensor),
@@ -216,6 +216,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
 
+
 def _check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> None:
     """Refuse an archive member whose claimed size the archive cannot hold (a zip bomb)."""
     if info.header_offset + info.compress_size > archive_bytes:
@@ -229,12 +230,12 @@ def _check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> N
 
 def _check_storage_use(tensors) -> None:
     """Refuse a storage far larger than the tensors made from it span."""
-    spans: dict[int, tuple[_Storage, int]] = {}
+    storages, ends = {}, {}
     for tensor in tensors:
-        storage = tensor.storage
-        end = max(spans.get(id(storage), (storage, 0))[1], tensor.end)
-        spans[id(storage)] = (storage, end)
-    for storage, end in spans.values():
+        key = id(tensor.storage)
+        storages[key], ends[key] = tensor.storage, max(ends.get(key, 0), tensor.end)
+    for key, storage in storages.items():
+        end = ends[key]
         used = end * storage.numpy_dtype.itemsize
         if storage.nbytes > _MAX_UNUSED_RATIO * used + _SLACK_BYTES:
             raise _Refused(f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
