@@ -112,22 +112,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("not an aimv2-mlx config (no 'format': 'aimv2-mlx')")
         text = data.get("text")
-        pre = dict(data.get("preprocess") or {})
+        pre = dict(_section(data, "preprocess") or {})
         for key in ("mean", "std"):
-            if key in pre:
+            if isinstance(pre.get(key), list):
                 pre[key] = tuple(pre[key])
         return cls(
             name=data.get("name", ""),
-            vision=_build(EncoderConfig, data["vision"]),
-            text=_build(TextConfig, text) if text else None,
+            vision=_build(EncoderConfig, _section(data, "vision", required=True)),
+            text=_build(TextConfig, _section(data, "text")) if text else None,
             projection_dim=data.get("projection_dim"),
             max_logit_scale=data.get("max_logit_scale", 100.0),
             preprocess=_build(PreprocessConfig, pre),
-            source=data.get("source") or {},
-            quantization=data.get("quantization"),
+            source=_section(data, "source") or {},
+            quantization=_section(data, "quantization"),
         )
 
     def save(self, folder: str | Path) -> None:
@@ -138,9 +138,111 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(folder, "config.json").read_text()))
 
 
+def _section(data: dict, key: str, required: bool = False) -> dict | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"config field {key!r} must be an object, not {type(value).__name__}")
+    return value
+
+
 def _build(kind, values: dict):
     names = {f.name for f in dataclasses.fields(kind)}
     return kind(**{k: v for k, v in values.items() if k in names})
+
+
+# Bounds on sizes, far above every released AIMv2 (3B: width 3072, MLP 8192, 24 blocks, 448 px)
+# and its CLIP-style text tower (arXiv 2411.14402, Table 1; apple/ml-aim), so that a config is
+# refused before it can describe a model larger than any memory.
+LIMITS = {
+    "hidden_size": 16384,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 1024,
+    "intermediate_size": 65536,
+    "patch_size": 256,
+    "image_size": 8192,
+    "num_channels": 16,
+    "vocab_size": 1 << 20,
+    "max_position_embeddings": 8192,
+    "projection_dim": 16384,
+    "size": 8192,
+}
+
+
+def check_config(config: ModelConfig) -> None:
+    """Refuse a config whose fields cannot make a model: ValueError naming the field and its value.
+
+    Every size is a whole number within `LIMITS`, widths divide into heads, images into patches,
+    and floats are finite and in range; foreign JSON types (strings, booleans) are refused too.
+    """
+    if not isinstance(config.name, str):
+        raise ValueError(f"config field 'name' must be a string, not {config.name!r}")
+    _check_tower("vision", config.vision, ("patch_size", "image_size", "num_channels"))
+    vision = config.vision
+    for flag in ("is_native", "use_head"):
+        if not isinstance(getattr(vision, flag), bool):
+            raise ValueError(f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}")
+    if vision.image_size % vision.patch_size:
+        raise ValueError(f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
+                         f"'vision.patch_size' ({vision.patch_size})")
+    if vision.is_native and vision.hidden_size % 4:
+        raise ValueError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
+                         "for the native model's 2-D sin-cos positions")
+    if config.text is not None:
+        _check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
+        eos = config.text.eos_token_id
+        if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
+            raise ValueError(f"config field 'text.eos_token_id' must be a token id below "
+                             f"{config.text.vocab_size}, not {eos!r}")
+        _check_size("projection_dim", config.projection_dim)
+    elif config.projection_dim is not None:
+        _check_size("projection_dim", config.projection_dim)
+    _check_float("max_logit_scale", config.max_logit_scale, 0, math.inf)
+    _check_preprocess(config.preprocess)
+    quant = config.quantization
+    if quant is not None and not (isinstance(quant, dict) and quant.get("bits") in (4, 8)
+                                  and quant.get("group_size") in (32, 64, 128)):
+        raise ValueError(f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
+                         f"not {quant!r}")
+
+
+def _check_tower(section: str, tower, extra: tuple[str, ...]) -> None:
+    for field_name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", *extra):
+        _check_size(f"{section}.{field_name}", getattr(tower, field_name))
+    if tower.hidden_size % tower.num_attention_heads:
+        raise ValueError(f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
+                         f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
+    _check_float(f"{section}.rms_norm_eps", tower.rms_norm_eps, 0, 1)
+
+
+def _check_preprocess(pre: PreprocessConfig) -> None:
+    if pre.mode not in ("clip", "ml-aim", "native"):
+        raise ValueError(f"config field 'preprocess.mode' must be clip, ml-aim or native, not {pre.mode!r}")
+    _check_size("preprocess.size", pre.size)
+    _check_float("preprocess.crop_fraction", pre.crop_fraction, 0, 1, closed_top=True)
+    for key in ("mean", "std"):
+        values = getattr(pre, key)
+        if not isinstance(values, (tuple, list)) or len(values) != 3:
+            raise ValueError(f"config field 'preprocess.{key}' must be three numbers, not {values!r}")
+        for value in values:
+            _check_float(f"preprocess.{key}", value, -math.inf if key == "mean" else 0, math.inf)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_size(name: str, value) -> None:
+    limit = LIMITS[name.rpartition(".")[2]]
+    if not _whole(value) or not 1 <= value <= limit:
+        raise ValueError(f"config field {name!r} must be a whole number from 1 to {limit}, not {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: float, closed_top: bool = False) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and low < value and (value <= high if closed_top else value < high)):
+        raise ValueError(f"config field {name!r} is out of range: {value!r}")
 
 
 _SIZES = {

@@ -14,11 +14,12 @@ from mlx.utils import tree_flatten
 
 from . import cpu
 from .cpu import on_cpu
-from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, family_of, official_name
+from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
 from .encoder import VisionEncoder
 from .lit import LiT
 from .quantize import dequantize_model, quantize_model
-from .weights import Recipe, check_tensors, detect_layout, infer_config, plan, read_json
+from .weights import (CheckpointError, Recipe, check_config_matches, check_tensors, detect_layout,
+                      infer_config, plan, read_json)
 
 if TYPE_CHECKING:
     from .convert.checkpoint import Checkpoint
@@ -111,22 +112,52 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
 
 
 def conversion_plan(checkpoint: Checkpoint, location: Location) -> tuple[ModelConfig, dict[str, Recipe]]:
-    """Our config and how to make each of our tensors, from names, shapes and any config.json."""
-    config_json = read_json(checkpoint.folder / "config.json")
-    if config_json and config_json.get("format") == FORMAT:
-        return ModelConfig.from_dict(config_json), {key: Recipe((key,)) for key in checkpoint.tensors}
-    layout = detect_layout(checkpoint.tensors)
-    recipes = plan(checkpoint.tensors, layout)
-    shapes = {key: recipe.shape(checkpoint.tensors) for key, recipe in recipes.items()}
-    config = infer_config(shapes, config_json, read_json(checkpoint.folder / "preprocessor_config.json"),
-                          name=location.name)
-    config.source = {
-        "origin": location.origin,
-        "revision": location.revision,
-        "layout": layout,
-        "file": checkpoint.path.name,
-        "family": family_of(config.vision),
-    }
+    """Our config and how to make each of our tensors, from names, shapes and any config.json.
+
+    The config is checked field by field and against the checkpoint's tensor shapes before any
+    model is built, so a config claiming 10^7 blocks or a 0-head attention is refused at once.
+    """
+    config_file, pre_file = checkpoint.folder / "config.json", checkpoint.folder / "preprocessor_config.json"
+    config_json = read_json(config_file)
+    if config_json is not None and not isinstance(config_json, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    ours = bool(config_json) and config_json.get("format") == FORMAT
+    pre_json = None if ours else read_json(pre_file)
+
+    def source_of(exc: Exception) -> Path:
+        """The file a config field came from, to name it."""
+        if pre_json is not None and "'preprocess" in str(exc):
+            return pre_file
+        return config_file if config_json else checkpoint.path
+
+    try:
+        if ours:
+            config, recipes = ModelConfig.from_dict(config_json), {key: Recipe((key,)) for key in checkpoint.tensors}
+        else:
+            layout = detect_layout(checkpoint.tensors)
+            recipes = plan(checkpoint.tensors, layout)
+        shapes = {key: recipe.shape(checkpoint.tensors) for key, recipe in recipes.items()}
+        if not ours:
+            config = infer_config(shapes, config_json, pre_json, name=location.name)
+    except CheckpointError as exc:  # from the tensors' names and shapes
+        raise CheckpointError(f"{checkpoint.path}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # from a config file's values
+        raise CheckpointError(f"{source_of(exc)}: {exc}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{checkpoint.path}: missing tensor {exc.args[0]!r}") from None
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{source_of(exc)}: {exc}") from None
+    check_config_matches(config, shapes, checkpoint.path)
+    if not ours:
+        config.source = {
+            "origin": location.origin,
+            "revision": location.revision,
+            "layout": layout,
+            "file": checkpoint.path.name,
+            "family": family_of(config.vision),
+        }
     return config, recipes
 
 

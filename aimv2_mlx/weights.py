@@ -231,11 +231,11 @@ def infer_config(
     ids from any foreign config.json; heads default to the AIMv2 family of that width."""
     config_json = config_json or {}
     lit = "image_encoder.preprocessor.patchifier.proj.weight" in weights
-    vision_json = config_json.get("vision_config") or config_json
+    vision_json = _json_section(config_json, "vision_config") or config_json
     vision = _vision_config(weights, "image_encoder." if lit else "", vision_json)
     text = projection = None
     if lit:
-        text = _text_config(weights, config_json.get("text_config") or {})
+        text = _text_config(weights, _json_section(config_json, "text_config") or {})
         projection = shape_of(weights["image_projector.weight"])[0]
     mode = "native" if vision.is_native else "clip"
     preprocess = PreprocessConfig.for_mode(mode, vision.image_size)
@@ -246,7 +246,7 @@ def infer_config(
         vision=vision,
         text=text,
         projection_dim=projection,
-        max_logit_scale=float(config_json.get("max_logit_scale", 100.0)),
+        max_logit_scale=config_json.get("max_logit_scale", 100.0),
         preprocess=preprocess,
     )
 
@@ -256,16 +256,16 @@ def _vision_config(weights: dict, prefix: str, cfg: dict) -> EncoderConfig:
     depth = _count_blocks(weights, prefix + "trunk.blocks.")
     pos = weights.get(prefix + "preprocessor.pos_embed")
     native = pos is None
-    image_size = int(cfg.get("image_size", 224)) if native else round(shape_of(pos)[1] ** 0.5) * patch
+    image_size = cfg.get("image_size", 224) if native else round(shape_of(pos)[1] ** 0.5) * patch
     return EncoderConfig(
         hidden_size=hidden,
         num_hidden_layers=depth,
-        num_attention_heads=int(cfg.get("num_attention_heads", default_heads(hidden))),
+        num_attention_heads=cfg.get("num_attention_heads", default_heads(hidden)),
         intermediate_size=shape_of(weights[prefix + "trunk.blocks.0.mlp.fc1.weight"])[0],
         patch_size=patch,
         image_size=image_size,
         num_channels=channels,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
         is_native=native,
         use_head=(prefix + "head.cls_token") in weights,
     )
@@ -277,29 +277,85 @@ def _text_config(weights: dict, cfg: dict) -> TextConfig:
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=_count_blocks(weights, "text_encoder.trunk.blocks."),
-        num_attention_heads=int(cfg.get("num_attention_heads", default_heads(hidden))),
+        num_attention_heads=cfg.get("num_attention_heads", default_heads(hidden)),
         intermediate_size=shape_of(weights["text_encoder.trunk.blocks.0.mlp.fc1.weight"])[0],
         max_position_embeddings=shape_of(weights["text_encoder.preprocessor.positional_embedding"])[0],
-        eos_token_id=int(cfg.get("eos_token_id", vocab - 1)),  # CLIP: <|endoftext|> is the last id
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        eos_token_id=cfg.get("eos_token_id", vocab - 1),  # CLIP: <|endoftext|> is the last id
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
     )
 
 
-def _count_blocks(weights: dict, prefix: str) -> int:
-    found = {int(k[len(prefix):].split(".")[0]) for k in weights if k.startswith(prefix)}
+def _json_section(config_json: dict, key: str) -> dict | None:
+    value = config_json.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"config field {key!r} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _count_blocks(weights: Mapping, prefix: str) -> int:
+    """How many blocks the tensors under `prefix` make: numbered 0..n-1, none skipped."""
+    found = set()
+    for key in weights:
+        if key.startswith(prefix):
+            index = key[len(prefix):].split(".")[0]
+            if not index.isdigit() or not index.isascii():
+                raise CheckpointError(f"tensor {key!r} has no block number")
+            found.add(int(index))
     if not found:
         raise CheckpointError(f"no transformer blocks under {prefix!r}")
-    return max(found) + 1
+    if max(found) + 1 != len(found):
+        missing = next(i for i in range(len(found) + 1) if i not in found)
+        raise CheckpointError(f"block {missing} of {max(found) + 1} under {prefix!r} has no tensors")
+    return len(found)
+
+
+def check_config_matches(config: ModelConfig, shapes: Mapping, origin) -> None:
+    """Refuse a config that disagrees with the checkpoint on depth or width, before any model is built.
+
+    Building follows the config; these few shapes bound everything a build allocates (blocks,
+    widths, positions), and `check_tensors` then checks every tensor against the built model.
+    """
+    towers = [("image_encoder." if config.is_lit else "", config.vision)]
+    if config.is_lit:
+        towers.append(("text_encoder.", config.text))
+    try:
+        for prefix, tower in towers:
+            blocks = _count_blocks(shapes, prefix + "trunk.blocks.")
+            if blocks != tower.num_hidden_layers:
+                raise CheckpointError(f"config has {tower.num_hidden_layers} blocks, the checkpoint {blocks}")
+        vision, prefix = config.vision, towers[0][0]
+        _expect(shapes, prefix + "preprocessor.patchifier.proj.weight",
+                (vision.hidden_size, vision.patch_size, vision.patch_size, vision.num_channels))
+        if not vision.is_native:
+            _expect(shapes, prefix + "preprocessor.pos_embed", (1, vision.num_patches, vision.hidden_size))
+        if config.is_lit:
+            text = config.text
+            _expect(shapes, "text_encoder.preprocessor.text_embedding.weight", (text.vocab_size, text.hidden_size))
+            _expect(shapes, "text_encoder.preprocessor.positional_embedding",
+                    (text.max_position_embeddings, text.hidden_size))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{origin}: {exc}") from None
+
+
+def _expect(shapes: Mapping, key: str, shape: tuple[int, ...]) -> None:
+    if key not in shapes:
+        raise CheckpointError(f"missing tensor {key!r}")
+    if shape_of(shapes[key]) != shape:
+        raise CheckpointError(f"tensor {key!r} has shape {shape_of(shapes[key])}, the config needs {shape}")
 
 
 def _preprocess_from_hub(pre: dict, default: PreprocessConfig) -> PreprocessConfig:
+    """The recipe of a `CLIPImageProcessor` config, its values left for `check_config` to judge."""
+    if not isinstance(pre, dict):
+        raise ValueError("config field 'preprocess' must be an object")
     crop = pre.get("crop_size", default.size)
-    size = crop.get("height", default.size) if isinstance(crop, dict) else int(crop)
+    size = crop.get("height", default.size) if isinstance(crop, dict) else crop
+    mean, std = pre.get("image_mean", default.mean), pre.get("image_std", default.std)
     return PreprocessConfig(
         mode="clip",
         size=size,
-        mean=tuple(pre.get("image_mean", default.mean)),
-        std=tuple(pre.get("image_std", default.std)),
+        mean=tuple(mean) if isinstance(mean, list) else mean,
+        std=tuple(std) if isinstance(std, list) else std,
     )
 
 
@@ -308,5 +364,5 @@ def read_json(path: Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable
 
 import mlx.core as mx
@@ -91,20 +91,32 @@ def _open_pickle(path: Path) -> dict[str, TensorRef]:
 def _open_index(index: Path) -> dict[str, TensorRef]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
-    folder = index.parent.resolve()
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a safetensors index (weight_map is not names to shard files)")
     shards: dict[str, dict[str, TensorRef]] = {}
     tensors = {}
     for key, shard in weight_map.items():
         if shard not in shards:
-            path = (index.parent / shard).resolve()
-            if folder not in path.parents:
-                raise CheckpointError(f"{index}: shard {shard!r} points outside its folder")
-            if not path.is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} is missing")
-            shards[shard] = _open_safetensors(path)
+            shards[shard] = _open_safetensors(_shard_path(index, shard))
         if key not in shards[shard]:
             raise CheckpointError(f"{index}: tensor {key!r} is not in its shard {shard!r}")
         tensors[key] = shards[shard][key]
     return tensors
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+    """The shard's file next to the index, judged by its name alone.
+
+    The name, not its resolved target, is checked: in the Hugging Face cache every file of a
+    snapshot is a symlink into the repo's `blobs/` folder, outside the snapshot's own.
+    """
+    name = PurePosixPath(shard)
+    escapes = name.is_absolute() or ".." in name.parts or PureWindowsPath(shard).drive
+    if not shard or escapes or "\\" in shard or "\0" in shard:
+        raise CheckpointError(f"{index}: shard {shard!r} points outside its folder")
+    path = index.parent / name
+    if not path.is_file():
+        raise CheckpointError(f"{index}: shard {shard!r} is missing")
+    return path

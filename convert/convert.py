@@ -9,6 +9,7 @@ and renamed into place at the end: a failure leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,10 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from aimv2_mlx import __version__
-from aimv2_mlx.config import ModelConfig, PreprocessConfig
+from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
-from aimv2_mlx.weights import CheckpointError, check_tensors
+from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
 
 from .checkpoint import INDEX, open_checkpoint
 from .safetensors_io import NUMPY_OF, write_streaming
@@ -82,8 +83,13 @@ def convert(
     if config.quantization:
         raise CheckpointError(f"{checkpoint.path}: already quantized; convert from the unquantized checkpoint")
     _override(config, name, num_heads, text_num_heads, image_size, preprocess)
-    check_tensors(expected_parameters(build(config)),
-                  {k: r.shape(checkpoint.tensors) for k, r in recipes.items()}, checkpoint.path)
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{checkpoint.path} with the options given: {exc}") from None
+    shapes = {k: r.shape(checkpoint.tensors) for k, r in recipes.items()}
+    check_config_matches(config, shapes, checkpoint.path)  # before building: the flags may change sizes
+    check_tensors(expected_parameters(build(config)), shapes, checkpoint.path)
     options = {"dtype": dtype or "as stored", "q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
     config.source = {**config.source, "converter": f"aimv2-mlx {__version__}", "conversion": options}
     if q_bits:
@@ -105,8 +111,13 @@ def convert(
             (tmp / "preprocessor_config.json").write_text(json.dumps(config.preprocess.to_hub(), indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(config, output.name))
         os.replace(tmp, output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            written = Path(exc.filename) if exc.filename else tmp
+            where = output / written.relative_to(tmp) if written.is_relative_to(tmp) else output
+            reason = "no space left on device (the partial output was removed)"
+            raise OSError(errno.ENOSPC, reason, str(where)) from None
         raise
     result = Conversion(output, config, shards, total)
     if verify:
@@ -121,13 +132,13 @@ def convert(
 def _override(config, name, num_heads, text_num_heads, image_size, preprocess) -> None:
     if name:
         config.name = name
-    if num_heads:
+    if num_heads is not None:
         config.vision.num_attention_heads = num_heads
-    if text_num_heads:
+    if text_num_heads is not None:
         if not config.is_lit:
             raise ValueError("--text-num-heads applies only to LiT checkpoints (this one has no text tower)")
         config.text.num_attention_heads = text_num_heads
-    if image_size:
+    if image_size is not None:
         config.vision.image_size = image_size
         config.preprocess.size = image_size
     if preprocess:

@@ -6,12 +6,19 @@ containers; any other global (`os.system`, `builtins.eval`, …) is refused befo
 called, with an error naming it. Tensors come back lazy (`TorchTensor`): their shape and dtype
 are known at once, their bytes are read from the zip only when asked for, one at a time, so a
 converter's memory stays near one tensor.
+
+Nothing in the file is trusted: every tensor's extent is checked against its storage, every
+storage's claimed size against the bytes the archive holds, only the bytes a tensor spans are
+read, and no opcode can change the reader's own objects.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,43 +40,92 @@ _STORAGE_DTYPES = {
     "BoolStorage": ("bool", np.bool_),
 }
 
+_MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+# A storage's claimed size must be plausible for the bytes the archive holds: torch.save writes
+# storages uncompressed (caffe2/serialize/inline_container.cc), so a compressed one is a re-zip,
+# and trained weights deflate by far less than this ratio; a storage this much larger than what
+# its tensors span is refused too (only what they span is ever read).
+_MAX_COMPRESSION_RATIO = 32
+_MAX_UNUSED_RATIO = 8
+_SLACK_BYTES = 1 << 20
+_MAX_PICKLE_BYTES = 1 << 28
 
-class _StorageType:
+
+class _Refused(Exception):
+    """A reason to refuse the file, raised where the file's name is not at hand."""
+
+
+class _Sealed:
+    """Objects of the reader that a pickle may receive but never change.
+
+    The pickle `BUILD` opcode sets state on whatever object is on its stack; a hostile pickle
+    uses it on an allow-listed singleton (every later checkpoint in the process would change) or
+    on a tensor after its extent was checked. No torch checkpoint builds these objects.
+    """
+
+    def __setstate__(self, state):
+        raise _Refused(f"the pickle tries to change a {type(self).__name__.lstrip('_')} (BUILD opcode), "
+                       "which no torch checkpoint does")
+
+
+class _StorageType(_Sealed):
     def __init__(self, name: str):
         self.name = name
 
 
-class _Storage:
+class _Rebuild(_Sealed):
+    """An allow-listed rebuild function, callable by the pickle but not changeable by it."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
+class _Storage(_Sealed):
     """Where a storage's bytes live in the archive; nothing is read yet."""
 
     def __init__(self, path: Path, entry: str, dtype: str, numpy_dtype, nbytes: int):
         self.path, self.entry, self.dtype, self.numpy_dtype = path, entry, dtype, np.dtype(numpy_dtype)
+        self.nbytes = nbytes
         self.numel = nbytes // self.numpy_dtype.itemsize
 
 
-class TorchTensor:
-    """A tensor of a torch checkpoint, read from the zip only by `numpy()`."""
+class TorchTensor(_Sealed):
+    """A tensor of a torch checkpoint, read from the zip only by `numpy()`.
+
+    Its whole extent (offset, sizes, strides, in its storage's dtype) is checked against its
+    storage when the pickle makes it, so `numpy()` reads exactly the bytes it spans and nothing
+    outside them: torch tensors have non-negative strides and lie inside their storage
+    (torch/_utils.py `_rebuild_tensor_v2` -> `Tensor.set_`, which checks the same bounds).
+    """
 
     def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
         self.storage, self.offset, self.stride = storage, offset, stride
         self.shape = size
         self.dtype = storage.dtype
-        extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
-        if extent > storage.numel:
-            raise CheckpointError(
-                f"{storage.path}: tensor of shape {size} reaches element {extent} of a storage "
-                f"holding {storage.numel} (corrupt file)"
-            )
+        self.numel = math.prod(size)
+        self.end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if self.numel else offset
 
     def numpy(self) -> np.ndarray:
         """The values (bfloat16 as uint16 bit patterns: NumPy has no bfloat16)."""
-        with zipfile.ZipFile(self.storage.path) as archive:
-            data = np.frombuffer(archive.read(self.storage.entry), dtype=self.storage.numpy_dtype)
+        itemsize = self.storage.numpy_dtype.itemsize
+        count = self.end - self.offset
+        where = f"{self.storage.path}: storage {self.storage.entry!r}"
+        try:
+            with zipfile.ZipFile(self.storage.path) as archive, archive.open(self.storage.entry) as handle:
+                handle.seek(self.offset * itemsize)
+                raw = handle.read(count * itemsize)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise CheckpointError(f"{where} is unreadable ({exc})") from None
+        if len(raw) != count * itemsize:
+            raise CheckpointError(f"{where} is truncated")
+        data = np.frombuffer(raw, dtype=self.storage.numpy_dtype)
         if not self.shape:
-            return data[self.offset:self.offset + 1].reshape(()).copy()
-        itemsize = data.itemsize
+            return data[:1].reshape(()).copy()
         return np.lib.stride_tricks.as_strided(
-            data[self.offset:], shape=self.shape, strides=tuple(s * itemsize for s in self.stride)
+            data, shape=self.shape, strides=tuple(s * itemsize for s in self.stride)
         ).copy()
 
 
@@ -84,8 +140,29 @@ class Bfloat16Array:
         return (self.bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_ignored):
-    return TorchTensor(storage, int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride))
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_ignored):
+    if not isinstance(storage, _Storage):
+        raise _Refused(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+    if not (_whole(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and all(map(_whole, size)) and all(map(_whole, stride))):
+        raise _Refused(f"a tensor of {storage.entry!r} has a malformed offset, size or stride")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or len(size) > _MAX_DIMS:
+        raise _Refused(f"a tensor of {storage.entry!r} has {len(size)} sizes and {len(stride)} strides")
+    if offset < 0 or min(size + stride, default=0) < 0:
+        raise _Refused(f"a tensor of {storage.entry!r} has a negative offset, size or stride "
+                       f"(offset {offset}, size {size}, stride {stride})")
+    tensor = TorchTensor(storage, offset, size, stride)
+    if tensor.end > storage.numel or tensor.numel > storage.numel:
+        raise _Refused(
+            f"tensor of shape {size} (offset {offset}, stride {stride}) reaches beyond its storage "
+            f"{storage.entry!r} of {storage.numel} {storage.dtype} elements (corrupt file)"
+        )
+    return tensor
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -94,9 +171,9 @@ def _rebuild_parameter(data, *_ignored):
 
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _Rebuild(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor"): _Rebuild(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Rebuild(_rebuild_parameter),
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
 }
@@ -107,6 +184,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, handle, archive: zipfile.ZipFile, prefix: str, source: Path):
         super().__init__(handle)
         self.archive, self.prefix, self.source = archive, prefix, source
+        self.archive_bytes = os.path.getsize(source)
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
@@ -119,20 +197,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise CheckpointError(f"{self.source}: unsupported persistent id {pid!r}")
         storage_type, key = pid[1], str(pid[2])
         if not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
-        if key not in self.storages:
-            entry = f"{self.prefix}data/{key}"
-            try:
-                info = self.archive.getinfo(entry)
-            except KeyError:
-                raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
-            dtype, numpy_dtype = _STORAGE_DTYPES[storage_type.name]
-            self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
+        dtype, numpy_dtype = _STORAGE_DTYPES[storage_type.name]
+        if key in self.storages:
+            if self.storages[key].dtype != dtype:
+                raise _Refused(f"storage {key!r} is named with two dtypes ({self.storages[key].dtype}, {dtype})")
+            return self.storages[key]
+        entry = f"{self.prefix}data/{key}"
+        try:
+            info = self.archive.getinfo(entry)
+        except KeyError:
+            raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
+        _check_plausible(entry, info, self.archive_bytes)
+        self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
+
+
+def _check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> None:
+    """Refuse an archive member whose claimed size the archive cannot hold (a zip bomb)."""
+    if info.header_offset + info.compress_size > archive_bytes:
+        raise _Refused(f"{entry!r} claims {info.compress_size} bytes past the end of the file")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if (stored and info.file_size != info.compress_size) or (
+            info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES):
+        raise _Refused(f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
+                       "(a zip bomb: torch.save does not compress)")
+
+
+def _check_storage_use(tensors) -> None:
+    """Refuse a storage far larger than the tensors made from it span."""
+    storages, ends = {}, {}
+    for tensor in tensors:
+        key = id(tensor.storage)
+        storages[key], ends[key] = tensor.storage, max(ends.get(key, 0), tensor.end)
+    for key, storage in storages.items():
+        end = ends[key]
+        used = end * storage.numpy_dtype.itemsize
+        if storage.nbytes > _MAX_UNUSED_RATIO * used + _SLACK_BYTES:
+            raise _Refused(f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
+                           f"use only {used:,}")
 
 
 def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
@@ -146,22 +253,29 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
             if len(pickles) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
             prefix = pickles[0][: -len("data.pkl")]
+            info = archive.getinfo(pickles[0])
+            _check_plausible(pickles[0], info, os.path.getsize(path))
+            if info.file_size > _MAX_PICKLE_BYTES:
+                raise _Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB")
             with archive.open(pickles[0]) as handle:
                 state = _RestrictedUnpickler(handle, archive, prefix, path).load()
+        for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+        for key, value in state.items():
+            if not isinstance(value, TorchTensor):
+                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        _check_storage_use(state.values())
     except CheckpointError:
         raise
+    except _Refused as exc:
+        raise CheckpointError(f"{path}: refused to load: {exc}") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
-    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
-    for key, value in state.items():
-        if not isinstance(value, TorchTensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return dict(state)
+    return {str(key): value for key, value in state.items()}
 
 
 def read_torch_checkpoint(path: str | Path) -> dict:
