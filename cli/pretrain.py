@@ -10,7 +10,7 @@ import typer
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
 from aimv2_mlx.train.config import PRESETS, PretrainConfig
-from aimv2_mlx.train.loop import pretrain as run_pretraining
+from aimv2_mlx.train.loop import check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
 
@@ -53,6 +53,7 @@ def pretrain(
         source = load_captioned(data)
         config = tok = None
         if not resume:
+            check_new_run(out)  # before training a tokenizer
             tok = (load_tokenizer(tokenizer, context_length) if tokenizer
                    else train_tokenizer(source.captions(), vocab_size, context_length))
             config = PretrainConfig.from_preset(

@@ -8,6 +8,7 @@ alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,10 +21,11 @@ from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
+from ..folders import is_empty, locked
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
 from .batches import BatchPlan
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .config import PretrainConfig
 from .init import init_pretraining
 from .optimizer import build_optimizer
@@ -61,19 +63,44 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         layers.use_fast_kernels(previous)
 
 
+def check_new_run(out: Path) -> None:
+    """A new run goes into a new or empty folder only (never among a user's files)."""
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
+    if not is_empty(out):
+        raise FileExistsError(f"{out}: not empty and not an aimv2 pretrain run folder; "
+                              "choose a new or empty run folder")
+
+
+def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
+    if not ((out / "config.json").is_file() and (out / "checkpoints").is_dir()):
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json and checkpoints/)")
+    try:
+        config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
+    return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
+
+
 def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo) -> dict:
+    """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
+    if rank == 0 and not resume:
+        check_new_run(out)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo)
+
+
+def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
-        config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-        tokenizer = load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
+        config, tokenizer = _read_run(out)
     else:
         if config is None or tokenizer is None:
             raise ValueError("a new run needs a config and a tokenizer")
-        if rank == 0 and (out / "checkpoints").exists():
-            raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
         if rank == 0:
+            check_new_run(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             config.save(out / "config.json")
             tokenizer.save(out / "tokenizer.json")
@@ -84,12 +111,14 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
     optimizer = build_optimizer(config)
     optimizer.init(model.trainable_parameters())
     start = 0
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint, note = resume_point(out) if resume else (None, None)
+    if note:
+        echo(note)
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
-        if rank == 0:
-            logs.truncate(out / "log.jsonl", start)
         echo(f"resumed {checkpoint} at step {start}")
+    if resume and rank == 0:
+        logs.truncate(out / "log.jsonl", start)
     all_sum = (lambda x: mx.distributed.all_sum(x, group=group)) if world > 1 else None
     train_step = TrainStep(model, optimizer, config, tokenizer.ignore_ids, all_sum)
     plan = BatchPlan(source, tokenizer, config, rank, world)
