@@ -142,3 +142,58 @@ def test_a_new_run_into_a_photo_folder_is_refused_before_writing(runs, tmp_path)
     with pytest.raises(FileExistsError, match="not an aimv2 pretrain run folder"):
         pretrain(source, photos, tiny_run(tok, steps=1), tok, echo=lambda *_: None)
     assert _tree(photos) == before and not (photos / ".aimv2.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Shapes data with one image replaced by garbage (its caption kept)."""
+    root = tmp_path_factory.mktemp("broken")
+    data = write_shapes(root / "data", 16, size=28)
+    bad = sorted((data / "images").glob("*.png"))[5]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    source = load_captioned(data)
+    return source, train_tokenizer(source.captions(), 64, 10), bad.name
+
+
+def test_an_unreadable_image_is_replaced_listed_once_and_resume_stays_exact(broken, tmp_path):
+    import json
+
+    source, tok, bad = broken
+    cfg = tiny_run(tok, steps=12, checkpoint_every=4)
+    straight = pretrain(source, tmp_path / "straight", cfg, tok, echo=lambda *_: None)
+    pretrain(source, tmp_path / "resumed", cfg, tok, until=6, echo=lambda *_: None)
+    resumed = pretrain(source, tmp_path / "resumed", resume=True, echo=lambda *_: None)
+    assert straight["step"] == resumed["step"] == 12 and straight["skipped"] == resumed["skipped"] == 1
+    assert_same_weights(weights_of(tmp_path / "straight"), weights_of(tmp_path / "resumed"))
+    failures = {run: [json.loads(line) for line in (tmp_path / run / "failures.jsonl").read_text().splitlines()]
+                for run in ("straight", "resumed")}
+    assert len(failures["straight"]) == 1 and bad in failures["straight"][0]["sample"]
+    assert "not a readable image" in failures["straight"][0]["reason"]
+    first = failures["straight"][0]
+    assert [(f["sample"], f["step"]) for f in failures["resumed"]] == [(first["sample"], first["step"])]
+
+
+def test_strict_stops_at_the_unreadable_image_and_names_it(broken, tmp_path):
+    from aimv2_mlx.images import ImageError
+
+    source, tok, bad = broken
+    with pytest.raises(ImageError, match=bad):
+        pretrain(source, tmp_path / "run", tiny_run(tok, steps=12), tok, strict=True, echo=lambda *_: None)
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(runs, tmp_path):
+    import json
+
+    source, _, half = runs
+    run = shutil.copytree(half, tmp_path / "run")
+    recorded = json.loads((run / "data.json").read_text())
+    assert recorded["samples"] == 16 and len(recorded["sha256"]) == 16
+    fewer = load_captioned(source.origin)
+    fewer.samples = fewer.samples[:-1]
+    before = _tree(run)
+    with pytest.raises(ValueError, match="15 samples.*trained on 16.*--allow-data-change"):
+        pretrain(fewer, run, resume=True, echo=lambda *_: None)
+    assert _tree(run) == before
+    said = []
+    assert pretrain(fewer, run, resume=True, allow_data_change=True, echo=said.append)["step"] == 12
+    assert said[0].startswith("warning:") and json.loads((run / "data.json").read_text())["samples"] == 15
