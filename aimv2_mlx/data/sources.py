@@ -136,7 +136,7 @@ def _tar_members(tar_path: Path, prefix: str):
 def _listed(list_path: Path, prefix: str):
     entries = []
     base = list_path.parent
-    for line in list_path.read_text(errors="surrogateescape").splitlines():
+    for line in list_path.read_text(errors="surrogateescape").removeprefix("\ufeff").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
