@@ -197,3 +197,14 @@ def test_resume_on_other_data_is_refused_unless_allowed(runs, tmp_path):
     said = []
     assert pretrain(fewer, run, resume=True, allow_data_change=True, echo=said.append)["step"] == 12
     assert said[0].startswith("warning:") and json.loads((run / "data.json").read_text())["samples"] == 15
+
+
+def test_a_second_pretrain_on_a_locked_run_says_which_pid_holds_it(runs, tmp_path):
+    from aimv2_mlx.folders import FolderInUseError, locked
+
+    source, _, half = runs
+    run = shutil.copytree(half, tmp_path / "run")
+    before = _tree(run)
+    with locked(run), pytest.raises(FolderInUseError, match=f"in use by PID {os.getpid()}"):
+        pretrain(source, run, resume=True, echo=lambda *_: None)
+    assert _tree(run) == before

@@ -149,9 +149,6 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     identity = data_identity(source)
     if resume:
         _check_data(out, identity, allow_data_change, echo)
-    if rank == 0:
-        with naming_full_disk(out / DATA):
-            (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
 
     model = build_pretrain_model(config, str(getattr(source, "origin", "")))
     optimizer = build_optimizer(config)
@@ -163,6 +160,9 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
         echo(f"resumed {checkpoint} at step {start}")
+    if rank == 0:
+        with naming_full_disk(out / DATA):
+            (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
     if resume and rank == 0:
         logs.truncate(out / "log.jsonl", start)
         logs.truncate(out / FAILURES, start)
