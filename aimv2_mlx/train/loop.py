@@ -142,8 +142,9 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         if rank == 0:
             check_new_run(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            config.save(out / "config.json")
-            tokenizer.save(out / "tokenizer.json")
+            for name, item in (("config.json", config), ("tokenizer.json", tokenizer)):
+                with naming_full_disk(out / name):
+                    item.save(out / name)
     if tokenizer.vocab_size > config.decoder.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     identity = data_identity(source)
@@ -195,13 +196,16 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
             echo(f"step {done}/{config.steps} loss {stats['loss']:.4f} (pixel {stats['loss_pixel']:.4f}, "
                  f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}")
         if config.sample_every and done % config.sample_every == 0:
-            write_samples(model, batch.micro[0], tokenizer, config, out / "samples" / f"step-{done:08d}")
+            prefix = out / "samples" / f"step-{done:08d}"
+            with naming_full_disk(prefix.with_suffix(".png")):
+                write_samples(model, batch.micro[0], tokenizer, config, prefix)
         if done % config.checkpoint_every == 0 or done == end:
             save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
                                                           "config": config.to_dict(), "data": identity})
     if rank != 0:
         return {}
-    logs.plot_losses(out / "log.jsonl", out / "loss.png")
+    with naming_full_disk(out / "loss.png"):
+        logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
 
 
