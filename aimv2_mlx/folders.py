@@ -24,12 +24,12 @@ class DiskFullError(OSError):
 
 
 def is_empty(folder: Path) -> bool:
-    """True for a missing folder or one holding nothing but a lock file."""
+    """True for a missing folder or one holding nothing but a lock file (or Finder's .DS_Store)."""
     if not folder.exists():
         return True
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: exists and is not a folder")
-    return all(entry.name == LOCK for entry in os.scandir(folder))
+    return all(entry.name in (LOCK, ".DS_Store") for entry in os.scandir(folder))
 
 
 @contextlib.contextmanager

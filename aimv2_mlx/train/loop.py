@@ -121,7 +121,11 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     except FileNotFoundError:
         return
     except (OSError, ValueError, TypeError, KeyError):
-        raise ValueError(f"{path}: unreadable; it records the data this run was trained on") from None
+        if not allow_change:
+            raise ValueError(f"{path}: unreadable (it records the data this run was trained on); "
+                             "pass --allow-data-change to continue on this data") from None
+        echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
+        return
     if before == (identity["samples"], identity["sha256"]):
         return
     what = (f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but the run "
