@@ -99,7 +99,10 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     mtime, width, height; with format "parquet" the embeddings too), `failures.jsonl` and
     `manifest.json`. Rows follow the sorted relative paths. A second call with the same
     settings reuses finished shards; different settings raise `FileExistsError` unless
-    `overwrite`. `progress(done, total, failed)` is called after every batch.
+    `overwrite`, which deletes only the files the manifest lists. A non-empty folder that an
+    earlier `embed_folder` did not make is refused, and the folder is locked while the run
+    writes (`FolderInUseError` names the holder's PID). `progress(done, total, failed)` is
+    called after every batch.
     """
     start = time.perf_counter()
     _check_choice("pool", pool, POOLS)

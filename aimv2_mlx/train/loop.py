@@ -1,7 +1,9 @@
 """`pretrain()`: the training run — set up or resume a run folder, then step, log, checkpoint.
 
-A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `log.jsonl`,
-`loss.png`, `samples/` and `checkpoints/`. With `distributed=True` (under `mlx.launch`) every
+A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the
+data's size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they
+were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or
+empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
 rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
 alone writes files.
 """
