@@ -12,7 +12,7 @@ from aimv2_mlx.model import ModelNotFoundError
 from aimv2_mlx.weights import CheckpointError
 
 EXPECTED = (ModelNotFoundError, CheckpointError, ImageError, FileNotFoundError, FileExistsError, ValueError,
-            KeyError, NotADirectoryError, FolderInUseError, DiskFullError)
+            KeyError, NotADirectoryError, PermissionError, FolderInUseError, DiskFullError)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,8 @@ class Item:
         if self.offset < 0:
             return open_regular(self.path)
         with open_regular(self.path) as tar:
+            if self.offset + self.size > os.fstat(tar.fileno()).st_size:
+                raise OSError(f"the tar ends inside member {self.key}")
             tar.seek(self.offset)
             return io.BytesIO(tar.read(self.size))
 
