@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from mlx.utils import tree_flatten
 from . import distributed
 from .data.pipeline import batches, decode, decoded, name_of
 from .data.sources import discover
+from .folders import is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 
@@ -32,6 +34,10 @@ POOLS = ("mean", "tokens", "head")
 DTYPES = ("float32", "float16")
 # What a resumed run must share with the outputs already there.
 SETTINGS = ("model", "preprocess", "max_megapixels", "pool", "normalize", "dtype", "format", "shard_size")
+TOOL = "aimv2 embed"
+# The only names an embedding folder's files have; nothing else there is ever deleted.
+OWNED = re.compile(r"shard-\d{5}\.(npy|safetensors|parquet|done\.json)|failures\.jsonl")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")
 
 
 def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: str = "mean",
@@ -93,7 +99,10 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     mtime, width, height; with format "parquet" the embeddings too), `failures.jsonl` and
     `manifest.json`. Rows follow the sorted relative paths. A second call with the same
     settings reuses finished shards; different settings raise `FileExistsError` unless
-    `overwrite`. `progress(done, total, failed)` is called after every batch.
+    `overwrite`, which deletes only the files the manifest lists. A non-empty folder that an
+    earlier `embed_folder` did not make is refused, and the folder is locked while the run
+    writes (`FolderInUseError` names the holder's PID). `progress(done, total, failed)` is
+    called after every batch.
     """
     start = time.perf_counter()
     _check_choice("pool", pool, POOLS)
@@ -124,23 +133,26 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back from JSON
     world = distributed.group()
     rank, size = distributed.rank_and_size(world)
-    if not overwrite:
-        _check_compatible(output, settings)  # every rank, so all fail alike before waiting
-    if rank == 0:
-        _prepare(output, settings, overwrite)
-    distributed.barrier(world)
-
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    fingerprints = [_fingerprint(shard) for shard in shards]
-    mine = distributed.my_range(len(shards), rank, size)
-    todo = [i for i in mine if (read_marker(output, i) or {}).get("inputs") != fingerprints[i]]
-    _embed_shards(model, output, shards, todo, fingerprints, batch_size=_batch_size(model, batch_size), pool=pool,
-                  normalize=normalize, dtype=dtype, fmt=format, max_megapixels=max_megapixels, workers=workers,
-                  progress=progress)
-    distributed.barrier(world)
-    if rank == 0:
-        _finish(output, settings, shards, _batch_size(model, batch_size), _compute_dtype(model))
-    distributed.barrier(world)
+    _check_ours(output, items)  # every rank, so all fail alike before waiting
+    if not overwrite:
+        _check_compatible(output, settings)
+    with locked(output) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            _check_ours(output, items)  # again, now that no other run can change the folder
+            _prepare(output, settings, _planned(len(shards), format), overwrite)
+        distributed.barrier(world)
+
+        fingerprints = [_fingerprint(shard) for shard in shards]
+        mine = distributed.my_range(len(shards), rank, size)
+        todo = [i for i in mine if (read_marker(output, i) or {}).get("inputs") != fingerprints[i]]
+        _embed_shards(model, output, shards, todo, fingerprints, batch_size=_batch_size(model, batch_size),
+                      pool=pool, normalize=normalize, dtype=dtype, fmt=format, max_megapixels=max_megapixels,
+                      workers=workers, progress=progress)
+        distributed.barrier(world)
+        if rank == 0:
+            _finish(output, settings, shards, _batch_size(model, batch_size), _compute_dtype(model))
+        distributed.barrier(world)
     manifest = json.loads((output / "manifest.json").read_text())
     return EmbedSummary(
         output=str(output), model=config.name, images=len(items), embedded=manifest["counts"]["embedded"],
@@ -204,27 +216,69 @@ def _write_shard(output: Path, index: int, vectors: list, rows: list, failures: 
     })
 
 
-def _prepare(output: Path, settings: dict, overwrite: bool) -> None:
-    """Create the folder (cleared of our files with `overwrite`), drop a killed run's temporary
-    files, and record the settings first."""
-    output.mkdir(parents=True, exist_ok=True)
+def _planned(count: int, fmt: str) -> list[str]:
+    """Every file name a run of `count` shards in `fmt` writes (besides manifest.json)."""
+    suffixes = (".parquet", ".done.json") + (() if fmt == "parquet" else (f".{fmt}",))
+    return [shard_name(i) + suffix for i in range(count) for suffix in suffixes] + ["failures.jsonl"]
+
+
+def _owned(output: Path) -> set[str]:
+    """The files an earlier run recorded as its own: the manifest's list and every done marker's."""
+    names = set()
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        names.update(json.loads((output / "manifest.json").read_text()).get("files") or [])
+    for marker in output.glob("shard-*.done.json"):
+        names.add(marker.name)
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            names.update(json.loads(marker.read_text()).get("files") or [])
+    return {name for name in names if isinstance(name, str) and OWNED.fullmatch(name)}
+
+
+def _prepare(output: Path, settings: dict, planned: list[str], overwrite: bool) -> None:
+    """Record the settings and every file this run will write in the manifest before writing any;
+    with `overwrite`, first delete the files earlier runs recorded (only those); drop a killed
+    run's temporary files (ours by name: the folder is locked)."""
+    owned = _owned(output)
     for path in output.iterdir():
-        ours = path.name.startswith("shard-") or path.name in ("manifest.json", "failures.jsonl")
-        if (path.name.startswith(".") and ".tmp-" in path.name) or (overwrite and ours):
-            path.unlink()  # temporary files of a killed run, or everything when overwriting
-    if not (output / "manifest.json").exists():
-        write_json(output / "manifest.json", {"format_version": 1, "complete": False, **settings})
+        temporary = TEMPORARY.fullmatch(path.name)
+        if (temporary and (OWNED.fullmatch(temporary["name"]) or temporary["name"] == "manifest.json")) or (
+                overwrite and path.name in owned):
+            path.unlink()
+    manifest = output / "manifest.json"
+    if overwrite or not manifest.exists():
+        write_json(manifest, {"format_version": 1, "tool": TOOL, "complete": False, **settings,
+                              "files": sorted(planned)})
+    else:
+        existing = json.loads(manifest.read_text())
+        existing["files"] = sorted(owned | set(planned))
+        write_json(manifest, existing)
+
+
+def _check_ours(output: Path, items: list) -> None:
+    """Write only into a new or empty folder, or one an earlier `aimv2 embed` made."""
+    if is_empty(output):
+        return
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+        ours = isinstance(manifest, dict) and all(key in manifest for key in ("format_version", *SETTINGS))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{output}: not empty and not an aimv2 embed output folder (no manifest.json of "
+                              "ours); choose a new or empty output folder")
+    owned, here = _owned(output) | {"manifest.json"}, output.resolve()
+    inside = sorted(item.key for item in items
+                    if os.path.basename(item.path) in owned and Path(item.path).parent.resolve() == here)
+    if inside:
+        raise FileExistsError(f"{output}: input {inside[0]} has the name of one of this folder's outputs; "
+                              "choose another output folder")
 
 
 def _check_compatible(output: Path, settings: dict) -> None:
     try:
         existing = json.loads((output / "manifest.json").read_text())
     except FileNotFoundError:
-        if output.is_dir() and any(output.glob("shard-*")):
-            raise FileExistsError(f"{output}: holds shards but no manifest.json; use --overwrite to replace them") from None
         return
-    except ValueError:
-        raise FileExistsError(f"{output}/manifest.json: unreadable; use --overwrite to start again") from None
     changed = [key for key in SETTINGS if _comparable(key, existing.get(key)) != _comparable(key, settings[key])]
     if changed:
         raise FileExistsError(
@@ -250,13 +304,17 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute
     lines = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
     atomic_write(output / "failures.jsonl", lambda tmp: tmp.write_text(lines))
     for stale in output.glob("shard-*.done.json"):  # shards past the end of a shrunk input
-        index = int(stale.name.split(".")[0].split("-")[1])
+        index = int(stale.name[6:11]) if OWNED.fullmatch(stale.name) else -1
         if index >= len(shards):
-            for name in read_marker(output, index)["files"] + [stale.name]:
+            files = (read_marker(output, index) or {}).get("files") or []
+            for name in [n for n in files if isinstance(n, str) and n.startswith(shard_name(index) + ".")
+                         and OWNED.fullmatch(n)] + [stale.name]:
                 (output / name).unlink(missing_ok=True)
     row_shape = next((m["row_shape"] for m in markers if m["row_shape"]), None)
+    previous = json.loads((output / "manifest.json").read_text())
     write_json(output / "manifest.json", {
         "format_version": 1,
+        "tool": TOOL,
         "complete": True,
         **settings,
         "compute_dtype": compute_dtype,
@@ -265,6 +323,7 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute
         "counts": {"images": sum(map(len, shards)), "embedded": sum(m["rows"] for m in markers),
                    "failed": len(failures), "shards": len(shards)},
         "shards": [{"name": m["shard"], "rows": m["rows"], "files": m["files"]} for m in markers],
+        "files": previous.get("files") or [],
     })
 
 

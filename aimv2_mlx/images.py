@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
+from .folders import open_regular
 
 try:  # HEIC/HEIF through the optional `heif` extra
     from pillow_heif import register_heif_opener
@@ -27,6 +28,7 @@ else:
 
 ImageInput = Union[str, os.PathLike, Image.Image, BinaryIO]
 DEFAULT_MAX_MEGAPIXELS = 178.0
+NATIVE_MAX_AREA = 16  # native resolution keeps the aspect ratio: at most 16 squares' worth of patches
 _BACKGROUND = (255, 255, 255)
 
 
@@ -45,16 +47,23 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
         return _upright_rgb(source, name or "<PIL image>", max_megapixels)
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            handle = open_regular(source)
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        with handle:
+            return open_image(handle, max_megapixels, name)
     try:
-        handle = Image.open(source)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
+        image = Image.open(source)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: exceeds Pillow's decompression-bomb megapixel limit ({exc})") from None
     except Exception as exc:
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
-    with handle:
-        return _upright_rgb(handle, name, max_megapixels)
+    with image:
+        return _upright_rgb(image, name, max_megapixels)
 
 
 def _upright_rgb(image: Image.Image, name, max_megapixels: float | None) -> Image.Image:
@@ -107,21 +116,44 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
 
 
+def _shortest_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size with the shorter side `size` (transformers' rounding of the longer one)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def _offset(extra: int, rounding: str) -> int:
+    return extra // 2 if rounding == "floor" else int(round(extra / 2.0))
+
+
 def resize_shortest(image: Image.Image, size: int) -> Image.Image:
     """Bicubic resize so the shorter side is `size` (transformers' rounding of the longer one)."""
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return image.resize(_shortest_size(*image.size, size), Image.Resampling.BICUBIC)
 
 
 def center_crop(image: Image.Image, size: int, rounding: str = "floor") -> Image.Image:
     """Centre crop; `rounding` "floor" is transformers' offset, "round" torchvision's."""
     w, h = image.size
-    offset = (lambda d: d // 2) if rounding == "floor" else (lambda d: int(round(d / 2.0)))
-    left, top = offset(w - size), offset(h - size)
+    left, top = _offset(w - size, rounding), _offset(h - size, rounding)
     return image.crop((left, top, left + size, top + size))
+
+
+def resize_then_crop(image: Image.Image, shortest: int, crop: int, rounding: str) -> Image.Image:
+    """`center_crop(resize_shortest(image, shortest), crop)` without resizing what the crop drops.
+
+    Up to 8:1 the whole image is resized, exactly as transformers' CLIPImageProcessor does; a
+    longer strip (a 65535x1 PNG would resize to 3.3 gigapixels at 224) resamples only the source
+    box that becomes the crop, which agrees to a few levels of 255.
+    """
+    w, h = image.size
+    new_w, new_h = _shortest_size(w, h, shortest)
+    if max(new_w, new_h) <= 8 * shortest:
+        return center_crop(image.resize((new_w, new_h), Image.Resampling.BICUBIC), crop, rounding)
+    left, top = _offset(new_w - crop, rounding), _offset(new_h - crop, rounding)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return image.resize((crop, crop), Image.Resampling.BICUBIC, box=box)
 
 
 def native_size(width: int, height: int, shortest: int, patch: int) -> tuple[int, int]:
@@ -136,12 +168,15 @@ def native_size(width: int, height: int, shortest: int, patch: int) -> tuple[int
 def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14) -> np.ndarray:
     """One RGB image to a normalised float32 (H, W, 3) array."""
     if config.mode == "clip":
-        image = center_crop(resize_shortest(image, config.size), config.size, "floor")
+        image = resize_then_crop(image, config.size, config.size, "floor")
     elif config.mode == "ml-aim":
-        image = resize_shortest(image, math.ceil(config.size / config.crop_fraction))
-        image = center_crop(image, config.size, "round")
+        image = resize_then_crop(image, math.ceil(config.size / config.crop_fraction), config.size, "round")
     elif config.mode == "native":
-        image = image.resize(native_size(*image.size, config.size, patch_size), Image.Resampling.BICUBIC)
+        width, height = native_size(*image.size, config.size, patch_size)
+        if width * height > NATIVE_MAX_AREA * config.size ** 2:
+            raise ImageError(f"{image.width}x{image.height} is too elongated for native resolution "
+                             f"({width}x{height} pixels, over {NATIVE_MAX_AREA}x the {config.size}-pixel square)")
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
     else:
         raise ValueError(f"unknown preprocessing mode {config.mode!r}")
     pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .folders import naming_full_disk
+
 FORMATS = ("npy", "safetensors", "parquet")
 METADATA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                       ("width", pa.int32()), ("height", pa.int32())])
@@ -28,8 +30,9 @@ def atomic_write(path: Path, write) -> None:
     """`write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with naming_full_disk(path):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

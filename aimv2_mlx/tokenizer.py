@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
@@ -21,6 +21,7 @@ from tokenizers.models import BPE
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 CONTEXT_LENGTH = 77
+MAX_CAPTION_CHARS = 1000  # longer captions are cut before BPE training (see `bounded_captions`)
 # CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, and
 # runs of anything else that is not whitespace.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -135,9 +136,24 @@ class CaptionTokenizer:
         return path
 
 
+def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[str], int]:
+    """Captions cut to `max_chars` characters, and how many were cut.
+
+    BPE training time grows with the square of a word's length (every merge rescans it), so one
+    megabyte-long token would stall it for hours; a caption longer than the context can hold
+    teaches the tokenizer nothing the cut one does not.
+    """
+    kept, cut = [], 0
+    for caption in captions:
+        if len(caption) > max_chars:
+            caption, cut = caption[:max_chars], cut + 1
+        kept.append(caption)
+    return kept, cut
+
+
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_length: int = 77,
-                    min_frequency: int = 2) -> CaptionTokenizer:
-    """A BPE over the captions (ids 0 and 1 are EOS and UNK)."""
+                    min_frequency: int = 2, report: Callable[[str], None] | None = None) -> CaptionTokenizer:
+    """A BPE over the captions (ids 0 and 1 are EOS and UNK); `report` hears how many were cut."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -147,6 +163,9 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_len
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, UNK],
                                   show_progress=False)
+    captions, cut = bounded_captions(captions)
+    if cut and report is not None:
+        report(f"cut {cut} captions to {MAX_CAPTION_CHARS} characters before training the tokenizer")
     tok.train_from_iterator(captions, trainer)
     return CaptionTokenizer(tok, context_length)
 

@@ -33,7 +33,8 @@ def embed(
     max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels",
                                          help="Larger images are listed as failures (decompression bombs)."),
     workers: int = typer.Option(0, "--workers", help="Decoding threads (0: up to 4, one per core)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs made with other settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs an earlier run here made with other "
+                                   "settings (only the files its manifest lists)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with 1 if any image failed."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:

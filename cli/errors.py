@@ -6,11 +6,12 @@ import contextlib
 
 import typer
 
+from aimv2_mlx.folders import DiskFullError, FolderInUseError
 from aimv2_mlx.images import ImageError
 from aimv2_mlx.model import ModelNotFoundError
 from aimv2_mlx.weights import CheckpointError
 
-EXPECTED = (ModelNotFoundError, CheckpointError, ImageError, OSError, ValueError, KeyError)
+EXPECTED = (ModelNotFoundError, CheckpointError, ImageError, OSError, ValueError, KeyError, FolderInUseError)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import typer
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
 from aimv2_mlx.train.config import PRESETS, PretrainConfig
-from aimv2_mlx.train.loop import pretrain as run_pretraining
+from aimv2_mlx.train.loop import check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
 
@@ -47,14 +47,19 @@ def pretrain(
     sample_every: int = typer.Option(0, help="Reconstruction grid + greedy captions every K steps (0: off)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over mlx.launch ranks."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at an unreadable image instead of replacing it "
+                                                        "(replaced ones are listed in failures.jsonl)."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change",
+                                           help="With --resume: continue on data other than the run's."),
 ) -> None:
     """Pre-train an AIMv2 encoder + decoder on image + caption pairs."""
     with one_line_errors():
         source = load_captioned(data)
         config = tok = None
         if not resume:
+            check_new_run(out)  # before training a tokenizer
             tok = (load_tokenizer(tokenizer, context_length) if tokenizer
-                   else train_tokenizer(source.captions(), vocab_size, context_length))
+                   else train_tokenizer(source.captions(), vocab_size, context_length, report=typer.echo))
             config = PretrainConfig.from_preset(
                 preset, tok.vocab_size, context_length, objective=objective, steps=steps, batch_size=batch_size,
                 accumulation=accumulation, warmup_steps=warmup_steps, peak_lr=lr, end_lr=end_lr,
@@ -66,7 +71,8 @@ def pretrain(
             config.decoder = _override(config.decoder, hidden_size=decoder_width, num_hidden_layers=decoder_depth,
                                        num_attention_heads=decoder_heads)
             _check(config)
-        record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed, echo=typer.echo)
+        record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed, echo=typer.echo,
+                                 strict=strict, allow_data_change=allow_data_change)
     if record:
         typer.echo(f"done: step {record['step']}, loss {record['loss']:.4f}; checkpoints in {out / 'checkpoints'}")
 

@@ -22,6 +22,6 @@ def train(
 ) -> None:
     """Train a lower-cased, punctuation-free BPE (EOS pads and is ignored by the loss)."""
     with one_line_errors():
-        tokenizer = train_tokenizer(load_captioned(data).captions(), vocab_size)
+        tokenizer = train_tokenizer(load_captioned(data).captions(), vocab_size, report=typer.echo)
         tokenizer.save(output)
     typer.echo(f"wrote {output} ({tokenizer.vocab_size} tokens)")

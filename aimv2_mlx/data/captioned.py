@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..folders import open_regular
 from ..images import ImageError, open_image
 from .sources import images_under
 
@@ -33,6 +34,8 @@ class CaptionedSample:
     caption: str
     path: Path | None = None  # an image file, or the tar holding it
     member: str | None = None  # the image's member name inside `path` when it is a tar
+    offset: int = -1  # where the member's bytes start inside the tar
+    size: int = 0  # how many bytes it has
 
 
 class CaptionedImages:
@@ -41,7 +44,6 @@ class CaptionedImages:
             raise CaptionDataError(f"{origin}: no image + caption pairs found")
         self.samples = samples
         self.origin = origin
-        self._tars: dict[Path, tarfile.TarFile] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,24 +52,27 @@ class CaptionedImages:
         return [s.caption for s in self.samples]
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        """Safe from several threads at once: each call opens the file it reads."""
         sample = self.samples[index]
         if sample.member is None:
             return open_image(sample.path), sample.caption
-        tar = self._tars.get(sample.path)
-        if tar is None:
-            tar = self._tars[sample.path] = tarfile.open(sample.path)
+        name = f"{sample.path}:{sample.member}"
         try:
-            data = tar.extractfile(sample.member).read()
-        except (KeyError, AttributeError, tarfile.TarError) as exc:
-            raise ImageError(f"{sample.path}:{sample.member}: cannot read ({exc})") from None
-        return open_image(Image.open(io.BytesIO(data))), sample.caption
+            with open_regular(sample.path) as tar:
+                if sample.offset + sample.size > os.fstat(tar.fileno()).st_size:
+                    raise ImageError(f"{name}: the tar ends inside this member")
+                tar.seek(sample.offset)
+                data = tar.read(sample.size)
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        return open_image(io.BytesIO(data), name=name), sample.caption
 
 
 def load_captioned(source: str | os.PathLike) -> CaptionedImages:
     """A folder (sidecars, or tars inside it), a `.jsonl`/`.csv` list, or a `.tar` file."""
     source = Path(source).expanduser()
     if source.is_dir():
-        tars = sorted(source.glob("*.tar"))
+        tars = sorted(path for path in source.glob("*.tar") if path.is_file())
         return from_tars(tars, str(source)) if tars else from_sidecars(source)
     if not source.is_file():
         raise CaptionDataError(f"{source}: no such folder or caption file")
@@ -84,7 +89,7 @@ def from_sidecars(folder: Path) -> CaptionedImages:
     for path in images_under(folder):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            samples.append(CaptionedSample(path.relative_to(folder).as_posix(), _clean(sidecar.read_text()), path))
+            samples.append(CaptionedSample(path.relative_to(folder).as_posix(), _read_caption(sidecar), path))
     return CaptionedImages(samples, str(folder))
 
 
@@ -93,14 +98,14 @@ def from_list(path: Path) -> CaptionedImages:
     rows = []
     try:
         if path.suffix == ".jsonl":
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if line.strip():
                     try:
                         rows.append((number, json.loads(line)))
                     except json.JSONDecodeError as exc:
                         raise CaptionDataError(f"{path}:{number}: not JSON ({exc.msg})") from None
         else:
-            with open(path, newline="") as handle:
+            with open(path, newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
                 rows = [(number, row) for number, row in enumerate(reader, 2)]
     except UnicodeDecodeError:
@@ -133,10 +138,18 @@ def from_tars(tars: list[Path], origin: str) -> CaptionedImages:
                     if image is not None and ".txt" in parts:
                         text = tar.extractfile(parts[".txt"]).read().decode("utf-8", "replace")
                         samples.append(CaptionedSample(f"{tar_path.name}:{image.name}", _clean(text), tar_path,
-                                                       image.name))
-        except tarfile.TarError as exc:
+                                                       image.name, image.offset_data, image.size))
+        except (tarfile.TarError, OSError) as exc:
             raise CaptionDataError(f"{tar_path}: not a readable tar ({exc})") from None
     return CaptionedImages(samples, origin)
+
+
+def _read_caption(sidecar: Path) -> str:
+    """A sidecar's text; bytes that are not UTF-8 become U+FFFD, as in tar captions."""
+    try:
+        return _clean(sidecar.read_bytes().decode("utf-8-sig", "replace"))
+    except OSError as exc:
+        raise CaptionDataError(f"{sidecar}: cannot read ({exc.strerror or exc})") from None
 
 
 def _clean(text: str) -> str:

@@ -54,6 +54,8 @@ def decode(source, config: PreprocessConfig, patch_size: int,
     except ImageError as exc:
         reason = str(exc)
         reason = reason[len(name) + 2:] if reason.startswith(name + ": ") else reason
+    except OSError as exc:  # missing, or not a regular file
+        reason = f"cannot read ({exc.strerror or exc})"
     except Exception as exc:  # a broken file must never stop a run
         reason = f"{type(exc).__name__}: {exc}"
     return Decoded(source, error=display(reason))  # reasons may quote undecodable file names

@@ -12,6 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..folders import open_regular
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
 
 
@@ -28,8 +30,10 @@ class Item:
     def open(self):
         """A binary file object with the image's bytes."""
         if self.offset < 0:
-            return open(self.path, "rb")
-        with open(self.path, "rb") as tar:
+            return open_regular(self.path)
+        with open_regular(self.path) as tar:
+            if self.offset + self.size > os.fstat(tar.fileno()).st_size:
+                raise OSError(f"the tar ends inside member {self.key}")
             tar.seek(self.offset)
             return io.BytesIO(tar.read(self.size))
 
@@ -66,6 +70,8 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
             found += _tar_members(root, prefix)
         elif root.is_file():
             found += _listed(root, prefix)
+        elif root.exists():
+            raise FileNotFoundError(f"{source}: not a regular file or folder")
         else:
             raise FileNotFoundError(f"{source}: no such file or folder")
     found.sort(key=lambda entry: entry[0])
@@ -102,11 +108,15 @@ def _walk(root: Path, prefix: str):
             try:
                 if child.is_dir():
                     stack.append((child.path, key + b"/", ancestors))
-                elif os.path.splitext(child.name)[1].lower().decode("ascii", "replace") in IMAGE_SUFFIXES:
+                elif child.is_file() and _suffix(child.name) in IMAGE_SUFFIXES:  # never a FIFO or device
                     entries.append(_entry(os.fsencode(prefix) + key, os.fsdecode(child.path), child.stat()))
             except OSError:  # a dangling link or a file removed during the walk
                 continue
     return entries
+
+
+def _suffix(name: bytes) -> str:
+    return os.path.splitext(name)[1].lower().decode("ascii", "replace")
 
 
 def _tar_members(tar_path: Path, prefix: str):
@@ -128,7 +138,7 @@ def _tar_members(tar_path: Path, prefix: str):
 def _listed(list_path: Path, prefix: str):
     entries = []
     base = list_path.parent
-    for line in list_path.read_text(errors="surrogateescape").splitlines():
+    for line in list_path.read_text(errors="surrogateescape").removeprefix("\ufeff").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.sources import images_under
+from ..folders import naming_full_disk
 
 
 class ProbeDataError(ValueError):
@@ -96,7 +97,7 @@ def _read_rows(path: Path) -> list[tuple[str, str]]:
         if not {"path", "label"} <= columns:
             raise ProbeDataError(f"{path}: needs 'path' and 'label' columns (has {', '.join(sorted(columns))})")
         return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise ProbeDataError(f"{path}: needs a header with 'path' and 'label' columns")
@@ -132,5 +133,6 @@ def save_split(path: Path, splits: dict[str, LabelledImages], settings: dict) ->
     record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels)]
                              for name, data in splits.items()}}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    with naming_full_disk(path):
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)

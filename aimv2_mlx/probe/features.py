@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..data.pipeline import batches, decode, decoded
 from ..embed import model_identity
+from ..folders import naming_full_disk
 from ..images import DEFAULT_MAX_MEGAPIXELS
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
@@ -66,12 +68,12 @@ def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int
     """
     cache_dir = cache_dir or default_cache_dir()
     wanted = cache_dir / f"{cache_key(paths, model, kind, blocks)}.npz"
-    if wanted.exists():
-        return _read(wanted)
+    cached = _read(wanted, len(paths))
+    if cached is not None:
+        return cached
     if kind == "mean":
-        tokens = cache_dir / f"{cache_key(paths, model, 'tokens', blocks)}.npz"
-        if tokens.exists():
-            cached = _read(tokens)
+        cached = _read(cache_dir / f"{cache_key(paths, model, 'tokens', blocks)}.npz", len(paths))
+        if cached is not None and cached.values.ndim == 3:
             return Features(cached.values.mean(axis=1), cached.kept, cached.failures, True)
     features = extract(paths, model, kind, blocks, batch_size, workers, max_megapixels)
     if kind == "tokens" and features.values.nbytes > TOKEN_CACHE_WARN_BYTES:
@@ -119,15 +121,25 @@ def _tokens(model, pixels: mx.array, blocks: tuple[int, ...] | None) -> mx.array
     return sum(outputs[1:], outputs[0]) / len(outputs)
 
 
-def _read(path: Path) -> Features:
-    with np.load(path, allow_pickle=False) as data:
-        failures = json.loads(str(data["failures"]))
-        return Features(data["values"], data["kept"], failures, from_cache=True)
+def _read(path: Path, count: int) -> Features | None:
+    """A cache entry, or None when there is none or it is damaged (then it is recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            features = Features(data["values"], data["kept"], json.loads(str(data["failures"])), from_cache=True)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    kept = features.kept
+    fits = (kept.ndim == 1 and kept.dtype.kind == "i" and len(kept) == len(features.values) <= count
+            and (len(kept) == 0 or (kept.min() >= 0 and kept.max() < count)) and isinstance(features.failures, list))
+    return features if fits else None
 
 
 def _write(path: Path, features: Features) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
-    os.replace(tmp, path)
+    with naming_full_disk(path):
+        with open(tmp, "wb") as handle:
+            np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
+        os.replace(tmp, path)

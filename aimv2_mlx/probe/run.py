@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..embed import model_identity
+from ..folders import naming_full_disk
 from ..images import ImageError
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
@@ -120,8 +121,9 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
             log(skipped)
     _save_heads(output, heads, classes, model, kind, settings)
     tmp = output / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, output / "metrics.json")
+    with naming_full_disk(output / "metrics.json"):
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, output / "metrics.json")
     return report
 
 
@@ -146,8 +148,9 @@ def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, L
 
 def _write_failures(path: Path, failures: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-    os.replace(tmp, path)
+    with naming_full_disk(path):
+        tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
+        os.replace(tmp, path)
 
 
 def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str, settings: ProbeSettings) -> None:
@@ -168,9 +171,11 @@ def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str,
         else:
             arrays = head_arrays(head)
             record["heads"][name] = {"file": "attentive.safetensors", "num_heads": head.num_heads}
-        mx.save_safetensors(str(output / record["heads"][name]["file"]),
-                            {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+        with naming_full_disk(output / record["heads"][name]["file"]):
+            mx.save_safetensors(str(output / record["heads"][name]["file"]),
+                                {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    with naming_full_disk(output / "probe.json"):
+        (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _load_argument(model) -> dict | None:
@@ -209,8 +214,22 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
         record = json.loads((folder / "probe.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no probe.json (not a folder written by `aimv2 probe`)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder / 'probe.json'}: unreadable ({exc})") from None
+    try:
+        return _probe_from_record(folder, record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise ValueError(f"{folder / 'probe.json'}: not a probe record `aimv2 probe` wrote "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _probe_from_record(folder: Path, record: dict) -> LoadedProbe:
+    if not isinstance(record["classes"], list) or "load" not in record["model"] or "blocks" not in record["features"]:
+        raise ValueError("classes, model.load or features.blocks missing")
     heads = {}
     for name, info in record["heads"].items():
+        if Path(info["file"]).name != info["file"]:
+            raise ValueError(f"head file {info['file']!r} is outside the probe folder")
         arrays = {k: np.array(v) for k, v in mx.load(str(folder / info["file"])).items()}
         if name == "linear":
             heads[name] = LinearHead(arrays["weight"], arrays["bias"], info["C"], info["normalize"])

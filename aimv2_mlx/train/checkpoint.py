@@ -1,59 +1,166 @@
 """Training checkpoints, written atomically: a folder built under a temporary name and renamed
 into place, then a `latest` pointer replaced atomically. A checkpoint holds the encoder (an MLX
 model folder `aimv2 embed` can load), the decoder, the optimizer state (moments, step, lr), and
-`state.json` (step, samples seen, seed). All training randomness is drawn from (seed, step) or
-(seed, epoch, sample) (see `batches`), so the seed and the step are the whole RNG state.
+`state.json` (step, samples seen, seed, and the size of every file, written last). All training
+randomness is drawn from (seed, step) or (seed, epoch, sample) (see `batches`), so the seed and
+the step are the whole RNG state.
+
+Resume trusts no single file: it takes the newest checkpoint whose files are all there with the
+sizes `state.json` recorded and whose safetensors headers match their lengths, and says so
+when that is not the one `latest` names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..folders import naming_full_disk
 from ..model import save as save_encoder
 
 LATEST = "latest"
+STEP = re.compile(r"step-(\d{8})")
+FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensors", "optimizer.safetensors")
 
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
     folder = run / "checkpoints" / f"step-{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_encoder(model.encoder, tmp / "encoder")
-    mx.save_safetensors(str(tmp / "decoder.safetensors"), dict(tree_flatten(model.decoder.parameters())))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+    with naming_full_disk(tmp / "encoder"):
+        save_encoder(model.encoder, tmp / "encoder")
+    for name, tree in (("decoder.safetensors", model.decoder.parameters()), ("optimizer.safetensors", optimizer.state)):
+        with naming_full_disk(folder / name):
+            mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
+    sizes = {name: (tmp / name).stat().st_size for name in FILES}
+    with naming_full_disk(folder / "state.json"):
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     pointer = run / "checkpoints" / (LATEST + ".tmp")
-    pointer.write_text(folder.name + "\n")
+    with naming_full_disk(pointer):
+        pointer.write_text(folder.name + "\n")
     os.replace(pointer, run / "checkpoints" / LATEST)
-    for old in sorted((run / "checkpoints").glob("step-*[0-9]"))[:-keep] if keep else []:
+    older = [path for s, path in checkpoints(run) if s < step]
+    for old in older[keep - 1:] if keep else []:  # the newest `keep` up to this step stay
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoints/step-NNNNNNNN` folder, newest first."""
+    found = []
+    if (run / "checkpoints").is_dir():
+        for entry in os.scandir(run / "checkpoints"):
+            match = STEP.fullmatch(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match[1]), Path(entry.path)))
+    return sorted(found, reverse=True)
+
+
+def problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (missing, truncated or tampered files), or None."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except FileNotFoundError:
+        return "state.json missing"
+    except (OSError, ValueError):
+        return "state.json unreadable"
+    match = STEP.fullmatch(folder.name)
+    if not isinstance(state, dict) or not match or state.get("step") != int(match[1]):
+        return "state.json does not match the folder's step"
+    sizes = state.get("files")
+    if not isinstance(sizes, dict):
+        sizes = dict.fromkeys(FILES)  # written before sizes were recorded: check presence and headers
+    for name in FILES:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if sizes.get(name) is not None and path.stat().st_size != sizes[name]:
+            return f"{name} has {path.stat().st_size} bytes, {sizes[name]} were written"
+        if name.endswith(".safetensors") and not _complete_safetensors(path):
+            return f"{name} truncated"
+    return None
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """The header parses and its last tensor ends exactly at the end of the file."""
+    try:
+        with open(path, "rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            if length > path.stat().st_size - 8:
+                return False
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return False
+    return 8 + length + max(ends, default=0) == path.stat().st_size
+
+
+def read_pointer(run: Path) -> tuple[str | None, str | None]:
+    """(the folder name `latest` names, or None; why not, or None)."""
+    try:
+        name = (run / "checkpoints" / LATEST).read_bytes().decode("utf-8").strip()
+    except FileNotFoundError:
+        return None, "the latest pointer is missing"
+    except (OSError, UnicodeDecodeError):
+        return None, "the latest pointer is unreadable"
+    if not STEP.fullmatch(name):
+        return None, "the latest pointer is garbled"
+    return name, None
+
+
+def resume_point(run: Path) -> tuple[Path | None, str | None]:
+    """(the newest complete checkpoint, a one-line note when it is not simply the `latest` one).
+
+    (None, note) when the run has no checkpoint folder yet; `ValueError` when it has some but
+    none is complete, naming each and what is wrong with it.
+    """
+    named, pointer_problem = read_pointer(run)
+    found = checkpoints(run)
+    if not found:
+        if named is not None:
+            raise ValueError(f"{run / 'checkpoints'}: holds no checkpoint to resume from")
+        return None, f"{run}: no checkpoint yet; starting at step 0"
+    skipped = []
+    for _, folder in found:
+        reason = problem(folder)
+        if reason is None:
+            break
+        skipped.append(f"{folder.name} ({reason})")
+    else:
+        raise ValueError(f"{run / 'checkpoints'}: no complete checkpoint to resume from: {'; '.join(skipped)}")
+    if not skipped and named == folder.name:
+        return folder, None
+    why = [f"skipped {', '.join(skipped)}"] if skipped else []
+    why += [pointer_problem] if pointer_problem else []
+    why += [f"the latest pointer names {named}"] if named not in (None, folder.name) else []
+    return folder, f"resuming from {folder} ({'; '.join(why)})"
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / LATEST
-    if not pointer.is_file():
+    """The checkpoint `resume_point` picks, or None when the run has none."""
+    if not (run / "checkpoints").is_dir():
         return None
-    folder = run / "checkpoints" / pointer.read_text().strip()
-    if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"{folder}: the latest checkpoint is missing or incomplete")
-    return folder
+    return resume_point(run)[0]
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
     """Weights and optimizer state into `model`/`optimizer`; returns `state.json`."""
-    model.encoder.load_weights(str(folder / "encoder" / "model.safetensors"))
-    model.decoder.load_weights(str(folder / "decoder.safetensors"))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    mx.eval(model.parameters(), optimizer.state)
+    try:
+        model.encoder.load_weights(str(folder / "encoder" / "model.safetensors"))
+        model.decoder.load_weights(str(folder / "decoder.safetensors"))
+        optimizer.init(model.trainable_parameters())
+        optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        mx.eval(model.parameters(), optimizer.state)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{folder}: does not fit this run's model ({exc})") from None
     return json.loads((folder / "state.json").read_text())

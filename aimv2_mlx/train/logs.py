@@ -8,16 +8,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ..folders import naming_full_disk
+
 
 def append(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
+    with naming_full_disk(path), open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
 def read(path: Path) -> list[dict]:
+    """The records; a torn last line (a run killed mid-write) is dropped, any other bad line refused."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a log record")
+        records.append(record)
+    return records
 
 
 def truncate(path: Path, step: int) -> None:
@@ -26,7 +41,8 @@ def truncate(path: Path, step: int) -> None:
         return
     keep = [r for r in read(path) if r.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    with naming_full_disk(path):
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
 

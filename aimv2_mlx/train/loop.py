@@ -1,13 +1,17 @@
 """`pretrain()`: the training run — set up or resume a run folder, then step, log, checkpoint.
 
-A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `log.jsonl`,
-`loss.png`, `samples/` and `checkpoints/`. With `distributed=True` (under `mlx.launch`) every
+A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the
+data's size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they
+were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or
+empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
 rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
 alone writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -20,15 +24,20 @@ from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
+from ..folders import is_empty, locked, naming_full_disk
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
 from .batches import BatchPlan
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .config import PretrainConfig
 from .init import init_pretraining
 from .optimizer import build_optimizer
 from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
+
+
+DATA = "data.json"  # the size and sample-list digest of the data the run trains on
+FAILURES = "failures.jsonl"  # unreadable samples, each with the step that first drew it
 
 
 def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
@@ -52,48 +61,122 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
 
 
 def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
-             resume: bool = False, until: int | None = None, distributed: bool = False, echo=print) -> dict:
+             resume: bool = False, until: int | None = None, distributed: bool = False, echo=print,
+             strict: bool = False, allow_data_change: bool = False) -> dict:
     """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
     like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
-    `until` stops early (after writing a checkpoint) without changing the schedule."""
+    `until` stops early (after writing a checkpoint) without changing the schedule. Unreadable
+    samples are replaced and listed in failures.jsonl (`strict`: stop instead); resuming on data
+    other than the run's (size or sample list) is refused unless `allow_data_change`."""
     out = Path(out)
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo)
+    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change)
 
 
-def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo) -> dict:
+def check_new_run(out: Path) -> None:
+    """A new run goes into a new or empty folder only (never among a user's files)."""
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
+    if not is_empty(out):
+        raise FileExistsError(f"{out}: not empty and not an aimv2 pretrain run folder; "
+                              "choose a new or empty run folder")
+
+
+def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
+    if not ((out / "config.json").is_file() and (out / "checkpoints").is_dir()):
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json and checkpoints/)")
+    try:
+        config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
+    return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
+
+
+def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
+           strict: bool = False, allow_data_change: bool = False) -> dict:
+    """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
+    if rank == 0 and not resume:
+        check_new_run(out)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change)
+
+
+def data_identity(source) -> dict:
+    """The data a run trains on: its size and a digest of its sample names, in order."""
+    samples = getattr(source, "samples", None)
+    digest = None
+    if samples is not None:
+        names = "\n".join(str(getattr(sample, "name", sample)) for sample in samples)
+        digest = hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return {"origin": str(getattr(source, "origin", "")), "samples": len(source), "sha256": digest}
+
+
+def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
+    """Refuse (or, allowed, announce) resuming on data other than the run's."""
+    path = out / DATA
+    try:
+        recorded = json.loads(path.read_text())
+        before = (recorded["samples"], recorded["sha256"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, KeyError):
+        if not allow_change:
+            raise ValueError(f"{path}: unreadable (it records the data this run was trained on); "
+                             "pass --allow-data-change to continue on this data") from None
+        echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
+        return
+    if before == (identity["samples"], identity["sha256"]):
+        return
+    what = (f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but the run "
+            f"was trained on {before[0]} (digest {before[1]})")
+    if not allow_change:
+        raise ValueError(f"{what}; pass --allow-data-change to continue on this data")
+    echo(f"warning: {what}; continuing on the new data")
+
+
+def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
+         strict: bool, allow_data_change: bool) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
-        config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-        tokenizer = load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
+        config, tokenizer = _read_run(out)
     else:
         if config is None or tokenizer is None:
             raise ValueError("a new run needs a config and a tokenizer")
-        if rank == 0 and (out / "checkpoints").exists():
-            raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
         if rank == 0:
+            check_new_run(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            config.save(out / "config.json")
-            tokenizer.save(out / "tokenizer.json")
+            for name, item in (("config.json", config), ("tokenizer.json", tokenizer)):
+                with naming_full_disk(out / name):
+                    item.save(out / name)
     if tokenizer.vocab_size > config.decoder.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+    identity = data_identity(source)
+    if resume:
+        _check_data(out, identity, allow_data_change, echo)
 
     model = build_pretrain_model(config, str(getattr(source, "origin", "")))
     optimizer = build_optimizer(config)
     optimizer.init(model.trainable_parameters())
     start = 0
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint, note = resume_point(out) if resume else (None, None)
+    if note:
+        echo(note)
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
-        if rank == 0:
-            logs.truncate(out / "log.jsonl", start)
         echo(f"resumed {checkpoint} at step {start}")
+    if rank == 0:
+        with naming_full_disk(out / DATA):
+            (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
+    if resume and rank == 0:
+        logs.truncate(out / "log.jsonl", start)
+        logs.truncate(out / FAILURES, start)
+    failed = {f["sample"] for f in logs.read(out / FAILURES)} if rank == 0 else set()
     all_sum = (lambda x: mx.distributed.all_sum(x, group=group)) if world > 1 else None
     train_step = TrainStep(model, optimizer, config, tokenizer.ignore_ids, all_sum)
-    plan = BatchPlan(source, tokenizer, config, rank, world)
+    plan = BatchPlan(source, tokenizer, config, rank, world, strict=strict)
     end = config.steps if until is None else min(until, config.steps)
     record: dict = {}
     future = plan.prefetch(start) if start < end else None
@@ -108,18 +191,27 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
                   "img_per_s": plan.global_batch / seconds, "samples_seen": plan.samples_seen(done)}
         if rank != 0:
             continue
+        for failure in batch.failures:
+            if failure["sample"] not in failed:
+                failed.add(failure["sample"])
+                logs.append(out / FAILURES, failure)
+        record["skipped"] = len(failed)
         if done % config.log_every == 0 or done == end:
             logs.append(out / "log.jsonl", record)
+            skipped = f"; {len(failed)} unreadable samples replaced (failures.jsonl)" if failed else ""
             echo(f"step {done}/{config.steps} loss {stats['loss']:.4f} (pixel {stats['loss_pixel']:.4f}, "
-                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s")
+                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}")
         if config.sample_every and done % config.sample_every == 0:
-            write_samples(model, batch.micro[0], tokenizer, config, out / "samples" / f"step-{done:08d}")
+            prefix = out / "samples" / f"step-{done:08d}"
+            with naming_full_disk(prefix.with_suffix(".png")):
+                write_samples(model, batch.micro[0], tokenizer, config, prefix)
         if done % config.checkpoint_every == 0 or done == end:
             save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
-                                                          "config": config.to_dict()})
+                                                          "config": config.to_dict(), "data": identity})
     if rank != 0:
         return {}
-    logs.plot_losses(out / "log.jsonl", out / "loss.png")
+    with naming_full_disk(out / "loss.png"):
+        logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
 
 
