@@ -337,7 +337,9 @@ def preset(name: str) -> ModelConfig:
 
 @dataclass
 class DecoderConfig:
-    """The pre-training decoder (facts §5): one causal transformer over image tokens + caption.
+    """The pre-training decoder: one causal transformer over image tokens + caption.
+
+    The recipe of apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml.
 
     Saved with training checkpoints only; exported encoders never carry it.
     """

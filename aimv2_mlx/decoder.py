@@ -1,4 +1,5 @@
-"""The AIMv2 pre-training decoder (facts §5): one causal transformer over image tokens + caption.
+"""The AIMv2 pre-training decoder: one causal transformer over image tokens + caption
+(apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml).
 
 Sequence: [N projected encoder tokens ; start vector ; T caption tokens]. Image tokens get no
 positions here (the encoder already added them); the start vector and caption tokens share a

@@ -1,4 +1,5 @@
-"""The AIMv2 objective (facts §5): prefix-masked encoder, shifted pixel targets, next-token text.
+"""The AIMv2 objective: prefix-masked encoder, shifted pixel targets, next-token text
+(arXiv 2411.14402 §2; apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml).
 
 L = pixel_weight · L_pixel + text_weight · L_text (0.4 and 1.0), where
 

@@ -93,7 +93,8 @@ class ClipTokenizer:
 
 
 # --- captions for pre-training ----------------------------------------------------------------
-# Like the SigLIP tokenizer of the recipe (facts §5): lower-cased, punctuation stripped, no BOS,
+# Like the SigLIP tokenizer of the recipe (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml):
+# lower-cased, punctuation stripped, no BOS,
 # captions truncated to the context length and padded with the EOS id, which the loss ignores
 # (so EOS is never a target).
 

@@ -20,7 +20,7 @@ def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> Mod
 
 
 def timm_key(ml_aim_key: str) -> str:
-    """An ml-aim key rewritten by hand into timm's `aimv2_*` name (facts §3), not by our key map."""
+    """An ml-aim key rewritten by hand into timm's `aimv2_*` name, not by our key map."""
     return (ml_aim_key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
             .replace("preprocessor.patchifier.norm", "patch_embed.norm")
             .replace("preprocessor.pos_embed", "pos_embed")

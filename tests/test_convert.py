@@ -2,7 +2,7 @@
 pickles are read safely without torch, bad input fails cleanly, quantization keeps embeddings.
 
 The ml-aim and timm checkpoints are written by hand from the transformers reference's state dict
-with the names of facts §3 (not with our key map), so a wrong map would show.
+with the names ml-aim and timm use (not with our key map), so a wrong map would show.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TOL = 1e-4
 
 
 def _ml_aim_state(hf: dict, channels_last: bool) -> dict:
-    """transformers names -> ml-aim names (facts §3), q/k/v fused in that order."""
+    """transformers' names (modeling_aimv2.py) -> ml-aim names, q/k/v fused in that order."""
     out = {}
     for key, value in hf.items():
         value = np.ascontiguousarray(value)
@@ -139,7 +139,7 @@ def test_large_round_trip_every_layout(large, layout, tmp_path):
 
 @pytest.mark.slow
 def test_quantized_large_keeps_photo_embeddings(large, tmp_path):
-    """8-bit and 4-bit AIMv2-L: mean-pooled embeddings of real photos vs float32 (acceptance 5)."""
+    """8-bit and 4-bit AIMv2-L: mean-pooled embeddings of real photos vs float32."""
     skimage_data = pytest.importorskip("skimage.data", reason="needs scikit-image (test extra)")
     photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee()]
     photos += [str(p) for p in sorted(PHOTOS.glob("*.jpg"))]

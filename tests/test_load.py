@@ -40,7 +40,7 @@ def test_our_folder_round_trip(tmp_path, rng):
 
 
 def _timm_state(ours: dict) -> dict:
-    """Our keys rewritten by hand into timm's names (facts §3), torch conv layout."""
+    """Our keys rewritten by hand into timm's names (timm's aimv2 model names), torch conv layout."""
     out = {}
     for key, value in ours.items():
         value = np.array(value)

@@ -1,4 +1,5 @@
-"""The pre-training objective against hand-written NumPy (facts §5), on a tiny model."""
+"""The pre-training objective (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml)
+against hand-written NumPy, on a tiny model."""
 
 from __future__ import annotations
 

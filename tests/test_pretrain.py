@@ -167,7 +167,7 @@ def test_bfloat16_option_keeps_float32_masters(shapes, tmp_path):
 
 def test_config_round_trips():
     cfg = PretrainConfig.from_preset("large", 32000)
-    assert cfg.decoder == DecoderConfig()  # the recipe's decoder for AIMv2-L (facts §5)
+    assert cfg.decoder == DecoderConfig()  # the recipe's decoder for AIMv2-L (ml-l3m's aimv2 config)
     assert PretrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert dataclasses.replace(cfg, seed=3) != cfg
 

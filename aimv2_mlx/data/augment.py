@@ -1,6 +1,7 @@
-"""Training augmentation (facts §5): RandomResizedCrop (scale 0.4–1, bicubic) + horizontal
-flip, then mean/std normalisation (ImageNet by default). Randomness comes from the caller's
-generator, so a sample's crop depends only on how the caller seeds it (here: seed, epoch, index).
+"""Training augmentation: RandomResizedCrop (scale 0.4–1, bicubic) + horizontal flip, then
+mean/std normalisation (ImageNet by default), as apple/ml-l3m's configs/aimv2/001_aimv2_hfdata.yaml.
+Randomness comes from the caller's generator, so a sample's crop depends only on how the caller
+seeds it (here: seed, epoch, index).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Attentive probe: AIM's attention-pooling head trained on frozen patch tokens.
 
-The head (facts §2/§6) is the one the LiT model uses: a learned query attends over the tokens
-through bias-free key/value projections, then a linear layer maps to the classes. Training
-follows the AIMv2 probe protocol: AdamW, linear warmup then cosine decay, gradient clipping at
+The head is apple/ml-aim's attention-pooling head, the one the LiT model uses: a learned query
+attends over the tokens through bias-free key/value projections, then a linear layer maps to the
+classes. Training follows the attentive-probe protocol of the AIMv2 paper (arXiv 2411.14402): AdamW, linear warmup then cosine decay, gradient clipping at
 3.0; a small learning-rate × weight-decay sweep picks the head with the best validation accuracy.
 """
 

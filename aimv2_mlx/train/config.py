@@ -2,7 +2,8 @@
 
 Presets set the encoder (tiny/small/base/large; large is AIMv2-L) and scale the decoder with it
 (same width, half the depth: AIMv2-L gets the recipe's 12-block decoder). Optimisation defaults
-are the recipe's (facts §5) except the step counts, which a laptop run chooses.
+are the recipe's (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml) except the step counts,
+which a laptop run chooses.
 """
 
 from __future__ import annotations

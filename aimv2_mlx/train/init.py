@@ -1,4 +1,5 @@
-"""The recipe's initialisation (facts §5), applied to a fresh encoder + decoder.
+"""The recipe's initialisation, applied to a fresh encoder + decoder
+(apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml).
 
 Xavier-uniform for every trunk linear, the patch projection (as a 2-D matrix) and the image
 projector; N(0, 0.02) for the encoder position table, the token embedding and the start vector;

@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule of the recipe (facts §5).
+"""AdamW and the learning-rate schedule of the recipe (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml).
 
 AdamW β = (0.9, 0.95), eps 1e-8, bias-corrected (MLX's default is not), decay applied as
 p ← p·(1 − lr_t·wd) exactly as PyTorch's AdamW (MLX's semantics too; wd 0.1 at peak lr 1e-3 is
