@@ -2,8 +2,9 @@
 
 The head is apple/ml-aim's attention-pooling head, the one the LiT model uses: a learned query
 attends over the tokens through bias-free key/value projections, then a linear layer maps to the
-classes. Training follows the attentive-probe protocol of the AIMv2 paper (arXiv 2411.14402): AdamW, linear warmup then cosine decay, gradient clipping at
-3.0; a small learning-rate × weight-decay sweep picks the head with the best validation accuracy.
+classes. Training follows the attentive-probe protocol of the AIMv2 paper (arXiv 2411.14402):
+AdamW, linear warmup then cosine decay, gradient clipping at 3.0; a small learning-rate ×
+weight-decay sweep picks the head with the best validation accuracy.
 """
 
 from __future__ import annotations
