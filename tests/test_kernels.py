@@ -114,27 +114,6 @@ def test_silu_mul_gradients_at_extreme_gates_are_finite_and_exact():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30)
 
 
-# --- softmax ---------------------------------------------------------------------------------
-
-
-def test_softmax_matches_mx_softmax():
-    scores = mx.random.normal((3, 4, 17, 33), key=mx.random.key(3)) * 8
-    np.testing.assert_allclose(_np(kernels.softmax(scores)), _np(mx.softmax(scores, axis=-1)), rtol=2e-6, atol=1e-7)
-    np.testing.assert_allclose(
-        _np(kernels.softmax(scores, scale=0.125)), _np(mx.softmax(scores * 0.125, axis=-1)), rtol=2e-6, atol=1e-7
-    )
-
-
-def test_softmax_with_masked_entries_and_large_logits():
-    scores = mx.random.normal((5, 40), key=mx.random.key(4)) * 1000
-    keep = mx.random.uniform(shape=(5, 40), key=mx.random.key(5)) < 0.7
-    keep[:, 0] = True
-    scores = mx.where(keep, scores, -math.inf)
-    got, expected = _np(kernels.softmax(scores)), _np(mx.softmax(scores, axis=-1))
-    assert np.all(got[~np.array(keep)] == 0.0)
-    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
-
-
 # --- attention -------------------------------------------------------------------------------
 
 

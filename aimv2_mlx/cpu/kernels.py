@@ -1,4 +1,4 @@
-"""Fast float32 paths for MLX's CPU backend, and how the CPU encoder uses both cores.
+"""Fast float32 kernels for MLX's CPU backend: exp, the SwiGLU product and attention, with gradients.
 
 Element-wise kernels
 --------------------
@@ -190,12 +190,6 @@ def _exp_shifted(scores: mx.array, peak: mx.array, scale: float) -> mx.array:
     scale = mx.array(scale, dtype=scores.dtype)
     s = _shifted_s(scores, peak, scale)
     return _exp_out(_shifted_r(scores, peak, scale, s), _two_n(s))
-
-
-def softmax(scores: mx.array, scale: float = 1.0) -> mx.array:
-    """softmax(scale * scores) over the last axis (max subtracted, so it never overflows)."""
-    e = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True), scale)
-    return e / mx.sum(e, axis=-1, keepdims=True)
 
 
 def _weights(q, k, scale, mask):
