@@ -17,6 +17,6 @@ from .blas import get_blas_threads, library_path, load_openblas, on_cpu, set_bla
 
 load_openblas()
 
-from .modules import apply, batch_streams, remove  # noqa: E402
+from .modules import apply, remove  # noqa: E402
 
-__all__ = ["apply", "batch_streams", "get_blas_threads", "library_path", "load_openblas", "on_cpu", "remove", "set_blas_threads"]
+__all__ = ["apply", "get_blas_threads", "library_path", "load_openblas", "on_cpu", "remove", "set_blas_threads"]

@@ -165,14 +165,6 @@ def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
     return model
 
 
-def batch_streams(model: nn.Module) -> list:
-    """The streams a training step shards each micro-batch over: one per core (with the
-    settings of `settings.tune`) when `model` has the CPU backend, else none."""
-    if not any(isinstance(module, CPUTransformer) for _, module in model.named_modules()):
-        return []
-    return settings.tune()
-
-
 def remove(model: nn.Module) -> nn.Module:
     """Turn the CPU versions back into the plain classes, in place."""
     for _, module in model.named_modules():

@@ -42,8 +42,7 @@ FAILURES = "failures.jsonl"  # unreadable samples, each with the step that first
 
 def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
     """Encoder + decoder, initialised as the recipe says; with the CPU backend on a CPU
-    (`cpu_backend=False`: the plain layers, e.g. as a reference). Its trunks stay on one stream
-    each: `TrainStep` shards whole micro-batches over the cores instead."""
+    (`cpu_backend=False`: the plain layers, e.g. as a reference)."""
     enc = config.encoder
     encoder = VisionEncoder(enc)
     encoder.model_config = ModelConfig(
@@ -56,7 +55,7 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)
     if cpu_backend and cpu.on_cpu():
-        cpu.apply(model, streams=())
+        cpu.apply(model)
     return model
 
 

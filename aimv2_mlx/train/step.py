@@ -6,10 +6,6 @@ all ranks), so summing gradients gives exactly the gradient of the step's patch-
 token-weighted means: accumulation and data parallelism change nothing but the arithmetic order.
 With dtype bfloat16 the weights are cast for the forward/backward (master weights, RMSNorm
 statistics — `mx.fast.rms_norm` accumulates in float32 — and the losses stay float32).
-
-On a CPU each micro-batch is also cut into one shard per core, each shard's loss sums computed
-on its own MLX stream (`cpu.batch_streams`): the same sums, with every op of the forward and
-backward — trunks, heads, losses — running on every core.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from .. import cpu
 from ..objective import LossWeights, combine, loss_sums, used_weights
 
 
@@ -34,31 +29,18 @@ class PretrainModel(nn.Module):
         self.decoder = decoder
 
 
-def shards(size: int, count: int) -> list[tuple[int, int]]:
-    """`count` contiguous (start, end) slices of `size` rows, as even as can be (none empty)."""
-    count = max(1, min(count, size))
-    return [(size * j // count, size * (j + 1) // count) for j in range(count)]
-
-
 class TrainStep:
     def __init__(self, model: PretrainModel, optimizer: optim.Optimizer, config, ignore_ids: tuple[int, ...],
-                 all_sum=None, streams=None):
+                 all_sum=None):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.all_sum = all_sum  # sums arrays over ranks (None: one process)
-        streams = cpu.batch_streams(model) if streams is None else list(streams)
-        streams = streams or [mx.default_stream(mx.default_device())]
         weights = used_weights(config.objective, LossWeights(config.pixel_weight, config.text_weight))
         compute = mx.bfloat16 if config.dtype == "bfloat16" else None
 
         def loss(params, pixels, input_ids, prefix, pixel_n, text_n):
             model.update(params if compute is None else tree_map(lambda p: p.astype(compute), params))
-            pixels = pixels.astype(compute or mx.float32)
-            ps, ts = mx.array(0.0), mx.array(0.0)
-            for stream, (a, b) in zip(streams, shards(pixels.shape[0], len(streams))):
-                with mx.stream(stream):
-                    shard = loss_sums(model.encoder, model.decoder, pixels[a:b], input_ids[a:b], prefix[a:b],
-                                      config.objective, ignore_ids)
-                ps, ts = ps + shard[0], ts + shard[1]
+            ps, ts = loss_sums(model.encoder, model.decoder, pixels.astype(compute or mx.float32), input_ids,
+                               prefix, config.objective, ignore_ids)
             total, l_pixel, l_text = combine(ps, ts, pixel_n, text_n, weights)
             return total, l_pixel, l_text
 
