@@ -46,7 +46,7 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
     try:
-        handle = Image.open(source)
+        handle = Image.open(os.path.expanduser(source) if isinstance(source, (str, os.PathLike)) else source)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as exc:

@@ -125,7 +125,7 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
 
     Files are written into a temporary folder that is renamed into place at the end.
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
     tmp = out.with_name(out.name + ".partial")

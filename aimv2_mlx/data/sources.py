@@ -55,7 +55,7 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
     found: list[tuple[bytes, Item, tuple]] = []
     names = set()
     for source in inputs:
-        root = Path(source)
+        root = Path(source).expanduser()
         prefix = "" if len(inputs) == 1 else root.name + "/"
         if prefix and prefix in names:
             raise ValueError(f"{source}: two inputs are named {root.name!r}; their keys would collide")

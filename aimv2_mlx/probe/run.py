@@ -21,6 +21,7 @@ import numpy as np
 
 from ..embed import model_identity
 from ..images import ImageError
+from ..layers import block_indices
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import extract, features_for
@@ -44,7 +45,14 @@ class ProbeSettings:
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
     batch_size: int = 8
     workers: int = 0
-    cache_dir: Path | None = None
+    cache_dir: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        """Paths as given by a person (str, `~`) and blocks as any sequence, in one canonical form."""
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir).expanduser()
+        if self.blocks is not None:
+            self.blocks = tuple(self.blocks)
 
 
 def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
@@ -59,7 +67,9 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     unknown = set(settings.heads) - set(HEADS)
     if unknown or not settings.heads:
         raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
-    output = Path(output)
+    if settings.blocks:
+        block_indices(settings.blocks, model.model_config.vision.num_hidden_layers)
+    output = Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     splits, missing = _splits(train, val, test, settings, log)
     classes = sorted(set(splits["train"].labels))
@@ -204,7 +214,7 @@ class LoadedProbe:
 
 
 def load_probe(folder: str | os.PathLike) -> LoadedProbe:
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     try:
         record = json.loads((folder / "probe.json").read_text())
     except FileNotFoundError:

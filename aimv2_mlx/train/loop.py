@@ -56,7 +56,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
     like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
     `until` stops early (after writing a checkpoint) without changing the schedule."""
-    out = Path(out)
+    out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo)
