@@ -15,6 +15,7 @@ from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
 from aimv2_mlx.model import load, load_default
 
 from .errors import one_line_errors
+from .options import above_zero, at_least, expand
 
 
 def embed(
@@ -24,7 +25,7 @@ def embed(
     model: str = typer.Option("default", "-m", "--model",
                               help="Model folder or hub id; 'default' is apple/aimv2-large-patch14-224, "
                                    "falling back to the bundled offline model."),
-    batch_size: int = typer.Option(8, "-b", "--batch-size"),
+    batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Images per output shard (the unit of resume)."),
     pool: str = typer.Option("mean", help="mean | tokens | head"),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the vectors."),
@@ -38,6 +39,11 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Embed images into OUT: shard-*.npy + shard-*.parquet, failures.jsonl, manifest.json."""
+    inputs, output = [expand(path) for path in inputs], expand(output)
+    with one_line_errors():
+        at_least(1, batch_size=batch_size, shard_size=shard_size)
+        at_least(0, workers=workers)
+        above_zero(max_megapixels=max_megapixels)
     rank, _ = distributed.rank_and_size()
     Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
