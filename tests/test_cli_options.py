@@ -166,7 +166,7 @@ def test_api_and_cli_paths_expand_tilde(tmp_path, monkeypatch):
     assert summary.embedded == 1 and (tmp_path / "out" / "manifest.json").is_file() and vectors.shape[0] == 1
     assert np.array_equal(np.asarray(aimv2_mlx.preprocess("~/photos/chelsea.jpg", model)),
                           np.asarray(aimv2_mlx.preprocess(PHOTO, model)))
-    result = _run("data", "shapes", "~/shapes", "--n", "2", "--size", "32")
+    result = _run("data", "shapes", "~/shapes", "--n", "2", "--size", "28")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "shapes" / "images").glob("*.png"))) == 2
     result = _run("embed", "~/photos", "-o", "~/cli-out", "-m", "bundled")

@@ -25,7 +25,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}  # side / diameter as a fraction of the image side
-MIN_SIZE = 32  # pixels: below it a small shape is a pixel or two, and its colour and kind are lost
+MIN_SIZE = 14  # pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}
