@@ -180,7 +180,21 @@ def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str,
             record["heads"][name] = {"file": "attentive.safetensors", "num_heads": head.num_heads}
         mx.save_safetensors(str(output / record["heads"][name]["file"]),
                             {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    _remove_stale_heads(output, kept=heads)
     (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _remove_stale_heads(output: Path, kept) -> None:
+    """Delete the files of heads that an earlier run into `output` saved (its probe.json says which)
+    and this run did not, so the folder holds one run. Only our own head and confusion-matrix names
+    are ever deleted, whatever that probe.json claims."""
+    try:
+        previous = json.loads((output / "probe.json").read_text())["heads"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return
+    for name in (set(HEADS) & set(previous)) - set(kept):
+        for stale in (output / f"{name}.safetensors", output / f"confusion-{name}.png"):
+            stale.unlink(missing_ok=True)
 
 
 def _load_argument(model) -> dict | None:
