@@ -14,6 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _version(value: bool) -> None:
+    """`aimv2 --version`: answered before any command is parsed (an eager option)."""
     if value:
         typer.echo(f"aimv2-mlx {aimv2_mlx.__version__}")
         raise typer.Exit()
@@ -22,7 +23,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                        help="Print the version and exit.")) -> None:
-    """AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train."""
+    """Options of `aimv2` itself, given before a command."""
 
 
 app.command("info")(info.info)
@@ -47,7 +48,8 @@ def command() -> click.Command:
     while pending:
         group = pending.pop()
         context = click.Context(group)
-        for param in [*group.params, group.get_help_option(context)]:  # --help is made on first use
+        help_option = group.get_help_option(context)  # made on first use: make it now, to cover it too
+        for param in [*group.params, *([help_option] if help_option else [])]:
             if getattr(param, "is_flag", False):
                 shown = ""
             else:

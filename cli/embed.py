@@ -19,8 +19,8 @@ from .options import above_zero, at_least, expand
 
 
 def embed(
-    inputs: list[Path] = typer.Argument(..., help="Folders (searched recursively), file lists (one path a line) "
-                                                  "or WebDataset .tar shards."),
+    inputs: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively), file lists "
+                                                  "(one path a line) or WebDataset .tar shards."),
     output: Path = typer.Option(Path("embeddings"), "-o", "--output", help="Output folder."),
     model: str = typer.Option("default", "-m", "--model",
                               help="Model folder or hub id; 'default' is apple/aimv2-large-patch14-224, "
@@ -40,13 +40,12 @@ def embed(
 ) -> None:
     """Embed images into OUT: shard-*.npy + shard-*.parquet, failures.jsonl, manifest.json."""
     inputs, output = [expand(path) for path in inputs], expand(output)
+    rank, _ = distributed.rank_and_size()
+    Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
         at_least(1, batch_size=batch_size, shard_size=shard_size)
         at_least(0, workers=workers)
         above_zero(max_megapixels=max_megapixels)
-    rank, _ = distributed.rank_and_size()
-    Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
-    with one_line_errors():
         encoder = load_default() if model == "default" else load(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,

@@ -47,8 +47,8 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
     already being walked (no cycles), and a file reached twice (by a link or a second input)
     is kept once, under its first key. Hidden entries (".*", AppleDouble "._*") are skipped.
     A `.tar` is read as a WebDataset shard (img2dataset layout), an image file is itself the
-    image, and any other file is a list of image paths, one a line, relative to the list's folder. With several inputs, each key
-    starts with its input's name.
+    image, and any other file is a list of image paths, one a line, relative to the list's
+    folder. With several inputs, each key starts with its input's name.
     """
     if not inputs:
         raise ValueError("no inputs given")
