@@ -135,8 +135,9 @@ def test_embed_takes_a_single_image_file_as_the_image_to_embed(tmp_path):
     assert np.abs(vectors - reference).max() <= 1e-5
 
 
-def test_probe_of_one_image_says_what_a_probe_needs(tmp_path):
+def test_probe_of_one_image_says_what_a_probe_needs_and_makes_no_folder(tmp_path):
     _one_line_error(_run("probe", PHOTO, "-o", tmp_path / "p", "-m", "bundled"), str(PHOTO), "path,label")
+    assert not (tmp_path / "p").exists()
 
 
 def test_probe_of_a_binary_label_file_is_a_sentence_not_a_decode_error(tmp_path):

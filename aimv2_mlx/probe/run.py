@@ -69,14 +69,14 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
     if settings.blocks:
         block_indices(settings.blocks, model.model_config.vision.num_hidden_layers)
-    output = Path(output).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
     splits, missing = _splits(train, val, test, settings, log)
     classes = sorted(set(splits["train"].labels))
     for name in ("val", "test"):
         strangers = sorted(set(splits[name].labels) - set(classes))
         if strangers:
             raise ProbeDataError(f"{name} set has class {strangers[0]!r}, which the training set lacks")
+    output = Path(output).expanduser()  # made only once the data is known to be usable
+    output.mkdir(parents=True, exist_ok=True)
     save_split(output / "split.json", splits, {"seed": settings.seed, "val_fraction": settings.val_fraction,
                                                 "test_fraction": None if test else settings.test_fraction})
 
