@@ -118,7 +118,7 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     items = discover(inputs)
     if not items:
         raise FileNotFoundError(f"{', '.join(map(os.fsdecode, inputs))}: no images found")
-    output = Path(output)
+    output = Path(output).expanduser()
     config = model.model_config
     settings = {
         "model": model_identity(model),

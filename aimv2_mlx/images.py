@@ -49,7 +49,7 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
     if isinstance(source, (str, os.PathLike)):
         try:
-            handle = open_regular(source)
+            handle = open_regular(os.path.expanduser(source))
         except FileNotFoundError:
             raise ImageError(f"{name}: no such file") from None
         except OSError as exc:

@@ -26,8 +26,20 @@ def prefix_mask(prefix_lengths: mx.array, num_tokens: int) -> mx.array:
 
 
 def block_indices(feature_blocks: tuple[int, ...], depth: int) -> list[int]:
-    """Block indices with negative ones counted from the end (Python's rule)."""
-    return [i % depth for i in feature_blocks]
+    """Block indices with negative ones counted from the end, as Python indexes a list of `depth`.
+
+    An index outside -depth..depth-1 is refused rather than wrapped: block 17 of a 4-block model
+    is a mistake, not block 1.
+    """
+    wanted = []
+    for i in feature_blocks:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise ValueError(f"block {i!r} is not a block number: give integers such as 0, 3 or -1")
+        if not -depth <= i < depth:
+            raise ValueError(f"block {i!r} is out of range: the model has {depth} blocks "
+                             f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
+        wanted.append(int(i) % depth)
+    return wanted
 
 
 class RMSNorm(nn.Module):

@@ -194,7 +194,7 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
 
 def save(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write `config.json` + `model.safetensors` in our layout."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     model.model_config.save(folder)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),

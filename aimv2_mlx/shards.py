@@ -80,7 +80,7 @@ def read_marker(folder: Path, index: int) -> dict | None:
 
 def read_embeddings(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
     """All rows of a finished embedding folder: (vectors, metadata table), in row order."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     manifest = json.loads((folder / "manifest.json").read_text())
     fmt, row_shape = manifest["format"], tuple(manifest["row_shape"] or ())
     vectors, tables = [], []

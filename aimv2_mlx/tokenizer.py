@@ -63,7 +63,7 @@ class ClipTokenizer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "ClipTokenizer":
         """The tokenizer shipped in a checkpoint folder: `tokenizer.json`, else vocab + merges."""
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         if (folder / "tokenizer.json").is_file():
             try:
                 return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
@@ -130,7 +130,7 @@ class CaptionTokenizer:
         return self.tokenizer.decode(ids).strip()
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
+        path = Path(path).expanduser()
         tmp = path.with_name(path.name + ".tmp")
         self.tokenizer.save(str(tmp))
         os.replace(tmp, path)
@@ -175,7 +175,7 @@ def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> Caption
     """A `tokenizer.json` (a file, or a folder holding one)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():

@@ -34,7 +34,7 @@ TEXT_BATCH = 64
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty, stripped lines of a text file (labels or templates, one per line)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]

@@ -20,6 +20,7 @@ from aimv2_mlx.probe import ProbeClassifier
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, read_lines
 
 from .errors import one_line_errors
+from .options import at_least, expand
 
 DEFAULT_LIT = "apple/aimv2-large-patch14-224-lit"
 
@@ -36,14 +37,14 @@ def classify(
     model: str = typer.Option(None, "-m", "--model",
                               help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; --probe: the probe's own)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),
-    batch_size: int = typer.Option(8, "-b", "--batch-size"),
+    batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     output: Path = typer.Option(None, "-o", "--output", help="Also write image,rank,label,probability rows to a CSV."),
 ) -> None:
     """Classify images; prints each image's top-k labels with their probabilities."""
+    images, output = [expand(path) for path in images], expand(output)
     with one_line_errors():
-        if top_k < 1:
-            raise ValueError(f"--top-k {top_k}: must be at least 1")
+        at_least(1, top_k=top_k, batch_size=batch_size)
         files = collect_images(images)
         classifier = build_classifier(model, zero_shot, labels_file, templates, probe, head)
         results, skipped = classify_files(files, classifier, batch_size, top_k)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from aimv2_mlx.data.shapes import write_shapes
+from aimv2_mlx.data.shapes import MIN_SIZE, write_shapes
 
 from .errors import one_line_errors
+from .options import at_least
 
 app = typer.Typer(no_args_is_help=True, help="Generate datasets.")
 
@@ -22,5 +23,7 @@ def shapes(
 ) -> None:
     """Coloured shapes on textured backgrounds, with captions and attribute labels."""
     with one_line_errors():
+        at_least(1, n=n)
+        at_least(MIN_SIZE, size=size)
         path = write_shapes(out, n, size, seed)
     typer.echo(f"wrote {n} images to {path}")

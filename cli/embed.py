@@ -15,16 +15,17 @@ from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
 from aimv2_mlx.model import load, load_default
 
 from .errors import one_line_errors
+from .options import above_zero, at_least, expand
 
 
 def embed(
-    inputs: list[Path] = typer.Argument(..., help="Folders (searched recursively), file lists (one path a line) "
-                                                  "or WebDataset .tar shards."),
+    inputs: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively), file lists "
+                                                  "(one path a line) or WebDataset .tar shards."),
     output: Path = typer.Option(Path("embeddings"), "-o", "--output", help="Output folder."),
     model: str = typer.Option("default", "-m", "--model",
                               help="Model folder or hub id; 'default' is apple/aimv2-large-patch14-224, "
                                    "falling back to the bundled offline model."),
-    batch_size: int = typer.Option(8, "-b", "--batch-size"),
+    batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Images per output shard (the unit of resume)."),
     pool: str = typer.Option("mean", help="mean | tokens | head"),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the vectors."),
@@ -39,9 +40,13 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Embed images into OUT: shard-*.npy + shard-*.parquet, failures.jsonl, manifest.json."""
+    inputs, output = [expand(path) for path in inputs], expand(output)
     rank, _ = distributed.rank_and_size()
     Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
+        at_least(1, batch_size=batch_size, shard_size=shard_size)
+        at_least(0, workers=workers)
+        above_zero(max_megapixels=max_megapixels)
         encoder = load_default() if model == "default" else load(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,

@@ -13,39 +13,40 @@ from aimv2_mlx.train.config import PRESETS, PretrainConfig
 from aimv2_mlx.train.loop import check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
+from .options import above_zero, at_least
 
 
 def pretrain(
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
-    out: Path = typer.Option(..., "-o", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
     preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)}."),
     objective: str = typer.Option("multimodal", help="multimodal | image | caption (the paper's ablation)."),
     steps: int = typer.Option(1000, help="Total optimizer steps (the cosine schedule's length)."),
     batch_size: int = typer.Option(32, "-b", "--batch-size", help="Images per micro-batch per process."),
     accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    warmup_steps: int = typer.Option(100),
+    warmup_steps: int = typer.Option(100, help="Linear warmup steps before the cosine decay."),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
-    end_lr: float = typer.Option(1e-5),
+    end_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay."),
     weight_decay: float = typer.Option(0.1, help="AdamW decay (PyTorch semantics, p *= 1 - lr*wd)."),
-    pixel_weight: float = typer.Option(0.4),
-    text_weight: float = typer.Option(1.0),
+    pixel_weight: float = typer.Option(0.4, help="Weight of the pixel (MSE) loss in the total."),
+    text_weight: float = typer.Option(1.0, help="Weight of the caption (cross-entropy) loss in the total."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 (compute; fp32 masters and losses)."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="mx.compile the step."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the initial weights and the data order."),
     image_size: int = typer.Option(None, help="Override the preset's image size."),
     width: int = typer.Option(None, help="Override the encoder width."),
     depth: int = typer.Option(None, help="Override the encoder depth."),
     heads: int = typer.Option(None, help="Override the encoder heads."),
-    decoder_width: int = typer.Option(None),
-    decoder_depth: int = typer.Option(None),
-    decoder_heads: int = typer.Option(None),
+    decoder_width: int = typer.Option(None, help="Override the decoder width."),
+    decoder_depth: int = typer.Option(None, help="Override the decoder depth."),
+    decoder_heads: int = typer.Option(None, help="Override the decoder heads."),
     tokenizer: Path = typer.Option(None, help="tokenizer.json to use; default: train a BPE on the captions."),
     vocab_size: int = typer.Option(4096, help="BPE size when training a tokenizer."),
-    context_length: int = typer.Option(77),
-    checkpoint_every: int = typer.Option(500),
-    log_every: int = typer.Option(10),
+    context_length: int = typer.Option(77, help="Caption tokens per image (longer captions are cut)."),
+    checkpoint_every: int = typer.Option(500, help="Save a checkpoint every K steps (and at the end)."),
+    log_every: int = typer.Option(10, help="Print and log the losses every K steps."),
     sample_every: int = typer.Option(0, help="Reconstruction grid + greedy captions every K steps (0: off)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over mlx.launch ranks."),
     strict: bool = typer.Option(False, "--strict", help="Stop at an unreadable image instead of replacing it "
                                                         "(replaced ones are listed in failures.jsonl)."),
@@ -54,6 +55,14 @@ def pretrain(
 ) -> None:
     """Pre-train an AIMv2 encoder + decoder on image + caption pairs."""
     with one_line_errors():
+        at_least(1, steps=steps, batch_size=batch_size, accumulation=accumulation, image_size=image_size,
+                 width=width, depth=depth, heads=heads, decoder_width=decoder_width, decoder_depth=decoder_depth,
+                 decoder_heads=decoder_heads, checkpoint_every=checkpoint_every, log_every=log_every)
+        at_least(2, context_length=context_length)
+        at_least(3, vocab_size=vocab_size)
+        at_least(0, warmup_steps=warmup_steps, end_lr=end_lr, weight_decay=weight_decay, pixel_weight=pixel_weight,
+                 text_weight=text_weight, sample_every=sample_every)
+        above_zero(lr=lr)
         source = load_captioned(data)
         config = tok = None
         if not resume:

@@ -11,6 +11,7 @@ from aimv2_mlx.model import load, load_default
 from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe as run_probe
 
 from .errors import one_line_errors
+from .options import at_least, block_list, expand, fraction
 
 
 def probe(
@@ -31,11 +32,14 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ) -> None:
     """Train linear / kNN / attentive probes on frozen features and report test metrics."""
+    train, output, val_dir, test_dir = expand(train), expand(output), expand(val_dir), expand(test_dir)
     with one_line_errors():
+        fraction(val_fraction=val_fraction, test_fraction=test_fraction)
+        at_least(1, epochs=epochs, batch_size=batch_size)
         names = HEADS if heads == "all" else tuple(h.strip() for h in heads.split(",") if h.strip())
         settings = ProbeSettings(
             heads=names, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, normalize=normalize,
-            blocks=tuple(int(b) for b in blocks.split(",")) if blocks else None,
+            blocks=block_list(blocks),
             attentive=AttentiveSettings(epochs=epochs, batch_size=batch_size, seed=seed), cache_dir=cache_dir)
         encoder = load_default() if model == "default" else load(model)
         report = run_probe(train, output, encoder, val=val_dir, test=test_dir, settings=settings)

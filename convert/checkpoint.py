@@ -49,7 +49,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         return Checkpoint(path.parent, path, _open_file(path))
     if not path.is_dir():
@@ -74,6 +74,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def _open_file(path: Path) -> dict[str, TensorRef]:
     if zipfile.is_zipfile(path):
         return _open_pickle(path)
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    if start[8:] != b"{":  # huggingface/safetensors format: an 8-byte length, then a JSON header that begins with {
+        raise CheckpointError(f"{path}: not a checkpoint: give a .safetensors file, a PyTorch .bin/.pth/.pt "
+                              f"(zip) file, or a folder holding one")
     return _open_safetensors(path)
 
 

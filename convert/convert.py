@@ -72,7 +72,7 @@ def convert(
     `q_bits` (4 | 8) quantizes the transformer linears with `q_group_size`. The flags `name`,
     `num_heads`, `text_num_heads`, `image_size` and `preprocess` override what is inferred.
     """
-    output = Path(output)
+    output = Path(output).expanduser()
     if output.exists():
         raise FileExistsError(f"{output}: already exists")
     if dtype is not None and dtype not in DTYPES:

@@ -244,7 +244,7 @@ def _check_storage_use(tensors) -> None:
 
 def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
     """A torch-saved state dict as {name: TorchTensor}, without importing torch or reading data."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)")
     try:

@@ -80,6 +80,17 @@ def test_probe_writes_metrics_split_and_heads(tmp_path, model):
         assert (tmp_path / "out" / name).is_file()
 
 
+def test_a_second_run_into_the_same_folder_leaves_no_heads_of_the_first(tmp_path, model):
+    data, out = _image_folder(tmp_path / "data"), tmp_path / "out"
+    probe(data, out, model, settings=_settings(tmp_path, heads=("linear", "knn")), log=lambda message: None)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "linear.safetensors").is_file()
+    probe(data, out, model, settings=_settings(tmp_path, heads=("knn",)), log=lambda message: None)
+    assert not (out / "linear.safetensors").exists() and (out / "knn.safetensors").is_file()
+    assert not any(out.glob("confusion-linear*")) and (out / "notes.txt").read_text() == "mine"
+    assert list(json.loads((out / "probe.json").read_text())["heads"]) == ["knn"]
+
+
 def test_second_run_reads_the_cache_and_new_preprocessing_does_not(tmp_path, model, encoder_calls):
     data = _image_folder(tmp_path / "data")
     settings = _settings(tmp_path)

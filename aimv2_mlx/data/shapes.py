@@ -25,6 +25,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}  # side / diameter as a fraction of the image side
+MIN_SIZE = 14  # pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}
@@ -125,7 +126,9 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
 
     Files are written into a temporary folder that is renamed into place at the end.
     """
-    out = Path(out)
+    if n < 1 or size < MIN_SIZE:
+        raise ValueError(f"{n} images of {size} pixels: give at least 1 image of at least {MIN_SIZE} pixels")
+    out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
     tmp = out.with_name(out.name + ".partial")

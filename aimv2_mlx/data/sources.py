@@ -50,16 +50,16 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
     A folder is searched recursively; symlinks are followed, but never into a folder that is
     already being walked (no cycles), and a file reached twice (by a link or a second input)
     is kept once, under its first key. Hidden entries (".*", AppleDouble "._*") are skipped.
-    A `.tar` is read as a WebDataset shard (img2dataset layout); any other file is a list of
-    image paths, one a line, relative to the list's folder. With several inputs, each key
-    starts with its input's name.
+    A `.tar` is read as a WebDataset shard (img2dataset layout), an image file is itself the
+    image, and any other file is a list of image paths, one a line, relative to the list's
+    folder. With several inputs, each key starts with its input's name.
     """
     if not inputs:
         raise ValueError("no inputs given")
     found: list[tuple[bytes, Item, tuple]] = []
     names = set()
     for source in inputs:
-        root = Path(source)
+        root = Path(source).expanduser()
         prefix = "" if len(inputs) == 1 else root.name + "/"
         if prefix and prefix in names:
             raise ValueError(f"{source}: two inputs are named {root.name!r}; their keys would collide")
@@ -68,6 +68,8 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
             found += _walk(root, prefix)
         elif root.is_file() and root.suffix.lower() == ".tar":
             found += _tar_members(root, prefix)
+        elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(_entry(os.fsencode(root.name), str(root), root.stat()))
         elif root.is_file():
             found += _listed(root, prefix)
         elif root.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import images_under
+from ..data.sources import IMAGE_SUFFIXES, images_under
 from ..folders import naming_full_disk
 
 
@@ -40,6 +40,9 @@ def load_labelled(source: str | Path) -> LabelledImages:
     source = Path(source).expanduser()
     if source.is_dir():
         return image_folder(source)
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+        raise ProbeDataError(f"{source}: one image; a probe needs labelled images: a folder "
+                             f"(root/<class>/<images>) or a .csv/.parquet label file with path,label columns")
     if source.is_file():
         return label_file(source)
     raise ProbeDataError(f"{source}: no such folder or label file")
@@ -97,11 +100,15 @@ def _read_rows(path: Path) -> list[tuple[str, str]]:
         if not {"path", "label"} <= columns:
             raise ProbeDataError(f"{path}: needs 'path' and 'label' columns (has {', '.join(sorted(columns))})")
         return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise ProbeDataError(f"{path}: needs a header with 'path' and 'label' columns")
-        return [(row["path"], row["label"]) for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise ProbeDataError(f"{path}: needs a header with 'path' and 'label' columns")
+            return [(row["path"], row["label"]) for row in reader]
+    except UnicodeDecodeError:
+        raise ProbeDataError(f"{path}: not a UTF-8 text label file; give a folder (root/<class>/<images>) "
+                             f"or a .csv/.parquet with path,label columns") from None
 
 
 def _check_classes(data: LabelledImages, origin: Path) -> None:

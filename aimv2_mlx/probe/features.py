@@ -66,7 +66,7 @@ def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int
 
     A "mean" request is also served from a cached "tokens" entry (the mean over its tokens).
     """
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     wanted = cache_dir / f"{cache_key(paths, model, kind, blocks)}.npz"
     cached = _read(wanted, len(paths))
     if cached is not None:

@@ -22,6 +22,7 @@ import numpy as np
 from ..embed import model_identity
 from ..folders import naming_full_disk
 from ..images import ImageError
+from ..layers import block_indices
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import extract, features_for
@@ -45,7 +46,14 @@ class ProbeSettings:
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
     batch_size: int = 8
     workers: int = 0
-    cache_dir: Path | None = None
+    cache_dir: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        """Paths as given by a person (str, `~`) and blocks as any sequence, in one canonical form."""
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir).expanduser()
+        if self.blocks is not None:
+            self.blocks = tuple(self.blocks)
 
 
 def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
@@ -60,14 +68,16 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     unknown = set(settings.heads) - set(HEADS)
     if unknown or not settings.heads:
         raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if settings.blocks:
+        block_indices(settings.blocks, model.model_config.vision.num_hidden_layers)
     splits, missing = _splits(train, val, test, settings, log)
     classes = sorted(set(splits["train"].labels))
     for name in ("val", "test"):
         strangers = sorted(set(splits[name].labels) - set(classes))
         if strangers:
             raise ProbeDataError(f"{name} set has class {strangers[0]!r}, which the training set lacks")
+    output = Path(output).expanduser()  # made only once the data is known to be usable
+    output.mkdir(parents=True, exist_ok=True)
     save_split(output / "split.json", splits, {"seed": settings.seed, "val_fraction": settings.val_fraction,
                                                 "test_fraction": None if test else settings.test_fraction})
 
@@ -174,8 +184,22 @@ def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str,
         with naming_full_disk(output / record["heads"][name]["file"]):
             mx.save_safetensors(str(output / record["heads"][name]["file"]),
                                 {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    _remove_stale_heads(output, kept=heads)
     with naming_full_disk(output / "probe.json"):
         (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _remove_stale_heads(output: Path, kept) -> None:
+    """Delete the files of heads that an earlier run into `output` saved (its probe.json says which)
+    and this run did not, so the folder holds one run. Only our own head and confusion-matrix names
+    are ever deleted, whatever that probe.json claims."""
+    try:
+        previous = json.loads((output / "probe.json").read_text())["heads"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return
+    for name in (set(HEADS) & set(previous)) - set(kept):
+        for stale in (output / f"{name}.safetensors", output / f"confusion-{name}.png"):
+            stale.unlink(missing_ok=True)
 
 
 def _load_argument(model) -> dict | None:
@@ -209,7 +233,7 @@ class LoadedProbe:
 
 
 def load_probe(folder: str | os.PathLike) -> LoadedProbe:
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     try:
         record = json.loads((folder / "probe.json").read_text())
     except FileNotFoundError:

@@ -14,7 +14,7 @@ from .checkpoint import latest_checkpoint
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or a run folder's latest checkpoint."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / "state.json").is_file() and (path / "encoder").is_dir():
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
@@ -31,7 +31,7 @@ def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike,
     probe scores) is added to it.
     """
     checkpoint = find_checkpoint(run_or_checkpoint)
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
     state = json.loads((checkpoint / "state.json").read_text())

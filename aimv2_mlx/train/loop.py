@@ -67,7 +67,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     `until` stops early (after writing a checkpoint) without changing the schedule. Unreadable
     samples are replaced and listed in failures.jsonl (`strict`: stop instead); resuming on data
     other than the run's (size or sample list) is refused unless `allow_data_change`."""
-    out = Path(out)
+    out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change)

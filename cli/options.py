@@ -1,0 +1,48 @@
+"""Option values checked before any work, so a typo costs one line, not a run (or a folder to clean up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def at_least(minimum: float, **flags: float | None) -> None:
+    """Refuse the first option below `minimum`; keyword names are flags with `_` for `-` (None: not given)."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+
+
+def above_zero(**flags: float | None) -> None:
+    """Refuse the first option that is zero or negative (None: not given)."""
+    for name, value in flags.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be greater than 0")
+
+
+def fraction(**flags: float) -> None:
+    """Refuse the first option outside the open interval (0, 1)."""
+    for name, value in flags.items():
+        if not 0 < value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a fraction between 0 and 1")
+
+
+def one_of(flag: str, value, choices: tuple) -> None:
+    """Refuse a value outside `choices` (None: not given)."""
+    if value is not None and value not in choices:
+        raise ValueError(f"{flag} {value}: use one of {', '.join(map(str, choices))}")
+
+
+def block_list(text: str | None) -> tuple[int, ...] | None:
+    """`--blocks -6,-1` as integers; the model's depth is checked where the model is known."""
+    if not text:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
+                         f"(negative ones count from the last block, which is -1)") from None
+
+
+def expand(path: Path | None) -> Path | None:
+    """`~` in a path typed inside quotes or after `=`, where the shell leaves it."""
+    return path.expanduser() if path is not None else None
