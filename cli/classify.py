@@ -32,7 +32,8 @@ def classify(
                                    help="Prompt templates, one per line, '{}' where the label goes "
                                         f"(default: {len(DEFAULT_TEMPLATES)} CLIP prompts)."),
     probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
-    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the best kind saved)."),
+    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved head with the best "
+                                     "validation accuracy)."),
     model: str = typer.Option(None, "-m", "--model",
                               help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; --probe: the probe's own)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),
@@ -51,10 +52,15 @@ def classify(
             raise ValueError(f"none of the {len(files)} images could be read")
     if output is not None:
         write_csv(output, results)
+    head = head_summary(classifier)
     if as_json:
-        typer.echo(json.dumps({"model": classifier.model.model_config.name, "labels": classifier.labels,
+        typer.echo(json.dumps({"model": classifier.model.model_config.name, **head, "labels": classifier.labels,
                                "results": results, "skipped": skipped}, indent=2))
         return
+    if head:
+        accuracy = head["head_val_accuracy"]
+        typer.echo(f"probe head: {head['head']}"
+                   + (f" (validation accuracy {accuracy:.3f})" if accuracy is not None else ""))
     for result in results:
         typer.echo(result["image"])
         for entry in result["top"]:
@@ -69,6 +75,14 @@ def collect_images(paths: list[Path]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{', '.join(map(str, paths))}: no images found")
     return files
+
+
+def head_summary(classifier) -> dict:
+    """Which probe head classified, and its validation accuracy (empty for zero-shot)."""
+    if not isinstance(classifier, ProbeClassifier):
+        return {}
+    return {"head": classifier.head,
+            "head_val_accuracy": classifier.probe.record["heads"][classifier.head].get("val_accuracy")}
 
 
 def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path | None, templates: Path | None,

@@ -186,3 +186,28 @@ def test_cli_classify_with_a_probe(tmp_path, model):
     report = json.loads(result.stdout)
     assert report["labels"] == sorted(COLOURS) and len(report["results"]) == 1
     assert len(report["results"][0]["top"]) == 2 and len(report["skipped"]) == 1
+
+
+def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_accuracy(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    weak_attentive = AttentiveSettings(epochs=1, batch_size=8)  # one epoch: far from the linear head
+    report = probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"),
+                   settings=_settings(tmp_path, heads=("linear", "attentive"), attentive=weak_attentive),
+                   log=lambda m: None)
+    scores = {name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}
+    best = max(scores, key=scores.get)
+    assert best == "linear" and scores["linear"] > scores["attentive"], scores
+    Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "blue.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "aimv2_mlx.cli", "classify", str(tmp_path / "blue.png"), "--probe",
+               str(tmp_path / "out")]
+    chosen = subprocess.run(command + ["--json"], capture_output=True, text=True, env=env)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["head"] == "linear"
+    assert json.loads(chosen.stdout)["head_val_accuracy"] == pytest.approx(scores["linear"])
+    told = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert told.stdout.splitlines()[0].startswith("probe head: linear")
+    forced = subprocess.run(command + ["--head", "attentive", "--json"], capture_output=True, text=True, env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["head"] == "attentive"

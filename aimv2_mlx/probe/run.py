@@ -112,13 +112,15 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
             scores = head_scores(head, arrays["test"][0])
         heads[name] = head
         metrics = classification_metrics(scores, arrays["test"][1], classes)
-        metrics.update(chosen=chosen, seconds=time.perf_counter() - started)
+        metrics.update(chosen=chosen, val_accuracy=validation_accuracy(chosen),
+                       seconds=time.perf_counter() - started)
         report["heads"][name] = metrics
         skipped = save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
                                      f"{name} probe: top-1 {metrics['top1']:.3f}")
         if skipped:
             log(skipped)
-    _save_heads(output, heads, classes, model, kind, settings)
+    _save_heads(output, heads, {name: m["val_accuracy"] for name, m in report["heads"].items()}, classes, model,
+                kind, settings)
     tmp = output / "metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output / "metrics.json")
@@ -150,7 +152,22 @@ def _write_failures(path: Path, failures: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str, settings: ProbeSettings) -> None:
+def validation_accuracy(chosen: dict) -> float:
+    """A head's validation accuracy at its chosen setting: the best of its sweep."""
+    sweep = next(value for key, value in chosen.items() if key.startswith("val_accuracy_by_"))
+    return max(sweep.values())
+
+
+def best_head(record: dict) -> str:
+    """The saved head with the best validation accuracy (ties and older probes without scores: the
+    order linear, knn, attentive — the cheaper head first)."""
+    heads = record["heads"]
+    return max((name for name in HEADS if name in heads),
+               key=lambda name: (heads[name].get("val_accuracy", -1.0), -HEADS.index(name)))
+
+
+def _save_heads(output: Path, heads: dict, val_accuracy: dict[str, float], classes: list[str], model, kind: str,
+                settings: ProbeSettings) -> None:
     record = {
         "format": "aimv2-mlx-probe",
         "classes": classes,
@@ -168,6 +185,7 @@ def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str,
         else:
             arrays = head_arrays(head)
             record["heads"][name] = {"file": "attentive.safetensors", "num_heads": head.num_heads}
+        record["heads"][name]["val_accuracy"] = val_accuracy[name]
         mx.save_safetensors(str(output / record["heads"][name]["file"]),
                             {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -225,14 +243,15 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
 class ProbeClassifier:
     """A saved probe and its encoder; call it on images (paths or PIL) for class probabilities.
 
-    The encoder is the one the probe records (`probe.json`) unless `model` is given.
+    The encoder is the one the probe records (`probe.json`) unless `model` is given; the head is
+    the one with the best validation accuracy unless `head` names one.
     """
 
     def __init__(self, probe_dir: str | os.PathLike, model=None, head: str | None = None):
         from ..model import load
 
         self.probe = load_probe(probe_dir)
-        self.head = head or next(h for h in ("attentive", "linear", "knn") if h in self.probe.heads)
+        self.head = head or best_head(self.probe.record)
         if self.head not in self.probe.heads:
             raise ValueError(f"{probe_dir}: has no {self.head!r} head (it has {', '.join(self.probe.heads)})")
         if model is None:
