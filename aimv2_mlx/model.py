@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import cpu, hub
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, family_of, official_name
 from .encoder import VisionEncoder
@@ -34,6 +34,16 @@ PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local folder nor something the Hugging Face hub (or its cache) could provide."""
+
+
+class HubUnreachableError(ModelNotFoundError):
+    """A hub id that is not cached, while the hub cannot be reached: the user is offline."""
+
+    def __init__(self, repo: str, url: str):
+        self.repo, self.url = repo, url
+        super().__init__(f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; offline, "
+                         "use -m bundled (the small bundled model) or a local model folder, and set "
+                         "HF_HUB_OFFLINE=1 to skip the hub")
 
 
 @dataclass
@@ -100,6 +110,8 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise ModelNotFoundError(f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        if not hub.reachable(hub.endpoint()):
+            raise HubUnreachableError(repo, hub.endpoint()) from None
         try:
             folder = snapshot_download(repo, **download)
         except Exception as exc:
@@ -175,10 +187,14 @@ def load_default(verbose: bool = True) -> nn.Module:
     """The official AIMv2-L when it can be had, else the small checkpoint bundled for offline use."""
     try:
         return load(DEFAULT_MODEL)
+    except HubUnreachableError as exc:
+        reason = f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
     except ModelNotFoundError as exc:
-        if verbose:
-            print(f"{exc}; using the bundled offline model {BUNDLED_DIR.name}", file=sys.stderr, flush=True)
-        return load(BUNDLED_DIR)
+        reason = str(exc)
+    if verbose:
+        print(f"{reason}; using the bundled offline model {BUNDLED_DIR.name} (choose it with -m bundled; "
+              "HF_HUB_OFFLINE=1 skips the hub)", file=sys.stderr, flush=True)
+    return load(BUNDLED_DIR)
 
 
 def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -> dict:

@@ -15,7 +15,7 @@ import typer
 
 from aimv2_mlx.data.sources import images_under
 from aimv2_mlx.images import ImageError, open_image
-from aimv2_mlx.model import load
+from aimv2_mlx.model import HubUnreachableError, ModelNotFoundError, load
 from aimv2_mlx.probe import ProbeClassifier
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, read_lines
 
@@ -105,7 +105,14 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
     if not labels:
         raise ValueError(f"{labels_file or '--zero-shot'}: no class names in it")
     prompts = read_lines(templates) if templates is not None else DEFAULT_TEMPLATES
-    return ZeroShotClassifier(load(model or DEFAULT_LIT), labels, prompts)
+    try:
+        lit = load(model or DEFAULT_LIT)
+    except HubUnreachableError as exc:
+        raise ModelNotFoundError(
+            f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; zero-shot needs "
+            "a LiT model (the bundled one has no text tower): download it once online, or pass -m a local LiT "
+            "folder, and set HF_HUB_OFFLINE=1 to skip the hub") from None
+    return ZeroShotClassifier(lit, labels, prompts)
 
 
 def classify_files(files: list[Path], classifier, batch_size: int, top_k: int) -> tuple[list[dict], list[dict]]:
