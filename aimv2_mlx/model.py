@@ -198,18 +198,34 @@ def load_default(verbose: bool = True) -> nn.Module:
 
 
 def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -> dict:
-    """What `aimv2 info` reports about a model: name, origin, size and config."""
-    model = load(path_or_id, revision)
+    """What `aimv2 info` reports about a model: name, origin, size, quantization and config.
+
+    A pre-training run folder is described by its latest checkpoint's encoder, with a hint to
+    export it (`run`), since embed and probe want a model folder.
+    """
+    from .train.checkpoint import latest_checkpoint
+
+    run = Path(path_or_id).expanduser()
+    checkpoint = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    if (run / "checkpoints").is_dir() and checkpoint is None:
+        raise ModelNotFoundError(f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
+    model = load(checkpoint / "encoder" if checkpoint else path_or_id, revision)
     config = model.model_config
-    return {
+    summary = {
         "name": config.name,
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
-        "parameters": f"{parameter_count(model):,}",
+        "parameters": parameter_count(model),
+        "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
+                         if config.quantization else None),
         "label": config.source.get("label"),
         "trained": _training_summary(config.source),
         "config": config.to_dict(),
     }
+    if checkpoint:
+        summary["kind"] = f"pre-training run, latest checkpoint {checkpoint.name} ({summary['kind']})"
+        summary["run"] = {"checkpoint": str(checkpoint), "export": f"aimv2 export {run} MODEL_FOLDER"}
+    return summary
 
 
 def _training_summary(source: dict) -> str | None:
