@@ -115,10 +115,8 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         metrics.update(chosen=chosen, val_accuracy=validation_accuracy(chosen),
                        seconds=time.perf_counter() - started)
         report["heads"][name] = metrics
-        skipped = save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
-                                     f"{name} probe: top-1 {metrics['top1']:.3f}")
-        if skipped:
-            log(skipped)
+        save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
+                           f"{name} probe: top-1 {metrics['top1']:.3f}")
     _save_heads(output, heads, {name: m["val_accuracy"] for name, m in report["heads"].items()}, classes, model,
                 kind, settings)
     tmp = output / "metrics.json.tmp"

@@ -124,7 +124,7 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
 
 
 def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path, count: int = 4) -> None:
-    """A reconstruction grid (PNG, when matplotlib is there) and greedy captions (JSON)."""
+    """A reconstruction grid with real and generated captions (PNG), and the captions (JSON)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     pixels = mx.array(micro.pixels[:count])
     real, predicted, tokens = reconstruct(model, pixels, config.objective, config.mean, config.std)
@@ -136,4 +136,4 @@ def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path,
     truth = [tokenizer.decode(row) for row in micro.input_ids[:count]]
     prefix.with_suffix(".json").write_text(json.dumps(
         [{"caption": c, "greedy": g} for c, g in zip(truth, captions)], indent=2) + "\n")
-    logs.plot_reconstructions(real, predicted, captions, prefix.with_suffix(".png"))
+    logs.plot_reconstructions(real, predicted, truth, captions, prefix.with_suffix(".png"))
