@@ -32,8 +32,8 @@ def classify(
                                    help="Prompt templates, one per line, '{}' where the label goes "
                                         f"(default: {len(DEFAULT_TEMPLATES)} CLIP prompts)."),
     probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
-    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved head with the best "
-                                     "validation accuracy)."),
+    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
+                                                   "head with the best validation accuracy)."),
     model: str = typer.Option(None, "-m", "--model",
                               help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; --probe: the probe's own)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),

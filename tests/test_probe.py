@@ -16,7 +16,7 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
-from aimv2_mlx.probe import AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, probe
+from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, probe
 
 from .conftest import tiny_config
 
@@ -211,3 +211,29 @@ def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_
     forced = subprocess.run(command + ["--head", "attentive", "--json"], capture_output=True, text=True, env=env)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["head"] == "attentive"
+
+
+def test_probe_reports_progress_for_every_split_and_head(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    calls = []
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=HEADS), log=lambda m: None,
+                   progress=lambda stage, done, total: calls.append((stage, done, total)))
+    last = {stage: (done, total) for stage, done, total in calls}
+    assert list(last) == ["features: train", "features: val", "features: test", "linear head", "knn head",
+                          "attentive head"]
+    for split in ("train", "val", "test"):
+        assert last[f"features: {split}"] == (report["counts"][split],) * 2
+    assert all(done == total for done, total in last.values())
+    assert len([c for c in calls if c[0] == "attentive head"]) == 3 * 5  # 3 settings x 5 epochs
+
+
+def test_cli_probe_shows_progress_bars_on_stderr(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_DISABLE_COMPILE": "1"}
+    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "probe", str(data), "-o", str(tmp_path / "out"),
+                             "-m", str(tmp_path / "encoder"), "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    for stage in ("features: train", "features: test", "linear head", "knn head"):
+        assert stage in result.stderr, result.stderr

@@ -49,10 +49,12 @@ class ProbeSettings:
 
 def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
           test: str | os.PathLike | None = None, settings: ProbeSettings | None = None,
-          log: Callable[[str], None] | None = None) -> dict:
+          log: Callable[[str], None] | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train the requested heads on `train` (ImageFolder root or label file) and evaluate them.
 
-    Returns the metrics (also written to `output/metrics.json`).
+    Returns the metrics (also written to `output/metrics.json`). `progress(stage, done, total)`
+    follows feature extraction ("features: train", …) and head fitting ("linear head", …).
     """
     settings = settings or ProbeSettings()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -75,7 +77,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     started = time.perf_counter()
     for name, data in splits.items():
         features = features_for(data.paths, model, kind, settings.blocks, settings.cache_dir,
-                                settings.batch_size, settings.workers)
+                                settings.batch_size, settings.workers, progress=_stage(progress, f"features: {name}"))
         failures += [{**f, "split": name} for f in features.failures]
         labels = np.array([classes.index(data.labels[i]) for i in features.kept], dtype=np.int64)
         arrays[name] = (features.values, labels, [data.names[i] for i in features.kept])
@@ -95,20 +97,21 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
                          "counts": {name: len(arrays[name][1]) for name in arrays}, "failed": len(failures),
                          "heads": {}}
     for name in settings.heads:
-        started = time.perf_counter()
+        started, fitting = time.perf_counter(), _stage(progress, f"{name} head")
         if name == "linear":
             head, chosen = train_linear(pooled["train"], pooled["val"], len(classes), settings.c_grid,
-                                        settings.normalize)
+                                        settings.normalize, fitting)
             scores = head.scores(pooled["test"][0])
         elif name == "knn":
-            head, chosen = train_knn(pooled["train"], pooled["val"], len(classes), settings.ks)
+            head, chosen = train_knn(pooled["train"], pooled["val"], len(classes), settings.ks, fitting)
             scores = head.scores(pooled["test"][0])
         else:
             attentive = settings.attentive
             if attentive.num_heads is None:
                 attentive = AttentiveSettings(**{**asdict(attentive),
                                                  "num_heads": model.model_config.vision.num_attention_heads})
-            head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive)
+            head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive,
+                                           progress=fitting)
             scores = head_scores(head, arrays["test"][0])
         heads[name] = head
         metrics = classification_metrics(scores, arrays["test"][1], classes)
@@ -123,6 +126,11 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output / "metrics.json")
     return report
+
+
+def _stage(progress, stage: str):
+    """`progress` with its stage name bound: the (done, total) callback a step takes."""
+    return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
 def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, LabelledImages], list[dict]]:

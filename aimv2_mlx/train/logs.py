@@ -40,7 +40,8 @@ def _pyplot():
     return plt
 
 
-LOSS_LABELS = {"loss": "total (weighted sum)", "loss_pixel": "pixel (MSE on normalised patches)", "loss_text": "text (cross-entropy)"}
+LOSS_LABELS = {"loss": "total (weighted sum)", "loss_pixel": "pixel (MSE on normalised patches)",
+               "loss_text": "text (cross-entropy)"}
 
 
 def loss_figure(records: list[dict], title: str):
