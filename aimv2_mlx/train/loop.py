@@ -29,6 +29,7 @@ from .init import init_pretraining
 from .optimizer import build_optimizer
 from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
+from .summary import eta, startup_summary
 
 
 def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
@@ -96,7 +97,10 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
     plan = BatchPlan(source, tokenizer, config, rank, world)
     end = config.steps if until is None else min(until, config.steps)
     record: dict = {}
+    if rank == 0 and start < end:
+        echo(startup_summary(config, model, len(source), out, start, world))
     future = plan.prefetch(start) if start < end else None
+    loop_started = time.perf_counter()
     for step in range(start, end):
         batch = future.result()
         future = plan.prefetch(step + 1) if step + 1 < end else None
@@ -111,7 +115,8 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
         if done % config.log_every == 0 or done == end:
             logs.append(out / "log.jsonl", record)
             echo(f"step {done}/{config.steps} loss {stats['loss']:.4f} (pixel {stats['loss_pixel']:.4f}, "
-                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s")
+                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s, "
+                 f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}")
         if config.sample_every and done % config.sample_every == 0:
             write_samples(model, batch.micro[0], tokenizer, config, out / "samples" / f"step-{done:08d}")
         if done % config.checkpoint_every == 0 or done == end:
