@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 from aimv2_mlx import hub
+from aimv2_mlx.model import HubUnreachableError, resolve
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 
@@ -57,6 +59,21 @@ def test_a_stalled_lookup_is_given_up_after_the_timeout(monkeypatch):
     started = time.perf_counter()
     assert not hub.reachable("https://huggingface.co", timeout=0.3)
     assert time.perf_counter() - started < 0.8
+
+
+def test_resolving_a_hub_id_gives_up_on_a_stalled_hub_within_two_seconds(tmp_path, monkeypatch):
+    def stalled(*args, **kwargs):  # a firewall that drops packets, or a DNS lookup that hangs
+        time.sleep(5)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", stalled)
+    started = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE=1"):
+        resolve("apple/aimv2-large-patch14-224")
+    assert time.perf_counter() - started < hub.REACH_TIMEOUT_S + 0.5
 
 
 @pytest.mark.parametrize("args, fix", [

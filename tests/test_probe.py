@@ -16,7 +16,8 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
-from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, probe
+from aimv2_mlx.probe import (HEADS, AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, load_probe,
+                            probe)
 
 from .conftest import tiny_config
 
@@ -237,3 +238,16 @@ def test_cli_probe_shows_progress_bars_on_stderr(tmp_path, model):
     assert result.returncode == 0, result.stderr
     for stage in ("features: train", "features: test", "linear head", "knn head"):
         assert stage in result.stderr, result.stderr
+
+
+def test_a_probe_saved_without_validation_scores_takes_them_from_its_metrics(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear", "knn")),
+                   log=lambda m: None)
+    record = json.loads((tmp_path / "out" / "probe.json").read_text())
+    for info in record["heads"].values():
+        del info["val_accuracy"]  # as an older aimv2 probe wrote it
+    (tmp_path / "out" / "probe.json").write_text(json.dumps(record))
+    loaded = load_probe(tmp_path / "out")
+    assert {name: info["val_accuracy"] for name, info in loaded.record["heads"].items()} == {
+        name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}

@@ -233,6 +233,7 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
         record = json.loads((folder / "probe.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no probe.json (not a folder written by `aimv2 probe`)") from None
+    _fill_val_accuracy(record, folder / "metrics.json")
     heads = {}
     for name, info in record["heads"].items():
         arrays = {k: np.array(v) for k, v in mx.load(str(folder / info["file"])).items()}
@@ -244,6 +245,16 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
         else:
             heads[name] = head_from_arrays(arrays, info["num_heads"])
     return LoadedProbe(record["classes"], heads, record)
+
+
+def _fill_val_accuracy(record: dict, metrics_path: Path) -> None:
+    """Probes saved before probe.json recorded validation accuracy: take it from metrics.json."""
+    if all("val_accuracy" in info for info in record["heads"].values()) or not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text()).get("heads", {})
+    for name, info in record["heads"].items():
+        if "val_accuracy" not in info and "chosen" in metrics.get(name, {}):
+            info["val_accuracy"] = validation_accuracy(metrics[name]["chosen"])
 
 
 class ProbeClassifier:
