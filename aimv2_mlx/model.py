@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ class HubUnreachableError(ModelNotFoundError):
 
     def __init__(self, repo: str, url: str):
         self.repo, self.url = repo, url
-        super().__init__(f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; offline, "
-                         "use -m bundled (the small bundled model) or a local model folder, and set "
+        super().__init__(f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; work "
+                         "offline with the bundled model (-m bundled) or a local model folder, and set "
                          "HF_HUB_OFFLINE=1 to skip the hub")
 
 
@@ -215,7 +216,8 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
         "name": config.name,
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
-        "parameters": parameter_count(model),
+        "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
+                                      if config.quantization else model),  # packed weights hold 32/bits each
         "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
                          if config.quantization else None),
         "label": config.source.get("label"),
