@@ -10,7 +10,8 @@ from .encoder import VisionEncoder  # noqa: E402
 from .images import open_image, preprocess  # noqa: E402
 from .lit import LiT  # noqa: E402
 from .shards import read_embeddings  # noqa: E402
-from .model import ModelNotFoundError, build, load, load_default, parameter_count, save  # noqa: E402
+from .model import (  # noqa: E402
+    HubUnreachableError, ModelNotFoundError, build, load, load_default, parameter_count, save)
 from .weights import CheckpointError  # noqa: E402
 from .zeroshot import zero_shot  # noqa: E402
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "EncoderConfig",
+    "HubUnreachableError",
     "LiT",
     "ModelConfig",
     "ModelNotFoundError",

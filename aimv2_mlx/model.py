@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import cpu, hub
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
 from .encoder import VisionEncoder
@@ -35,6 +36,16 @@ PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local folder nor something the Hugging Face hub (or its cache) could provide."""
+
+
+class HubUnreachableError(ModelNotFoundError):
+    """A hub id that is not cached, while the hub cannot be reached: the user is offline."""
+
+    def __init__(self, repo: str, url: str):
+        self.repo, self.url = repo, url
+        super().__init__(f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; work "
+                         "offline with the bundled model (-m bundled) or a local model folder, and set "
+                         "HF_HUB_OFFLINE=1 to skip the hub")
 
 
 @dataclass
@@ -101,6 +112,8 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise ModelNotFoundError(f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        if not hub.reachable(hub.endpoint()):
+            raise HubUnreachableError(repo, hub.endpoint()) from None
         try:
             folder = snapshot_download(repo, **download)
         except Exception as exc:
@@ -206,25 +219,46 @@ def load_default(verbose: bool = True) -> nn.Module:
     """The official AIMv2-L when it can be had, else the small checkpoint bundled for offline use."""
     try:
         return load(DEFAULT_MODEL)
+    except HubUnreachableError as exc:
+        reason = f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
     except ModelNotFoundError as exc:
-        if verbose:
-            print(f"{exc}; using the bundled offline model {BUNDLED_DIR.name}", file=sys.stderr, flush=True)
-        return load(BUNDLED_DIR)
+        reason = str(exc)
+    if verbose:
+        print(f"{reason}; using the bundled offline model {BUNDLED_DIR.name} (choose it with -m bundled; "
+              "HF_HUB_OFFLINE=1 skips the hub)", file=sys.stderr, flush=True)
+    return load(BUNDLED_DIR)
 
 
 def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -> dict:
-    """What `aimv2 info` reports about a model: name, origin, size and config."""
-    model = load(path_or_id, revision)
+    """What `aimv2 info` reports about a model: name, origin, size, quantization and config.
+
+    A pre-training run folder is described by its latest checkpoint's encoder, with a hint to
+    export it (`run`), since embed and probe want a model folder.
+    """
+    from .train.checkpoint import latest_checkpoint
+
+    run = Path(path_or_id).expanduser()
+    checkpoint = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    if (run / "checkpoints").is_dir() and checkpoint is None:
+        raise ModelNotFoundError(f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
+    model = load(checkpoint / "encoder" if checkpoint else path_or_id, revision)
     config = model.model_config
-    return {
+    summary = {
         "name": config.name,
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
-        "parameters": f"{parameter_count(model):,}",
+        "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
+                                      if config.quantization else model),  # packed weights hold 32/bits each
+        "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
+                         if config.quantization else None),
         "label": config.source.get("label"),
         "trained": _training_summary(config.source),
         "config": config.to_dict(),
     }
+    if checkpoint:
+        summary["kind"] = f"pre-training run, latest checkpoint {checkpoint.name} ({summary['kind']})"
+        summary["run"] = {"checkpoint": str(checkpoint), "export": f"aimv2 export {run} MODEL_FOLDER"}
+    return summary
 
 
 def _training_summary(source: dict) -> str | None:

@@ -15,7 +15,7 @@ import typer
 
 from aimv2_mlx.data.sources import images_under
 from aimv2_mlx.images import ImageError, open_image
-from aimv2_mlx.model import load
+from aimv2_mlx.model import HubUnreachableError, ModelNotFoundError, load
 from aimv2_mlx.probe import ProbeClassifier
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, read_lines
 
@@ -33,7 +33,8 @@ def classify(
                                    help="Prompt templates, one per line, '{}' where the label goes "
                                         f"(default: {len(DEFAULT_TEMPLATES)} CLIP prompts)."),
     probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
-    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the best kind saved)."),
+    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
+                                                   "head with the best validation accuracy)."),
     model: str = typer.Option(None, "-m", "--model",
                               help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; --probe: the probe's own)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),
@@ -52,10 +53,15 @@ def classify(
             raise ValueError(f"none of the {len(files)} images could be read")
     if output is not None:
         write_csv(output, results)
+    head = head_summary(classifier)
     if as_json:
-        typer.echo(json.dumps({"model": classifier.model.model_config.name, "labels": classifier.labels,
+        typer.echo(json.dumps({"model": classifier.model.model_config.name, **head, "labels": classifier.labels,
                                "results": results, "skipped": skipped}, indent=2))
         return
+    if head:
+        accuracy = head["head_val_accuracy"]
+        typer.echo(f"probe head: {head['head']}"
+                   + (f" (validation accuracy {accuracy:.3f})" if accuracy is not None else ""))
     for result in results:
         typer.echo(result["image"])
         for entry in result["top"]:
@@ -70,6 +76,14 @@ def collect_images(paths: list[Path]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{', '.join(map(str, paths))}: no images found")
     return files
+
+
+def head_summary(classifier) -> dict:
+    """Which probe head classified, and its validation accuracy (empty for zero-shot)."""
+    if not isinstance(classifier, ProbeClassifier):
+        return {}
+    return {"head": classifier.head,
+            "head_val_accuracy": classifier.probe.record["heads"][classifier.head].get("val_accuracy")}
 
 
 def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path | None, templates: Path | None,
@@ -92,7 +106,14 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
     if not labels:
         raise ValueError(f"{labels_file or '--zero-shot'}: no class names in it")
     prompts = read_lines(templates) if templates is not None else DEFAULT_TEMPLATES
-    return ZeroShotClassifier(load(model or DEFAULT_LIT), labels, prompts)
+    try:
+        lit = load(model or DEFAULT_LIT)
+    except HubUnreachableError as exc:
+        raise ModelNotFoundError(
+            f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; zero-shot needs "
+            "a LiT model (the bundled one has no text tower): download it once online, or pass -m a local LiT "
+            "folder, and set HF_HUB_OFFLINE=1 to skip the hub") from None
+    return ZeroShotClassifier(lit, labels, prompts)
 
 
 def classify_files(files: list[Path], classifier, batch_size: int, top_k: int) -> tuple[list[dict], list[dict]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def probe(
             blocks=block_list(blocks),
             attentive=AttentiveSettings(epochs=epochs, batch_size=batch_size, seed=seed), cache_dir=cache_dir)
         encoder = load_default() if model == "default" else load(model)
-        report = run_probe(train, output, encoder, val=val_dir, test=test_dir, settings=settings)
+        with _stage_bars() as progress:
+            report = run_probe(train, output, encoder, val=val_dir, test=test_dir, settings=settings,
+                               progress=progress)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -54,3 +57,22 @@ def probe(
         typer.echo(f"{name:>10}: top-1 {metrics['top1']:.3f}{top5}, balanced {metrics['balanced_accuracy']:.3f} "
                    f"({chosen})")
     typer.echo(f"wrote {output / 'metrics.json'}")
+
+
+@contextlib.contextmanager
+def _stage_bars():
+    """One rich progress bar per stage on stderr (features of each split, then each head's fit);
+    yields the `progress(stage, done, total)` callback `probe()` calls."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bars:
+        tasks = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update

@@ -32,4 +32,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
-.venv/bin/python -m pip install -q -e "$spec"
+# cli/ and convert/ install as aimv2_mlx.cli and aimv2_mlx.convert, so setuptools' editable build
+# uses a meta path finder and prints an information-only notice about it: not a warning to act on.
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e "$spec"

@@ -16,7 +16,8 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
-from aimv2_mlx.probe import AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, probe
+from aimv2_mlx.probe import (HEADS, AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, load_probe,
+                            probe)
 
 from .conftest import tiny_config
 
@@ -197,3 +198,67 @@ def test_cli_classify_with_a_probe(tmp_path, model):
     report = json.loads(result.stdout)
     assert report["labels"] == sorted(COLOURS) and len(report["results"]) == 1
     assert len(report["results"][0]["top"]) == 2 and len(report["skipped"]) == 1
+
+
+def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_accuracy(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    weak_attentive = AttentiveSettings(epochs=1, batch_size=8)  # one epoch: far from the linear head
+    report = probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"),
+                   settings=_settings(tmp_path, heads=("linear", "attentive"), attentive=weak_attentive),
+                   log=lambda m: None)
+    scores = {name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}
+    best = max(scores, key=scores.get)
+    assert best == "linear" and scores["linear"] > scores["attentive"], scores
+    Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "blue.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "aimv2_mlx.cli", "classify", str(tmp_path / "blue.png"), "--probe",
+               str(tmp_path / "out")]
+    chosen = subprocess.run(command + ["--json"], capture_output=True, text=True, env=env)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["head"] == "linear"
+    assert json.loads(chosen.stdout)["head_val_accuracy"] == pytest.approx(scores["linear"])
+    told = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert told.stdout.splitlines()[0].startswith("probe head: linear")
+    forced = subprocess.run(command + ["--head", "attentive", "--json"], capture_output=True, text=True, env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["head"] == "attentive"
+
+
+def test_probe_reports_progress_for_every_split_and_head(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    calls = []
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=HEADS), log=lambda m: None,
+                   progress=lambda stage, done, total: calls.append((stage, done, total)))
+    last = {stage: (done, total) for stage, done, total in calls}
+    assert list(last) == ["features: train", "features: val", "features: test", "linear head", "knn head",
+                          "attentive head"]
+    for split in ("train", "val", "test"):
+        assert last[f"features: {split}"] == (report["counts"][split],) * 2
+    assert all(done == total for done, total in last.values())
+    assert len([c for c in calls if c[0] == "attentive head"]) == 3 * 5  # 3 settings x 5 epochs
+
+
+def test_cli_probe_shows_progress_bars_on_stderr(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    aimv2_mlx.save(model, tmp_path / "encoder")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_DISABLE_COMPILE": "1"}
+    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "probe", str(data), "-o", str(tmp_path / "out"),
+                             "-m", str(tmp_path / "encoder"), "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    for stage in ("features: train", "features: test", "linear head", "knn head"):
+        assert stage in result.stderr, result.stderr
+
+
+def test_a_probe_saved_without_validation_scores_takes_them_from_its_metrics(tmp_path, model):
+    data = _image_folder(tmp_path / "data")
+    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear", "knn")),
+                   log=lambda m: None)
+    record = json.loads((tmp_path / "out" / "probe.json").read_text())
+    for info in record["heads"].values():
+        del info["val_accuracy"]  # as an older aimv2 probe wrote it
+    (tmp_path / "out" / "probe.json").write_text(json.dumps(record))
+    loaded = load_probe(tmp_path / "out")
+    assert {name: info["val_accuracy"] for name, info in loaded.record["heads"].items()} == {
+        name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}

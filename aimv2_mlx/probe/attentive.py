@@ -43,8 +43,9 @@ def new_head(dims: int, num_classes: int, num_heads: int, seed: int) -> Attentio
 
 
 def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: int, lr: float, weight_decay: float,
-                         settings: AttentiveSettings) -> AttentionPoolHead:
-    """One head trained on (N, T, D) tokens with AdamW + warmup/cosine + clipping."""
+                         settings: AttentiveSettings, on_epoch=None) -> AttentionPoolHead:
+    """One head trained on (N, T, D) tokens with AdamW + warmup/cosine + clipping; `on_epoch()`
+    after each epoch."""
     n, _, dims = tokens.shape
     head = new_head(dims, num_classes, settings.num_heads or max(1, dims // 64), settings.seed)
     steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
@@ -73,6 +74,8 @@ def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: in
             batch = order[start:start + settings.batch_size]
             step(mx.array(tokens[batch]), mx.array(labels[batch].astype(np.int32)))
             mx.eval(head.parameters(), optimizer.state)
+        if on_epoch:
+            on_epoch()
     return head
 
 
@@ -82,12 +85,19 @@ def head_scores(head: AttentionPoolHead, tokens: np.ndarray, batch_size: int = 5
 
 
 def train_attentive(train, val, num_classes: int, settings: AttentiveSettings | None = None,
-                    sweep=DEFAULT_SWEEP) -> tuple[AttentionPoolHead, dict]:
-    """Sweep (lr, weight decay) on validation; keep the best head."""
+                    sweep=DEFAULT_SWEEP, progress=None) -> tuple[AttentionPoolHead, dict]:
+    """Sweep (lr, weight decay) on validation; keep the best head. `progress(done, total)` counts
+    epochs over the whole sweep."""
     settings = settings or AttentiveSettings()
-    results, best = {}, None
+    results, best, epochs = {}, None, [0]
+    total = len(sweep) * settings.epochs
+
+    def on_epoch() -> None:
+        epochs[0] += 1
+        progress(epochs[0], total)
+
     for lr, wd in sweep:
-        head = train_attentive_head(*train, num_classes, lr, wd, settings)
+        head = train_attentive_head(*train, num_classes, lr, wd, settings, on_epoch if progress else None)
         accuracy = float((head_scores(head, val[0]).argmax(1) == val[1]).mean())
         results[f"lr={lr:g},wd={wd:g}"] = accuracy
         if best is None or accuracy > best[0]:

@@ -61,10 +61,11 @@ def cache_key(paths: list[Path], model, kind: str, blocks: tuple[int, ...] | Non
 
 def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
                  cache_dir: Path | None = None, batch_size: int = 8, workers: int = 0,
-                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Features:
+                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, progress=None) -> Features:
     """Pooled (`kind="mean"`) or token (`"tokens"`) features of `paths`, from the cache when it has them.
 
     A "mean" request is also served from a cached "tokens" entry (the mean over its tokens).
+    `progress(done, total)` follows the images as they are encoded (not called for a cache hit).
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     wanted = cache_dir / f"{cache_key(paths, model, kind, blocks)}.npz"
@@ -75,7 +76,7 @@ def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int
         cached = _read(cache_dir / f"{cache_key(paths, model, 'tokens', blocks)}.npz", len(paths))
         if cached is not None and cached.values.ndim == 3:
             return Features(cached.values.mean(axis=1), cached.kept, cached.failures, True)
-    features = extract(paths, model, kind, blocks, batch_size, workers, max_megapixels)
+    features = extract(paths, model, kind, blocks, batch_size, workers, max_megapixels, progress)
     if kind == "tokens" and features.values.nbytes > TOKEN_CACHE_WARN_BYTES:
         print(f"warning: caching {features.values.nbytes / 1e9:.1f} GB of patch tokens in {cache_dir}",
               file=sys.stderr)
@@ -85,8 +86,9 @@ def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int
 
 def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
             batch_size: int = 8, workers: int = 0,
-            max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Features:
-    """Run the encoder over `paths` (decoding on a thread pool ahead of it)."""
+            max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, progress=None) -> Features:
+    """Run the encoder over `paths` (decoding on a thread pool ahead of it); `progress(done, total)`
+    after each batch, failed images counted as done."""
     if kind not in ("mean", "tokens"):
         raise ValueError(f"unknown feature kind {kind!r}: use mean or tokens")
     config = model.model_config
@@ -99,11 +101,12 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     rows, kept, failures = [], [], []
     for good, pixels, failed in batches(decoded(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)
-        if not good:
-            continue
-        tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
-        rows.append(np.array((tokens.mean(axis=1) if kind == "mean" else tokens).astype(mx.float32)))
-        kept.extend(index[id(g.source)] for g in good)
+        if good:
+            tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
+            rows.append(np.array((tokens.mean(axis=1) if kind == "mean" else tokens).astype(mx.float32)))
+            kept.extend(index[id(g.source)] for g in good)
+        if progress:
+            progress(len(kept) + len(failures), len(paths))
     dims = config.vision.hidden_size
     values = np.concatenate(rows) if rows else np.zeros((0, dims) if kind == "mean" else (0, 0, dims), np.float32)
     return Features(values, np.array(kept, dtype=np.int64), failures)

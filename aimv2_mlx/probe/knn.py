@@ -43,12 +43,15 @@ class KnnHead:
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
 
-def train_knn(train, val, num_classes: int, ks=DEFAULT_KS) -> tuple[KnnHead, dict]:
-    """The k with the best validation accuracy, over train + validation as the memory bank."""
+def train_knn(train, val, num_classes: int, ks=DEFAULT_KS, progress=None) -> tuple[KnnHead, dict]:
+    """The k with the best validation accuracy, over train + validation as the memory bank;
+    `progress(done, total)` after each k."""
     accuracy = {}
-    for k in ks:
+    for done, k in enumerate(ks, start=1):
         head = KnnHead(train[0], train[1], num_classes, k)
         accuracy[k] = float((head.scores(val[0]).argmax(1) == val[1]).mean())
+        if progress:
+            progress(done, len(ks))
     best = max(accuracy, key=lambda k: (accuracy[k], -k))
     bank = KnnHead(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]), num_classes, best)
     return bank, {"k": best, "val_accuracy_by_k": {str(k): a for k, a in accuracy.items()}}

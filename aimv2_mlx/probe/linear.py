@@ -98,19 +98,26 @@ def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, 
 
 
 def sweep_C(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int,
-            grid=DEFAULT_C_GRID, normalize: bool = False) -> tuple[float, dict[float, float]]:
-    """The C with the best validation accuracy (ties: the stronger regularisation), and all scores."""
+            grid=DEFAULT_C_GRID, normalize: bool = False, progress=None) -> tuple[float, dict[float, float]]:
+    """The C with the best validation accuracy (ties: the stronger regularisation), and all scores.
+
+    `progress(done, total)` follows the fits (the sweep and the refit after it)."""
     scores, head = {}, None
-    for C in sorted(grid):  # warm start each fit from the previous, less regularised ... solution
+    for done, C in enumerate(sorted(grid), start=1):  # warm start each fit from the previous ... solution
         head = fit_logistic(*train, num_classes, C=C, normalize=normalize, init=head)
         scores[C] = float((head.scores(val[0]).argmax(1) == val[1]).mean())
+        if progress:
+            progress(done, len(grid) + 1)
     best = max(scores.values())
     return min(C for C, acc in scores.items() if acc == best), scores
 
 
-def train_linear(train, val, num_classes: int, grid=DEFAULT_C_GRID, normalize: bool = False) -> tuple[LinearHead, dict]:
+def train_linear(train, val, num_classes: int, grid=DEFAULT_C_GRID, normalize: bool = False,
+                 progress=None) -> tuple[LinearHead, dict]:
     """Sweep C on validation, then refit on train + validation with the chosen C."""
-    C, scores = sweep_C(train, val, num_classes, grid, normalize)
+    C, scores = sweep_C(train, val, num_classes, grid, normalize, progress)
     both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
     head = fit_logistic(*both, num_classes, C=C, normalize=normalize)
+    if progress:
+        progress(len(grid) + 1, len(grid) + 1)
     return head, {"C": C, "val_accuracy_by_C": {f"{c:g}": a for c, a in scores.items()}}

@@ -1,5 +1,5 @@
 """Classification metrics for probes: top-1/top-5, balanced accuracy, per-class precision and
-recall, a confusion matrix, and its PNG (matplotlib, an optional extra)."""
+recall, a confusion matrix, and its PNG."""
 
 from __future__ import annotations
 
@@ -33,15 +33,13 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, classes: list
     return result
 
 
-def save_confusion_png(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> str | None:
-    """Write the confusion matrix as a PNG; returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
+def save_confusion_png(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
+    """Write the confusion matrix as a PNG (rows: true class, normalised; cells: counts)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'aimv2-mlx[plot]'): no confusion-matrix PNG"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     matrix = np.asarray(confusion, dtype=np.float64)
     rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(classes) + 2)
@@ -61,4 +59,4 @@ def save_confusion_png(confusion: list[list[int]], classes: list[str], path: Pat
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return None
+    return path

@@ -58,10 +58,12 @@ class ProbeSettings:
 
 def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
           test: str | os.PathLike | None = None, settings: ProbeSettings | None = None,
-          log: Callable[[str], None] | None = None) -> dict:
+          log: Callable[[str], None] | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train the requested heads on `train` (ImageFolder root or label file) and evaluate them.
 
-    Returns the metrics (also written to `output/metrics.json`).
+    Returns the metrics (also written to `output/metrics.json`). `progress(stage, done, total)`
+    follows feature extraction ("features: train", …) and head fitting ("linear head", …).
     """
     settings = settings or ProbeSettings()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -86,7 +88,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     started = time.perf_counter()
     for name, data in splits.items():
         features = features_for(data.paths, model, kind, settings.blocks, settings.cache_dir,
-                                settings.batch_size, settings.workers)
+                                settings.batch_size, settings.workers, progress=_stage(progress, f"features: {name}"))
         failures += [{**f, "split": name} for f in features.failures]
         labels = np.array([classes.index(data.labels[i]) for i in features.kept], dtype=np.int64)
         arrays[name] = (features.values, labels, [data.names[i] for i in features.kept])
@@ -106,35 +108,41 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
                          "counts": {name: len(arrays[name][1]) for name in arrays}, "failed": len(failures),
                          "heads": {}}
     for name in settings.heads:
-        started = time.perf_counter()
+        started, fitting = time.perf_counter(), _stage(progress, f"{name} head")
         if name == "linear":
             head, chosen = train_linear(pooled["train"], pooled["val"], len(classes), settings.c_grid,
-                                        settings.normalize)
+                                        settings.normalize, fitting)
             scores = head.scores(pooled["test"][0])
         elif name == "knn":
-            head, chosen = train_knn(pooled["train"], pooled["val"], len(classes), settings.ks)
+            head, chosen = train_knn(pooled["train"], pooled["val"], len(classes), settings.ks, fitting)
             scores = head.scores(pooled["test"][0])
         else:
             attentive = settings.attentive
             if attentive.num_heads is None:
                 attentive = AttentiveSettings(**{**asdict(attentive),
                                                  "num_heads": model.model_config.vision.num_attention_heads})
-            head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive)
+            head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive,
+                                           progress=fitting)
             scores = head_scores(head, arrays["test"][0])
         heads[name] = head
         metrics = classification_metrics(scores, arrays["test"][1], classes)
-        metrics.update(chosen=chosen, seconds=time.perf_counter() - started)
+        metrics.update(chosen=chosen, val_accuracy=validation_accuracy(chosen),
+                       seconds=time.perf_counter() - started)
         report["heads"][name] = metrics
-        skipped = save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
-                                     f"{name} probe: top-1 {metrics['top1']:.3f}")
-        if skipped:
-            log(skipped)
-    _save_heads(output, heads, classes, model, kind, settings)
+        save_confusion_png(metrics["confusion_matrix"], classes, output / f"confusion-{name}.png",
+                           f"{name} probe: top-1 {metrics['top1']:.3f}")
+    _save_heads(output, heads, {name: m["val_accuracy"] for name, m in report["heads"].items()}, classes, model,
+                kind, settings)
     tmp = output / "metrics.json.tmp"
     with naming_full_disk(output / "metrics.json"):
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, output / "metrics.json")
     return report
+
+
+def _stage(progress, stage: str):
+    """`progress` with its stage name bound: the (done, total) callback a step takes."""
+    return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
 def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, LabelledImages], list[dict]]:
@@ -163,7 +171,22 @@ def _write_failures(path: Path, failures: list[dict]) -> None:
         os.replace(tmp, path)
 
 
-def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str, settings: ProbeSettings) -> None:
+def validation_accuracy(chosen: dict) -> float:
+    """A head's validation accuracy at its chosen setting: the best of its sweep."""
+    sweep = next(value for key, value in chosen.items() if key.startswith("val_accuracy_by_"))
+    return max(sweep.values())
+
+
+def best_head(record: dict) -> str:
+    """The saved head with the best validation accuracy (ties and older probes without scores: the
+    order linear, knn, attentive — the cheaper head first)."""
+    heads = record["heads"]
+    return max((name for name in HEADS if name in heads),
+               key=lambda name: (heads[name].get("val_accuracy", -1.0), -HEADS.index(name)))
+
+
+def _save_heads(output: Path, heads: dict, val_accuracy: dict[str, float], classes: list[str], model, kind: str,
+                settings: ProbeSettings) -> None:
     record = {
         "format": "aimv2-mlx-probe",
         "classes": classes,
@@ -181,6 +204,7 @@ def _save_heads(output: Path, heads: dict, classes: list[str], model, kind: str,
         else:
             arrays = head_arrays(head)
             record["heads"][name] = {"file": "attentive.safetensors", "num_heads": head.num_heads}
+        record["heads"][name]["val_accuracy"] = val_accuracy[name]
         with naming_full_disk(output / record["heads"][name]["file"]):
             mx.save_safetensors(str(output / record["heads"][name]["file"]),
                                 {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -250,6 +274,7 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
 def _probe_from_record(folder: Path, record: dict) -> LoadedProbe:
     if not isinstance(record["classes"], list) or "load" not in record["model"] or "blocks" not in record["features"]:
         raise ValueError("classes, model.load or features.blocks missing")
+    _fill_val_accuracy(record, folder / "metrics.json")
     heads = {}
     for name, info in record["heads"].items():
         if Path(info["file"]).name != info["file"]:
@@ -265,17 +290,28 @@ def _probe_from_record(folder: Path, record: dict) -> LoadedProbe:
     return LoadedProbe(record["classes"], heads, record)
 
 
+def _fill_val_accuracy(record: dict, metrics_path: Path) -> None:
+    """Probes saved before probe.json recorded validation accuracy: take it from metrics.json."""
+    if all("val_accuracy" in info for info in record["heads"].values()) or not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text()).get("heads", {})
+    for name, info in record["heads"].items():
+        if "val_accuracy" not in info and "chosen" in metrics.get(name, {}):
+            info["val_accuracy"] = validation_accuracy(metrics[name]["chosen"])
+
+
 class ProbeClassifier:
     """A saved probe and its encoder; call it on images (paths or PIL) for class probabilities.
 
-    The encoder is the one the probe records (`probe.json`) unless `model` is given.
+    The encoder is the one the probe records (`probe.json`) unless `model` is given; the head is
+    the one with the best validation accuracy unless `head` names one.
     """
 
     def __init__(self, probe_dir: str | os.PathLike, model=None, head: str | None = None):
         from ..model import load
 
         self.probe = load_probe(probe_dir)
-        self.head = head or next(h for h in ("attentive", "linear", "knn") if h in self.probe.heads)
+        self.head = head or best_head(self.probe.record)
         if self.head not in self.probe.heads:
             raise ValueError(f"{probe_dir}: has no {self.head!r} head (it has {', '.join(self.probe.heads)})")
         if model is None:

@@ -1,9 +1,10 @@
-"""Training logs: one JSON line per logged step, and PNG plots (matplotlib, the `plot` extra)."""
+"""Training logs: one JSON line per logged step, and PNG plots (loss curves, reconstructions)."""
 
 from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -47,48 +48,75 @@ def truncate(path: Path, step: int) -> None:
 
 
 def _pyplot():
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     return plt
 
 
-def plot_losses(log: Path, out: Path) -> Path | None:
-    """Loss curves (total, pixel, text) against step; None when matplotlib is missing."""
-    plt, records = _pyplot(), read(log)
-    if plt is None or not records:
-        return None
+LOSS_LABELS = {"loss": "total (weighted sum)", "loss_pixel": "pixel (MSE on normalised patches)",
+               "loss_text": "text (cross-entropy)"}
+
+
+def loss_figure(records: list[dict], title: str):
+    """Loss curves (total, pixel, text) against step, on a log scale."""
+    plt = _pyplot()
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "loss_pixel", "loss_text"):
-        ax.plot(steps, [r[key] for r in records], label=key)
+    for key, label in LOSS_LABELS.items():
+        ax.plot(steps, [r[key] for r in records], label=label)
+    ax.set_title(title)
     ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(log: Path, out: Path) -> Path | None:
+    """`loss_figure` of a run's log as a PNG; None while nothing is logged."""
+    records = read(log)
+    if not records:
+        return None
+    fig = loss_figure(records, f"pre-training loss: {out.parent.resolve().name}")
     fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
-def plot_reconstructions(real: np.ndarray, predicted: np.ndarray, captions: list[str], out: Path) -> Path | None:
-    """Rows of real | predicted images (uint8 (B, H, W, 3)) titled with greedy captions."""
+CAPTION_WIDTH = 38  # characters per line of the caption column
+
+
+def reconstruction_figure(real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str]):
+    """One row per image: real | predicted (uint8 (B, H, W, 3)) | its real and generated captions."""
     plt = _pyplot()
-    if plt is None:
-        return None
     rows = len(real)
-    fig, axes = plt.subplots(rows, 2, figsize=(5, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.0 * rows + 0.3), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1.9]})
     for i in range(rows):
         for j, image in enumerate((real[i], predicted[i])):
             axes[i, j].imshow(image)
-            axes[i, j].axis("off")
-        axes[i, 0].set_title("real", fontsize=7)
-        axes[i, 1].set_title(captions[i][:60], fontsize=7)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[i, 2].axis("off")
+        text = (f"real caption:\n{textwrap.fill(truth[i] or '(none)', CAPTION_WIDTH)}\n\n"
+                f"generated:\n{textwrap.fill(generated[i] or '(no text decoder)', CAPTION_WIDTH)}")
+        axes[i, 2].text(0.0, 0.5, text, fontsize=7, va="center", ha="left", family="monospace",
+                        transform=axes[i, 2].transAxes)
+    axes[0, 0].set_title("real", fontsize=9)
+    axes[0, 1].set_title("predicted", fontsize=9)
+    axes[0, 2].set_title("captions", fontsize=9, loc="left")
     fig.tight_layout()
+    return fig
+
+
+def plot_reconstructions(real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str],
+                         out: Path) -> Path:
+    """`reconstruction_figure` as a PNG."""
+    fig = reconstruction_figure(real, predicted, truth, generated)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out

@@ -34,6 +34,7 @@ from .init import init_pretraining
 from .optimizer import build_optimizer
 from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
+from .summary import eta, startup_summary
 
 
 DATA = "data.json"  # the size and sample-list digest of the data the run trains on
@@ -178,7 +179,10 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     plan = BatchPlan(source, tokenizer, config, rank, world, strict=strict)
     end = config.steps if until is None else min(until, config.steps)
     record: dict = {}
+    if rank == 0 and start < end:
+        echo(startup_summary(config, model, len(source), out, start, world))
     future = plan.prefetch(start) if start < end else None
+    loop_started = time.perf_counter()
     for step in range(start, end):
         began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
         batch = future.result()
@@ -199,7 +203,8 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
             logs.append(out / "log.jsonl", record)
             skipped = f"; {len(failed)} unreadable samples replaced (failures.jsonl)" if failed else ""
             echo(f"step {done}/{config.steps} loss {stats['loss']:.4f} (pixel {stats['loss_pixel']:.4f}, "
-                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}")
+                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}, "
+                 f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}")
         if config.sample_every and done % config.sample_every == 0:
             prefix = out / "samples" / f"step-{done:08d}"
             with naming_full_disk(prefix.with_suffix(".png")):
@@ -215,7 +220,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
 
 
 def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path, count: int = 4) -> None:
-    """A reconstruction grid (PNG, when matplotlib is there) and greedy captions (JSON)."""
+    """A reconstruction grid with real and generated captions (PNG), and the captions (JSON)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     pixels = mx.array(micro.pixels[:count])
     real, predicted, tokens = reconstruct(model, pixels, config.objective, config.mean, config.std)
@@ -227,4 +232,4 @@ def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path,
     truth = [tokenizer.decode(row) for row in micro.input_ids[:count]]
     prefix.with_suffix(".json").write_text(json.dumps(
         [{"caption": c, "greedy": g} for c, g in zip(truth, captions)], indent=2) + "\n")
-    logs.plot_reconstructions(real, predicted, captions, prefix.with_suffix(".png"))
+    logs.plot_reconstructions(real, predicted, truth, captions, prefix.with_suffix(".png"))
