@@ -165,6 +165,7 @@ LIMITS = {
     "num_channels": 16,
     "vocab_size": 1 << 20,
     "max_position_embeddings": 8192,
+    "context_length": 8192,
     "projection_dim": 16384,
     "size": 8192,
 }
@@ -178,7 +179,7 @@ def check_config(config: ModelConfig) -> None:
     """
     if not isinstance(config.name, str):
         raise ValueError(f"config field 'name' must be a string, not {config.name!r}")
-    _check_tower("vision", config.vision, ("patch_size", "image_size", "num_channels"))
+    check_tower("vision", config.vision, ("patch_size", "image_size", "num_channels"))
     vision = config.vision
     for flag in ("is_native", "use_head"):
         if not isinstance(getattr(vision, flag), bool):
@@ -190,7 +191,7 @@ def check_config(config: ModelConfig) -> None:
         raise ValueError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
                          "for the native model's 2-D sin-cos positions")
     if config.text is not None:
-        _check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
+        check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
         eos = config.text.eos_token_id
         if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
             raise ValueError(f"config field 'text.eos_token_id' must be a token id below "
@@ -207,7 +208,8 @@ def check_config(config: ModelConfig) -> None:
                          f"not {quant!r}")
 
 
-def _check_tower(section: str, tower, extra: tuple[str, ...]) -> None:
+def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
+    """One transformer's sizes (`hidden_size`, depth, heads, SwiGLU hidden, eps and `extra` fields)."""
     for field_name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", *extra):
         _check_size(f"{section}.{field_name}", getattr(tower, field_name))
     if tower.hidden_size % tower.num_attention_heads:

@@ -403,3 +403,16 @@ def test_a_safetensors_file_cut_short_after_its_header_was_read_is_refused(tmp_p
     last = max(entries.values(), key=lambda entry: entry.start)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
         read_tensor(path, last)
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [("encoder", "num_attention_heads", 0),
+                                                         ("encoder", "num_hidden_layers", 10**7),
+                                                         ("decoder", "num_attention_heads", -2),
+                                                         ("decoder", "context_length", 0)])
+def test_a_run_config_with_impossible_sizes_is_refused_before_building(section, field, value):
+    from aimv2_mlx.train.config import PretrainConfig
+
+    data = PretrainConfig.from_preset("tiny", 64, 8).to_dict()
+    data[section][field] = value
+    with pytest.raises(ValueError, match=f"{section}.{field}"):
+        PretrainConfig.from_dict(data)

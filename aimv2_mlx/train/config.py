@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DecoderConfig, EncoderConfig, _build
+from ..config import DecoderConfig, EncoderConfig, _build, check_tower
 
 # name: (width, depth, heads, SwiGLU hidden, image size)
 PRESETS = {
@@ -75,6 +75,10 @@ class PretrainConfig:
         values = dict(data)
         values["encoder"] = _build(EncoderConfig, data["encoder"])
         values["decoder"] = DecoderConfig.from_dict(data["decoder"])
+        # A run's config.json is a file a person can edit: sizes that cannot make a model are
+        # refused here, before any array is allocated.
+        check_tower("encoder", values["encoder"], ("patch_size", "image_size", "num_channels"))
+        check_tower("decoder", values["decoder"], ("vocab_size", "context_length"))
         for key in ("betas", "crop_scale", "mean", "std"):
             values[key] = tuple(values[key])
         return _build(cls, values)
