@@ -80,7 +80,7 @@ def main() -> None:
     if args.bare_worker:
         print("RESULT " + json.dumps(bare_step(Path(args.bare_worker), args.steps, args.warmup)))
         return
-    facts = host.facts()
+    facts = host.collect_in_subprocess()
     sizes = {"tiny": 112, "small": 224, "base": 224, "large": 224}
     with tempfile.TemporaryDirectory(prefix="aimv2-e2e-") as tmp:
         data, run = Path(tmp) / "shapes", Path(tmp) / "run"
