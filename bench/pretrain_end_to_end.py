@@ -84,7 +84,7 @@ def main() -> None:
     sizes = {"tiny": 112, "small": 224, "base": 224, "large": 224}
     with tempfile.TemporaryDirectory(prefix="aimv2-e2e-") as tmp:
         data, run = Path(tmp) / "shapes", Path(tmp) / "run"
-        subprocess.run(AIMV2 + ["data", "shapes", "-o", str(data), "--n", str(args.images),
+        subprocess.run(AIMV2 + ["data", "shapes", str(data), "--n", str(args.images),
                                 "--size", str(sizes[args.preset])], check=True, capture_output=True)
         total = args.warmup + args.steps
         with host.OthersCpu() as e2e_others:
