@@ -337,8 +337,8 @@ def test_ten_million_blocks_in_our_config_are_refused_in_milliseconds_within_a_s
 
 def test_a_bad_override_flag_is_refused_in_one_line(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
-    _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--num-heads", "-3"), "num_attention_heads")
-    _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--image-size", "0"), "image_size")
+    _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--num-heads", "-3"), "--num-heads")
+    _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--image-size", "0"), "--image-size")
     assert not (tmp_path / "out").exists()
 
 
