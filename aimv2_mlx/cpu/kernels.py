@@ -88,6 +88,13 @@ def _pow2(s: mx.array) -> mx.array:
     return mx.left_shift(s.view(mx.uint32), 23) + _ONE_BITS
 
 
+def _staged(r: mx.array) -> mx.array:
+    """End a stage inside an enclosing `mx.compile` (a training step): without this barrier the
+    outer compiler fuses the r stage into its consumer, its clamp lands mid-loop, and the loop
+    is no longer vectorised (measured 2x slower for the SwiGLU product). Free outside compile."""
+    return mx.contiguous(r)
+
+
 def _two_n(s: mx.array) -> mx.array:
     return _pow2(s).view(mx.float32)
 
@@ -116,7 +123,7 @@ def fast_exp(x: mx.array) -> mx.array:
     that would be subnormal (x < -87.7) flush to zero.
     """
     s = _exp_s(x)
-    return _exp_out(_exp_r(x, s), _two_n(s))
+    return _exp_out(_staged(_exp_r(x, s)), _two_n(s))
 
 
 # --- SwiGLU ----------------------------------------------------------------------------------
@@ -153,7 +160,7 @@ def _silu_grads(gate, up, cotangent, r, t):
 def _exp_of_minus(gate: mx.array) -> tuple[mx.array, mx.array]:
     """(r, 2^n) with exp(-gate) = p(r) * 2^n, for the stages above."""
     s = _silu_s(gate)
-    return _silu_r(gate, s), _two_n(s)
+    return _staged(_silu_r(gate, s)), _two_n(s)
 
 
 @mx.custom_function
@@ -189,7 +196,7 @@ def _exp_shifted(scores: mx.array, peak: mx.array, scale: float) -> mx.array:
     """exp(scale * (scores - peak)) with the subtraction and scaling fused into the exp."""
     scale = mx.array(scale, dtype=scores.dtype)
     s = _shifted_s(scores, peak, scale)
-    return _exp_out(_shifted_r(scores, peak, scale, s), _two_n(s))
+    return _exp_out(_staged(_shifted_r(scores, peak, scale, s)), _two_n(s))
 
 
 def _weights(q, k, scale, mask):
