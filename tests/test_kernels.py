@@ -372,3 +372,16 @@ def test_load_applies_the_cpu_backend_on_a_cpu_and_nothing_elsewhere(monkeypatch
     plain = aimv2_mlx.load("bundled")
     assert all(type(m) not in modules.PLAIN for _, m in plain.named_modules())
     assert type(plain.trunk) is Transformer
+
+
+def test_paused_lifts_the_tuning_for_a_block_and_puts_it_back():
+    from aimv2_mlx.cpu import blas
+
+    threads = blas.get_blas_threads()
+    streams = settings.tune()
+    if len(streams) < 2:
+        pytest.skip("one stream here: tuning leaves the BLAS threads alone")
+    assert blas.get_blas_threads() == 1
+    with settings.paused():
+        assert blas.get_blas_threads() == threads
+    assert blas.get_blas_threads() == 1

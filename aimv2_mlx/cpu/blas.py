@@ -533,7 +533,10 @@ def describe() -> dict:
         info["blas"] = f"bundled reference BLAS ({_state['reason']})"
     info.setdefault("blas_kernel", "n/a")
     size = 512 if info["blas"].startswith("bundled") else 1024
-    mlx_gflops, numpy_gflops = compare_gemm(size)
+    from . import settings  # here, not at the top: this module loads before MLX
+
+    with settings.paused():  # a loaded model set the BLAS to one thread per stream
+        mlx_gflops, numpy_gflops = compare_gemm(size)
     info["gemm_size"] = size
     info["mlx_gemm_gflops"] = round(mlx_gflops, 1)
     info["numpy_gemm_gflops"] = round(numpy_gflops, 1)

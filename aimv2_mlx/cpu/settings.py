@@ -14,7 +14,8 @@
   CPU default keeps only 32 MB of freed buffers, so a forward's large activations were
   returned to the OS and page-faulted back in on every use (~3% of an AIMv2-L forward).
 
-`restore()` puts both back as they were before the first `tune()`; `tuned()` scopes them.
+`restore()` puts both back as they were before the first `tune()`; `tuned()` scopes them and
+`paused()` lifts them for a block.
 """
 
 from __future__ import annotations
@@ -96,3 +97,17 @@ def tuned():
     finally:
         if not was_tuned:
             restore()
+
+
+@contextmanager
+def paused():
+    """The process as it was before `tune()` for the duration of a block, tuned again after it:
+    for measuring the BLAS at its own thread count (`aimv2 info` after a model was loaded)."""
+    split = _saved is not None and "blas_threads" in _saved
+    was_tuned = _saved is not None
+    restore()
+    try:
+        yield
+    finally:
+        if was_tuned:
+            tune(split)
