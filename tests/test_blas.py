@@ -463,3 +463,17 @@ def test_gemm_measurements_are_positive():
     assert blas.measure_gemm_gflops(128, repeats=1) > 0
     assert blas.measure_numpy_gemm_gflops(128, repeats=1) > 0
     assert aimv2_mlx.cpu.on_cpu() == (mx.default_device() == mx.cpu)
+
+
+def test_info_measures_the_gemm_at_the_blas_threads_the_process_started_with(monkeypatch):
+    """A loaded model tunes the BLAS to one thread per stream; the GEMM comparison must not."""
+    from aimv2_mlx.cpu import settings
+
+    started = blas.get_blas_threads()
+    seen = []
+    monkeypatch.setattr(blas, "compare_gemm", lambda size: (seen.append(blas.get_blas_threads()), (1.0, 1.0))[1])
+    settings.tune()
+    tuned = blas.get_blas_threads()
+    blas.describe()
+    assert seen == [started]
+    assert blas.get_blas_threads() == tuned
