@@ -57,6 +57,14 @@ def output_folder(path: Path, flag: str = "--output") -> Path:
     return path
 
 
+def new_folder(path: Path, name: str = "OUT") -> Path:
+    """A folder the command creates itself, checked before any work: it must not exist yet."""
+    if path.exists():
+        raise FileExistsError(f"{name} {path}: already exists; choose a new folder")
+    _writable(path, name)
+    return path
+
+
 def output_file(path: Path, flag: str = "--output") -> Path:
     """A file to write, checked before any work: not a folder, and in a folder that exists."""
     if path.is_dir():

@@ -66,6 +66,11 @@ def spots(tmp_path) -> dict[str, Path]:
     (["tokenizer", "train", "{tmp}/no-data", "-o", "{spot}"], "missing", "does not exist; create it first"),
     (["classify", "{data}", "--probe", "{tmp}/no-probe", "-o", "{spot}"], "folder", "is a folder; give a file name"),
     (["classify", "{data}", "--probe", "{tmp}/no-probe", "-o", "{spot}"], "missing", "does not exist; create it"),
+    (["data", "shapes", "{spot}", "--n", "2"], "below_file", "is a file, not a folder"),
+    (["data", "shapes", "{spot}", "--n", "2"], "folder", "already exists; choose a new folder"),
+    (["export", "{tmp}/no-run", "{spot}"], "below_file", "is a file, not a folder"),
+    (["export", "{tmp}/no-run", "{spot}"], "file", "already exists; choose a new folder"),
+    (["convert", "{tmp}/no-checkpoint", "{spot}"], "below_file", "is a file, not a folder"),
 ])
 def test_an_unusable_output_path_is_one_line_before_any_work(tmp_path, captioned, spots, args, spot, reason):
     before = _listing(tmp_path)
