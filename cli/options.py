@@ -80,7 +80,6 @@ def _writable(path: Path, flag: str) -> None:
     existing = next(part for part in (path, *path.parents) if part.exists())
     if existing != path and not existing.is_dir():
         raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
-    if existing == path:
-        existing = path if path.is_dir() else path.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path}: no permission to write in {existing}")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: no permission to write in {folder}")

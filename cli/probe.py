@@ -33,7 +33,7 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ) -> None:
     """Train linear / kNN / attentive probes on frozen features and report test metrics."""
-    train, output, val_dir, test_dir, cache_dir = (expand(path) for path in (train, output, val_dir, test_dir, cache_dir))
+    train, output, val_dir, test_dir, cache_dir = map(expand, (train, output, val_dir, test_dir, cache_dir))
     with one_line_errors():
         fraction(val_fraction=val_fraction, test_fraction=test_fraction)
         at_least(1, epochs=epochs, batch_size=batch_size)

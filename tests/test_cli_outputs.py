@@ -134,3 +134,22 @@ def test_a_probe_split_left_empty_is_refused_before_its_folder_is_made(tmp_path)
                   "--val-dir", labelled, "--test-dir", labelled)
     assert result.exit_code == 0, result.output
     assert (out / "metrics.json").is_file()
+
+
+def test_an_output_folder_without_write_permission_is_one_line(tmp_path, monkeypatch):
+    """Root may write anywhere, so the permission answer is stubbed: what is checked is the path asked about."""
+    from aimv2_mlx.cli import options
+
+    asked, access = [], options.os.access
+
+    def no_write_in_tmp_path(path, mode, **kwargs):
+        if Path(path) != tmp_path:
+            return access(path, mode, **kwargs)
+        asked.append(Path(path))
+        return False
+
+    monkeypatch.setattr(options.os, "access", no_write_in_tmp_path)
+    out = tmp_path / "new" / "vectors"
+    result = _run("embed", PHOTOS, "-o", out, "-m", tmp_path / "no-model")
+    _one_line_error(result, str(out), f"no permission to write in {tmp_path}")
+    assert asked == [tmp_path] and not (tmp_path / "new").exists()
