@@ -153,3 +153,17 @@ def test_an_output_folder_without_write_permission_is_one_line(tmp_path, monkeyp
     result = _run("embed", PHOTOS, "-o", out, "-m", tmp_path / "no-model")
     _one_line_error(result, str(out), f"no permission to write in {tmp_path}")
     assert asked == [tmp_path] and not (tmp_path / "new").exists()
+
+
+def test_pretrain_from_python_refuses_a_too_large_tokenizer_before_writing_the_run(tmp_path, captioned):
+    from aimv2_mlx.folders import is_empty
+    from aimv2_mlx.train.config import PretrainConfig
+    from aimv2_mlx.train.loop import check_new_run, pretrain
+
+    tokenizer = train_tokenizer([f"a photo of a {name}" for name in PHOTO_NAMES], 60, 12)
+    config = PretrainConfig.from_preset("tiny", tokenizer.vocab_size - 1, 12, steps=1, batch_size=2, compile=False)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"tokenizer has {tokenizer.vocab_size} tokens"):
+        pretrain(captioned, run, config, tokenizer, echo=lambda line: None)
+    assert is_empty(run)  # no config.json or tokenizer.json: the corrected call may use the folder
+    check_new_run(run)
