@@ -132,8 +132,12 @@ class CaptionTokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path).expanduser()
         tmp = path.with_name(path.name + ".tmp")
-        self.tokenizer.save(str(tmp))
-        os.replace(tmp, path)
+        try:
+            self.tokenizer.save(str(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a refused or interrupted save leaves nothing behind
+            raise
         return path
 
 

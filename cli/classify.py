@@ -20,7 +20,7 @@ from aimv2_mlx.probe import ProbeClassifier
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, read_lines
 
 from .errors import one_line_errors
-from .options import at_least, expand
+from .options import at_least, expand, output_file
 
 DEFAULT_LIT = "apple/aimv2-large-patch14-224-lit"
 
@@ -46,13 +46,15 @@ def classify(
     images, output = [expand(path) for path in images], expand(output)
     with one_line_errors():
         at_least(1, top_k=top_k, batch_size=batch_size)
+        if output is not None:
+            output_file(output)
         files = collect_images(images)
         classifier = build_classifier(model, zero_shot, labels_file, templates, probe, head)
         results, skipped = classify_files(files, classifier, batch_size, top_k)
         if not results:
             raise ValueError(f"none of the {len(files)} images could be read")
-    if output is not None:
-        write_csv(output, results)
+        if output is not None:
+            write_csv(output, results)
     head = head_summary(classifier)
     if as_json:
         typer.echo(json.dumps({"model": classifier.model.model_config.name, **head, "labels": classifier.labels,

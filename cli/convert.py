@@ -10,7 +10,7 @@ import typer
 from aimv2_mlx.convert import convert as convert_checkpoint
 
 from .errors import one_line_errors
-from .options import above_zero, at_least, one_of
+from .options import above_zero, at_least, new_folder, one_of
 
 
 def convert(
@@ -38,6 +38,7 @@ def convert(
         one_of("--q-group-size", q_group_size, (32, 64, 128))
         above_zero(max_shard_size=max_shard_size)
         at_least(1, num_heads=num_heads, text_num_heads=text_num_heads, image_size=image_size)
+        new_folder(output, "OUTPUT")
         result = convert_checkpoint(
             source, output, revision=revision, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size,
             max_shard_bytes=int(max_shard_size * 1e9), allow_pickle=allow_pickle, name=name,

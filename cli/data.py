@@ -9,7 +9,7 @@ import typer
 from aimv2_mlx.data.shapes import MIN_SIZE, write_shapes
 
 from .errors import one_line_errors
-from .options import at_least
+from .options import at_least, new_folder
 
 app = typer.Typer(no_args_is_help=True, help="Generate datasets.")
 
@@ -25,5 +25,6 @@ def shapes(
     with one_line_errors():
         at_least(1, n=n)
         at_least(MIN_SIZE, size=size)
+        new_folder(out)
         path = write_shapes(out, n, size, seed)
     typer.echo(f"wrote {n} images to {path}")

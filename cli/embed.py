@@ -15,7 +15,7 @@ from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
 from aimv2_mlx.model import load, load_default
 
 from .errors import one_line_errors
-from .options import above_zero, at_least, expand
+from .options import above_zero, at_least, expand, output_folder
 
 
 def embed(
@@ -47,6 +47,7 @@ def embed(
         at_least(1, batch_size=batch_size, shard_size=shard_size)
         at_least(0, workers=workers)
         above_zero(max_megapixels=max_megapixels)
+        output_folder(output)
         encoder = load_default() if model == "default" else load(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,

@@ -9,6 +9,7 @@ import typer
 from aimv2_mlx.train.export import export_encoder
 
 from .errors import one_line_errors
+from .options import new_folder
 
 
 def export(
@@ -18,5 +19,6 @@ def export(
 ) -> None:
     """Export the encoder of a pre-training checkpoint (the decoder is dropped)."""
     with one_line_errors():
+        new_folder(out)
         path = export_encoder(run, out, name)
     typer.echo(f"wrote {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -46,3 +47,39 @@ def block_list(text: str | None) -> tuple[int, ...] | None:
 def expand(path: Path | None) -> Path | None:
     """`~` in a path typed inside quotes or after `=`, where the shell leaves it."""
     return path.expanduser() if path is not None else None
+
+
+def output_folder(path: Path, flag: str = "--output") -> Path:
+    """A folder to write into, checked before any work: it may be missing (it is made), never a file."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: exists and is a file, not a folder; choose a folder")
+    _writable(path, flag)
+    return path
+
+
+def new_folder(path: Path, name: str = "OUT") -> Path:
+    """A folder the command creates itself, checked before any work: it must not exist yet."""
+    if path.exists():
+        raise FileExistsError(f"{name} {path}: already exists; choose a new folder")
+    _writable(path, name)
+    return path
+
+
+def output_file(path: Path, flag: str = "--output") -> Path:
+    """A file to write, checked before any work: not a folder, and in a folder that exists."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a folder; give a file name inside it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    _writable(path, flag)
+    return path
+
+
+def _writable(path: Path, flag: str) -> None:
+    """The nearest existing folder on the way to `path` must be a folder we may write in."""
+    existing = next(part for part in (path, *path.parents) if part.exists())
+    if existing != path and not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: no permission to write in {folder}")

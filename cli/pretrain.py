@@ -13,7 +13,7 @@ from aimv2_mlx.train.config import PRESETS, PretrainConfig
 from aimv2_mlx.train.loop import check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
-from .options import above_zero, at_least
+from .options import above_zero, at_least, output_folder
 
 
 def pretrain(
@@ -63,10 +63,12 @@ def pretrain(
         at_least(0, warmup_steps=warmup_steps, end_lr=end_lr, weight_decay=weight_decay, pixel_weight=pixel_weight,
                  text_weight=text_weight, sample_every=sample_every)
         above_zero(lr=lr)
+        output_folder(out)
+        if not resume:
+            check_new_run(out)  # before reading the data or training a tokenizer
         source = load_captioned(data)
         config = tok = None
         if not resume:
-            check_new_run(out)  # before training a tokenizer
             tok = (load_tokenizer(tokenizer, context_length) if tokenizer
                    else train_tokenizer(source.captions(), vocab_size, context_length, report=typer.echo))
             config = PretrainConfig.from_preset(

@@ -12,7 +12,7 @@ from aimv2_mlx.model import load, load_default
 from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe as run_probe
 
 from .errors import one_line_errors
-from .options import at_least, block_list, expand, fraction
+from .options import at_least, block_list, expand, fraction, output_folder
 
 
 def probe(
@@ -33,10 +33,13 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ) -> None:
     """Train linear / kNN / attentive probes on frozen features and report test metrics."""
-    train, output, val_dir, test_dir = expand(train), expand(output), expand(val_dir), expand(test_dir)
+    train, output, val_dir, test_dir, cache_dir = map(expand, (train, output, val_dir, test_dir, cache_dir))
     with one_line_errors():
         fraction(val_fraction=val_fraction, test_fraction=test_fraction)
         at_least(1, epochs=epochs, batch_size=batch_size)
+        output_folder(output)
+        if cache_dir is not None:
+            output_folder(cache_dir, "--cache-dir")
         names = HEADS if heads == "all" else tuple(h.strip() for h in heads.split(",") if h.strip())
         settings = ProbeSettings(
             heads=names, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, normalize=normalize,

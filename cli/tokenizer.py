@@ -10,7 +10,7 @@ from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import train_tokenizer
 
 from .errors import one_line_errors
-from .options import at_least, expand
+from .options import at_least, expand, output_file
 
 app = typer.Typer(no_args_is_help=True, help="Caption tokenizers.")
 
@@ -25,6 +25,7 @@ def train(
     output = expand(output)
     with one_line_errors():
         at_least(3, vocab_size=vocab_size)
+        output_file(output)
         tokenizer = train_tokenizer(load_captioned(data).captions(), vocab_size, report=typer.echo)
         tokenizer.save(output)
     typer.echo(f"wrote {output} ({tokenizer.vocab_size} tokens)")

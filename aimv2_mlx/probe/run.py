@@ -78,6 +78,12 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         strangers = sorted(set(splits[name].labels) - set(classes))
         if strangers:
             raise ProbeDataError(f"{name} set has class {strangers[0]!r}, which the training set lacks")
+    empty = next((name for name, data in splits.items() if not len(data.labels)), None)
+    if empty:
+        fix = ("smaller --val-fraction and --test-fraction" if empty == "train"
+               else f"a larger --{empty}-fraction or a --{empty}-dir")
+        raise ProbeDataError(f"the {empty} set is empty (of {sum(len(d.labels) for d in splits.values())} images): "
+                             f"give more images per class, {fix}")
     output = Path(output).expanduser()  # made only once the data is known to be usable
     output.mkdir(parents=True, exist_ok=True)
     save_split(output / "split.json", splits, {"seed": settings.seed, "val_fraction": settings.val_fraction,

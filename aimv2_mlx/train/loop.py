@@ -142,17 +142,16 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
-    else:
-        if config is None or tokenizer is None:
-            raise ValueError("a new run needs a config and a tokenizer")
-        if rank == 0:
-            check_new_run(out)
-            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            for name, item in (("config.json", config), ("tokenizer.json", tokenizer)):
-                with naming_full_disk(out / name):
-                    item.save(out / name)
-    if tokenizer.vocab_size > config.decoder.vocab_size:
+    elif config is None or tokenizer is None:
+        raise ValueError("a new run needs a config and a tokenizer")
+    if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+    if not resume and rank == 0:
+        check_new_run(out)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for name, item in (("config.json", config), ("tokenizer.json", tokenizer)):
+            with naming_full_disk(out / name):
+                item.save(out / name)
     identity = data_identity(source)
     if resume:
         _check_data(out, identity, allow_data_change, echo)
