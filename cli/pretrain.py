@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 
 import typer
-from click.core import ParameterSource
 
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
@@ -73,8 +72,8 @@ def pretrain(
         at_least(0, warmup_steps=warmup_steps, end_lr=end_lr, weight_decay=weight_decay, pixel_weight=pixel_weight,
                  text_weight=text_weight, sample_every=sample_every, checkpoint_minutes=checkpoint_minutes)
         above_zero(lr=lr)
-        given = {name for name in ctx.params
-                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        given = {name for name in ctx.params  # by name: typer's and click's ParameterSource differ
+                 if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
         changes = _resume_changes(ctx.params, given, out) if resume else None
         if not resume and warmup_steps > steps and "warmup_steps" not in given:
             warmup_steps = steps // 10
@@ -142,5 +141,6 @@ def _check(config: PretrainConfig) -> None:
     for part in (config.encoder, config.decoder):
         if part.hidden_size % part.num_attention_heads:
             raise ValueError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
+    config.check_schedule()
     if config.encoder.image_size % config.encoder.patch_size:
         raise ValueError(f"image size {config.encoder.image_size} is not a multiple of the patch size")
