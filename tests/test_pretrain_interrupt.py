@@ -102,7 +102,9 @@ def shapes(tmp_path_factory):
 @pytest.mark.parametrize(("minutes", "kept"), [(1e-9, [4, 5, 6]), (0, [6])])
 def test_checkpoints_come_by_wall_time_as_well_as_by_steps(shapes, tmp_path, minutes, kept):
     source, tok = shapes
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
     pretrain(source, tmp_path / "run", tiny_run(tok, steps=6, checkpoint_minutes=minutes), tok, echo=lambda *_: None)
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
     assert sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == kept
 
 

@@ -285,7 +285,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
                         or (minutes and time.perf_counter() - last_save >= 60 * minutes)):
                     _save(out, done, model, optimizer, plan, config, identity)
                     last_save = time.perf_counter()
-            if stop:
+            if stop and done < end:  # at the last step the run is simply complete
                 checkpoint = out / "checkpoints" / f"step-{done:08d}" if rank == 0 else None
                 raise TrainingInterrupted(done, caught[0] if caught else signal.SIGINT, checkpoint)
     if rank != 0:
