@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import typer
 
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
-from aimv2_mlx.train.config import PRESETS, PretrainConfig
-from aimv2_mlx.train.loop import check_new_run, pretrain as run_pretraining
+from aimv2_mlx.train.config import PRESETS, RESUMABLE, PretrainConfig
+from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, output_folder
 
+# Options that say how to run a resumed run rather than what the run is.
+WITH_RESUME = ("data", "out", "resume", "distributed", "strict", "allow_data_change")
+
 
 def pretrain(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
     preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)}."),
@@ -43,10 +48,14 @@ def pretrain(
     tokenizer: Path = typer.Option(None, help="tokenizer.json to use; default: train a BPE on the captions."),
     vocab_size: int = typer.Option(4096, help="BPE size when training a tokenizer."),
     context_length: int = typer.Option(77, help="Caption tokens per image (longer captions are cut)."),
-    checkpoint_every: int = typer.Option(500, help="Save a checkpoint every K steps (and at the end)."),
+    checkpoint_every: int = typer.Option(100, help="Save a checkpoint every K steps (and at the end and on Ctrl-C)."),
+    checkpoint_minutes: float = typer.Option(10.0, help="Also save a checkpoint when this many minutes have passed "
+                                                        "since the last one (0: off)."),
     log_every: int = typer.Option(10, help="Print and log the losses every K steps."),
     sample_every: int = typer.Option(0, help="Reconstruction grid + greedy captions every K steps (0: off)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint; "
+                                "may change --steps (the cosine decay then ends at the new last step) and "
+                                "--checkpoint-every, --checkpoint-minutes, --log-every, --sample-every."),
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over mlx.launch ranks."),
     strict: bool = typer.Option(False, "--strict", help="Stop at an unreadable image instead of replacing it "
                                                         "(replaced ones are listed in failures.jsonl)."),
@@ -61,8 +70,15 @@ def pretrain(
         at_least(2, context_length=context_length)
         at_least(3, vocab_size=vocab_size)
         at_least(0, warmup_steps=warmup_steps, end_lr=end_lr, weight_decay=weight_decay, pixel_weight=pixel_weight,
-                 text_weight=text_weight, sample_every=sample_every)
+                 text_weight=text_weight, sample_every=sample_every, checkpoint_minutes=checkpoint_minutes)
         above_zero(lr=lr)
+        given = {name for name in ctx.params  # by name: typer's and click's ParameterSource differ
+                 if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+        changes = _resume_changes(ctx.params, given, out) if resume else None
+        if not resume and warmup_steps > steps and "warmup_steps" not in given:
+            warmup_steps = steps // 10
+            typer.echo(f"note: the default warmup ({ctx.params['warmup_steps']} steps) is longer than this "
+                       f"{steps}-step run; warming up for {warmup_steps} steps (a tenth of the run)")
         output_folder(out)
         if not resume:
             check_new_run(out)  # before reading the data or training a tokenizer
@@ -76,16 +92,39 @@ def pretrain(
                 accumulation=accumulation, warmup_steps=warmup_steps, peak_lr=lr, end_lr=end_lr,
                 weight_decay=weight_decay, pixel_weight=pixel_weight, text_weight=text_weight, dtype=dtype,
                 compile=compile, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
-                sample_every=sample_every)
+                sample_every=sample_every, checkpoint_minutes=checkpoint_minutes)
             config.encoder = _override(config.encoder, image_size=image_size, hidden_size=width,
                                        num_hidden_layers=depth, num_attention_heads=heads)
             config.decoder = _override(config.decoder, hidden_size=decoder_width, num_hidden_layers=decoder_depth,
                                        num_attention_heads=decoder_heads)
             _check(config)
-        record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed, echo=typer.echo,
-                                 strict=strict, allow_data_change=allow_data_change)
+        try:
+            record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed,
+                                     echo=typer.echo, strict=strict, allow_data_change=allow_data_change,
+                                     changes=changes)
+        except TrainingInterrupted as stop:
+            typer.echo(f"interrupted at step {stop.step}; continue with: "
+                       f"{resume_command(data, out, strict, distributed)}", err=True)
+            raise typer.Exit(stop.exit_code) from None
     if record:
         typer.echo(f"done: step {record['step']}, loss {record['loss']:.4f}; checkpoints in {out / 'checkpoints'}")
+
+
+def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
+    """The settings a resumed run takes from the command line; any other option given is refused."""
+    fixed = sorted(given - set(RESUMABLE) - set(WITH_RESUME))
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
+        raise ValueError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
+                         f"with --resume only {allowed} can change")
+    return {name: values[name] for name in RESUMABLE if name in given}
+
+
+def resume_command(data: Path, out: Path, strict: bool, distributed: bool) -> str:
+    """The command line that continues this run (for --distributed, under the same mlx.launch)."""
+    flags = ["--strict"] * strict + ["--distributed"] * distributed
+    return shlex.join(["aimv2", "pretrain", str(data), "-o", str(out), "--resume", *flags])
 
 
 def _override(config, **values):
@@ -104,5 +143,6 @@ def _check(config: PretrainConfig) -> None:
     for part in (config.encoder, config.decoder):
         if part.hidden_size % part.num_attention_heads:
             raise ValueError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
+    config.check_schedule()
     if config.encoder.image_size % config.encoder.patch_size:
         raise ValueError(f"image size {config.encoder.image_size} is not a multiple of the patch size")

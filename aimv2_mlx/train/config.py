@@ -23,6 +23,10 @@ PRESETS = {
     "large": (1024, 24, 8, 2816, 224),
 }
 
+# What a resumed run may change: its length (the schedule follows it) and when it logs, samples
+# and saves; everything else would make the run a different one.
+RESUMABLE = ("steps", "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every")
+
 
 @dataclass
 class PretrainConfig:
@@ -49,7 +53,10 @@ class PretrainConfig:
     crop_scale: tuple[float, float] = (0.4, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    checkpoint_every: int = 500
+    # Every 100 steps: below the README's 250-step example run, so an interrupted or crashed
+    # laptop run keeps its progress; `checkpoint_minutes` bounds the loss for slow, large runs.
+    checkpoint_every: int = 100
+    checkpoint_minutes: float = 10.0  # also save when this long has passed since the last save (0: off)
     log_every: int = 10
     sample_every: int = 0  # reconstruction grid + greedy captions every K steps (0: off)
 
@@ -82,6 +89,12 @@ class PretrainConfig:
         for key in ("betas", "crop_scale", "mean", "std"):
             values[key] = tuple(values[key])
         return _build(cls, values)
+
+    def check_schedule(self) -> None:
+        """A warmup longer than the run would never reach the peak learning rate: refused."""
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
+                             "use at most as many warmup steps as steps")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

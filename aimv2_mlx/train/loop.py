@@ -6,6 +6,9 @@ were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts on
 empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
 rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
 alone writes files.
+
+SIGINT and SIGTERM stop a run after the step in flight, with a checkpoint at that step, by raising
+`TrainingInterrupted`; a second signal acts as it would have without us.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import dataclasses
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,9 +35,9 @@ from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
 from .batches import BatchPlan
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
-from .config import PretrainConfig
+from .config import RESUMABLE, PretrainConfig
 from .init import init_pretraining
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, schedule
 from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
 from .summary import eta, startup_summary
@@ -39,6 +45,44 @@ from .summary import eta, startup_summary
 
 DATA = "data.json"  # the size and sample-list digest of the data the run trains on
 FAILURES = "failures.jsonl"  # unreadable samples, each with the step that first drew it
+
+
+class TrainingInterrupted(Exception):
+    """A signal stopped the run after `step`; rank 0 saved `checkpoint` there (None on other ranks)."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None):
+        super().__init__(f"interrupted at step {step} by {signal.Signals(signum).name}"
+                         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for death by this signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def caught_signals():
+    """A list that SIGINT/SIGTERM append to instead of stopping the process mid-step; the first
+    signal puts the previous handlers back, so a second one stops the process as before."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield caught
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(number, _frame):
+        caught.append(number)
+        for other, handler in previous.items():
+            signal.signal(other, handler)
+
+    for number in previous:
+        signal.signal(number, note)
+    try:
+        yield caught
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
@@ -62,16 +106,26 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
 
 def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
              resume: bool = False, until: int | None = None, distributed: bool = False, echo=print,
-             strict: bool = False, allow_data_change: bool = False) -> dict:
+             strict: bool = False, allow_data_change: bool = False, changes: dict | None = None) -> dict:
     """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
     like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
     `until` stops early (after writing a checkpoint) without changing the schedule. Unreadable
     samples are replaced and listed in failures.jsonl (`strict`: stop instead); resuming on data
-    other than the run's (size or sample list) is refused unless `allow_data_change`."""
+    other than the run's (size or sample list) is refused unless `allow_data_change`. `changes`
+    (with `resume`): new values of the `RESUMABLE` settings; a new `steps` lengthens or shortens
+    the run, and the cosine decay is recomputed to end at the new last step. SIGINT/SIGTERM raise
+    `TrainingInterrupted` after saving a checkpoint at the step just finished."""
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change)
+    if changes and not resume:
+        raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
+    unknown = sorted(set(changes or ()) - set(RESUMABLE))
+    if unknown:
+        raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+                         f"only {', '.join(RESUMABLE)} can change")
+    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
+                  changes or {})
 
 
 def check_new_run(out: Path) -> None:
@@ -94,14 +148,15 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
 
 
 def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-           strict: bool = False, allow_data_change: bool = False) -> dict:
+           strict: bool = False, allow_data_change: bool = False, changes: dict | None = None) -> dict:
     """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
     if rank == 0 and not resume:
         check_new_run(out)
     with locked(out) if rank == 0 else contextlib.nullcontext():
-        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change)
+        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
+                    changes or {})
 
 
 def data_identity(source) -> dict:
@@ -137,13 +192,32 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     echo(f"warning: {what}; continuing on the new data")
 
 
+def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> PretrainConfig:
+    """The resumed run's config with `changes`; a new length is refused when it is behind the
+    checkpoint, and otherwise announced with the learning rate it moves to at `start`."""
+    new = dataclasses.replace(config, **changes)
+    if new.steps == config.steps:
+        return new
+    if new.steps < start:
+        raise ValueError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
+    new.check_schedule()
+    before, after = (float(schedule(c)(mx.array(start)).item()) for c in (config, new))
+    echo(f"the run now ends at step {new.steps} (was {config.steps}): the cosine decay is recomputed to reach "
+         f"--end-lr at step {new.steps}, so the learning rate at step {start} goes from {before:.2e} to {after:.2e}")
+    return new
+
+
 def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-         strict: bool, allow_data_change: bool) -> dict:
+         strict: bool, allow_data_change: bool, changes: dict) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
+        recorded = config
+        config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
         raise ValueError("a new run needs a config and a tokenizer")
+    else:
+        config.check_schedule()
     if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     if not resume and rank == 0:
@@ -166,6 +240,11 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
         echo(f"resumed {checkpoint} at step {start}")
+    if resume:
+        config = _changed(recorded, changes, start, echo)
+        if rank == 0 and config != recorded:
+            with naming_full_disk(out / "config.json"):
+                config.save(out / "config.json")
     if rank == 0:
         with naming_full_disk(out / DATA):
             (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
@@ -180,42 +259,69 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     record: dict = {}
     if rank == 0 and start < end:
         echo(startup_summary(config, model, len(source), out, start, world))
+    if rank == 0 and resume and start >= config.steps:
+        echo(f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to extend it")
     future = plan.prefetch(start) if start < end else None
-    loop_started = time.perf_counter()
-    for step in range(start, end):
-        began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
-        batch = future.result()
-        future = plan.prefetch(step + 1) if step + 1 < end else None
-        stats = train_step(batch)
-        seconds = time.perf_counter() - began
-        done = step + 1
-        record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
-                  "img_per_s": plan.global_batch / seconds, "samples_seen": plan.samples_seen(done)}
-        if rank != 0:
-            continue
-        for failure in batch.failures:
-            if failure["sample"] not in failed:
-                failed.add(failure["sample"])
-                logs.append(out / FAILURES, failure)
-        record["skipped"] = len(failed)
-        if done % config.log_every == 0 or done == end:
-            logs.append(out / "log.jsonl", record)
-            skipped = f"; {len(failed)} unreadable samples replaced (failures.jsonl)" if failed else ""
-            echo(f"step {done}/{config.steps} loss {stats['loss']:.4f} (pixel {stats['loss_pixel']:.4f}, "
-                 f"text {stats['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}, "
-                 f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}")
-        if config.sample_every and done % config.sample_every == 0:
-            prefix = out / "samples" / f"step-{done:08d}"
-            with naming_full_disk(prefix.with_suffix(".png")):
-                write_samples(model, batch.micro[0], tokenizer, config, prefix)
-        if done % config.checkpoint_every == 0 or done == end:
-            save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
-                                                          "config": config.to_dict(), "data": identity})
+    loop_started = last_save = time.perf_counter()
+    with caught_signals() as caught:
+        for step in range(start, end):
+            began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
+            batch = future.result()
+            future = plan.prefetch(step + 1) if step + 1 < end else None
+            stats = train_step(batch)
+            seconds = time.perf_counter() - began
+            done = step + 1
+            record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
+                      "img_per_s": plan.global_batch / seconds, "samples_seen": plan.samples_seen(done)}
+            stop = _stop_now(caught, all_sum)
+            if rank == 0:
+                _report(record, batch, failed, out, config, end, echo, loop_started, start)
+                if config.sample_every and done % config.sample_every == 0:
+                    prefix = out / "samples" / f"step-{done:08d}"
+                    with naming_full_disk(prefix.with_suffix(".png")):
+                        write_samples(model, batch.micro[0], tokenizer, config, prefix)
+                minutes = config.checkpoint_minutes
+                if (stop or done % config.checkpoint_every == 0 or done == end
+                        or (minutes and time.perf_counter() - last_save >= 60 * minutes)):
+                    _save(out, done, model, optimizer, plan, config, identity)
+                    last_save = time.perf_counter()
+            if stop and done < end:  # at the last step the run is simply complete
+                checkpoint = out / "checkpoints" / f"step-{done:08d}" if rank == 0 else None
+                raise TrainingInterrupted(done, caught[0] if caught else signal.SIGINT, checkpoint)
     if rank != 0:
         return {}
     with naming_full_disk(out / "loss.png"):
         logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
+
+
+def _stop_now(caught: list[int], all_sum) -> bool:
+    """Whether a signal arrived; with several ranks, on any of them (all stop at the same step)."""
+    if all_sum is None:
+        return bool(caught)
+    return all_sum(mx.array(len(caught))).item() > 0
+
+
+def _report(record: dict, batch, failed: set, out: Path, config: PretrainConfig, end: int, echo,
+            loop_started: float, start: int) -> None:
+    """Rank 0's bookkeeping of a step: new unreadable samples, and the log line every `log_every` steps."""
+    done = record["step"]
+    for failure in batch.failures:
+        if failure["sample"] not in failed:
+            failed.add(failure["sample"])
+            logs.append(out / FAILURES, failure)
+    record["skipped"] = len(failed)
+    if done % config.log_every == 0 or done == end:
+        logs.append(out / "log.jsonl", record)
+        skipped = f"; {len(failed)} unreadable samples replaced (failures.jsonl)" if failed else ""
+        echo(f"step {done}/{config.steps} loss {record['loss']:.4f} (pixel {record['loss_pixel']:.4f}, "
+             f"text {record['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}, "
+             f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}")
+
+
+def _save(out: Path, done: int, model, optimizer, plan: BatchPlan, config: PretrainConfig, identity: dict) -> Path:
+    return save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
+                                                         "config": config.to_dict(), "data": identity})
 
 
 def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path, count: int = 4) -> None:

@@ -27,7 +27,9 @@ def startup_summary(config: PretrainConfig, model, images: int, out: Path, start
         f"{config.objective} objective: {encoder:,} encoder + {decoder:,} decoder parameters",
         f"data: {images:,} images; {schedule}",
         f"outputs in {out}/: log.jsonl every {config.log_every} steps, loss.png{samples}, "
-        f"checkpoints/ every {config.checkpoint_every} steps and at the end",
+        f"checkpoints/ every {config.checkpoint_every} steps"
+        + (f" or {config.checkpoint_minutes:g} minutes" if config.checkpoint_minutes else "")
+        + ", at the end and on Ctrl-C",
     ])
 
 
