@@ -161,7 +161,7 @@ def test_pretrain_from_python_refuses_a_too_large_tokenizer_before_writing_the_r
     from aimv2_mlx.train.loop import check_new_run, pretrain
 
     tokenizer = train_tokenizer([f"a photo of a {name}" for name in PHOTO_NAMES], 60, 12)
-    config = PretrainConfig.from_preset("tiny", tokenizer.vocab_size - 1, 12, steps=1, batch_size=2, compile=False)
+    config = PretrainConfig.from_preset("tiny", tokenizer.vocab_size - 1, 12, steps=1, warmup_steps=0, batch_size=2, compile=False)
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=f"tokenizer has {tokenizer.vocab_size} tokens"):
         pretrain(captioned, run, config, tokenizer, echo=lambda line: None)
