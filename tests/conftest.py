@@ -30,6 +30,26 @@ def timm_key(ml_aim_key: str) -> str:
             .replace("mlp.fc1.", "mlp.fc1_g.").replace("mlp.fc3.", "mlp.fc1_x."))
 
 
+def run_cli(*args):
+    """`aimv2 ARGS` in this process, through the click command the console script runs."""
+    from click.testing import CliRunner
+
+    from aimv2_mlx.cli.app import command
+
+    return CliRunner().invoke(command(), [str(a) for a in args])
+
+
+def one_line_error(result, *needles: str) -> str:
+    """The single stderr line of a refused command, which must name each of `needles`."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and not isinstance(result.exception, Exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -18,6 +18,8 @@ from aimv2_mlx.cli.app import command
 from aimv2_mlx.layers import block_indices
 from aimv2_mlx.probe import ProbeSettings
 
+from .conftest import one_line_error, run_cli
+
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 PHOTO = PHOTOS / "chelsea.jpg"
 
@@ -28,21 +30,6 @@ def pillow_limit_restored(monkeypatch):
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
-def _run(*args: str):
-    return CliRunner().invoke(command(), [str(a) for a in args])
-
-
-def _one_line_error(result, *needles: str) -> str:
-    """The single stderr line of a refused command, which must name each of `needles`."""
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and not isinstance(result.exception, Exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -80,8 +67,8 @@ def test_forward_features_refuses_a_block_past_the_last():
 @pytest.mark.parametrize("blocks", ["-6,-1", "17"])
 def test_probe_blocks_out_of_range_are_one_line_before_any_output(labelled, tmp_path, blocks):
     out = tmp_path / "probe"
-    result = _run("probe", labelled, "-o", out, "-m", "bundled", "--blocks", blocks)
-    _one_line_error(result, "the model has 4 blocks")
+    result = run_cli("probe", labelled, "-o", out, "-m", "bundled", "--blocks", blocks)
+    one_line_error(result, "the model has 4 blocks")
     assert not out.exists()
 
 
@@ -108,8 +95,8 @@ def test_probe_blocks_out_of_range_are_one_line_before_any_output(labelled, tmp_
 def test_a_number_out_of_range_is_one_line_and_nothing_is_made(tmp_path, args, flag):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
-    result = _run(*(a.format(data=data, out=out) for a in args))
-    _one_line_error(result, flag)
+    result = run_cli(*(a.format(data=data, out=out) for a in args))
+    one_line_error(result, flag)
     assert not out.exists() and list(tmp_path.iterdir()) == [data]
 
 
@@ -126,7 +113,7 @@ def test_write_shapes_refuses_no_images_and_tiny_sides(tmp_path):
 
 def test_embed_takes_a_single_image_file_as_the_image_to_embed(tmp_path):
     out = tmp_path / "vectors"
-    result = _run("embed", PHOTO, "-o", out, "-m", "bundled")
+    result = run_cli("embed", PHOTO, "-o", out, "-m", "bundled")
     assert result.exit_code == 0, result.output
     assert "embedded 1 of 1" in result.stdout
     vectors, metadata = aimv2_mlx.read_embeddings(out)
@@ -136,24 +123,24 @@ def test_embed_takes_a_single_image_file_as_the_image_to_embed(tmp_path):
 
 
 def test_probe_of_one_image_says_what_a_probe_needs_and_makes_no_folder(tmp_path):
-    _one_line_error(_run("probe", PHOTO, "-o", tmp_path / "p", "-m", "bundled"), str(PHOTO), "path,label")
+    one_line_error(run_cli("probe", PHOTO, "-o", tmp_path / "p", "-m", "bundled"), str(PHOTO), "path,label")
     assert not (tmp_path / "p").exists()
 
 
 def test_probe_of_a_binary_label_file_is_a_sentence_not_a_decode_error(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_bytes(PHOTO.read_bytes())
-    _one_line_error(_run("probe", labels, "-o", tmp_path / "p", "-m", "bundled"), str(labels), "UTF-8")
+    one_line_error(run_cli("probe", labels, "-o", tmp_path / "p", "-m", "bundled"), str(labels), "UTF-8")
 
 
 def test_blocks_that_are_not_numbers_are_a_sentence(labelled, tmp_path):
-    line = _one_line_error(_run("probe", labelled, "-o", tmp_path / "p", "--blocks", "last"), "--blocks 'last'")
+    line = one_line_error(run_cli("probe", labelled, "-o", tmp_path / "p", "--blocks", "last"), "--blocks 'last'")
     assert "invalid literal" not in line
 
 
 def test_convert_of_an_image_says_it_is_not_a_checkpoint(tmp_path):
     out = tmp_path / "model"
-    _one_line_error(_run("convert", PHOTO, out), str(PHOTO), "not a checkpoint")
+    one_line_error(run_cli("convert", PHOTO, out), str(PHOTO), "not a checkpoint")
     assert not out.exists()
 
 
@@ -175,10 +162,10 @@ def test_api_and_cli_paths_expand_tilde(tmp_path, monkeypatch):
     assert summary.embedded == 1 and (tmp_path / "out" / "manifest.json").is_file() and vectors.shape[0] == 1
     assert np.array_equal(np.asarray(aimv2_mlx.preprocess("~/photos/chelsea.jpg", model)),
                           np.asarray(aimv2_mlx.preprocess(PHOTO, model)))
-    result = _run("data", "shapes", "~/shapes", "--n", "2", "--size", "28")
+    result = run_cli("data", "shapes", "~/shapes", "--n", "2", "--size", "28")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "shapes" / "images").glob("*.png"))) == 2
-    result = _run("embed", "~/photos", "-o", "~/cli-out", "-m", "bundled")
+    result = run_cli("embed", "~/photos", "-o", "~/cli-out", "-m", "bundled")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli-out" / "manifest.json").is_file() and not Path("~").exists()
 
@@ -203,13 +190,13 @@ def test_help_shows_no_python_types_and_every_option_has_help():
 
 def test_pretrain_run_folder_is_output_like_everywhere_and_out_still_works(tmp_path):
     for spelling in ("--output", "--out", "-o"):
-        result = _run("pretrain", tmp_path, spelling, tmp_path / "run", "--steps", "0")
-        _one_line_error(result, "--steps 0")
+        result = run_cli("pretrain", tmp_path, spelling, tmp_path / "run", "--steps", "0")
+        one_line_error(result, "--steps 0")
     for path, cmd in _commands(command()):
         for param in cmd.params:
             assert "-o" not in param.opts or "--output" in param.opts, (path, param.opts)
 
 
 def test_version_prints_the_package_version():
-    result = _run("--version")
+    result = run_cli("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"aimv2-mlx {aimv2_mlx.__version__}"

@@ -6,27 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from aimv2_mlx.cli.app import command
 from aimv2_mlx.tokenizer import train_tokenizer
+
+from .conftest import one_line_error, run_cli
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket")
-
-
-def _run(*args):
-    return CliRunner().invoke(command(), [str(a) for a in args])
-
-
-def _one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and not isinstance(result.exception, Exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _listing(root: Path) -> list[str]:
@@ -74,14 +60,14 @@ def spots(tmp_path) -> dict[str, Path]:
 ])
 def test_an_unusable_output_path_is_one_line_before_any_work(tmp_path, captioned, spots, args, spot, reason):
     before = _listing(tmp_path)
-    result = _run(*(a.format(data=captioned, tmp=tmp_path, spot=spots[spot]) for a in args))
-    _one_line_error(result, str(spots[spot]), reason)
+    result = run_cli(*(a.format(data=captioned, tmp=tmp_path, spot=spots[spot]) for a in args))
+    one_line_error(result, str(spots[spot]), reason)
     assert _listing(tmp_path) == before
 
 
 def test_tokenizer_train_into_an_existing_folder_leaves_no_tmp_file_behind(tmp_path, captioned):
-    result = _run("tokenizer", "train", captioned, "-o", tmp_path, "--vocab-size", "40")
-    _one_line_error(result, "is a folder")
+    result = run_cli("tokenizer", "train", captioned, "-o", tmp_path, "--vocab-size", "40")
+    one_line_error(result, "is a folder")
     tokenizer = train_tokenizer([f"a photo of a {name}" for name in PHOTO_NAMES], 40)
     (tmp_path / "tokenizer.json").mkdir()
     before = _listing(tmp_path)
@@ -112,9 +98,9 @@ TINY = ["--width", "32", "--depth", "2", "--heads", "2", "--image-size", "28", "
 ])
 def test_a_typod_pretrain_leaves_no_run_folder_and_the_corrected_command_runs(tmp_path, captioned, typo, flag):
     run = tmp_path / "run"
-    _one_line_error(_run("pretrain", captioned, "-o", run, *TINY, "--steps", "1", "-b", "2", *typo), flag)
+    one_line_error(run_cli("pretrain", captioned, "-o", run, *TINY, "--steps", "1", "-b", "2", *typo), flag)
     assert not run.exists()
-    result = _run("pretrain", captioned, "-o", run, *TINY, "--steps", "1", "-b", "2")
+    result = run_cli("pretrain", captioned, "-o", run, *TINY, "--steps", "1", "-b", "2")
     assert result.exit_code == 0, result.output
     assert "done: step 1" in result.stdout and (run / "checkpoints").is_dir()
 
@@ -126,11 +112,11 @@ def test_a_probe_split_left_empty_is_refused_before_its_folder_is_made(tmp_path)
         for name in names:
             shutil.copy(PHOTOS / f"{name}.jpg", labelled / label / f"{name}.jpg")
     out = tmp_path / "probe"
-    result = _run("probe", labelled, "-o", out, "-m", "bundled", "--heads", "knn", "--cache-dir", tmp_path / "cache",
+    result = run_cli("probe", labelled, "-o", out, "-m", "bundled", "--heads", "knn", "--cache-dir", tmp_path / "cache",
                   "--val-fraction", "0.25", "--test-fraction", "0.25")
-    _one_line_error(result, "the val set is empty", "--val-dir")
+    one_line_error(result, "the val set is empty", "--val-dir")
     assert not out.exists()
-    result = _run("probe", labelled, "-o", out, "-m", "bundled", "--heads", "knn", "--cache-dir", tmp_path / "cache",
+    result = run_cli("probe", labelled, "-o", out, "-m", "bundled", "--heads", "knn", "--cache-dir", tmp_path / "cache",
                   "--val-dir", labelled, "--test-dir", labelled)
     assert result.exit_code == 0, result.output
     assert (out / "metrics.json").is_file()
@@ -150,8 +136,8 @@ def test_an_output_folder_without_write_permission_is_one_line(tmp_path, monkeyp
 
     monkeypatch.setattr(options.os, "access", no_write_in_tmp_path)
     out = tmp_path / "new" / "vectors"
-    result = _run("embed", PHOTOS, "-o", out, "-m", tmp_path / "no-model")
-    _one_line_error(result, str(out), f"no permission to write in {tmp_path}")
+    result = run_cli("embed", PHOTOS, "-o", out, "-m", tmp_path / "no-model")
+    one_line_error(result, str(out), f"no permission to write in {tmp_path}")
     assert asked == [tmp_path] and not (tmp_path / "new").exists()
 
 
