@@ -14,9 +14,9 @@ SIGINT and SIGTERM stop a run after the step in flight, with a checkpoint at tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
-import dataclasses
 import os
 import signal
 import threading
@@ -263,6 +263,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         echo(f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to extend it")
     future = plan.prefetch(start) if start < end else None
     loop_started = last_save = time.perf_counter()
+    saved = None  # the newest checkpoint this loop wrote (rank 0)
     with caught_signals() as caught:
         for step in range(start, end):
             began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
@@ -283,11 +284,10 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
                 minutes = config.checkpoint_minutes
                 if (stop or done % config.checkpoint_every == 0 or done == end
                         or (minutes and time.perf_counter() - last_save >= 60 * minutes)):
-                    _save(out, done, model, optimizer, plan, config, identity)
+                    saved = _save(out, done, model, optimizer, plan, config, identity)
                     last_save = time.perf_counter()
             if stop and done < end:  # at the last step the run is simply complete
-                checkpoint = out / "checkpoints" / f"step-{done:08d}" if rank == 0 else None
-                raise TrainingInterrupted(done, caught[0] if caught else signal.SIGINT, checkpoint)
+                raise TrainingInterrupted(done, caught[0] if caught else signal.SIGINT, saved)
     if rank != 0:
         return {}
     with naming_full_disk(out / "loss.png"):
