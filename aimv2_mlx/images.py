@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +26,7 @@ except ImportError:
 else:
     register_heif_opener()
 
-ImageInput = Union[str, os.PathLike, Image.Image, BinaryIO]
+ImageInput = str | os.PathLike | Image.Image | BinaryIO
 DEFAULT_MAX_MEGAPIXELS = 178.0
 NATIVE_MAX_AREA = 16  # native resolution keeps the aspect ratio: at most 16 squares' worth of patches
 _BACKGROUND = (255, 255, 255)
@@ -124,7 +124,7 @@ def _shortest_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def _offset(extra: int, rounding: str) -> int:
-    return extra // 2 if rounding == "floor" else int(round(extra / 2.0))
+    return extra // 2 if rounding == "floor" else round(extra / 2.0)
 
 
 def resize_shortest(image: Image.Image, size: int) -> Image.Image:

@@ -13,6 +13,7 @@ with AVX-512 costs about 5x in fp32 GEMM. `collect()` must run in a process that
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import json
@@ -120,10 +121,8 @@ def _caches() -> dict:
 def _versions() -> dict:
     found = {}
     for name in VERSIONS:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return found
 
 

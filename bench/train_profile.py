@@ -194,13 +194,13 @@ def profile_pieces(preset: str, batch: int, plain: bool, repeats: int) -> list[d
         label = "prefix" if where == "encoder" else "causal"
         qkv_shape = (batch, heads, tokens, width // heads)
         pieces.append((f"attention mx.fast SDPA, {label} mask", qkv_shape, depth,
-                       lambda q, k, v, m=mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=m),
+                       lambda q, k, v, m=mask, s=scale: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask=m),
                        [q, k, v]))
         if not plain:
             allowed = mask if where == "encoder" else mx.arange(tokens)[None, :] <= mx.arange(tokens)[:, None]
             additive = mx.where(allowed, 0.0, -float("inf"))
             pieces.append((f"attention kernels.attention, {label} mask", qkv_shape, depth,
-                           lambda q, k, v, m=additive: kernels.attention(q, k, v, scale, m), [q, k, v]))
+                           lambda q, k, v, m=additive, s=scale: kernels.attention(q, k, v, s, m), [q, k, v]))
         pieces += [
             ("RMSNorm mx.fast.rms_norm", (batch, tokens, width), 2 * depth + (2 if where == "encoder" else 1),
              lambda x, w: mx.fast.rms_norm(x, w, e.rms_norm_eps), [x, weight]),

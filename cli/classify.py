@@ -132,7 +132,7 @@ def classify_files(files: list[Path], classifier, batch_size: int, top_k: int) -
         if not decoded:
             continue
         probabilities = classifier([image for _, image in decoded], batch_size)
-        for (path, _), row in zip(decoded, probabilities):
+        for (path, _), row in zip(decoded, probabilities, strict=True):
             order = row.argsort()[::-1][:top_k]
             results.append({"image": str(path),
                             "top": [{"label": classifier.labels[i], "probability": float(row[i])} for i in order]})

@@ -202,10 +202,10 @@ def _write_shards(folder: Path, specs, produce, max_shard_bytes: int) -> tuple[l
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     total = 0
-    for shard, group in zip(names, groups):
+    for shard, group in zip(names, groups, strict=True):
         total += write_streaming(folder / shard, group, produce, metadata={"format": "mlx"})
     if len(names) > 1:
-        weight_map = {key: shard for shard, group in zip(names, groups) for key, _, _ in group}
+        weight_map = {key: shard for shard, group in zip(names, groups, strict=True) for key, _, _ in group}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names, total

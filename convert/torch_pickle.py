@@ -106,7 +106,7 @@ class TorchTensor(_Sealed):
         self.shape = size
         self.dtype = storage.dtype
         self.numel = math.prod(size)
-        self.end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if self.numel else offset
+        self.end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1 if self.numel else offset
 
     def numpy(self) -> np.ndarray:
         """The values (bfloat16 as uint16 bit patterns: NumPy has no bfloat16)."""

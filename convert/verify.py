@@ -48,8 +48,8 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
             expected = [reference(torch_pixels).last_hidden_state.numpy()]
             got = [np.array(model(mx.array(pixels)).astype(mx.float32))]
             compared = "post-trunk patch tokens"
-    diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
-    cosine = min(_min_cosine(g, e) for g, e in zip(got, expected))
+    diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
+    cosine = min(_min_cosine(g, e) for g, e in zip(got, expected, strict=True))
     return {"max_abs_diff": diff, "cosine": cosine, "compared": compared,
             "reference": f"transformers {type(reference).__name__} (PyTorch, float32)"}
 

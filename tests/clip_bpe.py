@@ -9,6 +9,7 @@ clean-up, which neither transformers' nor our tokenizer applies. It shares no co
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import unicodedata
 from pathlib import Path
@@ -41,7 +42,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 BYTE_ENCODER = bytes_to_unicode()
@@ -64,7 +65,7 @@ def learn_merges(text: str, count: int) -> list[tuple[str, str]]:
     while len(merges) < count:
         pairs = collections.Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 if pair[0] + pair[1] not in made:
                     pairs[pair] += freq
         if not pairs:
@@ -118,7 +119,7 @@ def reference_ids(text: str, folder: Path) -> list[int]:
 def _bpe(token: str, ranks: dict) -> str:
     word = tuple(token[:-1]) + (token[-1] + "</w>",)
     while len(word) > 1:
-        pairs = set(zip(word, word[1:]))
+        pairs = set(itertools.pairwise(word))
         bigram = min(pairs, key=lambda p: ranks.get(p, float("inf")))
         if bigram not in ranks:
             break

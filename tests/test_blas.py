@@ -202,7 +202,7 @@ def test_the_probe_names_the_librarys_own_kernel_and_is_cached(cache_home, monke
     reference = subprocess.run([sys.executable, "-c", blas._PROBE, path], capture_output=True, text=True,
                                env={k: v for k, v in os.environ.items() if k != blas.CORETYPE_ENV})
     assert json.loads(reference.stdout)["kernel"] == first
-    assert list(json.loads(cache_home.read_text()).values())[0]["kernel"] == first
+    assert next(iter(json.loads(cache_home.read_text()).values()))["kernel"] == first
 
 
 @linux_with_openblas

@@ -441,7 +441,7 @@ def test_verify_reports_difference_and_cosine(tmp_path, transformers_reference):
                num_attention_heads=2, image_size=56)
     result = _aimv2("convert", tmp_path / "src", tmp_path / "out", "--verify", "-q", "8")
     assert result.returncode == 0, result.stderr
-    line = [ln for ln in result.stdout.splitlines() if ln.startswith("verify:")][0]
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("verify:"))
     diff = float(line.split("max abs difference ")[1].split(",")[0])
     cosine = float(line.split("cosine similarity ")[1].split(" ")[0])
     assert 0 < diff < 0.5 and 0.99 < cosine <= 1.0  # 8-bit: close to, but not exactly, the reference
@@ -472,5 +472,5 @@ def test_ml_aim_torch_lit_without_config_converts_with_head_overrides(tmp_path, 
     converted = aimv2_mlx.load(tmp_path / "out")
     pixels = mx.array(rng.standard_normal((2, 56, 56, 3)).astype(np.float32))
     ids = mx.array(np.concatenate([rng.integers(1, 99, (3, 10)), np.full((3, 1), 99)], axis=1))
-    for got, expected in zip(converted.logits(pixels, ids), model.logits(pixels, ids)):
+    for got, expected in zip(converted.logits(pixels, ids), model.logits(pixels, ids), strict=True):
         assert np.abs(np.array(got) - np.array(expected)).max() <= 1e-5

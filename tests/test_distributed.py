@@ -44,7 +44,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("two", "one")]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]
-    for a, b in zip(*logs):
+    for a, b in zip(*logs, strict=True):
         for key in ("loss", "loss_pixel", "loss_text", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
     w_two, w_one = _weights(tmp_path / "two"), _weights(tmp_path / "one")

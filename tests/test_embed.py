@@ -38,5 +38,5 @@ def test_embed_names_the_bad_image(tmp_path):
     import pytest
 
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(aimv2_mlx.images.ImageError, match="bad.png"):
+    with pytest.raises(aimv2_mlx.images.ImageError, match=r"bad\.png"):
         aimv2_mlx.embed([PHOTOS[0], tmp_path / "bad.png"], aimv2_mlx.load("bundled"))

@@ -96,7 +96,7 @@ def test_messy_folder_every_good_image_once_every_bad_one_listed(messy, tmp_path
     assert summary.shards == 4  # 16 inputs in shards of 5
     row = keys.index("rotated.jpg")
     assert (metadata.column("width")[row].as_py(), metadata.column("height")[row].as_py()) == (300, 451)
-    for key, vector in zip(keys, vectors):
+    for key, vector in zip(keys, vectors, strict=True):
         path = os.fsdecode(os.fsencode(messy) + b"/" + key.replace("\\xe9", "\udce9").encode("utf-8", "surrogateescape"))
         single = np.array(model.embed(aimv2_mlx.preprocess(path, model)))[0]
         assert np.abs(single - vector).max() <= 1e-5, key
@@ -145,7 +145,7 @@ def test_heic_decodes_when_pillow_heif_is_installed(tmp_path):
     Image.fromarray(data.chelsea()).save(tmp_path / "cat.heic")
     model = aimv2_mlx.load("bundled")
     summary = embed_folder(tmp_path, tmp_path / "out", model)
-    vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / "out")
+    _vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / "out")
     assert summary.failed == 0 and metadata.column("path").to_pylist() == ["cat.heic"]
     assert (metadata.column("width")[0].as_py(), metadata.column("height")[0].as_py()) == (451, 300)
 

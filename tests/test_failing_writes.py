@@ -93,7 +93,7 @@ def test_a_tampered_probe_json_is_one_line(tmp_path, tamper):
     data = _image_folder(tmp_path / "data", per_class=4)
     probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear",)), log=lambda m: None)
     (tmp_path / "out" / "probe.json").write_text(tamper)
-    with pytest.raises(ValueError, match="probe.json"):
+    with pytest.raises(ValueError, match=r"probe\.json"):
         ProbeClassifier(tmp_path / "out", model=model)
     Image.new("RGB", (30, 30), (200, 30, 30)).save(tmp_path / "red.png")
     result = CliRunner().invoke(app, ["classify", str(tmp_path / "red.png"), "--probe", str(tmp_path / "out")])

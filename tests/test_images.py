@@ -88,7 +88,7 @@ def test_clip_mode_matches_processor_on_the_example_jpegs(transformers_reference
     files = photo_files()
     assert [f.name for f in files] == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     batch = np.asarray(preprocess(files))
-    for path, ours in zip(files, batch):
+    for path, ours in zip(files, batch, strict=True):
         with Image.open(path) as image:
             reference = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
         assert np.abs(ours.transpose(2, 0, 1) - reference).max() <= 1e-5, path.name
@@ -124,7 +124,7 @@ def ml_aim_reference(image: Image.Image, size: int) -> np.ndarray:
     else:
         new_w, new_h = int(resize_to * w / h), resize_to
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
     image = image.crop((left, top, left + size, top + size))
     pixels = np.asarray(image, np.float64) / 255.0
     return ((pixels - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
@@ -451,9 +451,9 @@ def test_truncated_jpeg_raises_image_error_naming_the_file(tmp_path, photos):
     Image.fromarray(photos["chelsea"]).save(full, quality=90)
     path = tmp_path / "cut-off.jpg"
     path.write_bytes(full.read_bytes()[:8000])
-    with pytest.raises(ImageError, match="cut-off.jpg"):
+    with pytest.raises(ImageError, match=r"cut-off\.jpg"):
         open_image(path)
-    with pytest.raises(ImageError, match="cut-off.jpg"):
+    with pytest.raises(ImageError, match=r"cut-off\.jpg"):
         preprocess([full, path])
 
 
@@ -461,13 +461,13 @@ def test_truncated_jpeg_raises_image_error_naming_the_file(tmp_path, photos):
 def test_not_an_image_raises_image_error_naming_the_file(tmp_path, content):
     path = tmp_path / "notes.jpg"
     path.write_bytes(content)
-    with pytest.raises(ImageError, match="notes.jpg") as info:
+    with pytest.raises(ImageError, match=r"notes\.jpg") as info:
         open_image(path)
     assert isinstance(info.value, ValueError)
 
 
 def test_missing_file_raises_image_error(tmp_path):
-    with pytest.raises(ImageError, match="absent.png"):
+    with pytest.raises(ImageError, match=r"absent\.png"):
         open_image(tmp_path / "absent.png")
 
 

@@ -99,7 +99,7 @@ def test_silu_mul_gradients_match_nn_silu(compiled):
     fast = kernels.silu_mul if not compiled else mx.compile(lambda g, u: kernels.silu_mul(g, u))
     got = _silu_grads(fast, gate, up, cotangent)
     expected = _silu_grads(lambda g, u: nn.silu(g) * u, gate, up, cotangent)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
 
 
@@ -109,7 +109,7 @@ def test_silu_mul_gradients_at_extreme_gates_are_finite_and_exact():
     ones = mx.ones(gate.shape)
     got = _silu_grads(kernels.silu_mul, gate, up, ones)
     expected = _silu_grads(lambda g, u: nn.silu(g) * u, gate, up, ones)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30)
 
@@ -146,7 +146,7 @@ KINDS = ["none", "additive", "boolean", "causal", "prefix"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_attention_matches_sdpa(kind):
     q, k, v = _qkv()
-    B, H, N, d = q.shape
+    B, _H, N, d = q.shape
     scale = d**-0.5
     mask = _mask(kind, B, N)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -268,7 +268,7 @@ def test_encoder_with_cpu_backend_matches_the_plain_layers(tiny_model, pixels, p
     prefix = None if prefix is None else mx.array(prefix)
     reference = _forward(tiny_model, pixels, prefix)  # nn.silu + mx.fast SDPA
     fast = _forward(cpu.apply(tiny_model, streams=()), pixels, prefix)
-    for got, expected in zip(fast, reference):
+    for got, expected in zip(fast, reference, strict=True):
         assert _close(got, expected)
 
 
@@ -286,7 +286,7 @@ def test_split_over_streams_matches_single_stream(tiny_model, batch, prefix, mon
     # Splitting changes GEMM row counts, and OpenBLAS may block (and so sum) differently for
     # each row count (not bit-identical on an AVX-512 Zen 5 machine even for whole images),
     # so allow float32 rounding, relative to the scale.
-    for got, expected in zip(split, whole):
+    for got, expected in zip(split, whole, strict=True):
         assert _close(got, expected)
 
 

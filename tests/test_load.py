@@ -146,7 +146,7 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     _, folder = _tiny_saved(tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(aimv2_mlx.CheckpointError, match="model.safetensors"):
+    with pytest.raises(aimv2_mlx.CheckpointError, match=r"model\.safetensors"):
         aimv2_mlx.load(folder)
 
 

@@ -88,7 +88,7 @@ def test_captioned_bad_input_names_the_file(tmp_path):
     with pytest.raises(CaptionDataError, match=r"bad.jsonl:1: needs 'path' and 'caption'"):
         load_captioned(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text("{nope\n")
-    with pytest.raises(CaptionDataError, match="broken.jsonl:1: not JSON"):
+    with pytest.raises(CaptionDataError, match=r"broken\.jsonl:1: not JSON"):
         load_captioned(tmp_path / "broken.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CaptionDataError, match="no image \\+ caption pairs"):

@@ -91,22 +91,22 @@ def test_resume_with_no_complete_checkpoint_refuses_and_changes_nothing(runs, tm
     result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "pretrain", str(tmp_path / "data"), "-o",
                              str(run), "--resume"], capture_output=True, text=True, env=ENV)
     assert result.returncode == 1  # the data folder is missing: the run is never started
-    with pytest.raises(ValueError, match="no complete checkpoint to resume from.*step-00000008.*step-00000004"):
+    with pytest.raises(ValueError, match=r"no complete checkpoint to resume from.*step-00000008.*step-00000004"):
         _resume(source, run)
     assert _tree(run) == before
 
 
 def test_a_torn_last_log_line_does_not_block_resume(runs, tmp_path):
-    source, straight, half = runs
+    source, _straight, half = runs
     run = shutil.copytree(half, tmp_path / "run")
     with open(run / "log.jsonl", "a") as log:
         log.write('{"step": 9, "loss": 0.')
-    record, said = _resume(source, run)
+    record, _said = _resume(source, run)
     assert record["step"] == 12 and _log_steps(run) == list(range(1, 13))
 
 
 def test_pruning_never_removes_the_checkpoint_it_resumed_from(runs, tmp_path):
-    source, straight, half = runs
+    source, _straight, half = runs
     run = shutil.copytree(half, tmp_path / "run")
     for step in (20, 24, 28):  # leftovers of a timeline that was never completed
         shutil.copytree(run / "checkpoints" / "step-00000008", run / "checkpoints" / f"step-{step:08d}")
@@ -191,7 +191,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(runs, tmp_path):
     fewer = load_captioned(source.origin)
     fewer.samples = fewer.samples[:-1]
     before = _tree(run)
-    with pytest.raises(ValueError, match="15 samples.*trained on 16.*--allow-data-change"):
+    with pytest.raises(ValueError, match=r"15 samples.*trained on 16.*--allow-data-change"):
         pretrain(fewer, run, resume=True, echo=lambda *_: None)
     assert _tree(run) == before
     said = []

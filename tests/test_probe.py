@@ -177,7 +177,7 @@ def test_saved_probe_classifies_new_images(tmp_path, model):
     probabilities = ProbeClassifier(tmp_path / "out", head="linear")(fresh)
     assert probabilities.shape == (9, 3) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     classes = sorted(COLOURS)
-    correct = sum(classes[row.argmax()] == path.parent.name for row, path in zip(probabilities, fresh))
+    correct = sum(classes[row.argmax()] == path.parent.name for row, path in zip(probabilities, fresh, strict=True))
     assert correct >= 7
     knn = ProbeClassifier(tmp_path / "out", model=encoder, head="knn")(fresh)
     assert (knn.argmax(1) == probabilities.argmax(1)).mean() >= 0.7

@@ -133,7 +133,7 @@ def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
     assert len(lines) == len(photos) * 3
 
     expected = aimv2_mlx.zero_shot(photos, model, LABELS)  # the default templates
-    rows = list(csv.DictReader(open(tmp_path / "top.csv")))
+    rows = list(csv.DictReader((tmp_path / "top.csv").read_text().splitlines()))
     assert len(rows) == 2 * len(photos)
     for i, photo in enumerate(photos):
         order = expected[i].argsort()[::-1][:2]

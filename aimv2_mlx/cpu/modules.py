@@ -70,11 +70,11 @@ class CPUBlock(Block):
         """This block over row blocks of one sequence, each on its own stream; every block's
         queries see the keys and values of all rows."""
         qkvs = []
-        for stream, x in zip(streams, parts):
+        for stream, x in zip(streams, parts, strict=True):
             with mx.stream(stream):
                 qkvs.append(self.attn.qkv(self.norm_1(x)))
         outs = []
-        for stream, x, qkv, mask in zip(streams, parts, qkvs, masks):
+        for stream, x, qkv, mask in zip(streams, parts, qkvs, masks, strict=True):
             with mx.stream(stream):
                 x = x + self.attn.proj(self.attn.attend(qkv, mask, mx.concatenate(qkvs, axis=1)))
                 outs.append(x + self.mlp(self.norm_2(x)))
@@ -111,7 +111,7 @@ class CPUTransformer(Transformer):
             if i in wanted:
                 outputs[i] = mx.concatenate(parts, axis=axis)
         normed = []
-        for stream, part in zip(self.streams, parts):
+        for stream, part in zip(self.streams, parts, strict=True):
             with mx.stream(stream):
                 normed.append(self.post_trunk_norm(part))
         return mx.concatenate(normed, axis=axis), [outputs[i] for i in wanted]

@@ -99,7 +99,7 @@ def _read_rows(path: Path) -> list[tuple[str, str]]:
         columns = set(table.column_names)
         if not {"path", "label"} <= columns:
             raise ProbeDataError(f"{path}: needs 'path' and 'label' columns (has {', '.join(sorted(columns))})")
-        return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
+        return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True))
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
@@ -129,7 +129,7 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
     labels = np.asarray(labels)
     for label in sorted(set(labels.tolist())):
         index = rng.permutation(np.flatnonzero(labels == label))
-        count = int(round(fraction * len(index)))
+        count = round(fraction * len(index))
         count = min(max(count, 1 if len(index) > 1 else 0), len(index) - 1)
         held.extend(index[:count])
         kept.extend(index[count:])
@@ -137,7 +137,7 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
 
 
 def save_split(path: Path, splits: dict[str, LabelledImages], settings: dict) -> None:
-    record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels)]
+    record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels, strict=True)]
                              for name, data in splits.items()}}
     tmp = path.with_suffix(".json.tmp")
     with naming_full_disk(path):

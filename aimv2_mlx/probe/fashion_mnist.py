@@ -37,6 +37,6 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, root: Path, prefi
 
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         Image.fromarray(image).save(root / CLASSES[label] / f"{prefix}{i:05d}.png")
     return root

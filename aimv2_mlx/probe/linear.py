@@ -71,7 +71,7 @@ def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, 
             q = q * ((s * y).sum() / (y * y).sum())
         else:
             q = q / mx.maximum(mx.abs(g).max(), 1.0)
-        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
             q = q + s * (alpha - rho * (y * q).sum())
         direction = -q
         slope = (g * direction).sum().item()

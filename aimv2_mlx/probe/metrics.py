@@ -20,7 +20,7 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, classes: list
     recall = np.divide(correct, support, out=np.zeros(num_classes), where=support > 0)
     precision = np.divide(correct, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0)
     result = {
-        "count": int(len(labels)),
+        "count": len(labels),
         "top1": float((predicted == labels).mean()) if len(labels) else 0.0,
         "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}

@@ -336,5 +336,5 @@ def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path,
         captions = [tokenizer.decode(row) for row in ids]
     truth = [tokenizer.decode(row) for row in micro.input_ids[:count]]
     prefix.with_suffix(".json").write_text(json.dumps(
-        [{"caption": c, "greedy": g} for c, g in zip(truth, captions)], indent=2) + "\n")
+        [{"caption": c, "greedy": g} for c, g in zip(truth, captions, strict=True)], indent=2) + "\n")
     logs.plot_reconstructions(real, predicted, truth, captions, prefix.with_suffix(".png"))
