@@ -88,7 +88,8 @@ def open_regular(path: str | os.PathLike):
             raise IsADirectoryError(errno.EISDIR, "is a folder", os.fspath(path)) if stat.S_ISDIR(mode) else \
                 OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         os.set_blocking(fd, True)
-        return open(path, "rb", opener=lambda _path, _flags: fd)  # named by its path, as open() names it
+        # named by its path, as open() names it
+        return open(path, "rb", opener=lambda _path, _flags: fd)
     except BaseException:
         os.close(fd)
         raise

@@ -28,7 +28,8 @@ else:
 
 ImageInput = str | os.PathLike | Image.Image | BinaryIO
 DEFAULT_MAX_MEGAPIXELS = 178.0
-NATIVE_MAX_AREA = 16  # native resolution keeps the aspect ratio: at most 16 squares' worth of patches
+# native resolution keeps the aspect ratio: at most 16 squares' worth of patches
+NATIVE_MAX_AREA = 16
 _BACKGROUND = (255, 255, 255)
 
 

@@ -248,7 +248,8 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
         "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
-                                      if config.quantization else model),  # packed weights hold 32/bits each
+                                      # packed weights hold 32/bits each
+                                      if config.quantization else model),
         "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
                          if config.quantization else None),
         "label": config.source.get("label"),

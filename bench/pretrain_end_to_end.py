@@ -1,6 +1,6 @@
 """`aimv2 pretrain` end to end against the bare compiled training step of the same config.
 
-    python bench/pretrain_end_to_end.py                 # small preset, 224 px, batch 8 (≈ 6 min idle, 2 cores)
+    python bench/pretrain_end_to_end.py   # small preset, 224 px, batch 8 (≈ 6 min idle)
     python bench/pretrain_end_to_end.py --preset tiny --batch 64 --json out.json
 
 What it does, each part in its own process:

@@ -5,7 +5,8 @@ ImageFolder trees (train from the official training split, test from the officia
 then runs `aimv2_mlx.probe.probe` end to end: decoding + preprocessing through the embed
 pipeline, features, the three heads with their validation sweeps, metrics on the test tree.
 
-    python bench/probe_fashion_mnist.py [--model bundled] [--train 5000] [--test 1000] [--json out.json]
+    python bench/probe_fashion_mnist.py [--model bundled] [--train 5000] [--test 1000] \
+        [--json out.json]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python bench/train_profile.py                        # tiny, small, base (≈ 5 min idle, 2 cores)
     python bench/train_profile.py --presets tiny --repeats 2   # a smoke run (≈ 30 s)
-    python bench/train_profile.py --plain --json out.json      # MLX without the CPU backend; JSON too
+    python bench/train_profile.py --plain --json out.json      # no CPU backend; JSON too
 
 Each preset runs in its own process on the batch sizes of bench/train_step.py. The step is split
 into the pieces `aimv2_mlx.train.step.TrainStep` chains, each rebuilt here from the same library

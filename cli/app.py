@@ -48,7 +48,8 @@ def command() -> click.Command:
     while pending:
         group = pending.pop()
         context = click.Context(group)
-        help_option = group.get_help_option(context)  # made on first use: make it now, to cover it too
+        # made on first use: make it now, to cover it too
+        help_option = group.get_help_option(context)
         for param in [*group.params, *([help_option] if help_option else [])]:
             if getattr(param, "is_flag", False):
                 shown = ""

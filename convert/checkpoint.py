@@ -76,7 +76,8 @@ def _open_file(path: Path) -> dict[str, TensorRef]:
         return _open_pickle(path)
     with open(path, "rb") as handle:
         start = handle.read(9)
-    if start[8:] != b"{":  # huggingface/safetensors format: an 8-byte length, then a JSON header that begins with {
+    # huggingface/safetensors format: an 8-byte length, then a JSON header that begins with {
+    if start[8:] != b"{":
         raise CheckpointError(f"{path}: not a checkpoint: give a .safetensors file, a PyTorch .bin/.pth/.pt "
                               f"(zip) file, or a folder holding one")
     return _open_safetensors(path)

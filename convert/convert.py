@@ -88,7 +88,8 @@ def convert(
     except ValueError as exc:
         raise ValueError(f"{checkpoint.path} with the options given: {exc}") from None
     shapes = {k: r.shape(checkpoint.tensors) for k, r in recipes.items()}
-    check_config_matches(config, shapes, checkpoint.path)  # before building: the flags may change sizes
+    # before building: the flags may change sizes
+    check_config_matches(config, shapes, checkpoint.path)
     check_tensors(expected_parameters(build(config)), shapes, checkpoint.path)
     options = {"dtype": dtype or "as stored", "q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
     config.source = {**config.source, "converter": f"aimv2-mlx {__version__}", "conversion": options}

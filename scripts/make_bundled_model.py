@@ -47,7 +47,8 @@ def main() -> None:
     export_encoder(args.work / "run-multimodal", BUNDLED_DIR, name=NAME, extra=extra)
     config_file = BUNDLED_DIR / "config.json"
     config = json.loads(config_file.read_text())
-    del config["source"]["checkpoint"]  # a path on the machine that trained it: meaningless to users
+    # a path on the machine that trained it: meaningless to users
+    del config["source"]["checkpoint"]
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     size = sum(p.stat().st_size for p in BUNDLED_DIR.iterdir())
     print(f"wrote {BUNDLED_DIR} ({size / 1e6:.1f} MB); probe mean {scores['multimodal']['mean']:.1f} "

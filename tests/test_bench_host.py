@@ -60,7 +60,8 @@ def test_avx2_without_fma_is_not_reported_as_avx2_fma():
 def test_the_kernel_reported_is_the_one_the_loaded_openblas_runs():
     if not os.path.exists("/usr/lib/x86_64-linux-gnu/libopenblas.so.0"):
         pytest.skip("needs Debian's x86-64 system OpenBLAS (DYNAMIC_ARCH)")
-    env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott"}  # only in the child: the parent's stays as set
+    # only in the child: the parent's stays as set
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott"}
     out = subprocess.run([sys.executable, str(BENCH / "host.py")], capture_output=True, text=True, env=env,
                          check=True)
     facts = json.loads(out.stdout)

@@ -17,7 +17,8 @@ ARGS = argparse.Namespace(threads=2, warmup=0, steps=1, plain=False)
 @pytest.fixture
 def train_step(monkeypatch):
     pytest.importorskip("torch", reason="the reference needs the test extra: pip install -e '.[test]'")
-    monkeypatch.syspath_prepend(str(BENCH))  # the bench imports its siblings (host, pretrain_throughput)
+    # the bench imports its siblings (host, pretrain_throughput)
+    monkeypatch.syspath_prepend(str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_train_step", BENCH / "train_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

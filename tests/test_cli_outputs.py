@@ -72,7 +72,8 @@ def test_tokenizer_train_into_an_existing_folder_leaves_no_tmp_file_behind(tmp_p
     (tmp_path / "tokenizer.json").mkdir()
     before = _listing(tmp_path)
     with pytest.raises(OSError):
-        tokenizer.save(tmp_path / "tokenizer.json")  # the library, called directly: the same guarantee
+        # the library, called directly: the same guarantee
+        tokenizer.save(tmp_path / "tokenizer.json")
     assert _listing(tmp_path) == before
 
 

@@ -200,7 +200,8 @@ def test_every_family_is_inferred_from_shapes_alone(size):
 
     preset = aimv2_mlx.preset(f"aimv2-{size}-patch14-448")
     preset.vision.num_hidden_layers = 2
-    shapes = {k: tuple(v.shape) for k, v in tree_flatten(aimv2_mlx.build(preset).parameters())}  # lazy: no memory
+    # lazy: no memory
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(aimv2_mlx.build(preset).parameters())}
     inferred = infer_config(shapes)
     assert inferred.vision == preset.vision
 
@@ -270,7 +271,8 @@ def test_sharded_output_has_an_index_and_loads(tmp_path, rng):
     loaded = aimv2_mlx.load(tmp_path / "out")
     ours = dict(tree_flatten(loaded.parameters()))
     assert all(np.array_equal(np.array(ours[k]), np.array(v)) for k, v in tree_flatten(model.parameters()))
-    x = mx.array(rng.standard_normal((1, 56, 56, 3)).astype(np.float32))  # load() adds the CPU kernels:
+    # load() adds the CPU kernels:
+    x = mx.array(rng.standard_normal((1, 56, 56, 3)).astype(np.float32))
     np.testing.assert_allclose(np.array(loaded(x)), np.array(model(x)), rtol=1e-5, atol=1e-5)
 
 
@@ -444,7 +446,8 @@ def test_verify_reports_difference_and_cosine(tmp_path, transformers_reference):
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("verify:"))
     diff = float(line.split("max abs difference ")[1].split(",")[0])
     cosine = float(line.split("cosine similarity ")[1].split(" ")[0])
-    assert 0 < diff < 0.5 and 0.99 < cosine <= 1.0  # 8-bit: close to, but not exactly, the reference
+    # 8-bit: close to, but not exactly, the reference
+    assert 0 < diff < 0.5 and 0.99 < cosine <= 1.0
 
 
 def test_ml_aim_torch_lit_without_config_converts_with_head_overrides(tmp_path, rng):

@@ -60,7 +60,8 @@ def test_sigkill_then_rerun_equals_uninterrupted_and_keeps_finished_shards(photo
     proc.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")
                 if (out / f"{p.name[:11]}.done.json").exists()}
-    assert 0 < len([n for n in finished if n.endswith(".done.json")]) < 13  # killed mid-way (13 shards)
+    # killed mid-way (13 shards)
+    assert 0 < len([n for n in finished if n.endswith(".done.json")]) < 13
     assert not (out / "manifest.json").read_text().count('"complete": true')
 
     rerun = subprocess.run(_embed(str(photos), "-o", str(out), *args, "--json"), env=ENV,

@@ -51,7 +51,8 @@ def skimage_photos() -> dict[str, np.ndarray]:
         "astronaut": astronaut,                      # 512x512 square
         "chelsea": chelsea,                          # 451x300 landscape
         "coffee": coffee,                            # 600x400 landscape
-        "rocket": rocket,                            # 640x427: long side 335.7 -> 335, odd crop excess
+        # 640x427: long side 335.7 -> 335, odd crop excess
+        "rocket": rocket,
         "coffee-portrait": np.rot90(coffee).copy(),  # 400x600 portrait
         "tall": astronaut[:, 150:351].copy(),         # 201x512, odd width
         "small": chelsea[::3, ::3].copy(),           # 151x100: smaller than 224, upscaled
@@ -318,7 +319,8 @@ def test_palette_with_transparent_index_goes_white(tmp_path, suffix):
 
 def test_palette_with_partial_alpha(tmp_path):
     path = tmp_path / "palpha.png"
-    palette_image().save(path, transparency=bytes([128, 255, 0]))  # red half, green opaque, blue clear
+    # red half, green opaque, blue clear
+    palette_image().save(path, transparency=bytes([128, 255, 0]))
     out = rgb(path)
     assert np.abs(out[0, 0] - (255, 127, 127)).max() <= 1
     np.testing.assert_array_equal(out[0, 1], GREEN)

@@ -42,7 +42,8 @@ def test_info_shows_the_quantization_of_a_quantized_folder(tmp_path):
     assert f"quantization: 8-bit, group size {group_size}" in text.stdout
     summary = json.loads(_aimv2("info", str(tmp_path / "q8"), "--json").stdout)
     assert summary["quantization"].startswith("8-bit")
-    assert summary["parameters"] == aimv2_mlx.parameter_count(aimv2_mlx.load("bundled"))  # not the packed count
+    # not the packed count
+    assert summary["parameters"] == aimv2_mlx.parameter_count(aimv2_mlx.load("bundled"))
 
 
 def test_info_on_a_pretraining_run_describes_its_checkpoint_and_hints_at_export(tmp_path):

@@ -35,7 +35,8 @@ def test_our_folder_round_trip(tmp_path, rng):
     loaded = aimv2_mlx.load(folder)
     assert loaded.model_config == model.model_config
     x = _pixels(rng)
-    assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))  # load() applies it too
+    # load() applies it too
+    assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))
     assert np.array_equal(np.array(model.pool(x)), np.array(loaded.pool(x)))
 
 
@@ -104,7 +105,8 @@ def test_hub_id_loads_from_cache_offline(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = aimv2_mlx.load("someone/aimv2-tiny")
     x = _pixels(rng)
-    assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))  # load() applies it too
+    # load() applies it too
+    assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))
 
 
 def test_uncached_hub_id_names_the_repo(tmp_path, monkeypatch):

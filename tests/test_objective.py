@@ -192,10 +192,12 @@ def test_prefix_pixels_do_not_enter_pixel_loss_except_through_encoder(rng):
 
     base = l_pixel(pixels)
     in_prefix = pixels.copy()
-    in_prefix[:, :14, 28:42] += rng.normal(size=(3, 14, 14, 3)).astype(np.float32) * 3  # patch 2 < P
+    # patch 2 < P
+    in_prefix[:, :14, 28:42] += rng.normal(size=(3, 14, 14, 3)).astype(np.float32) * 3
     assert l_pixel(in_prefix) == pytest.approx(base, rel=1e-6)
     counted = pixels.copy()
-    counted[:, 14:28, 42:56] += 3.0 * rng.normal(size=(3, 14, 14, 3)).astype(np.float32)  # patch 7 >= P
+    # patch 7 >= P
+    counted[:, 14:28, 42:56] += 3.0 * rng.normal(size=(3, 14, 14, 3)).astype(np.float32)
     assert l_pixel(counted) != pytest.approx(base, rel=1e-5)
     # the real encoder does see the prefix pixels
     real = objective.loss_sums(encoder, decoder, mx.array(in_prefix), mx.array(ids), mx.array(prefix), "image", IGNORE)

@@ -37,7 +37,8 @@ def tiny_run(tokenizer, **overrides) -> PretrainConfig:
                   decoder=DecoderConfig(32, 1, 2, 64, tokenizer.vocab_size, 10),
                   batch_size=4, steps=20, log_every=1, checkpoint_every=1000, compile=False)
     values.update(overrides)
-    values.setdefault("warmup_steps", min(3, values["steps"]))  # a warmup longer than the run is refused
+    # a warmup longer than the run is refused
+    values.setdefault("warmup_steps", min(3, values["steps"]))
     return PretrainConfig(**values)
 
 
@@ -168,7 +169,8 @@ def test_bfloat16_option_keeps_float32_masters(shapes, tmp_path):
 
 def test_config_round_trips():
     cfg = PretrainConfig.from_preset("large", 32000)
-    assert cfg.decoder == DecoderConfig()  # the recipe's decoder for AIMv2-L (ml-l3m's aimv2 config)
+    # the recipe's decoder for AIMv2-L (ml-l3m's aimv2 config)
+    assert cfg.decoder == DecoderConfig()
     assert PretrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert dataclasses.replace(cfg, seed=3) != cfg
 
@@ -184,7 +186,8 @@ def test_reconstruction_of_perfect_predictions_is_the_image(rng):
             self.encoder = encoder
             self.targets = targets
 
-        def decoder(self, tokens, ids=None):  # output i = target i + 1 (the last output predicts nothing)
+        # output i = target i + 1 (the last output predicts nothing)
+        def decoder(self, tokens, ids=None):
             return mx.concatenate([self.targets[:, 1:], self.targets[:, :1]], axis=1), None
 
     cfg = tiny_run(train_tokenizer(["a b"], 10, 4))
@@ -194,7 +197,8 @@ def test_reconstruction_of_perfect_predictions_is_the_image(rng):
     assert np.abs(real.astype(int) - predicted.astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize(("batch", "compiled"), [(4, True), (3, False)])  # 4: images per stream; 3: token blocks
+# 4: images per stream; 3: token blocks
+@pytest.mark.parametrize(("batch", "compiled"), [(4, True), (3, False)])
 def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng, batch, compiled, monkeypatch):
     """Loss, gradient norm and the weights after one AdamW step: CPU backend (kernels with
     their own gradients, rows split over two streams) against the plain MLX layers."""

@@ -33,7 +33,8 @@ def test_shapes_to_pretrain_to_export_to_embed(tmp_path):
     _ok(_aimv2("pretrain", str(data), "-o", str(run), *TINY, "--steps", "4", "--log-every", "1",
                "--tokenizer", str(tmp_path / "tok.json")))
     assert "--resume" in _aimv2("pretrain", str(data), "-o", str(run), *TINY).stderr
-    assert "step 4" in _ok(_aimv2("pretrain", str(data), "-o", str(run), "--resume"))  # nothing left to do
+    # nothing left to do
+    assert "step 4" in _ok(_aimv2("pretrain", str(data), "-o", str(run), "--resume"))
     assert len((run / "log.jsonl").read_text().splitlines()) == 4
     _ok(_aimv2("export", str(run), str(enc)))
     info = json.loads(_ok(_aimv2("info", str(enc), "--json")))

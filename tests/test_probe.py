@@ -203,7 +203,8 @@ def test_cli_classify_with_a_probe(tmp_path, model):
 def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_accuracy(tmp_path, model):
     data = _image_folder(tmp_path / "data")
     aimv2_mlx.save(model, tmp_path / "encoder")
-    weak_attentive = AttentiveSettings(epochs=1, batch_size=8)  # one epoch: far from the linear head
+    # one epoch: far from the linear head
+    weak_attentive = AttentiveSettings(epochs=1, batch_size=8)
     report = probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"),
                    settings=_settings(tmp_path, heads=("linear", "attentive"), attentive=weak_attentive),
                    log=lambda m: None)

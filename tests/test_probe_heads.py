@@ -98,7 +98,8 @@ def _object_position_task(rng, n: int):
 
 def test_attentive_probe_beats_mean_pooled_linear_on_object_position(rng):
     mx.random.seed(0)
-    model = aimv2_mlx.build(tiny_config(native=True))  # sin-cos positions: tokens know where they are
+    # sin-cos positions: tokens know where they are
+    model = aimv2_mlx.build(tiny_config(native=True))
 
     def tokens(images):
         return np.concatenate([np.array(model(mx.array(images[i:i + 100]))) for i in range(0, len(images), 100)])

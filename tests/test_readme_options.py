@@ -1,7 +1,7 @@
 """Issue 14, acceptance 4: the README's command lines and option tables agree with the CLI's real options.
 
-The options come from the click command that `aimv2` runs (`aimv2_mlx.cli.app.command()`), so a renamed,
-removed or re-defaulted option fails here until the README says the same.
+The options come from the click command that `aimv2` runs (`aimv2_mlx.cli.app.command()`), so a
+renamed, removed or re-defaulted option fails here until the README says the same.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from aimv2_mlx.cli.app import command
 README = Path(__file__).resolve().parents[1] / "README.md"
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
 
-# Where the README documents each command: headings (their start) whose sections must name every option.
+# Where the README documents each command: headings (their start) whose sections must name every
+# option.
 HOME = {
     "info": ("Command line",),
     "embed": ("`aimv2 embed`",),

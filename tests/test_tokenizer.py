@@ -61,7 +61,8 @@ def test_vocabulary_is_clip_shaped_and_merges_are_used(vocab_folder):
     size = tokenizer.backend.get_vocab_size()
     assert (tokenizer.start_id, tokenizer.end_id) == (size - 2, size - 1)
     ids = tokenizer.encode("a photo of a cat")
-    assert len(ids) == 5 and min(ids[1:3]) >= 512  # one id per word: "photo", "of" are merged tokens
+    # one id per word: "photo", "of" are merged tokens
+    assert len(ids) == 5 and min(ids[1:3]) >= 512
     assert ids[0] == ids[3] == 320  # "a</w>", the id it has in CLIP's real vocabulary too
 
 

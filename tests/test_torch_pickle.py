@@ -117,7 +117,8 @@ def test_pth_folder_loads_like_its_safetensors_twin(tmp_path, transformers_refer
     loaded = dict(tree_flatten(aimv2_mlx.load(tmp_path / "pth").parameters()))
     assert loaded.keys() == twin.keys()
     for key, value in twin.items():
-        if "norm" in key:  # stored as bfloat16 on purpose: exact after rounding the twin the same way
+        # stored as bfloat16 on purpose: exact after rounding the twin the same way
+        if "norm" in key:
             assert loaded[key].dtype == mx.bfloat16
             value = value.astype(mx.bfloat16)
         assert np.array_equal(np.array(loaded[key].astype(mx.float32)), np.array(value.astype(mx.float32))), key
@@ -299,4 +300,5 @@ def test_a_tensor_reads_only_the_bytes_it_spans(tmp_path, monkeypatch):
     original = zipfile.ZipExtFile.read
     monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: reads.append(n) or original(self, n))
     np.testing.assert_array_equal(tensor.numpy(), [1000, 1002, 1004])
-    assert reads and all(0 <= n for n in reads) and sum(reads) <= (1000 + 5) * 4, reads  # not the 1 MB storage
+    # not the 1 MB storage
+    assert reads and all(0 <= n for n in reads) and sum(reads) <= (1000 + 5) * 4, reads

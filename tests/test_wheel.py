@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_wheel_builds_without_warnings_and_its_layout_and_console_script_work(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
                             str(ROOT)], check=True, capture_output=True, text=True)
-    assert "warning" not in (build.stdout + build.stderr).lower(), build.stderr  # a quiet, warning-free build
+    # a quiet, warning-free build
+    assert "warning" not in (build.stdout + build.stderr).lower(), build.stderr
     wheel = next((tmp_path / "dist").glob("aimv2_mlx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}

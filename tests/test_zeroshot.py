@@ -61,7 +61,8 @@ def _reference(lit, prompts: list[str], pixels: mx.array):
     with torch.inference_mode():
         return reference(input_ids=ids["input_ids"],
                          pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
-                         attention_mask=torch.ones_like(ids["input_ids"]))  # makes the text tower causal
+                         # makes the text tower causal
+                         attention_mask=torch.ones_like(ids["input_ids"]))
 
 
 def test_single_template_logits_and_probabilities_match_transformers(lit):

@@ -1,13 +1,13 @@
 """The CPU versions of the transformer pieces, and `apply`, which swaps them into a model.
 
-`apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`,
-`SwiGLU`, `Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place. Weights, parameter names
-and saved files are untouched; `remove(model)` turns them back. In float32 the subclasses use
-the vectorised kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to
-the plain classes. The trunk also splits its rows over one MLX stream per core
-(`settings.tune`): whole images per stream when the batch divides evenly, else blocks of tokens
-per stream, which meet at each attention to share keys and values. Results equal the plain
-forward to float32 rounding (BLAS may sum differently for different row counts).
+`apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`, `SwiGLU`,
+`Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place. Weights, parameter
+names and saved files are untouched; `remove(model)` turns them back. In float32 the subclasses use
+the vectorised kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to the
+plain classes. The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole
+images per stream when the batch divides evenly, else blocks of tokens per stream, which meet at
+each attention to share keys and values. Results equal the plain forward to float32 rounding (BLAS
+may sum differently for different row counts).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ COLORS = {
     "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}  # side / diameter as a fraction of the image side
-MIN_SIZE = 14  # pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
+# side / diameter as a fraction of the image side
+SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}
+# pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
+MIN_SIZE = 14
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}

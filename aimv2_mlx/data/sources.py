@@ -110,7 +110,8 @@ def _walk(root: Path, prefix: str):
             try:
                 if child.is_dir():
                     stack.append((child.path, key + b"/", ancestors))
-                elif child.is_file() and _suffix(child.name) in IMAGE_SUFFIXES:  # never a FIFO or device
+                # never a FIFO or device
+                elif child.is_file() and _suffix(child.name) in IMAGE_SUFFIXES:
                     entries.append(_entry(os.fsencode(prefix) + key, os.fsdecode(child.path), child.stat()))
             except OSError:  # a dangling link or a file removed during the walk
                 continue

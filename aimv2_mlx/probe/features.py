@@ -97,7 +97,9 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
             raise ValueError("patch-token features need a fixed-resolution model (native token counts vary)")
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
-    work = lambda source: decode(source, config.preprocess, config.vision.patch_size, max_megapixels)  # noqa: E731
+    def work(source):
+        return decode(source, config.preprocess, config.vision.patch_size, max_megapixels)
+
     rows, kept, failures = [], [], []
     for good, pixels, failed in batches(decoded(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)

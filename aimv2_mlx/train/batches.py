@@ -34,9 +34,11 @@ class MicroBatch:
 @dataclass
 class StepBatch:
     micro: list[MicroBatch]
-    pixel_count: int  # counted target patches of this rank's micro-batches (summed over ranks by the caller)
+    # counted target patches of this rank's micro-batches (summed over ranks by the caller)
+    pixel_count: int
     text_count: int  # counted caption tokens of this rank's micro-batches (likewise)
-    failures: list[dict] = field(default_factory=list)  # samples replaced because they were unreadable
+    # samples replaced because they were unreadable
+    failures: list[dict] = field(default_factory=list)
 
 
 SUBSTITUTES = 16  # replacement draws for one unreadable sample before the run stops

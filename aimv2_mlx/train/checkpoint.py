@@ -79,7 +79,8 @@ def problem(folder: Path) -> str | None:
         return "state.json does not match the folder's step"
     sizes = state.get("files")
     if not isinstance(sizes, dict):
-        sizes = dict.fromkeys(FILES)  # written before sizes were recorded: check presence and headers
+        # written before sizes were recorded: check presence and headers
+        sizes = dict.fromkeys(FILES)
     for name in FILES:
         path = folder / name
         if not path.is_file():

@@ -47,7 +47,8 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: str = "float32"  # float32 | bfloat16 (compute; master weights, norms' statistics, losses fp32)
+    # float32 | bfloat16 (compute; master weights, norms' statistics, losses fp32)
+    dtype: str = "float32"
     compile: bool = True
     seed: int = 0
     crop_scale: tuple[float, float] = (0.4, 1.0)
@@ -56,7 +57,8 @@ class PretrainConfig:
     # Every 100 steps: below the README's 250-step example run, so an interrupted or crashed
     # laptop run keeps its progress; `checkpoint_minutes` bounds the loss for slow, large runs.
     checkpoint_every: int = 100
-    checkpoint_minutes: float = 10.0  # also save when this long has passed since the last save (0: off)
+    # also save when this long has passed since the last save (0: off)
+    checkpoint_minutes: float = 10.0
     log_every: int = 10
     sample_every: int = 0  # reconstruction grid + greedy captions every K steps (0: off)
 

@@ -1,11 +1,11 @@
 """`pretrain()`: the training run — set up or resume a run folder, then step, log, checkpoint.
 
-A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the
-data's size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they
-were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or
-empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
-rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
-alone writes files.
+A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the data's
+size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they were
+unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or empty
+folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under
+`mlx.launch`) every rank trains on its own block of each global batch, gradients are summed over
+ranks, and rank 0 alone writes files.
 
 SIGINT and SIGTERM stop a run after the step in flight, with a checkpoint at that step, by raising
 `TrainingInterrupted`; a second signal acts as it would have without us.
@@ -66,7 +66,8 @@ def caught_signals():
     """A list that SIGINT/SIGTERM append to instead of stopping the process mid-step; the first
     signal puts the previous handlers back, so a second one stops the process as before."""
     caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    # only the main thread may set handlers
+    if threading.current_thread() is not threading.main_thread():
         yield caught
         return
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -218,7 +219,8 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         raise ValueError("a new run needs a config and a tokenizer")
     else:
         config.check_schedule()
-    if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
+    # checked before a new run's folder is made
+    if tokenizer.vocab_size > config.decoder.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     if not resume and rank == 0:
         check_new_run(out)
@@ -266,7 +268,8 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     saved = None  # the newest checkpoint this loop wrote (rank 0)
     with caught_signals() as caught:
         for step in range(start, end):
-            began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
+            # img/s counts waiting for the batch too: the data pipeline's cost shows
+            began = time.perf_counter()
             batch = future.result()
             future = plan.prefetch(step + 1) if step + 1 < end else None
             stats = train_step(batch)
