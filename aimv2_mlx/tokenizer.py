@@ -24,7 +24,10 @@ CONTEXT_LENGTH = 77
 MAX_CAPTION_CHARS = 1000  # longer captions are cut before BPE training (see `bounded_captions`)
 # CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, and
 # runs of anything else that is not whitespace.
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 class ClipTokenizer:

@@ -151,7 +151,8 @@ def main() -> None:
             "import_only_peak_rss_bytes": baseline,
             "measuring_parent_peak_rss_bytes": own_peak,
             "runs": runs,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -71,7 +71,8 @@ def main() -> None:
                          "chosen": {k: v for k, v in m["chosen"].items() if not isinstance(v, dict)}}
                   for name, m in report["heads"].items()},
         "total_seconds": total,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
     }
     print(f"{config.name}: {result['train_images']} train / {result['val_images']} val / {result['test_images']} test; "
           f"features {result['feature_seconds']:.1f} s, total {total:.1f} s")

@@ -42,7 +42,8 @@ METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH", 
 
 def command() -> click.Command:
     """The click command behind `app`, whose help says what a value is (PATH, INTEGER) rather than
-    Typer's Python annotation (`<list[Path]>`), and shows nothing after a flag (Typer shows `<bool>`)."""
+    Typer's Python annotation (`<list[Path]>`), and shows nothing after a flag (Typer shows
+    `<bool>`)."""
     root = typer.main.get_command(app)
     pending = [root]
     while pending:

@@ -36,7 +36,8 @@ def classify(
     head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
                                                    "head with the best validation accuracy)."),
     model: str = typer.Option(None, "-m", "--model",
-                              help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; --probe: the probe's own)."),
+                              help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; "
+                              "--probe: the probe's own)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),
     batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),

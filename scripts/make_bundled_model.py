@@ -40,7 +40,8 @@ def main() -> None:
                   f"{results['args']['batch']}; a toy for offline demos and tests, not a general-purpose encoder"),
         "random_init": False,
         "data": "aimv2 data shapes (procedural coloured shapes with captions), seed 0",
-        "probe_scores": {"what": "linear probe on held-out shapes images (test accuracy %, mean-pooled features)",
+        "probe_scores": {"what": "linear probe on held-out shapes images "
+                                 "(test accuracy %, mean-pooled features)",
                          "pretrained": scores["multimodal"], "random_init": scores["random init"]},
     }
     shutil.rmtree(BUNDLED_DIR, ignore_errors=True)

@@ -35,7 +35,7 @@ _SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel
 cpu family\t: 6
 model\t\t: 207
-flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile amx_int8
+flags\t\t: sse2 avx fma avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 amx_tile
 
 processor\t: 1
 flags\t\t: fpu sse sse2

@@ -280,7 +280,8 @@ def test_sharded_output_has_an_index_and_loads(tmp_path, rng):
 
 
 def _aimv2(*args, env_extra=None, prelude: str = "") -> subprocess.CompletedProcess:
-    code = f"{prelude}\nfrom aimv2_mlx.cli.app import main\nimport sys\nsys.argv = ['aimv2', *sys.argv[1:]]\nmain()\n"
+    code = (f"{prelude}\nfrom aimv2_mlx.cli.app import main\nimport sys\n"
+            "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
 

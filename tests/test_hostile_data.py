@@ -124,7 +124,8 @@ def test_a_65535x1_png_resizes_only_what_the_crop_keeps_under_a_one_gib_address_
         used = int(status.split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
         for mode in ("clip", "ml-aim"):
-            print(mode, to_pixels(open_image(sys.argv[1]), PreprocessConfig.for_mode(mode, 224), 14).shape)
+            pixels = to_pixels(open_image(sys.argv[1]), PreprocessConfig.for_mode(mode, 224), 14)
+            print(mode, pixels.shape)
         try:
             to_pixels(open_image(sys.argv[1]), PreprocessConfig.for_mode("native", 224), 14)
         except ImageError as exc:

@@ -1,5 +1,6 @@
 """What `aimv2 pretrain` owns in its run folder: a new run refuses a user's folder, and `--resume`
-falls back to the newest complete checkpoint (saying which) or refuses, never restarting silently."""
+falls back to the newest complete checkpoint (saying which) or refuses, never restarting
+silently."""
 
 from __future__ import annotations
 

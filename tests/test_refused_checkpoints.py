@@ -369,7 +369,8 @@ safetensors_io.open = full_disk_open
 
 def test_a_full_disk_during_convert_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
-    code = f"{_FULL_DISK}\nimport sys\nfrom aimv2_mlx.cli.app import main\nsys.argv = ['aimv2', *sys.argv[1:]]\nmain()"
+    code = (f"{_FULL_DISK}\nimport sys\nfrom aimv2_mlx.cli.app import main\n"
+            "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()")
     result = subprocess.run([sys.executable, "-c", code, "convert", str(folder), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _assert_one_line(result.returncode, result.stderr, str(tmp_path / "out" / "model.safetensors"),
