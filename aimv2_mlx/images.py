@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
+from .errors import Aimv2Error, SettingError
 from .folders import open_regular
 
 try:  # HEIC/HEIF through the optional `heif` extra
@@ -32,7 +33,7 @@ NATIVE_MAX_AREA = 16  # native resolution keeps the aspect ratio: at most 16 squ
 _BACKGROUND = (255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(Aimv2Error, ValueError):
     """An image that could not be used; the message names the file and the reason."""
 
 
@@ -178,7 +179,7 @@ def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14
                              f"({width}x{height} pixels, over {NATIVE_MAX_AREA}x the {config.size}-pixel square)")
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     else:
-        raise ValueError(f"unknown preprocessing mode {config.mode!r}")
+        raise SettingError(f"unknown preprocessing mode {config.mode!r}")
     pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
     mean = np.asarray(config.mean, dtype=np.float32)
     std = np.asarray(config.std, dtype=np.float32)
@@ -201,7 +202,7 @@ def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str 
         images = [images]
     arrays = [to_pixels(open_image(img), config, patch) for img in images]
     if not arrays:
-        raise ValueError("preprocess() needs at least one image")
+        raise SettingError("preprocess() needs at least one image")
     if len({a.shape for a in arrays}) > 1:
         return [mx.array(a[None]) for a in arrays]
     return mx.array(np.stack(arrays))

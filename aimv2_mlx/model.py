@@ -17,6 +17,7 @@ from . import cpu, hub
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
 from .encoder import VisionEncoder
+from .errors import Aimv2Error
 from .lit import LiT
 from .quantize import dequantize_model, quantize_model
 from .weights import (CheckpointError, Recipe, check_config_matches, check_tensors, detect_layout,
@@ -34,7 +35,7 @@ HUB_IGNORE = ["mlx_model.safetensors"]
 PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(Aimv2Error, FileNotFoundError):
     """Neither a local folder nor something the Hugging Face hub (or its cache) could provide."""
 
 

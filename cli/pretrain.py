@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.errors import SettingError
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
 from aimv2_mlx.train.config import PRESETS, RESUMABLE, PretrainConfig
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
@@ -116,7 +117,7 @@ def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
     if fixed:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
-        raise ValueError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
+        raise SettingError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
                          f"with --resume only {allowed} can change")
     return {name: values[name] for name in RESUMABLE if name in given}
 
@@ -137,12 +138,12 @@ def _override(config, **values):
 
 def _check(config: PretrainConfig) -> None:
     if config.objective not in ("multimodal", "image", "caption"):
-        raise ValueError(f"unknown objective {config.objective!r}: use multimodal, image or caption")
+        raise SettingError(f"unknown objective {config.objective!r}: use multimodal, image or caption")
     if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
+        raise SettingError(f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
     for part in (config.encoder, config.decoder):
         if part.hidden_size % part.num_attention_heads:
-            raise ValueError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
+            raise SettingError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
     config.check_schedule()
     if config.encoder.image_size % config.encoder.patch_size:
-        raise ValueError(f"image size {config.encoder.image_size} is not a multiple of the patch size")
+        raise SettingError(f"image size {config.encoder.image_size} is not a multiple of the patch size")

@@ -10,9 +10,12 @@ the head is refitted on train + validation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
+
+from .head import softmax
 
 DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
 
@@ -24,10 +27,27 @@ class LinearHead:
     C: float
     normalize: bool
 
+    name: ClassVar[str] = "linear"
+    pooled: ClassVar[bool] = True
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Class logits (N, C)."""
         x = l2_normalize(features) if self.normalize else features
         return x @ self.weight + self.bias
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.scores(features))
+
+    @classmethod
+    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple["LinearHead", dict]:
+        return train_linear(train, val, num_classes, settings.c_grid, settings.normalize, progress)
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {"weight": self.weight, "bias": self.bias}, {"C": self.C, "normalize": self.normalize}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int) -> "LinearHead":
+        return cls(arrays["weight"], arrays["bias"], settings["C"], settings["normalize"])
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DecoderConfig, EncoderConfig, _build, check_tower
+from ..errors import SettingError
 
 # name: (width, depth, heads, SwiGLU hidden, image size)
 PRESETS = {
@@ -63,7 +64,7 @@ class PretrainConfig:
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, **overrides) -> "PretrainConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+            raise SettingError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
         width, depth, heads, hidden, size = PRESETS[name]
         encoder = EncoderConfig(width, depth, heads, hidden, image_size=size)
         decoder = DecoderConfig.for_encoder(encoder, vocab_size, context_length)
@@ -93,7 +94,7 @@ class PretrainConfig:
     def check_schedule(self) -> None:
         """A warmup longer than the run would never reach the peak learning rate: refused."""
         if self.warmup_steps > self.steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
+            raise SettingError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
                              "use at most as many warmup steps as steps")
 
     def save(self, path: str | Path) -> None:

@@ -30,6 +30,7 @@ from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
+from ..errors import SettingError, UnusableFileError
 from ..folders import is_empty, locked, naming_full_disk
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
@@ -122,7 +123,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
-        raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+        raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
                          f"only {', '.join(RESUMABLE)} can change")
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
                   changes or {})
@@ -143,7 +144,7 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
     try:
         config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
+        raise UnusableFileError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
     return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
 
 
@@ -179,7 +180,7 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
         return
     except (OSError, ValueError, TypeError, KeyError):
         if not allow_change:
-            raise ValueError(f"{path}: unreadable (it records the data this run was trained on); "
+            raise UnusableFileError(f"{path}: unreadable (it records the data this run was trained on); "
                              "pass --allow-data-change to continue on this data") from None
         echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
         return
@@ -188,7 +189,7 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     what = (f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but the run "
             f"was trained on {before[0]} (digest {before[1]})")
     if not allow_change:
-        raise ValueError(f"{what}; pass --allow-data-change to continue on this data")
+        raise SettingError(f"{what}; pass --allow-data-change to continue on this data")
     echo(f"warning: {what}; continuing on the new data")
 
 
@@ -199,7 +200,7 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
     if new.steps == config.steps:
         return new
     if new.steps < start:
-        raise ValueError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
+        raise SettingError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
     new.check_schedule()
     before, after = (float(schedule(c)(mx.array(start)).item()) for c in (config, new))
     echo(f"the run now ends at step {new.steps} (was {config.steps}): the cosine decay is recomputed to reach "
@@ -215,11 +216,11 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         recorded = config
         config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
-        raise ValueError("a new run needs a config and a tokenizer")
+        raise SettingError("a new run needs a config and a tokenizer")
     else:
         config.check_schedule()
     if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+        raise SettingError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     if not resume and rank == 0:
         check_new_run(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
