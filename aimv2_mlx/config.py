@@ -188,16 +188,16 @@ def check_config(config: ModelConfig) -> None:
             raise SettingError(f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}")
     if vision.image_size % vision.patch_size:
         raise SettingError(f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
-                         f"'vision.patch_size' ({vision.patch_size})")
+                           f"'vision.patch_size' ({vision.patch_size})")
     if vision.is_native and vision.hidden_size % 4:
         raise SettingError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
-                         "for the native model's 2-D sin-cos positions")
+                           "for the native model's 2-D sin-cos positions")
     if config.text is not None:
         check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
         eos = config.text.eos_token_id
         if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
             raise SettingError(f"config field 'text.eos_token_id' must be a token id below "
-                             f"{config.text.vocab_size}, not {eos!r}")
+                               f"{config.text.vocab_size}, not {eos!r}")
         _check_size("projection_dim", config.projection_dim)
     elif config.projection_dim is not None:
         _check_size("projection_dim", config.projection_dim)
@@ -207,7 +207,7 @@ def check_config(config: ModelConfig) -> None:
     if quant is not None and not (isinstance(quant, dict) and quant.get("bits") in (4, 8)
                                   and quant.get("group_size") in (32, 64, 128)):
         raise SettingError(f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
-                         f"not {quant!r}")
+                           f"not {quant!r}")
 
 
 def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
@@ -216,7 +216,7 @@ def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
         _check_size(f"{section}.{field_name}", getattr(tower, field_name))
     if tower.hidden_size % tower.num_attention_heads:
         raise SettingError(f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
-                         f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
+                           f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
     _check_float(f"{section}.rms_norm_eps", tower.rms_norm_eps, 0, 1)
 
 

@@ -28,7 +28,7 @@ from .data.pipeline import batches, decode, decoded, name_of
 from .data.sources import discover
 from .errors import SettingError
 from .folders import is_empty, locked
-from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
+from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput, check_megapixel_limit
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 
 POOLS = ("mean", "tokens", "head")
@@ -54,6 +54,7 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
 
         model = load_default()
     _check_choice("pool", pool, POOLS)
+    check_megapixel_limit(max_megapixels)
     batch_size = _batch_size(model, batch_size)
     work = partial(decode, config=model.model_config.preprocess,
                    patch_size=model.model_config.vision.patch_size, max_megapixels=max_megapixels)
@@ -109,6 +110,7 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     _check_choice("pool", pool, POOLS)
     _check_choice("format", format, FORMATS)
     _check_choice("dtype", dtype, DTYPES)
+    check_megapixel_limit(max_megapixels)
     if shard_size < 1 or batch_size < 1:
         raise SettingError("--shard-size and --batch-size must be at least 1")
     if pool == "tokens" and model.model_config.preprocess.mode == "native":

@@ -37,6 +37,24 @@ class ImageError(Aimv2Error, ValueError):
     """An image that could not be used; the message names the file and the reason."""
 
 
+def pillow_megapixels() -> float | None:
+    """The largest image Pillow decodes (2 x `PIL.Image.MAX_IMAGE_PIXELS`, its decompression-bomb
+    error), in megapixels; None when a program has lifted it. This module never changes it."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
+
+
+def check_megapixel_limit(max_megapixels: float | None, name: str = "max_megapixels") -> None:
+    """Refuse a limit that is not positive, or that Pillow's decompression-bomb limit would
+    silently lower: the limit asked for is the one every image is held to."""
+    ceiling = pillow_megapixels()
+    if max_megapixels is not None and not max_megapixels > 0:
+        raise SettingError(f"{name} {max_megapixels:g}: must be greater than 0")
+    if max_megapixels is not None and ceiling is not None and max_megapixels > ceiling:
+        raise SettingError(f"{name} {max_megapixels:g}: above Pillow's decompression-bomb limit of "
+                           f"{ceiling:g} megapixels (2 x PIL.Image.MAX_IMAGE_PIXELS), which would "
+                           "refuse larger images first")
+
+
 def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
                name: str | None = None) -> Image.Image:
     """Open a file, a binary file object (or take a PIL image) and return an upright 8-bit RGB image.
@@ -59,8 +77,9 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
             return open_image(handle, max_megapixels, name)
     try:
         image = Image.open(source)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: exceeds Pillow's decompression-bomb megapixel limit ({exc})") from None
+    except Image.DecompressionBombError as exc:  # larger than both limits (`check_megapixel_limit`)
+        limit = min(max_megapixels or math.inf, pillow_megapixels() or math.inf)
+        raise ImageError(f"{name}: exceeds the {limit:g}-megapixel limit ({exc})") from None
     except Exception as exc:
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     with image:

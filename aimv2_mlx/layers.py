@@ -39,7 +39,7 @@ def block_indices(feature_blocks: tuple[int, ...], depth: int) -> list[int]:
             raise SettingError(f"block {i!r} is not a block number: give integers such as 0, 3 or -1")
         if not -depth <= i < depth:
             raise SettingError(f"block {i!r} is out of range: the model has {depth} blocks "
-                             f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
+                               f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
         wanted.append(int(i) % depth)
     return wanted
 

@@ -50,7 +50,7 @@ class ZeroShotClassifier:
         config = model.model_config
         if not config.is_lit:
             raise SettingError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
-                             "apple/aimv2-large-patch14-224-lit")
+                               "apple/aimv2-large-patch14-224-lit")
         self.model = model
         self.labels = _check_labels(labels)
         self.templates = _check_templates(templates)
@@ -113,7 +113,7 @@ def _folder_tokenizer(model) -> ClipTokenizer:
     location = getattr(model, "location", None)
     if location is None:
         raise SettingError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
-                         "pass tokenizer=ClipTokenizer.from_folder(…)")
+                           "pass tokenizer=ClipTokenizer.from_folder(…)")
     return ClipTokenizer.from_folder(location.folder)
 
 
@@ -138,5 +138,5 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
             ok = False
         if not ok:
             raise SettingError(f"template {template!r}: needs exactly one {{}} where the label goes "
-                             "(other braces doubled)")
+                               "(other braces doubled)")
     return templates

@@ -1,4 +1,4 @@
-"""Turn a user's mistake into one clear line on stderr and exit code 1; a bug keeps its traceback."""
+"""A user's mistake as one clear line on stderr and exit code 1; a bug keeps its traceback."""
 
 from __future__ import annotations
 

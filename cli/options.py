@@ -43,7 +43,7 @@ def block_list(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise SettingError(f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
-                         f"(negative ones count from the last block, which is -1)") from None
+                           f"(negative ones count from the last block, which is -1)") from None
 
 
 def expand(path: Path | None) -> Path | None:

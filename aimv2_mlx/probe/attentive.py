@@ -133,13 +133,16 @@ class AttentiveHead:
         return softmax(head_scores(self.module, tokens))
 
     @classmethod
-    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple["AttentiveHead", dict]:
-        module, chosen = train_attentive(train, val, num_classes, settings.attentive, progress=progress)
+    def fit(cls, train, val, num_classes: int, settings,
+            progress=None) -> tuple["AttentiveHead", dict]:
+        module, chosen = train_attentive(train, val, num_classes, settings.attentive,
+                                         progress=progress)
         return cls(module), chosen
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
         return head_arrays(self.module), {"num_heads": self.module.num_heads}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int) -> "AttentiveHead":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "AttentiveHead":
         return cls(head_from_arrays(arrays, settings["num_heads"]))

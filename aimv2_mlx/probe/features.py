@@ -25,7 +25,7 @@ from ..data.pipeline import batches, decode, decoded
 from ..embed import model_identity
 from ..errors import SettingError
 from ..folders import naming_full_disk
-from ..images import DEFAULT_MAX_MEGAPIXELS
+from ..images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
 
@@ -92,6 +92,7 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     after each batch, failed images counted as done."""
     if kind not in ("mean", "tokens"):
         raise SettingError(f"unknown feature kind {kind!r}: use mean or tokens")
+    check_megapixel_limit(max_megapixels)
     config = model.model_config
     if config.preprocess.mode == "native":
         if kind == "tokens":

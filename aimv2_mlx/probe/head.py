@@ -23,8 +23,14 @@ class ProbeHead(Protocol):
     pooled: ClassVar[bool]  # True: (N, D) mean-pooled features; False: (N, T, D) patch tokens
 
     @classmethod
-    def fit(cls, train: Split, val: Split, num_classes: int, settings: ProbeSettings,
-            progress: Callable[[int, int], None] | None = None) -> tuple[ProbeHead, dict]:
+    def fit(
+        cls,
+        train: Split,
+        val: Split,
+        num_classes: int,
+        settings: ProbeSettings,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[ProbeHead, dict]:
         """The head chosen on `val`, and what was chosen (its sweep's validation accuracies)."""
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -34,7 +40,9 @@ class ProbeHead(Protocol):
         """The head's arrays and the settings that rebuild it with `from_arrays`."""
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int) -> ProbeHead:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int
+    ) -> ProbeHead:
         """The head `to_arrays` described."""
 
 

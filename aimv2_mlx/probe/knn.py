@@ -59,8 +59,10 @@ class KnnHead:
         return arrays, {"k": self.k, "temperature": self.temperature}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int) -> "KnnHead":
-        return cls(arrays["features"], arrays["labels"], num_classes, settings["k"], settings["temperature"])
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "KnnHead":
+        return cls(arrays["features"], arrays["labels"], num_classes, settings["k"],
+                   settings["temperature"])
 
 
 def train_knn(train, val, num_classes: int, ks=DEFAULT_KS, progress=None) -> tuple[KnnHead, dict]:

@@ -39,14 +39,17 @@ class LinearHead:
         return softmax(self.scores(features))
 
     @classmethod
-    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple["LinearHead", dict]:
+    def fit(cls, train, val, num_classes: int, settings,
+            progress=None) -> tuple["LinearHead", dict]:
         return train_linear(train, val, num_classes, settings.c_grid, settings.normalize, progress)
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"weight": self.weight, "bias": self.bias}, {"C": self.C, "normalize": self.normalize}
+        arrays = {"weight": self.weight, "bias": self.bias}
+        return arrays, {"C": self.C, "normalize": self.normalize}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int) -> "LinearHead":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "LinearHead":
         return cls(arrays["weight"], arrays["bias"], settings["C"], settings["normalize"])
 
 

@@ -8,5 +8,7 @@ from .head import ProbeHead
 from .knn import KnnHead
 from .linear import LinearHead
 
-HEAD_TYPES: dict[str, type[ProbeHead]] = {head.name: head for head in (LinearHead, KnnHead, AttentiveHead)}
+HEAD_TYPES: dict[str, type[ProbeHead]] = {
+    head.name: head for head in (LinearHead, KnnHead, AttentiveHead)
+}
 HEADS = tuple(HEAD_TYPES)

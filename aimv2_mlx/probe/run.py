@@ -40,9 +40,17 @@ class SplitFeatures:
     names: list[str]
 
 
-def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: str | os.PathLike | None = None,
-          test: str | os.PathLike | None = None, settings: ProbeSettings | None = None,
-          log: Callable[[str], None] | None = None, progress: Progress | None = None) -> dict:
+def probe(
+    train: str | os.PathLike,
+    output: str | os.PathLike,
+    model,
+    *,
+    val: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    settings: ProbeSettings | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Train the requested heads on `train` (ImageFolder root or label file) and evaluate them.
 
     Returns the metrics (also written to `output/metrics.json`). `progress(stage, done, total)`
@@ -54,15 +62,29 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     classes = _classes(splits)
     output = Path(output).expanduser()  # made only once the data is known to be usable
     output.mkdir(parents=True, exist_ok=True)
-    save_split(output / "split.json", splits, {"seed": settings.seed, "val_fraction": settings.val_fraction,
-                                                "test_fraction": None if test else settings.test_fraction})
+    save_split(
+        output / "split.json",
+        splits,
+        {
+            "seed": settings.seed,
+            "val_fraction": settings.val_fraction,
+            "test_fraction": None if test else settings.test_fraction,
+        },
+    )
     kind = "mean" if all(HEAD_TYPES[name].pooled for name in settings.heads) else "tokens"
     started = time.perf_counter()
     features, failures = _features(splits, classes, model, kind, settings, log, progress)
-    report = {"classes": classes, "model": model_identity(model), "feature_seconds": time.perf_counter() - started,
-              "counts": {name: len(split.labels) for name, split in features.items()}, "failed": len(failures),
-              "heads": {}}
-    _write_failures(output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in missing])
+    report = {
+        "classes": classes,
+        "model": model_identity(model),
+        "feature_seconds": time.perf_counter() - started,
+        "counts": {name: len(split.labels) for name, split in features.items()},
+        "failed": len(failures),
+        "heads": {},
+    }
+    _write_failures(
+        output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in missing]
+    )
     for failure in failures:
         log(f"skipped {failure['path']}: {failure['reason']}")
     empty = next((name for name, split in features.items() if len(split.labels) == 0), None)
@@ -70,12 +92,24 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
         raise ProbeDataError(f"no usable images left in the {empty} set")
     heads = {}
     for name in settings.heads:
-        heads[name], report["heads"][name] = _fit_and_test(HEAD_TYPES[name], features, classes, settings,
-                                                           _stage(progress, f"{name} head"))
-        save_confusion_png(report["heads"][name]["confusion_matrix"], classes, output / f"confusion-{name}.png",
-                           f"{name} probe: top-1 {report['heads'][name]['top1']:.3f}")
-    save_heads(output, heads, {name: m["val_accuracy"] for name, m in report["heads"].items()}, classes, model,
-               kind, settings.blocks)
+        heads[name], report["heads"][name] = _fit_and_test(
+            HEAD_TYPES[name], features, classes, settings, _stage(progress, f"{name} head")
+        )
+        save_confusion_png(
+            report["heads"][name]["confusion_matrix"],
+            classes,
+            output / f"confusion-{name}.png",
+            f"{name} probe: top-1 {report['heads'][name]['top1']:.3f}",
+        )
+    save_heads(
+        output,
+        heads,
+        {name: m["val_accuracy"] for name, m in report["heads"].items()},
+        classes,
+        model,
+        kind,
+        settings.blocks,
+    )
     tmp = output / "metrics.json.tmp"
     with naming_full_disk(output / "metrics.json"):
         tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -88,8 +122,9 @@ def _checked(settings: ProbeSettings, model) -> ProbeSettings:
     defaulting to the encoder's."""
     unknown = set(settings.heads) - set(HEAD_TYPES)
     if unknown or not settings.heads:
-        raise SettingError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: "
-                           f"use {', '.join(HEAD_TYPES)}")
+        raise SettingError(
+            f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEAD_TYPES)}"
+        )
     vision = model.model_config.vision
     if settings.blocks:
         block_indices(settings.blocks, vision.num_hidden_layers)
@@ -104,7 +139,9 @@ def _stage(progress: Progress | None, stage: str):
     return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
-def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, LabelledImages], list[dict]]:
+def _splits(
+    train, val, test, settings: ProbeSettings, log
+) -> tuple[dict[str, LabelledImages], list[dict]]:
     """The train/val/test sets, and the label-file rows that named missing images."""
     data = load_labelled(train)
     for warning in data.warnings:
@@ -129,40 +166,76 @@ def _classes(splits: dict[str, LabelledImages]) -> list[str]:
     for name in ("val", "test"):
         strangers = sorted(set(splits[name].labels) - set(classes))
         if strangers:
-            raise ProbeDataError(f"{name} set has class {strangers[0]!r}, which the training set lacks")
+            raise ProbeDataError(
+                f"{name} set has class {strangers[0]!r}, which the training set lacks"
+            )
     empty = next((name for name, data in splits.items() if not len(data.labels)), None)
     if empty:
-        fix = ("smaller --val-fraction and --test-fraction" if empty == "train"
-               else f"a larger --{empty}-fraction or a --{empty}-dir")
-        raise ProbeDataError(f"the {empty} set is empty (of {sum(len(d.labels) for d in splits.values())} images): "
-                             f"give more images per class, {fix}")
+        fix = (
+            "smaller --val-fraction and --test-fraction"
+            if empty == "train"
+            else f"a larger --{empty}-fraction or a --{empty}-dir"
+        )
+        raise ProbeDataError(
+            f"the {empty} set is empty (of {sum(len(d.labels) for d in splits.values())} images): "
+            f"give more images per class, {fix}"
+        )
     return classes
 
 
-def _features(splits: dict[str, LabelledImages], classes: list[str], model, kind: str, settings: ProbeSettings,
-              log, progress: Progress | None) -> tuple[dict[str, SplitFeatures], list[dict]]:
+def _features(
+    splits: dict[str, LabelledImages],
+    classes: list[str],
+    model,
+    kind: str,
+    settings: ProbeSettings,
+    log,
+    progress: Progress | None,
+) -> tuple[dict[str, SplitFeatures], list[dict]]:
     """Each split's features (cached) and labels, and the images that failed to decode."""
     features, failures = {}, []
     for name, data in splits.items():
-        found = features_for(data.paths, model, kind, settings.blocks, settings.cache_dir, settings.batch_size,
-                             settings.workers, progress=_stage(progress, f"features: {name}"))
+        found = features_for(
+            data.paths,
+            model,
+            kind,
+            settings.blocks,
+            settings.cache_dir,
+            settings.batch_size,
+            settings.workers,
+            progress=_stage(progress, f"features: {name}"),
+        )
         failures += [{**f, "split": name} for f in found.failures]
         labels = np.array([classes.index(data.labels[i]) for i in found.kept], dtype=np.int64)
         features[name] = SplitFeatures(found.values, labels, [data.names[i] for i in found.kept])
-        log(f"{name}: {len(labels)} images" + (" (cached features)" if found.from_cache else "")
-            + (f", {len(found.failures)} failed to decode" if found.failures else ""))
+        log(
+            f"{name}: {len(labels)} images"
+            + (" (cached features)" if found.from_cache else "")
+            + (f", {len(found.failures)} failed to decode" if found.failures else "")
+        )
     return features, failures
 
 
-def _fit_and_test(head_type: type[ProbeHead], features: dict[str, SplitFeatures], classes: list[str],
-                  settings: ProbeSettings, progress) -> tuple[ProbeHead, dict]:
+def _fit_and_test(
+    head_type: type[ProbeHead],
+    features: dict[str, SplitFeatures],
+    classes: list[str],
+    settings: ProbeSettings,
+    progress,
+) -> tuple[ProbeHead, dict]:
     """One head fitted on train (chosen on val) and its metrics on test."""
     started = time.perf_counter()
-    train, val, test = ((head_input(head_type, features[name].values), features[name].labels)
-                        for name in ("train", "val", "test"))
+    train, val, test = (
+        (head_input(head_type, features[name].values), features[name].labels)
+        for name in ("train", "val", "test")
+    )
     head, chosen = head_type.fit(train, val, len(classes), settings, progress)
     metrics = classification_metrics(head.probabilities(test[0]), test[1], classes)
-    metrics.update(chosen=chosen, val_accuracy=validation_accuracy(chosen), seconds=time.perf_counter() - started)
+    metrics.update(
+        chosen=chosen,
+        val_accuracy=validation_accuracy(chosen),
+        seconds=time.perf_counter() - started,
+    )
     return head, metrics
 
 

@@ -37,12 +37,21 @@ def best_head(record: dict) -> str:
     """The saved head with the best validation accuracy (ties and older probes without scores: the
     registry's order, the cheaper head first)."""
     heads, order = record["heads"], list(HEAD_TYPES)
-    return max((name for name in order if name in heads),
-               key=lambda name: (heads[name].get("val_accuracy", -1.0), -order.index(name)))
+    return max(
+        (name for name in order if name in heads),
+        key=lambda name: (heads[name].get("val_accuracy", -1.0), -order.index(name)),
+    )
 
 
-def save_heads(output: Path, heads: dict[str, ProbeHead], val_accuracy: dict[str, float], classes: list[str],
-               model, kind: str, blocks: tuple[int, ...] | None) -> None:
+def save_heads(
+    output: Path,
+    heads: dict[str, ProbeHead],
+    val_accuracy: dict[str, float],
+    classes: list[str],
+    model,
+    kind: str,
+    blocks: tuple[int, ...] | None,
+) -> None:
     """Each head's arrays as `<name>.safetensors`, then `probe.json`, which names them."""
     record = {
         "format": FORMAT,
@@ -53,10 +62,16 @@ def save_heads(output: Path, heads: dict[str, ProbeHead], val_accuracy: dict[str
     }
     for name, head in heads.items():
         arrays, settings = head.to_arrays()
-        record["heads"][name] = {"file": f"{name}.safetensors", **settings, "val_accuracy": val_accuracy[name]}
+        record["heads"][name] = {
+            "file": f"{name}.safetensors",
+            **settings,
+            "val_accuracy": val_accuracy[name],
+        }
         with naming_full_disk(output / record["heads"][name]["file"]):
-            mx.save_safetensors(str(output / record["heads"][name]["file"]),
-                                {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            mx.save_safetensors(
+                str(output / record["heads"][name]["file"]),
+                {k: mx.array(np.ascontiguousarray(v)) for k, v in arrays.items()},
+            )
     _remove_stale_heads(output, kept=heads)
     with naming_full_disk(output / "probe.json"):
         (output / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -82,8 +97,10 @@ def _load_argument(model) -> dict | None:
         return None
     if location.origin.startswith("hf://"):
         return {"path_or_id": location.origin.removeprefix("hf://"), "revision": location.revision}
-    return {"path_or_id": "bundled" if location.origin == "bundled" else str(location.path.resolve()),
-            "revision": None}
+    return {
+        "path_or_id": "bundled" if location.origin == "bundled" else str(location.path.resolve()),
+        "revision": None,
+    }
 
 
 @dataclass
@@ -104,18 +121,26 @@ def load_probe(folder: str | os.PathLike) -> LoadedProbe:
     try:
         record = json.loads((folder / "probe.json").read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no probe.json (not a folder written by `aimv2 probe`)") from None
+        raise FileNotFoundError(
+            f"{folder}: no probe.json (not a folder written by `aimv2 probe`)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise UnusableFileError(f"{folder / 'probe.json'}: unreadable ({exc})") from None
     try:
         return _probe_from_record(folder, record)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
-        raise UnusableFileError(f"{folder / 'probe.json'}: not a probe record `aimv2 probe` wrote "
-                                f"({type(exc).__name__}: {exc})") from None
+        raise UnusableFileError(
+            f"{folder / 'probe.json'}: not a probe record `aimv2 probe` wrote "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _probe_from_record(folder: Path, record: dict) -> LoadedProbe:
-    if not isinstance(record["classes"], list) or "load" not in record["model"] or "blocks" not in record["features"]:
+    if (
+        not isinstance(record["classes"], list)
+        or "load" not in record["model"]
+        or "blocks" not in record["features"]
+    ):
         raise ValueError("classes, model.load or features.blocks missing")
     _fill_val_accuracy(record, folder / "metrics.json")
     heads = {}
@@ -129,7 +154,10 @@ def _probe_from_record(folder: Path, record: dict) -> LoadedProbe:
 
 def _fill_val_accuracy(record: dict, metrics_path: Path) -> None:
     """Probes saved before probe.json recorded validation accuracy: take it from metrics.json."""
-    if all("val_accuracy" in info for info in record["heads"].values()) or not metrics_path.is_file():
+    if (
+        all("val_accuracy" in info for info in record["heads"].values())
+        or not metrics_path.is_file()
+    ):
         return
     metrics = json.loads(metrics_path.read_text()).get("heads", {})
     for name, info in record["heads"].items():
@@ -148,12 +176,16 @@ class ProbeClassifier:
         self.probe = load_probe(probe_dir)
         self.head = head or best_head(self.probe.record)
         if self.head not in self.probe.heads:
-            raise SettingError(f"{probe_dir}: has no {self.head!r} head (it has {', '.join(self.probe.heads)})")
+            raise SettingError(
+                f"{probe_dir}: has no {self.head!r} head (it has {', '.join(self.probe.heads)})"
+            )
         if model is None:
             argument = self.probe.record["model"]["load"]
             if not argument:
-                raise SettingError(f"{probe_dir}: the probe's encoder was built in memory, not loaded; "
-                                   "pass the model")
+                raise SettingError(
+                    f"{probe_dir}: the probe's encoder was built in memory, not loaded; "
+                    "pass the model"
+                )
             model = load(argument["path_or_id"], revision=argument["revision"])
         self.model = model
         self.labels = self.probe.classes

@@ -18,7 +18,9 @@ class ProbeSettings:
     test_fraction: float = 0.2  # only when no test set is given
     seed: int = 0
     normalize: bool = True  # L2-normalise pooled features for the linear head
-    blocks: tuple[int, ...] | None = None  # None: post-trunk-normed tokens; else mean of these blocks
+    blocks: tuple[int, ...] | None = (
+        None  # None: post-trunk-normed tokens; else mean of these blocks
+    )
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     ks: tuple[int, ...] = DEFAULT_KS
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
@@ -27,7 +29,7 @@ class ProbeSettings:
     cache_dir: str | os.PathLike | None = None
 
     def __post_init__(self):
-        """Paths as given by a person (str, `~`) and blocks as any sequence, in one canonical form."""
+        """Paths as a person gives them (str, `~`) and blocks as any sequence, in one form."""
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir).expanduser()
         if self.blocks is not None:

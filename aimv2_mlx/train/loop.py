@@ -124,7 +124,9 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
         raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-                         f"only {', '.join(RESUMABLE)} can change")
+                           f"only {', '.join(RESUMABLE)} can change")
+    if config is not None and not resume:
+        config.check()  # before the run folder (and its lock) exists
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
                   changes or {})
 
@@ -181,7 +183,7 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     except (OSError, ValueError, TypeError, KeyError):
         if not allow_change:
             raise UnusableFileError(f"{path}: unreadable (it records the data this run was trained on); "
-                             "pass --allow-data-change to continue on this data") from None
+                                    "pass --allow-data-change to continue on this data") from None
         echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
         return
     if before == (identity["samples"], identity["sha256"]):
@@ -217,8 +219,6 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
         raise SettingError("a new run needs a config and a tokenizer")
-    else:
-        config.check_schedule()
     if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
         raise SettingError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     if not resume and rank == 0:
