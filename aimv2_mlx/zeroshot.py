@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .errors import SettingError
+from .errors import SettingError, UnusableFileError
 
 from .images import ImageInput, open_image, to_pixels
 from .lit import l2_normalize
@@ -39,7 +39,11 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UnusableFileError(f"{path}: not a UTF-8 text file (one entry a line)") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class ZeroShotClassifier:

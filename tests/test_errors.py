@@ -9,6 +9,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,11 @@ def test_resolving_an_invalid_hub_id_is_a_model_not_found_error_naming_it(monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(aimv2_mlx.model.ModelNotFoundError, match="a/b/c: .*not a valid hub id"):
         aimv2_mlx.model.resolve("a/b/c")
+
+
+def test_a_labels_file_that_is_not_text_is_one_line_naming_it(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\xff\xfe\x00\x81 not text")
+    photo = Path(__file__).resolve().parents[1] / "examples" / "photos" / "chelsea.jpg"
+    one_line_error(run_cli("classify", photo, "--labels-file", labels, "-m", "bundled"),
+                   str(labels), "not a UTF-8 text file")
