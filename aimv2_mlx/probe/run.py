@@ -20,8 +20,8 @@ import numpy as np
 
 from ..embed import model_identity
 from ..errors import SettingError
-from ..folders import naming_full_disk
 from ..layers import block_indices
+from ..shards import atomic_write, write_json
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import features_for
 from .head import ProbeHead, head_input
@@ -82,14 +82,7 @@ def probe(
         "failed": len(failures),
         "heads": {},
     }
-    _write_failures(
-        output / "failures.jsonl", failures + [{**m, "split": "labels"} for m in missing]
-    )
-    for failure in failures:
-        log(f"skipped {failure['path']}: {failure['reason']}")
-    empty = next((name for name, split in features.items() if len(split.labels) == 0), None)
-    if empty:
-        raise ProbeDataError(f"no usable images left in the {empty} set")
+    _record_failures(output, failures, missing, features, log)
     heads = {}
     for name in settings.heads:
         heads[name], report["heads"][name] = _fit_and_test(
@@ -101,19 +94,9 @@ def probe(
             output / f"confusion-{name}.png",
             f"{name} probe: top-1 {report['heads'][name]['top1']:.3f}",
         )
-    save_heads(
-        output,
-        heads,
-        {name: m["val_accuracy"] for name, m in report["heads"].items()},
-        classes,
-        model,
-        kind,
-        settings.blocks,
-    )
-    tmp = output / "metrics.json.tmp"
-    with naming_full_disk(output / "metrics.json"):
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, output / "metrics.json")
+    accuracy = {name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}
+    save_heads(output, heads, accuracy, classes, model, kind, settings.blocks)
+    write_json(output / "metrics.json", report)
     return report
 
 
@@ -239,8 +222,20 @@ def _fit_and_test(
     return head, metrics
 
 
-def _write_failures(path: Path, failures: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_full_disk(path):
-        tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-        os.replace(tmp, path)
+def _record_failures(
+    output: Path,
+    failures: list[dict],
+    missing: list[dict],
+    features: dict[str, SplitFeatures],
+    log,
+) -> None:
+    """List the images that failed to decode (and label rows naming missing files) in
+    `failures.jsonl` and the log; a split left with no image is refused."""
+    listed = failures + [{**row, "split": "labels"} for row in missing]
+    lines = "".join(json.dumps(failure) + "\n" for failure in listed)
+    atomic_write(output / "failures.jsonl", lambda tmp: tmp.write_text(lines))
+    for failure in failures:
+        log(f"skipped {failure['path']}: {failure['reason']}")
+    empty = next((name for name, split in features.items() if len(split.labels) == 0), None)
+    if empty:
+        raise ProbeDataError(f"no usable images left in the {empty} set")
