@@ -138,5 +138,26 @@ def test_a_labels_file_that_is_not_text_is_one_line_naming_it(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_bytes(b"\xff\xfe\x00\x81 not text")
     photo = Path(__file__).resolve().parents[1] / "examples" / "photos" / "chelsea.jpg"
-    one_line_error(run_cli("classify", photo, "--labels-file", labels, "-m", "bundled"),
-                   str(labels), "not a UTF-8 text file")
+    one_line_error(
+        run_cli("classify", photo, "--labels-file", labels, "-m", "bundled"),
+        str(labels),
+        "not a UTF-8 text file",
+    )
+
+
+def test_a_usage_error_raised_inside_a_command_is_one_line_exit_1(capsys):
+    import click
+    import typer
+
+    from aimv2_mlx.cli.errors import one_line_errors
+
+    with pytest.raises(typer.Exit) as stopped:
+        with one_line_errors():
+            raise click.BadParameter("--top-k 0: must be at least 1")
+    assert stopped.value.exit_code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: ")
+        and "--top-k 0: must be at least 1" in lines[0]
+    )
