@@ -7,6 +7,7 @@ from . import cpu  # noqa: F401  (first: loads the BLAS before MLX)
 from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, preset  # noqa: E402
 from .embed import embed, embed_folder  # noqa: E402
 from .encoder import VisionEncoder  # noqa: E402
+from .errors import Aimv2Error, SettingError, UnusableFileError  # noqa: E402
 from .images import open_image, preprocess  # noqa: E402
 from .lit import LiT  # noqa: E402
 from .shards import read_embeddings  # noqa: E402
@@ -17,6 +18,7 @@ from .zeroshot import zero_shot  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "Aimv2Error",
     "CheckpointError",
     "EncoderConfig",
     "HubUnreachableError",
@@ -24,7 +26,9 @@ __all__ = [
     "ModelConfig",
     "ModelNotFoundError",
     "PreprocessConfig",
+    "SettingError",
     "TextConfig",
+    "UnusableFileError",
     "VisionEncoder",
     "build",
     "embed",

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import SettingError
+
 FORMAT = "aimv2-mlx"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,7 +70,7 @@ class PreprocessConfig:
             return cls("ml-aim", size, IMAGENET_MEAN, IMAGENET_STD, 0.875)
         if mode == "native":
             return cls("native", size, CLIP_MEAN, CLIP_STD, 1.0)
-        raise ValueError(f"unknown preprocessing mode {mode!r}: use clip, ml-aim or native")
+        raise SettingError(f"unknown preprocessing mode {mode!r}: use clip, ml-aim or native")
 
     def to_hub(self) -> dict:
         """This recipe as a `CLIPImageProcessor` `preprocessor_config.json`, for other tools."""
@@ -113,7 +115,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError("not an aimv2-mlx config (no 'format': 'aimv2-mlx')")
+            raise SettingError("not an aimv2-mlx config (no 'format': 'aimv2-mlx')")
         text = data.get("text")
         pre = dict(_section(data, "preprocess") or {})
         for key in ("mean", "std"):
@@ -143,7 +145,7 @@ def _section(data: dict, key: str, required: bool = False) -> dict | None:
     if value is None and not required:
         return None
     if not isinstance(value, dict):
-        raise ValueError(f"config field {key!r} must be an object, not {type(value).__name__}")
+        raise SettingError(f"config field {key!r} must be an object, not {type(value).__name__}")
     return value
 
 
@@ -178,24 +180,24 @@ def check_config(config: ModelConfig) -> None:
     and floats are finite and in range; foreign JSON types (strings, booleans) are refused too.
     """
     if not isinstance(config.name, str):
-        raise ValueError(f"config field 'name' must be a string, not {config.name!r}")
+        raise SettingError(f"config field 'name' must be a string, not {config.name!r}")
     check_tower("vision", config.vision, ("patch_size", "image_size", "num_channels"))
     vision = config.vision
     for flag in ("is_native", "use_head"):
         if not isinstance(getattr(vision, flag), bool):
-            raise ValueError(f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}")
+            raise SettingError(f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}")
     if vision.image_size % vision.patch_size:
-        raise ValueError(f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
-                         f"'vision.patch_size' ({vision.patch_size})")
+        raise SettingError(f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
+                           f"'vision.patch_size' ({vision.patch_size})")
     if vision.is_native and vision.hidden_size % 4:
-        raise ValueError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
-                         "for the native model's 2-D sin-cos positions")
+        raise SettingError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
+                           "for the native model's 2-D sin-cos positions")
     if config.text is not None:
         check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
         eos = config.text.eos_token_id
         if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
-            raise ValueError(f"config field 'text.eos_token_id' must be a token id below "
-                             f"{config.text.vocab_size}, not {eos!r}")
+            raise SettingError(f"config field 'text.eos_token_id' must be a token id below "
+                               f"{config.text.vocab_size}, not {eos!r}")
         _check_size("projection_dim", config.projection_dim)
     elif config.projection_dim is not None:
         _check_size("projection_dim", config.projection_dim)
@@ -204,8 +206,8 @@ def check_config(config: ModelConfig) -> None:
     quant = config.quantization
     if quant is not None and not (isinstance(quant, dict) and quant.get("bits") in (4, 8)
                                   and quant.get("group_size") in (32, 64, 128)):
-        raise ValueError(f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
-                         f"not {quant!r}")
+        raise SettingError(f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
+                           f"not {quant!r}")
 
 
 def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
@@ -213,20 +215,20 @@ def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
     for field_name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", *extra):
         _check_size(f"{section}.{field_name}", getattr(tower, field_name))
     if tower.hidden_size % tower.num_attention_heads:
-        raise ValueError(f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
-                         f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
+        raise SettingError(f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
+                           f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
     _check_float(f"{section}.rms_norm_eps", tower.rms_norm_eps, 0, 1)
 
 
 def _check_preprocess(pre: PreprocessConfig) -> None:
     if pre.mode not in ("clip", "ml-aim", "native"):
-        raise ValueError(f"config field 'preprocess.mode' must be clip, ml-aim or native, not {pre.mode!r}")
+        raise SettingError(f"config field 'preprocess.mode' must be clip, ml-aim or native, not {pre.mode!r}")
     _check_size("preprocess.size", pre.size)
     _check_float("preprocess.crop_fraction", pre.crop_fraction, 0, 1, closed_top=True)
     for key in ("mean", "std"):
         values = getattr(pre, key)
         if not isinstance(values, (tuple, list)) or len(values) != 3:
-            raise ValueError(f"config field 'preprocess.{key}' must be three numbers, not {values!r}")
+            raise SettingError(f"config field 'preprocess.{key}' must be three numbers, not {values!r}")
         for value in values:
             _check_float(f"preprocess.{key}", value, -math.inf if key == "mean" else 0, math.inf)
 
@@ -238,13 +240,13 @@ def _whole(value) -> bool:
 def _check_size(name: str, value) -> None:
     limit = LIMITS[name.rpartition(".")[2]]
     if not _whole(value) or not 1 <= value <= limit:
-        raise ValueError(f"config field {name!r} must be a whole number from 1 to {limit}, not {value!r}")
+        raise SettingError(f"config field {name!r} must be a whole number from 1 to {limit}, not {value!r}")
 
 
 def _check_float(name: str, value, low: float, high: float, closed_top: bool = False) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and math.isfinite(value) and low < value and (value <= high if closed_top else value < high)):
-        raise ValueError(f"config field {name!r} is out of range: {value!r}")
+        raise SettingError(f"config field {name!r} is out of range: {value!r}")
 
 
 _SIZES = {
@@ -333,7 +335,7 @@ def preset(name: str) -> ModelConfig:
     """A fresh copy of a named config (`aimv2-large-patch14-224`, `apple/…` accepted)."""
     key = name.removeprefix("apple/")
     if key not in PRESETS:
-        raise KeyError(f"unknown model name {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise SettingError(f"unknown model name {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ModelConfig.from_dict(PRESETS[key].to_dict())
 
 

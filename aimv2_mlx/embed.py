@@ -26,8 +26,9 @@ from mlx.utils import tree_flatten
 from . import distributed
 from .data.pipeline import batches, decode, decoded, name_of
 from .data.sources import discover
+from .errors import SettingError
 from .folders import is_empty, locked
-from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
+from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput, check_megapixel_limit
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 
 POOLS = ("mean", "tokens", "head")
@@ -53,6 +54,7 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
 
         model = load_default()
     _check_choice("pool", pool, POOLS)
+    check_megapixel_limit(max_megapixels)
     batch_size = _batch_size(model, batch_size)
     work = partial(decode, config=model.model_config.preprocess,
                    patch_size=model.model_config.vision.patch_size, max_megapixels=max_megapixels)
@@ -108,12 +110,13 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     _check_choice("pool", pool, POOLS)
     _check_choice("format", format, FORMATS)
     _check_choice("dtype", dtype, DTYPES)
+    check_megapixel_limit(max_megapixels)
     if shard_size < 1 or batch_size < 1:
-        raise ValueError("--shard-size and --batch-size must be at least 1")
+        raise SettingError("--shard-size and --batch-size must be at least 1")
     if pool == "tokens" and model.model_config.preprocess.mode == "native":
-        raise ValueError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
+        raise SettingError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
     if pool == "head" and not (model.model_config.vision.use_head or model.model_config.is_lit):
-        raise ValueError(f"{model.model_config.name} has no attention-pooling head: use --pool mean or tokens")
+        raise SettingError(f"{model.model_config.name} has no attention-pooling head: use --pool mean or tokens")
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover(inputs)
     if not items:
@@ -354,5 +357,5 @@ def _batch_size(model, batch_size: int) -> int:
 
 def _check_choice(what: str, value: str, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}: use {', '.join(choices)}")
+        raise SettingError(f"unknown {what} {value!r}: use {', '.join(choices)}")
 

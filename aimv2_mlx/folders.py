@@ -11,15 +11,17 @@ import os
 import stat
 from pathlib import Path
 
+from .errors import Aimv2Error
+
 LOCK = ".aimv2.lock"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class FolderInUseError(RuntimeError):
+class FolderInUseError(Aimv2Error, RuntimeError):
     """Another live process holds the output folder's lock."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(Aimv2Error, OSError):
     """A write failed because the disk (or quota) is full; the message names the file."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
+from .errors import Aimv2Error, SettingError
 from .folders import open_regular
 
 try:  # HEIC/HEIF through the optional `heif` extra
@@ -33,8 +34,26 @@ NATIVE_MAX_AREA = 16
 _BACKGROUND = (255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(Aimv2Error, ValueError):
     """An image that could not be used; the message names the file and the reason."""
+
+
+def pillow_megapixels() -> float | None:
+    """The largest image Pillow decodes (2 x `PIL.Image.MAX_IMAGE_PIXELS`, its decompression-bomb
+    error), in megapixels; None when a program has lifted it. This module never changes it."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
+
+
+def check_megapixel_limit(max_megapixels: float | None, name: str = "max_megapixels") -> None:
+    """Refuse a limit that is not positive, or that Pillow's decompression-bomb limit would
+    silently lower: the limit asked for is the one every image is held to."""
+    ceiling = pillow_megapixels()
+    if max_megapixels is not None and not max_megapixels > 0:
+        raise SettingError(f"{name} {max_megapixels:g}: must be greater than 0")
+    if max_megapixels is not None and ceiling is not None and max_megapixels > ceiling:
+        raise SettingError(f"{name} {max_megapixels:g}: above Pillow's decompression-bomb limit of "
+                           f"{ceiling:g} megapixels (2 x PIL.Image.MAX_IMAGE_PIXELS), which would "
+                           "refuse larger images first")
 
 
 def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
@@ -59,8 +78,9 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
             return open_image(handle, max_megapixels, name)
     try:
         image = Image.open(source)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: exceeds Pillow's decompression-bomb megapixel limit ({exc})") from None
+    except Image.DecompressionBombError as exc:  # larger than both limits (`check_megapixel_limit`)
+        limit = min(max_megapixels or math.inf, pillow_megapixels() or math.inf)
+        raise ImageError(f"{name}: exceeds the {limit:g}-megapixel limit ({exc})") from None
     except Exception as exc:
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     with image:
@@ -179,7 +199,7 @@ def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14
                              f"({width}x{height} pixels, over {NATIVE_MAX_AREA}x the {config.size}-pixel square)")
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     else:
-        raise ValueError(f"unknown preprocessing mode {config.mode!r}")
+        raise SettingError(f"unknown preprocessing mode {config.mode!r}")
     pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
     mean = np.asarray(config.mean, dtype=np.float32)
     std = np.asarray(config.std, dtype=np.float32)
@@ -202,7 +222,7 @@ def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str 
         images = [images]
     arrays = [to_pixels(open_image(img), config, patch) for img in images]
     if not arrays:
-        raise ValueError("preprocess() needs at least one image")
+        raise SettingError("preprocess() needs at least one image")
     if len({a.shape for a in arrays}) > 1:
         return [mx.array(a[None]) for a in arrays]
     return mx.array(np.stack(arrays))

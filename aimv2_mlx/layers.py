@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import SettingError
+
 Mask = mx.array | str | None
 
 
@@ -34,10 +36,10 @@ def block_indices(feature_blocks: tuple[int, ...], depth: int) -> list[int]:
     wanted = []
     for i in feature_blocks:
         if isinstance(i, bool) or not hasattr(i, "__index__"):
-            raise ValueError(f"block {i!r} is not a block number: give integers such as 0, 3 or -1")
+            raise SettingError(f"block {i!r} is not a block number: give integers such as 0, 3 or -1")
         if not -depth <= i < depth:
-            raise ValueError(f"block {i!r} is out of range: the model has {depth} blocks "
-                             f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
+            raise SettingError(f"block {i!r} is out of range: the model has {depth} blocks "
+                               f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
         wanted.append(int(i) % depth)
     return wanted
 

@@ -17,6 +17,7 @@ from . import cpu, hub
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
 from .encoder import VisionEncoder
+from .errors import Aimv2Error
 from .lit import LiT
 from .quantize import dequantize_model, quantize_model
 from .weights import (CheckpointError, Recipe, check_config_matches, check_tensors, detect_layout,
@@ -34,7 +35,7 @@ HUB_IGNORE = ["mlx_model.safetensors"]
 PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(Aimv2Error, FileNotFoundError):
     """Neither a local folder nor something the Hugging Face hub (or its cache) could provide."""
 
 
@@ -104,19 +105,23 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     if revision is None and official:
         revision = ML_AIM_REVISIONS[official]
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
     download = dict(revision=revision, allow_patterns=HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []),
                     ignore_patterns=HUB_IGNORE)
     try:
         folder = snapshot_download(repo, local_files_only=True, **download)
-    except Exception:
+    except HFValidationError as exc:
+        raise ModelNotFoundError(
+            f"{path_or_id}: no such folder, and not a valid hub id ({exc})") from None
+    except OSError:  # not in the cache: LocalEntryNotFoundError
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise ModelNotFoundError(f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
         if not hub.reachable(hub.endpoint()):
             raise HubUnreachableError(repo, hub.endpoint()) from None
         try:
             folder = snapshot_download(repo, **download)
-        except Exception as exc:
+        except OSError as exc:  # huggingface_hub's HTTP and connection errors are OSErrors
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotFoundError(
                 f"{repo}: not in the Hugging Face cache and the hub could not be reached ({reason})"

@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import SettingError
+
 OBJECTIVES = ("multimodal", "image", "caption")
 
 
@@ -112,7 +114,7 @@ def loss_sums(encoder, decoder, pixels: mx.array, input_ids: mx.array, prefix_le
     "image" runs the decoder on the image tokens alone (their outputs cannot see text anyway).
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
+        raise SettingError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
     tokens = encoder(pixels, prefix_lengths=None if objective == "caption" else prefix_lengths)
     predicted, logits = decoder(tokens, None if objective == "image" else input_ids)
     zero = mx.array(0.0, dtype=mx.float32)

@@ -12,6 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .errors import SettingError
+
 QUANTIZED_MODULES = "trunk.blocks.*: attn.qkv, attn.proj, mlp.fc1, mlp.fc2, mlp.fc3"
 
 
@@ -23,10 +25,10 @@ def is_quantizable(path: str, module: nn.Module) -> bool:
 def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
     """Swap every quantizable linear for an `nn.QuantizedLinear` (in place)."""
     if bits not in (4, 8):
-        raise ValueError(f"--q-bits must be 4 or 8, not {bits}")
+        raise SettingError(f"--q-bits must be 4 or 8, not {bits}")
     for path, module in model.named_modules():
         if is_quantizable(path, module) and module.weight.shape[1] % group_size:
-            raise ValueError(
+            raise SettingError(
                 f"--q-group-size {group_size} does not divide the input width {module.weight.shape[1]} of {path}"
             )
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=is_quantizable)

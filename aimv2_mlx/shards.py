@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import SettingError
 from .folders import naming_full_disk
 
 FORMATS = ("npy", "safetensors", "parquet")
@@ -62,7 +63,7 @@ def write_shard(folder: Path, index: int, vectors: np.ndarray, metadata: dict, f
         flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, width))
     else:
-        raise ValueError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+        raise SettingError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
     atomic_write(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
     return files + [f"{name}.parquet"]
 

@@ -18,6 +18,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .errors import UnusableFileError
+
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 CONTEXT_LENGTH = 77
@@ -39,7 +41,7 @@ class ClipTokenizer:
         self.backend.no_truncation()
         ids = [backend.token_to_id(token) for token in (START_TOKEN, END_TOKEN)]
         if None in ids:
-            raise ValueError(f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
+            raise UnusableFileError(f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
         self.start_id, self.end_id = ids
 
     @classmethod
@@ -49,9 +51,9 @@ class ClipTokenizer:
             model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN, end_of_word_suffix="</w>",
                                   continuing_subword_prefix="", fuse_unk=False)
         except Exception as exc:
-            raise ValueError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
+            raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
         if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
-            raise ValueError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
+            raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
         backend = Tokenizer(model)
         backend.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
@@ -71,7 +73,7 @@ class ClipTokenizer:
             try:
                 return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
             except Exception as exc:
-                raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
+                raise UnusableFileError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_files(folder / "vocab.json", folder / "merges.txt")
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
@@ -190,5 +192,5 @@ def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> Caption
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:
-        raise ValueError(f"{path}: not a tokenizers JSON file ({exc})") from None
+        raise UnusableFileError(f"{path}: not a tokenizers JSON file ({exc})") from None
     return CaptionTokenizer(tok, context_length)

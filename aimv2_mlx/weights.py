@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import mlx.core as mx
 
 from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, default_heads
+from .errors import Aimv2Error
 
 ML_AIM_MLX = "ml-aim-mlx"
 ML_AIM_TORCH = "ml-aim-torch"
@@ -63,7 +64,7 @@ _TRANSFORMERS_TOWERS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Aimv2Error, ValueError):
     """A checkpoint that cannot be used; the message names the file or key and the reason."""
 
 

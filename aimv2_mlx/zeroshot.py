@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .errors import SettingError, UnusableFileError
+
 from .images import ImageInput, open_image, to_pixels
 from .lit import l2_normalize
 from .tokenizer import ClipTokenizer
@@ -37,7 +39,11 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UnusableFileError(f"{path}: not a UTF-8 text file (one entry a line)") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class ZeroShotClassifier:
@@ -47,8 +53,8 @@ class ZeroShotClassifier:
                  tokenizer: ClipTokenizer | None = None):
         config = model.model_config
         if not config.is_lit:
-            raise ValueError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
-                             "apple/aimv2-large-patch14-224-lit")
+            raise SettingError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
+                               "apple/aimv2-large-patch14-224-lit")
         self.model = model
         self.labels = _check_labels(labels)
         self.templates = _check_templates(templates)
@@ -110,31 +116,31 @@ def _pixel_batches(images: list, model, batch_size: int):
 def _folder_tokenizer(model) -> ClipTokenizer:
     location = getattr(model, "location", None)
     if location is None:
-        raise ValueError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
-                         "pass tokenizer=ClipTokenizer.from_folder(…)")
+        raise SettingError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
+                           "pass tokenizer=ClipTokenizer.from_folder(…)")
     return ClipTokenizer.from_folder(location.folder)
 
 
 def _check_labels(labels: Sequence[str]) -> list[str]:
     labels = [label.strip() for label in labels]
     if not labels or not all(labels):
-        raise ValueError("zero-shot needs at least one label, and no empty ones")
+        raise SettingError("zero-shot needs at least one label, and no empty ones")
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise ValueError(f"label given more than once: {', '.join(repeated)}")
+        raise SettingError(f"label given more than once: {', '.join(repeated)}")
     return labels
 
 
 def _check_templates(templates: Sequence[str]) -> list[str]:
     templates = list(templates)
     if not templates:
-        raise ValueError("zero-shot needs at least one prompt template")
+        raise SettingError("zero-shot needs at least one prompt template")
     for template in templates:
         try:
             ok = template.format("\0").count("\0") == 1
         except (ValueError, IndexError, KeyError):
             ok = False
         if not ok:
-            raise ValueError(f"template {template!r}: needs exactly one {{}} where the label goes "
-                             "(other braces doubled)")
+            raise SettingError(f"template {template!r}: needs exactly one {{}} where the label goes "
+                               "(other braces doubled)")
     return templates

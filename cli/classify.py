@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from aimv2_mlx.data.sources import images_under
+from aimv2_mlx.errors import SettingError
 from aimv2_mlx.images import ImageError, open_image
 from aimv2_mlx.model import HubUnreachableError, ModelNotFoundError, load
 from aimv2_mlx.probe import ProbeClassifier
@@ -53,7 +54,7 @@ def classify(
         classifier = build_classifier(model, zero_shot, labels_file, templates, probe, head)
         results, skipped = classify_files(files, classifier, batch_size, top_k)
         if not results:
-            raise ValueError(f"none of the {len(files)} images could be read")
+            raise SettingError(f"none of the {len(files)} images could be read")
         if output is not None:
             write_csv(output, results)
     head = head_summary(classifier)
@@ -94,20 +95,20 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
     """The classifier the options ask for: a trained probe, or zero-shot from class names."""
     if probe is not None:
         if zero_shot is not None or labels_file is not None:
-            raise ValueError("--probe classifies with the probe's own classes: drop --zero-shot/--labels-file")
+            raise SettingError("--probe classifies with the probe's own classes: drop --zero-shot/--labels-file")
         return ProbeClassifier(probe, model=load(model) if model else None, head=head)
     if head is not None:
-        raise ValueError("--head applies only with --probe")
+        raise SettingError("--head applies only with --probe")
     if zero_shot is not None and labels_file is not None:
-        raise ValueError("give the class names with --zero-shot or --labels-file, not both")
+        raise SettingError("give the class names with --zero-shot or --labels-file, not both")
     if zero_shot is not None:
         labels = [label.strip() for label in zero_shot.split(",") if label.strip()]
     elif labels_file is not None:
         labels = read_lines(labels_file)
     else:
-        raise ValueError('no class names: give --zero-shot "cat,dog,…" or --labels-file FILE')
+        raise SettingError('no class names: give --zero-shot "cat,dog,…" or --labels-file FILE')
     if not labels:
-        raise ValueError(f"{labels_file or '--zero-shot'}: no class names in it")
+        raise SettingError(f"{labels_file or '--zero-shot'}: no class names in it")
     prompts = read_lines(templates) if templates is not None else DEFAULT_TEMPLATES
     try:
         lit = load(model or DEFAULT_LIT)

@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 
 import typer
-from PIL import Image
 
 from aimv2_mlx import distributed
 from aimv2_mlx.embed import embed_folder
-from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
+from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 from aimv2_mlx.model import load, load_default
 
 from .errors import one_line_errors
-from .options import above_zero, at_least, expand, output_folder
+from .options import at_least, expand, output_folder
 
 
 def embed(
@@ -32,7 +31,7 @@ def embed(
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32 | float16."),
     fmt: str = typer.Option("npy", "--format", help="Embeddings as npy | safetensors | parquet."),
     max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels",
-                                         help="Larger images are listed as failures (decompression bombs)."),
+                                         help="Larger images are listed as failures (decompression bombs); at most Pillow's limit."),
     workers: int = typer.Option(0, "--workers", help="Decoding threads (0: up to 4, one per core)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs an earlier run here made with other "
                                    "settings (only the files its manifest lists)."),
@@ -42,11 +41,10 @@ def embed(
     """Embed images into OUT: shard-*.npy + shard-*.parquet, failures.jsonl, manifest.json."""
     inputs, output = [expand(path) for path in inputs], expand(output)
     rank, _ = distributed.rank_and_size()
-    Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
         at_least(1, batch_size=batch_size, shard_size=shard_size)
         at_least(0, workers=workers)
-        above_zero(max_megapixels=max_megapixels)
+        check_megapixel_limit(max_megapixels, "--max-megapixels")
         output_folder(output)
         encoder = load_default() if model == "default" else load(model)
         with _progress(enabled=rank == 0) as progress:

@@ -5,32 +5,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from aimv2_mlx.errors import SettingError
+
 
 def at_least(minimum: float, **flags: float | None) -> None:
     """Refuse the first option below `minimum`; keyword names are flags with `_` for `-` (None: not given)."""
     for name, value in flags.items():
         if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+            raise SettingError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
 
 
 def above_zero(**flags: float | None) -> None:
     """Refuse the first option that is zero or negative (None: not given)."""
     for name, value in flags.items():
         if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be greater than 0")
+            raise SettingError(f"--{name.replace('_', '-')} {value}: must be greater than 0")
 
 
 def fraction(**flags: float) -> None:
     """Refuse the first option outside the open interval (0, 1)."""
     for name, value in flags.items():
         if not 0 < value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a fraction between 0 and 1")
+            raise SettingError(f"--{name.replace('_', '-')} {value}: must be a fraction between 0 and 1")
 
 
 def one_of(flag: str, value, choices: tuple) -> None:
     """Refuse a value outside `choices` (None: not given)."""
     if value is not None and value not in choices:
-        raise ValueError(f"{flag} {value}: use one of {', '.join(map(str, choices))}")
+        raise SettingError(f"{flag} {value}: use one of {', '.join(map(str, choices))}")
 
 
 def block_list(text: str | None) -> tuple[int, ...] | None:
@@ -40,8 +42,8 @@ def block_list(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
-                         f"(negative ones count from the last block, which is -1)") from None
+        raise SettingError(f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
+                           f"(negative ones count from the last block, which is -1)") from None
 
 
 def expand(path: Path | None) -> Path | None:

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import shlex
 from pathlib import Path
 
 import typer
 
 from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.errors import SettingError
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
-from aimv2_mlx.train.config import PRESETS, RESUMABLE, PretrainConfig
+from aimv2_mlx.train.config import DTYPES, PRESETS, RESUMABLE, PretrainConfig
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, output_folder
+
+# The defaults of the options that are PretrainConfig fields, and of the tokenizer a run trains:
+# taken from the library, which owns them.
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(PretrainConfig)
+            if field.default is not dataclasses.MISSING}
+TOKENIZER_DEFAULTS = {name: parameter.default
+                      for name, parameter in inspect.signature(train_tokenizer).parameters.items()
+                      if parameter.default is not inspect.Parameter.empty}
 
 # Options that say how to run a resumed run rather than what the run is.
 WITH_RESUME = ("data", "out", "resume", "distributed", "strict", "allow_data_change")
@@ -24,20 +34,20 @@ def pretrain(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
-    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)}."),
-    objective: str = typer.Option("multimodal", help="multimodal | image | caption (the paper's ablation)."),
-    steps: int = typer.Option(1000, help="Total optimizer steps (the cosine schedule's length)."),
-    batch_size: int = typer.Option(32, "-b", "--batch-size", help="Images per micro-batch per process."),
-    accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    warmup_steps: int = typer.Option(100, help="Linear warmup steps before the cosine decay."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate."),
-    end_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay."),
-    weight_decay: float = typer.Option(0.1, help="AdamW decay (PyTorch semantics, p *= 1 - lr*wd)."),
-    pixel_weight: float = typer.Option(0.4, help="Weight of the pixel (MSE) loss in the total."),
-    text_weight: float = typer.Option(1.0, help="Weight of the caption (cross-entropy) loss in the total."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 (compute; fp32 masters and losses)."),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help="mx.compile the step."),
-    seed: int = typer.Option(0, help="Seed of the initial weights and the data order."),
+    preset: str = typer.Option(DEFAULTS["preset"], help=f"Model size: {', '.join(PRESETS)}."),
+    objective: str = typer.Option(DEFAULTS["objective"], help="multimodal | image | caption (the paper's ablation)."),
+    steps: int = typer.Option(DEFAULTS["steps"], help="Total optimizer steps (the cosine schedule's length)."),
+    batch_size: int = typer.Option(DEFAULTS["batch_size"], "-b", "--batch-size", help="Images per micro-batch per process."),
+    accumulation: int = typer.Option(DEFAULTS["accumulation"], help="Micro-batches per optimizer step."),
+    warmup_steps: int = typer.Option(DEFAULTS["warmup_steps"], help="Linear warmup steps before the cosine decay."),
+    lr: float = typer.Option(DEFAULTS["peak_lr"], help="Peak learning rate."),
+    end_lr: float = typer.Option(DEFAULTS["end_lr"], help="Learning rate at the end of the cosine decay."),
+    weight_decay: float = typer.Option(DEFAULTS["weight_decay"], help="AdamW decay (PyTorch semantics, p *= 1 - lr*wd)."),
+    pixel_weight: float = typer.Option(DEFAULTS["pixel_weight"], help="Weight of the pixel (MSE) loss in the total."),
+    text_weight: float = typer.Option(DEFAULTS["text_weight"], help="Weight of the caption (cross-entropy) loss in the total."),
+    dtype: str = typer.Option(DEFAULTS["dtype"], help=f"{' | '.join(DTYPES)} (compute; fp32 masters and losses)."),
+    compile: bool = typer.Option(DEFAULTS["compile"], "--compile/--no-compile", help="mx.compile the step."),
+    seed: int = typer.Option(DEFAULTS["seed"], help="Seed of the initial weights and the data order."),
     image_size: int = typer.Option(None, help="Override the preset's image size."),
     width: int = typer.Option(None, help="Override the encoder width."),
     depth: int = typer.Option(None, help="Override the encoder depth."),
@@ -46,13 +56,13 @@ def pretrain(
     decoder_depth: int = typer.Option(None, help="Override the decoder depth."),
     decoder_heads: int = typer.Option(None, help="Override the decoder heads."),
     tokenizer: Path = typer.Option(None, help="tokenizer.json to use; default: train a BPE on the captions."),
-    vocab_size: int = typer.Option(4096, help="BPE size when training a tokenizer."),
-    context_length: int = typer.Option(77, help="Caption tokens per image (longer captions are cut)."),
-    checkpoint_every: int = typer.Option(100, help="Save a checkpoint every K steps (and at the end and on Ctrl-C)."),
-    checkpoint_minutes: float = typer.Option(10.0, help="Also save a checkpoint when this many minutes have passed "
+    vocab_size: int = typer.Option(TOKENIZER_DEFAULTS["vocab_size"], help="BPE size when training a tokenizer."),
+    context_length: int = typer.Option(TOKENIZER_DEFAULTS["context_length"], help="Caption tokens per image (longer captions are cut)."),
+    checkpoint_every: int = typer.Option(DEFAULTS["checkpoint_every"], help="Save a checkpoint every K steps (and at the end and on Ctrl-C)."),
+    checkpoint_minutes: float = typer.Option(DEFAULTS["checkpoint_minutes"], help="Also save a checkpoint when this many minutes have passed "
                                                         "since the last one (0: off)."),
-    log_every: int = typer.Option(10, help="Print and log the losses every K steps."),
-    sample_every: int = typer.Option(0, help="Reconstruction grid + greedy captions every K steps (0: off)."),
+    log_every: int = typer.Option(DEFAULTS["log_every"], help="Print and log the losses every K steps."),
+    sample_every: int = typer.Option(DEFAULTS["sample_every"], help="Reconstruction grid + greedy captions every K steps (0: off)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint; "
                                 "may change --steps (the cosine decay then ends at the new last step) and "
                                 "--checkpoint-every, --checkpoint-minutes, --log-every, --sample-every."),
@@ -88,16 +98,14 @@ def pretrain(
             tok = (load_tokenizer(tokenizer, context_length) if tokenizer
                    else train_tokenizer(source.captions(), vocab_size, context_length, report=typer.echo))
             config = PretrainConfig.from_preset(
-                preset, tok.vocab_size, context_length, objective=objective, steps=steps, batch_size=batch_size,
-                accumulation=accumulation, warmup_steps=warmup_steps, peak_lr=lr, end_lr=end_lr,
-                weight_decay=weight_decay, pixel_weight=pixel_weight, text_weight=text_weight, dtype=dtype,
-                compile=compile, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
-                sample_every=sample_every, checkpoint_minutes=checkpoint_minutes)
-            config.encoder = _override(config.encoder, image_size=image_size, hidden_size=width,
-                                       num_hidden_layers=depth, num_attention_heads=heads)
-            config.decoder = _override(config.decoder, hidden_size=decoder_width, num_hidden_layers=decoder_depth,
-                                       num_attention_heads=decoder_heads)
-            _check(config)
+                preset, tok.vocab_size, context_length, image_size=image_size, width=width, depth=depth,
+                heads=heads, decoder_width=decoder_width, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                objective=objective, steps=steps, batch_size=batch_size, accumulation=accumulation,
+                warmup_steps=warmup_steps, peak_lr=lr, end_lr=end_lr, weight_decay=weight_decay,
+                pixel_weight=pixel_weight, text_weight=text_weight, dtype=dtype, compile=compile, seed=seed,
+                checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every,
+                checkpoint_minutes=checkpoint_minutes)
+            config.check()
         try:
             record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed,
                                      echo=typer.echo, strict=strict, allow_data_change=allow_data_change,
@@ -116,8 +124,8 @@ def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
     if fixed:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
-        raise ValueError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
-                         f"with --resume only {allowed} can change")
+        raise SettingError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
+                           f"with --resume only {allowed} can change")
     return {name: values[name] for name in RESUMABLE if name in given}
 
 
@@ -126,23 +134,3 @@ def resume_command(data: Path, out: Path, strict: bool, distributed: bool) -> st
     flags = ["--strict"] * strict + ["--distributed"] * distributed
     return shlex.join(["aimv2", "pretrain", str(data), "-o", str(out), "--resume", *flags])
 
-
-def _override(config, **values):
-    """Replace the fields given (not None); a new width without new MLP keeps the 8/3 ratio."""
-    values = {k: v for k, v in values.items() if v is not None}
-    if "hidden_size" in values:
-        values["intermediate_size"] = (int(2 * 4 * values["hidden_size"] / 3) + 63) // 64 * 64
-    return dataclasses.replace(config, **values)
-
-
-def _check(config: PretrainConfig) -> None:
-    if config.objective not in ("multimodal", "image", "caption"):
-        raise ValueError(f"unknown objective {config.objective!r}: use multimodal, image or caption")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
-    for part in (config.encoder, config.decoder):
-        if part.hidden_size % part.num_attention_heads:
-            raise ValueError(f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads")
-    config.check_schedule()
-    if config.encoder.image_size % config.encoder.patch_size:
-        raise ValueError(f"image size {config.encoder.image_size} is not a multiple of the patch size")

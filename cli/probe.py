@@ -14,21 +14,23 @@ from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe as ru
 from .errors import one_line_errors
 from .options import at_least, block_list, expand, fraction, output_folder
 
+DEFAULTS = ProbeSettings()  # the options' defaults are the library's
+
 
 def probe(
     train: Path = typer.Argument(..., help="ImageFolder root (root/class/*.jpg) or a CSV/parquet with path,label."),
     output: Path = typer.Option(Path("probe"), "-o", "--output", help="Folder for metrics, split and heads."),
     model: str = typer.Option("default", "-m", "--model", help="Model folder or hub id ('default': as aimv2 embed)."),
-    heads: str = typer.Option("linear,knn", help=f"Comma-separated heads: {', '.join(HEADS)} (or 'all')."),
+    heads: str = typer.Option(",".join(DEFAULTS.heads), help=f"Comma-separated heads: {', '.join(HEADS)} (or 'all')."),
     val_dir: Path = typer.Option(None, help="Validation set (else --val-fraction of the training set)."),
     test_dir: Path = typer.Option(None, help="Test set (else --test-fraction of the training set)."),
-    val_fraction: float = typer.Option(0.1, help="Stratified validation fraction."),
-    test_fraction: float = typer.Option(0.2, help="Stratified test fraction, when no --test-dir."),
-    seed: int = typer.Option(0, help="Seed of the splits and the attentive head."),
-    normalize: bool = typer.Option(True, help="L2-normalise pooled features for the linear head."),
+    val_fraction: float = typer.Option(DEFAULTS.val_fraction, help="Stratified validation fraction."),
+    test_fraction: float = typer.Option(DEFAULTS.test_fraction, help="Stratified test fraction, when no --test-dir."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the splits and the attentive head."),
+    normalize: bool = typer.Option(DEFAULTS.normalize, help="L2-normalise pooled features for the linear head."),
     blocks: str = typer.Option(None, help="Use the mean of these blocks' raw outputs, e.g. '-6,-1' (default: last, normed)."),
-    epochs: int = typer.Option(30, help="Attentive head: epochs."),
-    batch_size: int = typer.Option(256, help="Attentive head: batch size."),
+    epochs: int = typer.Option(DEFAULTS.attentive.epochs, help="Attentive head: epochs."),
+    batch_size: int = typer.Option(DEFAULTS.attentive.batch_size, help="Attentive head: batch size."),
     cache_dir: Path = typer.Option(None, help="Feature cache (default ~/.cache/aimv2-mlx/features)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ) -> None:

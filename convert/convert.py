@@ -23,6 +23,7 @@ import mlx.nn as nn
 
 from aimv2_mlx import __version__
 from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
+from aimv2_mlx.errors import SettingError
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
@@ -76,7 +77,7 @@ def convert(
     if output.exists():
         raise FileExistsError(f"{output}: already exists")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        raise SettingError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     location = resolve(source, revision, allow_pickle=allow_pickle)
     checkpoint = open_checkpoint(location.path)
     config, recipes = conversion_plan(checkpoint, location)
@@ -86,7 +87,7 @@ def convert(
     try:
         check_config(config)
     except ValueError as exc:
-        raise ValueError(f"{checkpoint.path} with the options given: {exc}") from None
+        raise SettingError(f"{checkpoint.path} with the options given: {exc}") from None
     shapes = {k: r.shape(checkpoint.tensors) for k, r in recipes.items()}
     # before building: the flags may change sizes
     check_config_matches(config, shapes, checkpoint.path)
@@ -137,7 +138,7 @@ def _override(config, name, num_heads, text_num_heads, image_size, preprocess) -
         config.vision.num_attention_heads = num_heads
     if text_num_heads is not None:
         if not config.is_lit:
-            raise ValueError("--text-num-heads applies only to LiT checkpoints (this one has no text tower)")
+            raise SettingError("--text-num-heads applies only to LiT checkpoints (this one has no text tower)")
         config.text.num_attention_heads = text_num_heads
     if image_size is not None:
         config.vision.image_size = image_size

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,6 +21,18 @@ def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> Mod
                              intermediate_size=128, image_size=56, is_native=native, use_head=head),
         preprocess=PreprocessConfig.for_mode("native" if native else "clip", 56),
     )
+
+
+def png_bomb(path: Path, side: int = 20_000) -> None:
+    """A valid 1-bit PNG of side x side zeros (~50 KB on disk, 400 megapixels decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + side // 8)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
 def timm_key(ml_aim_key: str) -> str:

@@ -24,14 +24,6 @@ PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 PHOTO = PHOTOS / "chelsea.jpg"
 
 
-@pytest.fixture(autouse=True)
-def pillow_limit_restored(monkeypatch):
-    """`aimv2 embed` lifts Pillow's pixel limit for the process (its own --max-megapixels replaces it)."""
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
 @pytest.fixture
 def labelled(tmp_path) -> Path:
     """An ImageFolder of two classes, two photos each."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +14,9 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.embed import embed_folder
 
-from .conftest import tiny_config
+from .conftest import png_bomb, tiny_config
 
 BAD = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "bad\\xff.jpg"}
-
-
-def _png_bomb(path: Path, side: int = 20_000) -> None:
-    """A valid 1-bit PNG of side x side zeros (~50 KB on disk, 400 megapixels decoded)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = bytes(1 + side // 8)
-    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +50,7 @@ def messy(tmp_path_factory) -> Path:
     (root / "notes.jpg").write_text("not an image\n")
     with open(os.fsencode(root) + b"/bad\xff.jpg", "wb") as fh:  # a bad file with a non-UTF-8 name
         fh.write(b"\xff\xd8 not a JPEG")
-    _png_bomb(root / "bomb.png")
+    png_bomb(root / "bomb.png")
     (root / ".hidden.jpg").write_bytes(b"hidden files are skipped")
     (root / "._astronaut.jpg").write_bytes(b"AppleDouble resource fork")
     (root / "README.txt").write_text("not an image suffix: skipped")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import Aimv2Error
 from ..folders import open_regular
 from ..images import ImageError, open_image
 from .sources import images_under
@@ -24,7 +25,7 @@ from .sources import images_under
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class CaptionDataError(ValueError):
+class CaptionDataError(Aimv2Error, ValueError):
     """Captioned data that cannot be used; the message names the file and the reason."""
 
 

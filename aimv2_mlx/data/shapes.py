@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import SettingError
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
@@ -129,7 +131,7 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
     Files are written into a temporary folder that is renamed into place at the end.
     """
     if n < 1 or size < MIN_SIZE:
-        raise ValueError(f"{n} images of {size} pixels: give at least 1 image of at least {MIN_SIZE} pixels")
+        raise SettingError(f"{n} images of {size} pixels: give at least 1 image of at least {MIN_SIZE} pixels")
     out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")

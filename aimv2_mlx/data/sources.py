@@ -12,6 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SettingError
 from ..folders import open_regular
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
@@ -55,14 +56,14 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
     folder. With several inputs, each key starts with its input's name.
     """
     if not inputs:
-        raise ValueError("no inputs given")
+        raise SettingError("no inputs given")
     found: list[tuple[bytes, Item, tuple]] = []
     names = set()
     for source in inputs:
         root = Path(source).expanduser()
         prefix = "" if len(inputs) == 1 else root.name + "/"
         if prefix and prefix in names:
-            raise ValueError(f"{source}: two inputs are named {root.name!r}; their keys would collide")
+            raise SettingError(f"{source}: two inputs are named {root.name!r}; their keys would collide")
         names.add(prefix)
         if root.is_dir():
             found += _walk(root, prefix)

@@ -2,7 +2,12 @@
 
 from .attentive import AttentiveSettings
 from .data import LabelledImages, ProbeDataError, load_labelled
-from .run import HEADS, ProbeClassifier, ProbeSettings, load_probe, probe
+from .head import ProbeHead
+from .registry import HEAD_TYPES, HEADS
+from .run import probe
+from .saved import LoadedProbe, ProbeClassifier, load_probe
+from .settings import ProbeSettings
 
-__all__ = ["HEADS", "AttentiveSettings", "LabelledImages", "ProbeClassifier", "ProbeDataError", "ProbeSettings",
-           "load_labelled", "load_probe", "probe"]
+__all__ = ["HEADS", "HEAD_TYPES", "AttentiveSettings", "LabelledImages", "LoadedProbe",
+           "ProbeClassifier", "ProbeDataError", "ProbeHead", "ProbeSettings", "load_labelled",
+           "load_probe", "probe"]

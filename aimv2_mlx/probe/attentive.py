@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from .. import cpu
 from ..encoder import AttentionPoolHead
+from .head import softmax
 
 DEFAULT_SWEEP = ((1e-3, 0.05), (3e-4, 0.05), (1e-3, 0.2))  # (peak learning rate, weight decay)
 GRAD_CLIP = 3.0
@@ -117,3 +119,30 @@ def head_from_arrays(arrays: dict[str, np.ndarray], num_heads: int) -> Attention
     head.load_weights([(k, mx.array(v)) for k, v in arrays.items()])
     return head
 
+
+
+@dataclass
+class AttentiveHead:
+    """The probe-head interface around a trained `AttentionPoolHead`."""
+
+    module: AttentionPoolHead
+    name: ClassVar[str] = "attentive"
+    pooled: ClassVar[bool] = False
+
+    def probabilities(self, tokens: np.ndarray) -> np.ndarray:
+        return softmax(head_scores(self.module, tokens))
+
+    @classmethod
+    def fit(cls, train, val, num_classes: int, settings,
+            progress=None) -> tuple["AttentiveHead", dict]:
+        module, chosen = train_attentive(train, val, num_classes, settings.attentive,
+                                         progress=progress)
+        return cls(module), chosen
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        return head_arrays(self.module), {"num_heads": self.module.num_heads}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "AttentiveHead":
+        return cls(head_from_arrays(arrays, settings["num_heads"]))

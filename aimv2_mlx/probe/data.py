@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data.sources import IMAGE_SUFFIXES, images_under
+from ..errors import Aimv2Error
 from ..folders import naming_full_disk
 
 
-class ProbeDataError(ValueError):
+class ProbeDataError(Aimv2Error, ValueError):
     """Labelled data a probe cannot use; the message names the file or folder and the reason."""
 
 

@@ -23,8 +23,9 @@ import numpy as np
 
 from ..data.pipeline import batches, decode, decoded
 from ..embed import model_identity
+from ..errors import SettingError
 from ..folders import naming_full_disk
-from ..images import DEFAULT_MAX_MEGAPIXELS
+from ..images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
 
@@ -90,11 +91,12 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     """Run the encoder over `paths` (decoding on a thread pool ahead of it); `progress(done, total)`
     after each batch, failed images counted as done."""
     if kind not in ("mean", "tokens"):
-        raise ValueError(f"unknown feature kind {kind!r}: use mean or tokens")
+        raise SettingError(f"unknown feature kind {kind!r}: use mean or tokens")
+    check_megapixel_limit(max_megapixels)
     config = model.model_config
     if config.preprocess.mode == "native":
         if kind == "tokens":
-            raise ValueError("patch-token features need a fixed-resolution model (native token counts vary)")
+            raise SettingError("patch-token features need a fixed-resolution model (native token counts vary)")
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
     def work(source):

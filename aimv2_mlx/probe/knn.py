@@ -7,6 +7,7 @@ T = 0.07 as in DINO-style kNN evaluation. Similarities are computed in MLX in ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -24,6 +25,8 @@ class KnnHead:
     num_classes: int
     k: int
     temperature: float = TEMPERATURE
+    name: ClassVar[str] = "knn"
+    pooled: ClassVar[bool] = True
 
     def scores(self, features: np.ndarray, chunk: int = 512) -> np.ndarray:
         """Per class, the summed vote weights of the k nearest neighbours (N, C)."""
@@ -41,6 +44,25 @@ class KnnHead:
             votes = votes.at[rows, labels[nearest]].add(weights)
             out.append(np.array(votes))
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The votes as fractions of each row's total vote."""
+        votes = self.scores(features)
+        return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
+
+    @classmethod
+    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple["KnnHead", dict]:
+        return train_knn(train, val, num_classes, settings.ks, progress)
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"features": self.features, "labels": self.labels.astype(np.int32)}
+        return arrays, {"k": self.k, "temperature": self.temperature}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "KnnHead":
+        return cls(arrays["features"], arrays["labels"], num_classes, settings["k"],
+                   settings["temperature"])
 
 
 def train_knn(train, val, num_classes: int, ks=DEFAULT_KS, progress=None) -> tuple[KnnHead, dict]:

@@ -10,12 +10,14 @@ the head is refitted on train + validation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
 
-# 1e-2 … 1e5 (normalised features want large C)
-DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))
+from .head import softmax
+
+DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
 
 
 @dataclass
@@ -25,10 +27,30 @@ class LinearHead:
     C: float
     normalize: bool
 
+    name: ClassVar[str] = "linear"
+    pooled: ClassVar[bool] = True
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Class logits (N, C)."""
         x = l2_normalize(features) if self.normalize else features
         return x @ self.weight + self.bias
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.scores(features))
+
+    @classmethod
+    def fit(cls, train, val, num_classes: int, settings,
+            progress=None) -> tuple["LinearHead", dict]:
+        return train_linear(train, val, num_classes, settings.c_grid, settings.normalize, progress)
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"weight": self.weight, "bias": self.bias}
+        return arrays, {"C": self.C, "normalize": self.normalize}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
+                    num_classes: int) -> "LinearHead":
+        return cls(arrays["weight"], arrays["bias"], settings["C"], settings["normalize"])
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -72,7 +94,7 @@ def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, 
             q = q * ((s * y).sum() / (y * y).sum())
         else:
             q = q / mx.maximum(mx.abs(g).max(), 1.0)
-        for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             q = q + s * (alpha - rho * (y * q).sum())
         direction = -q
         slope = (g * direction).sum().item()
@@ -104,8 +126,7 @@ def sweep_C(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndar
 
     `progress(done, total)` follows the fits (the sweep and the refit after it)."""
     scores, head = {}, None
-    # warm start each fit from the previous ... solution
-    for done, C in enumerate(sorted(grid), start=1):
+    for done, C in enumerate(sorted(grid), start=1):  # warm start each fit from the previous ... solution
         head = fit_logistic(*train, num_classes, C=C, normalize=normalize, init=head)
         scores[C] = float((head.scores(val[0]).argmax(1) == val[1]).mean())
         if progress:

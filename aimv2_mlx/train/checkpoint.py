@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import UnusableFileError
 from ..folders import naming_full_disk
 from ..model import save as save_encoder
 
@@ -129,7 +130,7 @@ def resume_point(run: Path) -> tuple[Path | None, str | None]:
     found = checkpoints(run)
     if not found:
         if named is not None:
-            raise ValueError(f"{run / 'checkpoints'}: holds no checkpoint to resume from")
+            raise UnusableFileError(f"{run / 'checkpoints'}: holds no checkpoint to resume from")
         return None, f"{run}: no checkpoint yet; starting at step 0"
     skipped = []
     for _, folder in found:
@@ -138,7 +139,7 @@ def resume_point(run: Path) -> tuple[Path | None, str | None]:
             break
         skipped.append(f"{folder.name} ({reason})")
     else:
-        raise ValueError(f"{run / 'checkpoints'}: no complete checkpoint to resume from: {'; '.join(skipped)}")
+        raise UnusableFileError(f"{run / 'checkpoints'}: no complete checkpoint to resume from: {'; '.join(skipped)}")
     if not skipped and named == folder.name:
         return folder, None
     why = [f"skipped {', '.join(skipped)}"] if skipped else []
@@ -163,5 +164,5 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
         optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         mx.eval(model.parameters(), optimizer.state)
     except (ValueError, RuntimeError) as exc:
-        raise ValueError(f"{folder}: does not fit this run's model ({exc})") from None
+        raise UnusableFileError(f"{folder}: does not fit this run's model ({exc})") from None
     return json.loads((folder / "state.json").read_text())

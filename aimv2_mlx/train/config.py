@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DecoderConfig, EncoderConfig, _build, check_tower
+from ..errors import SettingError
+from ..objective import OBJECTIVES
 
 # name: (width, depth, heads, SwiGLU hidden, image size)
 PRESETS = {
@@ -22,6 +24,10 @@ PRESETS = {
     "base": (768, 12, 6, 2048, 224),
     "large": (1024, 24, 8, 2816, 224),
 }
+
+# The compute dtypes a run trains in. float16 is refused: without loss scaling its 5-bit exponent
+# underflows the small gradients of the pixel loss (bfloat16 keeps float32's exponent).
+DTYPES = ("float32", "bfloat16")
 
 # What a resumed run may change: its length (the schedule follows it) and when it logs, samples
 # and saves; everything else would make the run a different one.
@@ -62,13 +68,37 @@ class PretrainConfig:
     log_every: int = 10
     sample_every: int = 0  # reconstruction grid + greedy captions every K steps (0: off)
 
+    def __post_init__(self):
+        """A dtype or objective no run can train with is refused when the config is made."""
+        self.check_choices()
+
+    def check_choices(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise SettingError(f"unknown objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
+        if self.dtype == "float16":
+            raise SettingError("dtype 'float16' does not train (no loss scaling, so small "
+                               "gradients underflow): use bfloat16 for half-precision compute, "
+                               "or float32")
+        if self.dtype not in DTYPES:
+            raise SettingError(f"unknown dtype {self.dtype!r}: use {' or '.join(DTYPES)}")
+
     @classmethod
-    def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, **overrides) -> "PretrainConfig":
+    def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, *,
+                    image_size: int | None = None, width: int | None = None,
+                    depth: int | None = None, heads: int | None = None,
+                    decoder_width: int | None = None, decoder_depth: int | None = None,
+                    decoder_heads: int | None = None, **overrides) -> "PretrainConfig":
+        """A preset's sizes, any of them replaced (None: the preset's); the other fields from
+        `overrides` or the defaults."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
-        width, depth, heads, hidden, size = PRESETS[name]
-        encoder = EncoderConfig(width, depth, heads, hidden, image_size=size)
-        decoder = DecoderConfig.for_encoder(encoder, vocab_size, context_length)
+            raise SettingError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+        preset_width, preset_depth, preset_heads, hidden, size = PRESETS[name]
+        preset = EncoderConfig(preset_width, preset_depth, preset_heads, hidden, image_size=size)
+        encoder = resized(preset, image_size=image_size, hidden_size=width, num_hidden_layers=depth,
+                          num_attention_heads=heads)
+        decoder = resized(DecoderConfig.for_encoder(encoder, vocab_size, context_length),
+                          hidden_size=decoder_width, num_hidden_layers=decoder_depth,
+                          num_attention_heads=decoder_heads)
         return cls(preset=name, encoder=encoder, decoder=decoder, **overrides)
 
     @property
@@ -92,11 +122,39 @@ class PretrainConfig:
             values[key] = tuple(values[key])
         return _build(cls, values)
 
+    def check(self) -> None:
+        """Sizes that cannot make the model, and a schedule that cannot run, refused before any
+        array is allocated."""
+        self.check_choices()
+        for part in (self.encoder, self.decoder):
+            if part.hidden_size % part.num_attention_heads:
+                raise SettingError(f"width {part.hidden_size} is not divisible by "
+                                   f"{part.num_attention_heads} heads")
+        if self.encoder.image_size % self.encoder.patch_size:
+            raise SettingError(f"image size {self.encoder.image_size} is not a multiple of the "
+                               f"patch size {self.encoder.patch_size}")
+        self.check_schedule()
+
     def check_schedule(self) -> None:
         """A warmup longer than the run would never reach the peak learning rate: refused."""
         if self.warmup_steps > self.steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
-                             "use at most as many warmup steps as steps")
+            raise SettingError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
+                               "use at most as many warmup steps as steps")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def swiglu_hidden(width: int) -> int:
+    """The SwiGLU hidden size for a width: 8/3 of it (the 4x MLP's parameter count with a third
+    weight matrix, Shazeer 2020, arXiv 2002.05202 section 2), rounded up to a multiple of 64."""
+    return (int(2 * 4 * width / 3) + 63) // 64 * 64
+
+
+def resized(tower, **sizes):
+    """`tower` (an encoder or decoder config) with the sizes given (not None) replaced; a new
+    width without a new MLP size keeps the 8/3 SwiGLU ratio."""
+    sizes = {key: value for key, value in sizes.items() if value is not None}
+    if "hidden_size" in sizes and "intermediate_size" not in sizes:
+        sizes["intermediate_size"] = swiglu_hidden(sizes["hidden_size"])
+    return dataclasses.replace(tower, **sizes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UnusableFileError
 from ..folders import naming_full_disk
 
 
@@ -31,7 +32,7 @@ def read(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number}: not a log record")
+            raise UnusableFileError(f"{path}:{number}: not a log record")
         records.append(record)
     return records
 

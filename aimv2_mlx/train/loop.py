@@ -1,11 +1,11 @@
 """`pretrain()`: the training run — set up or resume a run folder, then step, log, checkpoint.
 
-A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the data's
-size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they were
-unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or empty
-folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under
-`mlx.launch`) every rank trains on its own block of each global batch, gradients are summed over
-ranks, and rank 0 alone writes files.
+A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the
+data's size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they
+were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or
+empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
+rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
+alone writes files.
 
 SIGINT and SIGTERM stop a run after the step in flight, with a checkpoint at that step, by raising
 `TrainingInterrupted`; a second signal acts as it would have without us.
@@ -30,6 +30,7 @@ from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
+from ..errors import SettingError, UnusableFileError
 from ..folders import is_empty, locked, naming_full_disk
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
@@ -66,8 +67,7 @@ def caught_signals():
     """A list that SIGINT/SIGTERM append to instead of stopping the process mid-step; the first
     signal puts the previous handlers back, so a second one stops the process as before."""
     caught: list[int] = []
-    # only the main thread may set handlers
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield caught
         return
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -123,8 +123,10 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
-        raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-                         f"only {', '.join(RESUMABLE)} can change")
+        raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+                           f"only {', '.join(RESUMABLE)} can change")
+    if config is not None and not resume:
+        config.check()  # before the run folder (and its lock) exists
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
                   changes or {})
 
@@ -144,7 +146,7 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
     try:
         config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
+        raise UnusableFileError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
     return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
 
 
@@ -180,8 +182,8 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
         return
     except (OSError, ValueError, TypeError, KeyError):
         if not allow_change:
-            raise ValueError(f"{path}: unreadable (it records the data this run was trained on); "
-                             "pass --allow-data-change to continue on this data") from None
+            raise UnusableFileError(f"{path}: unreadable (it records the data this run was trained on); "
+                                    "pass --allow-data-change to continue on this data") from None
         echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
         return
     if before == (identity["samples"], identity["sha256"]):
@@ -189,7 +191,7 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     what = (f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but the run "
             f"was trained on {before[0]} (digest {before[1]})")
     if not allow_change:
-        raise ValueError(f"{what}; pass --allow-data-change to continue on this data")
+        raise SettingError(f"{what}; pass --allow-data-change to continue on this data")
     echo(f"warning: {what}; continuing on the new data")
 
 
@@ -200,7 +202,7 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
     if new.steps == config.steps:
         return new
     if new.steps < start:
-        raise ValueError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
+        raise SettingError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
     new.check_schedule()
     before, after = (float(schedule(c)(mx.array(start)).item()) for c in (config, new))
     echo(f"the run now ends at step {new.steps} (was {config.steps}): the cosine decay is recomputed to reach "
@@ -216,12 +218,9 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         recorded = config
         config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
-        raise ValueError("a new run needs a config and a tokenizer")
-    else:
-        config.check_schedule()
-    # checked before a new run's folder is made
-    if tokenizer.vocab_size > config.decoder.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+        raise SettingError("a new run needs a config and a tokenizer")
+    if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
+        raise SettingError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
     if not resume and rank == 0:
         check_new_run(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -268,8 +267,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     saved = None  # the newest checkpoint this loop wrote (rank 0)
     with caught_signals() as caught:
         for step in range(start, end):
-            # img/s counts waiting for the batch too: the data pipeline's cost shows
-            began = time.perf_counter()
+            began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
             batch = future.result()
             future = plan.prefetch(step + 1) if step + 1 < end else None
             stats = train_step(batch)
@@ -339,5 +337,5 @@ def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path,
         captions = [tokenizer.decode(row) for row in ids]
     truth = [tokenizer.decode(row) for row in micro.input_ids[:count]]
     prefix.with_suffix(".json").write_text(json.dumps(
-        [{"caption": c, "greedy": g} for c, g in zip(truth, captions, strict=True)], indent=2) + "\n")
+        [{"caption": c, "greedy": g} for c, g in zip(truth, captions)], indent=2) + "\n")
     logs.plot_reconstructions(real, predicted, truth, captions, prefix.with_suffix(".png"))
