@@ -23,7 +23,9 @@ DECODER = "models.text_decoder."
 MARKER = ENCODER + "preprocessor.blocks.0.patchifier.proj.weight"
 
 _QKV = re.compile(r"(trunk\.blocks\.\d+\.attn)\.([qkv])_proj\.weight")
-_TRUNK = re.compile(r"trunk\.(blocks\.\d+\.(norm_1|norm_2|attn\.proj|mlp\.fc[123])|post_trunk_norm)\.weight")
+_TRUNK = re.compile(
+    r"trunk\.(blocks\.\d+\.(norm_1|norm_2|attn\.proj|mlp\.fc[123])|post_trunk_norm)\.weight"
+)
 _ENCODER_PARTS = {
     "preprocessor.blocks.0.pos_embed": "preprocessor.pos_embed",
     "preprocessor.blocks.0.patchifier.proj.weight": "preprocessor.patchifier.proj.weight",
@@ -53,12 +55,14 @@ def _tower_plan(weights: Mapping, prefix: str, parts: dict[str, str]) -> dict[st
     for key in weights:
         if not key.startswith(prefix):
             continue
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         match = _QKV.fullmatch(rest)
         if match:
             qkv.setdefault(f"{match[1]}.qkv.weight", {})[match[2]] = key
         elif rest in parts:
-            recipes[parts[rest]] = Recipe((key,), "conv" if rest.endswith("patchifier.proj.weight") else "copy")
+            recipes[parts[rest]] = Recipe(
+                (key,), "conv" if rest.endswith("patchifier.proj.weight") else "copy"
+            )
         elif _TRUNK.fullmatch(rest):
             recipes[rest] = Recipe((key,))
         else:
@@ -72,7 +76,7 @@ def _tower_plan(weights: Mapping, prefix: str, parts: dict[str, str]) -> dict[st
 
 
 def encoder_plan(weights: Mapping) -> dict[str, Recipe]:
-    """Our encoder key -> how to make it; the decoder's tensors are left out, anything else refused."""
+    """Our encoder key -> how to make it; decoder tensors are left out, any other refused."""
     strays = [k for k in weights if not k.startswith((ENCODER, DECODER))]
     if strays:
         raise CheckpointError(f"unexpected tensor {strays[0]!r} in an {ML_L3M} checkpoint")
@@ -83,5 +87,7 @@ def decoder_plan(weights: Mapping) -> dict[str, Recipe]:
     """Our `MultimodalDecoder` key -> how to make it from the checkpoint's text decoder."""
     recipes = _tower_plan(weights, DECODER, _DECODER_PARTS)
     if not recipes:
-        raise CheckpointError(f"no text decoder (no {DECODER}* tensors) in this {ML_L3M} checkpoint")
+        raise CheckpointError(
+            f"no text decoder (no {DECODER}* tensors) in this {ML_L3M} checkpoint"
+        )
     return recipes

@@ -136,18 +136,21 @@ class CaptionTokenizer:
     def __init__(self, tokenizer, context_length: int = 77, eos_id: int | None = None,
                  pad_id: int | None = None):
         if context_length < 2:
-            raise ValueError(f"context length {context_length}: a caption needs at least one token and EOS")
+            raise ValueError(f"context length {context_length}: a caption needs a token and EOS")
         self.tokenizer = tokenizer
         self.context_length = context_length
         found_eos, found_pad = special_ids(tokenizer)
         tokenizer.no_padding()  # a tokenizer.json may pad or truncate on its own: we do both here
         tokenizer.no_truncation()
         self.eos_id = found_eos if eos_id is None else eos_id
-        self.pad_id = (found_pad if found_pad is not None else self.eos_id) if pad_id is None else pad_id
+        if pad_id is None:
+            pad_id = self.eos_id if found_pad is None else found_pad
+        self.pad_id = pad_id
         self.vocab_size = tokenizer.get_vocab_size()
         for name, value in (("EOS", self.eos_id), ("pad", self.pad_id)):
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} id {value} is outside the vocabulary of {self.vocab_size} tokens")
+                raise ValueError(f"{name} id {value} is outside the vocabulary "
+                                 f"of {self.vocab_size} tokens")
 
     @property
     def ignore_ids(self) -> tuple[int, ...]:
@@ -212,10 +215,12 @@ def special_ids(tokenizer, config: dict | None = None) -> tuple[int, int | None]
     if eos is None:
         eos = _appended_special(described.get("post_processor"), tokenizer)
     if eos is None:
-        eos = next((tokenizer.token_to_id(t) for t in END_TOKENS if tokenizer.token_to_id(t) is not None), None)
+        known = [tokenizer.token_to_id(t) for t in END_TOKENS]
+        eos = next((i for i in known if i is not None), None)
     if eos is None:
-        raise ValueError(f"no end-of-sequence token: the tokenizer names none (tokenizer_config.json eos_token, "
-                         f"or a post-processor appending one) and has none of {', '.join(END_TOKENS)}")
+        raise ValueError("no end-of-sequence token: the tokenizer names none (tokenizer_config"
+                         ".json eos_token, or a post-processor appending one) and has none of "
+                         + ", ".join(END_TOKENS))
     pad = named("pad_token")
     if pad is None and isinstance(described.get("padding"), dict):
         pad = described["padding"].get("pad_id")

@@ -20,7 +20,8 @@ from .options import above_zero, at_least, output_folder
 # Options that say how to run a resumed run rather than what the run is.
 WITH_RESUME = ("data", "out", "resume", "distributed", "strict", "allow_data_change")
 # Sizes an --init-from checkpoint fixes (heads are not in a checkpoint: those may be given).
-FROM_CHECKPOINT = ("preset", "image_size", "width", "depth", "decoder_width", "decoder_depth", "context_length")
+FROM_CHECKPOINT = ("preset", "image_size", "width", "depth", "decoder_width", "decoder_depth",
+                   "context_length")
 
 
 def pretrain(
@@ -64,11 +65,13 @@ def pretrain(
                                                         "(replaced ones are listed in failures.jsonl)."),
     allow_data_change: bool = typer.Option(False, "--allow-data-change",
                                            help="With --resume: continue on data other than the run's."),
-    init_from: Path = typer.Option(None, "--init-from", help="Start from an apple/ml-l3m checkpoint (the "
-                                   "consolidated torch.save file): its encoder, decoder and sizes, and its "
-                                   "AdamW state and step (the run continues there) when it has them."),
-    init_weights_only: bool = typer.Option(False, "--init-weights-only",
-                                           help="With --init-from: take its weights only; the run starts at step 0."),
+    init_from: Path = typer.Option(
+        None, "--init-from", help="Start from an apple/ml-l3m checkpoint (the consolidated "
+        "torch.save file): its sizes, encoder and decoder, and its AdamW state and step (the "
+        "run continues there) when it has them."),
+    init_weights_only: bool = typer.Option(
+        False, "--init-weights-only",
+        help="With --init-from: its weights only; the run starts at step 0."),
 ) -> None:
     """Pre-train an AIMv2 encoder + decoder on image + caption pairs."""
     with one_line_errors():
@@ -135,7 +138,7 @@ def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
 
 
 def _start_from(init_from: Path | None, weights_only: bool, given: set[str]) -> L3mStart | None:
-    """The --init-from checkpoint, opened (names and shapes only); size flags it fixes are refused."""
+    """The --init-from checkpoint, opened (names and shapes only); size flags are refused."""
     if init_from is None:
         if weights_only:
             raise ValueError("--init-weights-only applies only with --init-from")

@@ -28,10 +28,18 @@ from pathlib import Path
 
 from aimv2_mlx.weights import CheckpointError
 
-from .torch_pickle import (_MAX_PICKLE_BYTES, TorchTensor, _check_plausible, _check_storage_use, _Refused,
-                           _RestrictedUnpickler)
+from .torch_pickle import (
+    _MAX_PICKLE_BYTES,
+    TorchTensor,
+    _check_plausible,
+    _check_storage_use,
+    _Refused,
+    _RestrictedUnpickler,
+)
 
-CONSOLIDATE = "python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save {folder} {folder}.pth"
+CONSOLIDATE = (
+    "python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save {folder} {folder}.pth"
+)
 
 
 class Opaque:
@@ -78,7 +86,9 @@ class TrainingCheckpoint:
 
     path: Path
     model: dict[str, TorchTensor]
-    optimizer: dict | None  # {"state": {name: {"exp_avg", "exp_avg_sq", "step"}}, "param_groups": [...]}
+    optimizer: (
+        dict | None
+    )  # {"state": {name: {"exp_avg", "exp_avg_sq", "step"}}, "param_groups": [...]}
     refused: list[str] = field(default_factory=list)  # globals of other entries, not executed
     entries: list[str] = field(default_factory=list)  # the file's top-level keys
 
@@ -92,18 +102,24 @@ def refuse_dcp_folder(path: Path) -> None:
     raise CheckpointError(
         f"{path}: a PyTorch Distributed Checkpoint folder, which is read only once consolidated "
         f"into one file (its metadata is a pickle of torch.distributed classes): run "
-        f"`{CONSOLIDATE.format(folder=str(path).rstrip('/'))}` where torch is installed, then use that file")
+        f"`{CONSOLIDATE.format(folder=str(path).rstrip('/'))}` where torch is installed, "
+        "then use that file"
+    )
 
 
 def _unpickle(path: Path):
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
-            raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+            raise CheckpointError(
+                f"{path}: expected one data.pkl in the archive, found {len(pickles)}"
+            )
         info = archive.getinfo(pickles[0])
         _check_plausible(pickles[0], info, os.path.getsize(path))
         if info.file_size > _MAX_PICKLE_BYTES:
-            raise _Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a checkpoint's pickle is a few MB")
+            raise _Refused(
+                f"{pickles[0]!r} is {info.file_size:,} bytes; a checkpoint's pickle is a few MB"
+            )
         with archive.open(pickles[0]) as handle:
             unpickler = _TolerantUnpickler(handle, archive, pickles[0][: -len("data.pkl")], path)
             return unpickler.load(), unpickler.refused
@@ -114,20 +130,28 @@ def _model_part(state, path: Path) -> dict:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             return state[wrapper]
     if isinstance(state, Opaque):
-        raise _Refused(f"the pickle asks for global {state.refused}, which is not needed to rebuild tensors "
-                       "(nothing was executed)")
+        raise _Refused(
+            f"the pickle asks for global {state.refused}, which is not needed to rebuild tensors "
+            "(nothing was executed)"
+        )
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(
+            f"{path}: the pickle holds a {type(state).__name__}, not a state dict"
+        )
     return state
 
 
 def _tensors_only(part: dict, path: Path) -> dict[str, TorchTensor]:
     for key, value in part.items():
         if isinstance(value, Opaque):
-            raise _Refused(f"entry {key!r} asks for global {value.refused}, which is not needed to rebuild "
-                           "tensors (nothing was executed)")
+            raise _Refused(
+                f"entry {key!r} asks for global {value.refused}, which is not needed to rebuild "
+                "tensors (nothing was executed)"
+            )
         if not isinstance(value, TorchTensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
     return {str(key): value for key, value in part.items()}
 
 
@@ -148,13 +172,20 @@ def open_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
     if is_dcp_folder(path):
         refuse_dcp_folder(path)
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)")
+        raise CheckpointError(
+            f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)"
+        )
     try:
         state, refused = _unpickle(path)
         model = _tensors_only(_model_part(state, path), path)
         optimizer = _optimizer_part(state)
-        moments = [value for entry in (optimizer or {}).get("state", {}).values() if isinstance(entry, dict)
-                   for value in entry.values() if isinstance(value, TorchTensor)]
+        moments = [
+            value
+            for entry in (optimizer or {}).get("state", {}).values()
+            if isinstance(entry, dict)
+            for value in entry.values()
+            if isinstance(value, TorchTensor)
+        ]
         _check_storage_use([*model.values(), *moments])
     except CheckpointError:
         raise

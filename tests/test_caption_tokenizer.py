@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
@@ -74,12 +82,20 @@ def test_caption_normalisation_equals_ml_l3ms(caption):
 
 def test_normalisation_strips_ascii_punctuation_and_keeps_letters_of_every_script():
     assert normalize_caption("A Photo, of: the CAT!!!") == "a photo of the cat"
-    assert normalize_caption("“curly” ﬁne") == "curly fine"  # ftfy uncurls quotes, splits ligatures
-    assert normalize_caption("猫と犬。") == "猫と犬。"  # not ASCII punctuation: kept, as ml-l3m keeps it
+    # ftfy uncurls quotes and splits ligatures
+    assert normalize_caption("“curly” ﬁne") == "curly fine"
+    assert (
+        normalize_caption("猫と犬。") == "猫と犬。"
+    )  # not ASCII punctuation: kept, as ml-l3m keeps it
 
 
-CAPTIONS = ["a small red circle", "a large blue square above a small red circle", "two green triangles",
-            "a tiny yellow star left of a big purple circle", "one orange square"] * 4
+CAPTIONS = [
+    "a small red circle",
+    "a large blue square above a small red circle",
+    "two green triangles",
+    "a tiny yellow star left of a big purple circle",
+    "one orange square",
+] * 4
 
 
 def unigram_tokenizer_json(path: Path, captions=CAPTIONS) -> Path:
@@ -89,10 +105,16 @@ def unigram_tokenizer_json(path: Path, captions=CAPTIONS) -> Path:
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=48, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                                      show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=48,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(captions, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
     tokenizer.enable_padding(pad_id=0, pad_token="<pad>")
     tokenizer.save(str(path))
     return path
@@ -111,25 +133,36 @@ def test_a_unigram_tokenizer_json_gives_its_own_eos_and_pad_ids(unigram):
     ids = tok.encode(["A small, RED circle!", "a tiny yellow star left of a big purple circle"])
     assert ids[0, :4].tolist() != [0, 0, 0, 0] and 1 in ids[0].tolist()
     first_eos = ids[0].tolist().index(1)
-    assert set(ids[0, first_eos + 1:].tolist()) == {0}  # EOS once, then the pad id
+    assert set(ids[0, first_eos + 1 :].tolist()) == {0}  # EOS once, then the pad id
     assert ids[1, -1] == 1 and 0 not in ids[1].tolist()  # cut to 19 tokens, EOS kept last
     assert tok.decode(ids[0]) == "a small red circle"
 
 
 def test_ids_equal_transformers_padding_and_truncation_as_ml_l3m_calls_them(unigram):
     transformers = pytest.importorskip("transformers")
-    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(unigram), eos_token="</s>",
-                                                     pad_token="<pad>", unk_token="<unk>")
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(unigram), eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     texts = TRICKY + CAPTIONS[:5] + [" ".join(CAPTIONS)]
     for length in (4, 12):
         # src/l3m/model/layers/tokenizers.py `HFTokenizer.__call__`: max_length padding, truncation
-        expected = reference([ml_l3m_caption(t) for t in texts], max_length=length, padding="max_length",
-                             truncation=True)["input_ids"]
-        np.testing.assert_array_equal(load_tokenizer(unigram, length).encode(texts), np.array(expected))
+        expected = reference(
+            [ml_l3m_caption(t) for t in texts],
+            max_length=length,
+            padding="max_length",
+            truncation=True,
+        )["input_ids"]
+        np.testing.assert_array_equal(
+            load_tokenizer(unigram, length).encode(texts), np.array(expected)
+        )
 
 
-def test_eos_and_pad_come_from_a_tokenizer_config_beside_the_file_and_survive_a_save(unigram, tmp_path):
-    (unigram.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<unk>", "pad_token": "</s>"}))
+def test_eos_and_pad_come_from_a_tokenizer_config_beside_the_file_and_survive_a_save(
+    unigram, tmp_path
+):
+    (unigram.parent / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<unk>", "pad_token": "</s>"})
+    )
     tok = load_tokenizer(unigram.parent, 6)
     assert (tok.eos_id, tok.pad_id) == (2, 1)
     (tmp_path / "saved").mkdir()
@@ -165,19 +198,49 @@ def test_our_trained_bpe_pads_with_its_eos_and_appends_it(tmp_path):
 
 def test_a_unigram_tokenizer_json_drives_aimv2_pretrain_with_its_own_ids(tmp_path, unigram):
     data = write_shapes(tmp_path / "shapes", 8, size=28)
-    result = run_cli("pretrain", data, "-o", tmp_path / "run", "--tokenizer", unigram, "--width", 32, "--depth", 1,
-                     "--heads", 1, "--image-size", 28, "--decoder-depth", 1, "--decoder-heads", 1, "-b", 4,
-                     "--no-compile", "--context-length", 12, "--steps", 2, "--log-every", 1)
+    result = run_cli(
+        "pretrain",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--tokenizer",
+        unigram,
+        "--width",
+        32,
+        "--depth",
+        1,
+        "--heads",
+        1,
+        "--image-size",
+        28,
+        "--decoder-depth",
+        1,
+        "--decoder-heads",
+        1,
+        "-b",
+        4,
+        "--no-compile",
+        "--context-length",
+        12,
+        "--steps",
+        2,
+        "--log-every",
+        1,
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(r["loss_text"]) and r["loss_text"] > 0 for r in log)
     tok = load_tokenizer(run / "tokenizer.json", 12)  # what --resume reads: the same ids
-    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 0, Tokenizer.from_file(str(unigram)).get_vocab_size())
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (
+        1,
+        0,
+        Tokenizer.from_file(str(unigram)).get_vocab_size(),
+    )
     config = PretrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     source = load_captioned(data)
     ids = BatchPlan(source, tok, config).step(0).micro[0].input_ids
     for row in ids.tolist():
         end = row.index(1)
-        assert set(row[end + 1:]) <= {0} and 0 not in row[:end] and 1 not in row[:end]
+        assert set(row[end + 1 :]) <= {0} and 0 not in row[:end] and 1 not in row[:end]
     assert text_count(ids, tok.ignore_ids) == sum(row.index(1) for row in ids.tolist())

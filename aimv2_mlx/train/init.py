@@ -72,9 +72,11 @@ def _qkv(shape: tuple[int, ...]) -> mx.array:
     return mx.concatenate([_linear(third) for _ in range(3)], axis=0)
 
 
-def _rules(conv_fan_in: int, encoder_width: int, decoder_depth: int
-           ) -> list[tuple[Callable[[str], bool], Callable]]:
+def _rules(
+    conv_fan_in: int, encoder_width: int, decoder_depth: int
+) -> list[tuple[Callable[[str], bool], Callable]]:
     """(matches path, makes value from shape), first match wins; paths are PretrainModel's."""
+
     def ends(*suffixes):
         return lambda path: path.endswith(suffixes)
 
@@ -90,8 +92,10 @@ def _rules(conv_fan_in: int, encoder_width: int, decoder_depth: int
         (ends("norm.weight", "norm_1.weight", "norm_2.weight"), mx.ones),
         (ends("preprocessor.pos_embed"), normal(0.02)),
         (ends("attn.qkv.weight"), _qkv),
-        (ends("decoder.image_projector.weight", "decoder.image_projector.bias"),
-         lambda shape: uniform(1.0 / math.sqrt(encoder_width), shape)),
+        (
+            ends("decoder.image_projector.weight", "decoder.image_projector.bias"),
+            lambda shape: uniform(1.0 / math.sqrt(encoder_width), shape),
+        ),
         (ends("decoder.text_embedding.weight", "decoder.cls"), normal(0.02)),
         (ends("decoder.text_pos_embed"), normal(0.01)),
         (ends("decoder.pixel_head.weight", "decoder.text_head.weight"), head),
@@ -135,16 +139,20 @@ class L3mStart:
         self.path = Path(path).expanduser()
         checkpoint = open_training_checkpoint(self.path)
         if not is_l3m(checkpoint.model):
-            raise CheckpointError(f"{self.path}: not an {ML_L3M} AIMv2 checkpoint (no {ML_L3M} encoder tensors)")
+            raise CheckpointError(
+                f"{self.path}: not an {ML_L3M} AIMv2 checkpoint (no {ML_L3M} encoder tensors)"
+            )
         self.tensors = checkpoint.model
         self.refused = checkpoint.refused
         try:
-            self.recipes = {**{"encoder." + k: r for k, r in encoder_plan(self.tensors).items()},
-                            **{"decoder." + k: r for k, r in decoder_plan(self.tensors).items()}}
+            self.recipes = {
+                **{"encoder." + k: r for k, r in encoder_plan(self.tensors).items()},
+                **{"decoder." + k: r for k, r in decoder_plan(self.tensors).items()},
+            }
         except CheckpointError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
         self.shapes = {key: recipe.shape(self.tensors) for key, recipe in self.recipes.items()}
-        self.moments, self.step, self.why_not = {}, 0, "not asked for"
+        self.moments, self.step, self.why_not = {}, 0, None
         if with_optimizer:
             self.moments, self.step, self.why_not = self._moments(checkpoint.optimizer)
 
@@ -156,20 +164,31 @@ class L3mStart:
         for name in {source for recipe in self.recipes.values() for source in recipe.sources}:
             entry = state.get(name)
             if not isinstance(entry, dict) or not all(
-                    shape_of(entry.get(m, ())) == shape_of(self.tensors[name]) for m in ("exp_avg", "exp_avg_sq")):
+                shape_of(entry.get(m, ())) == shape_of(self.tensors[name])
+                for m in ("exp_avg", "exp_avg_sq")
+            ):
                 return {}, 0, f"no AdamW moments of {self.tensors[name].shape} for {name!r}"
             step = entry.get("step")
             step = int(np.asarray(step.numpy()).reshape(-1)[0]) if hasattr(step, "numpy") else step
             if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-                return {}, 0, f"the optimizer step of {name!r} is {step!r}, not a positive whole number"
+                return (
+                    {},
+                    0,
+                    f"the optimizer step of {name!r} is {step!r}, not a positive whole number",
+                )
             moments[name] = (entry["exp_avg"], entry["exp_avg_sq"])
             steps.add(step)
         if len(steps) != 1:
-            return {}, 0, f"its parameters are at different optimizer steps ({min(steps)}..{max(steps)})"
+            return (
+                {},
+                0,
+                f"its parameters are at different optimizer steps ({min(steps)}..{max(steps)})",
+            )
         return moments, steps.pop(), None
 
-    def sizes(self, heads: int | None = None, decoder_heads: int | None = None
-              ) -> tuple[EncoderConfig, DecoderConfig]:
+    def sizes(
+        self, heads: int | None = None, decoder_heads: int | None = None
+    ) -> tuple[EncoderConfig, DecoderConfig]:
         """The encoder and decoder the file holds (heads are not in a checkpoint: given, or the
         AIMv2 family's for that width)."""
         shapes = self.shapes
@@ -177,19 +196,28 @@ class L3mStart:
         vocab, decoder_width = shapes["decoder.text_embedding.weight"]
         try:
             encoder = EncoderConfig(
-                hidden_size=width, num_hidden_layers=_count_blocks(shapes, "encoder.trunk.blocks."),
+                hidden_size=width,
+                num_hidden_layers=_count_blocks(shapes, "encoder.trunk.blocks."),
                 num_attention_heads=heads or default_heads(width),
-                intermediate_size=shapes["encoder.trunk.blocks.0.mlp.fc1.weight"][0], patch_size=patch,
-                image_size=round(shapes["encoder.preprocessor.pos_embed"][1] ** 0.5) * patch, num_channels=channels)
+                intermediate_size=shapes["encoder.trunk.blocks.0.mlp.fc1.weight"][0],
+                patch_size=patch,
+                image_size=round(shapes["encoder.preprocessor.pos_embed"][1] ** 0.5) * patch,
+                num_channels=channels,
+            )
             decoder = DecoderConfig(
-                hidden_size=decoder_width, num_hidden_layers=_count_blocks(shapes, "decoder.trunk.blocks."),
+                hidden_size=decoder_width,
+                num_hidden_layers=_count_blocks(shapes, "decoder.trunk.blocks."),
                 num_attention_heads=decoder_heads or default_heads(decoder_width),
-                intermediate_size=shapes["decoder.trunk.blocks.0.mlp.fc1.weight"][0], vocab_size=vocab,
-                context_length=shapes["decoder.text_pos_embed"][0] - 1)
+                intermediate_size=shapes["decoder.trunk.blocks.0.mlp.fc1.weight"][0],
+                vocab_size=vocab,
+                context_length=shapes["decoder.text_pos_embed"][0] - 1,
+            )
             check_tower("encoder", encoder, ("patch_size", "image_size", "num_channels"))
             check_tower("decoder", decoder, ("vocab_size", "context_length"))
         except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: not a model this project can build ({exc})") from None
+            raise CheckpointError(
+                f"{self.path}: not a model this project can build ({exc})"
+            ) from None
         return encoder, decoder
 
     def config(self, base, heads: int | None = None, decoder_heads: int | None = None):
@@ -206,13 +234,19 @@ class L3mStart:
         from .step import PretrainModel
 
         enc = config.encoder
-        model = PretrainModel(VisionEncoder(enc),
-                              MultimodalDecoder(config.decoder, enc.hidden_size, enc.patch_size ** 2 * enc.num_channels))
+        model = PretrainModel(
+            VisionEncoder(enc),
+            MultimodalDecoder(
+                config.decoder, enc.hidden_size, enc.patch_size**2 * enc.num_channels
+            ),
+        )
         check_tensors(expected_parameters(model), self.shapes, self.path)
         if steps is not None and self.step >= steps:
-            raise ValueError(f"{self.path}: its optimizer is at step {self.step}, so the run continues from "
-                             f"there; give --steps above {self.step}, or start a new schedule from its weights "
-                             "alone (--init-weights-only)")
+            raise ValueError(
+                f"{self.path}: its optimizer is at step {self.step}, so the run continues from "
+                f"there; give --steps above {self.step}, or start a new schedule from its weights "
+                "alone (--init-weights-only)"
+            )
 
     def apply(self, model: nn.Module, optimizer) -> str:
         """Weights (and moments) into `model`/`optimizer` (initialised); returns what was taken."""
@@ -222,11 +256,15 @@ class L3mStart:
 
         def read(moment: int | None):
             if moment is None:
-                return lambda name: _load(self.tensors[name])
-            return lambda name: _load(self.moments[name][moment])
+                return lambda name: _load(self.tensors[name], self.path)
+            return lambda name: _load(self.moments[name][moment], self.path)
 
-        model.load_weights([(key, recipe.build(read(None)).astype(mx.float32))
-                            for key, recipe in self.recipes.items()])
+        model.load_weights(
+            [
+                (key, recipe.build(read(None)).astype(mx.float32))
+                for key, recipe in self.recipes.items()
+            ]
+        )
         taken = "encoder + decoder weights"
         if self.moments:
             state = []
@@ -239,13 +277,16 @@ class L3mStart:
                     value = self.recipes[param].build(read("mv".index(leaf))).astype(value.dtype)
                 state.append((key, value))
             optimizer.state = tree_unflatten(state)
-            taken += f", AdamW moments at step {self.step} (the run continues from step {self.step})"
-        elif self.why_not != "not asked for":
+            taken += (
+                f", AdamW moments at step {self.step} (the run continues from step {self.step})"
+            )
+        elif self.why_not is not None:
             taken += f" (optimizer state not taken: {self.why_not}; the run starts at step 0)"
         mx.eval(model.parameters(), optimizer.state)
         return f"started from {self.path}: {taken}"
 
 
-def _load(tensor) -> mx.array:
-    values = mx.array(tensor.numpy())
-    return values.view(mx.bfloat16) if tensor.dtype == "bfloat16" else values
+def _load(tensor, path: Path) -> mx.array:
+    from ..convert.checkpoint import TensorRef
+
+    return TensorRef(tensor.shape, tensor.dtype, path, tensor.numpy).load()

@@ -128,7 +128,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
                          f"only {', '.join(RESUMABLE)} can change")
     if init_from is not None and resume:
-        raise ValueError("--init-from starts a new run; a resumed run continues from its own checkpoint")
+        raise ValueError("--init-from starts a new run; --resume goes on from the run's checkpoint")
     start_from = init_from
     if init_from is not None and not isinstance(init_from, L3mStart):
         start_from = L3mStart(init_from, with_optimizer=not init_weights_only)
@@ -217,7 +217,8 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
 
 
 def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-         strict: bool, allow_data_change: bool, changes: dict, start_from: L3mStart | None = None) -> dict:
+         strict: bool, allow_data_change: bool, changes: dict,
+         start_from: L3mStart | None = None) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
