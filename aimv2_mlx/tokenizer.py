@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import ftfy
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 START_TOKEN = "<|startoftext|>"
@@ -176,17 +176,18 @@ class CaptionTokenizer:
         return self.tokenizer.decode(ids).strip()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """`tokenizer.json`, and beside it a `tokenizer_config.json` naming EOS and pad, so that
-        `load_tokenizer` finds the same ids again."""
-        from .shards import atomic_write, write_json
+        """A `tokenizer.json` that says what this one does: its post-processor appends EOS and its
+        padding uses the pad id, so `load_tokenizer` (and transformers'
+        `PreTrainedTokenizerFast`) find the same ids again."""
+        from .shards import atomic_write
 
         path = Path(path).expanduser()
-        atomic_write(path, lambda tmp: self.tokenizer.save(str(tmp)))
-        write_json(path.with_name(TOKENIZER_CONFIG), {
-            "eos_token": self.tokenizer.id_to_token(self.eos_id),
-            "pad_token": self.tokenizer.id_to_token(self.pad_id),
-            "model_max_length": self.context_length,
-        })
+        described = Tokenizer.from_str(self.tokenizer.to_str())
+        eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))
+        described.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", special_tokens=[(eos, self.eos_id)])
+        described.enable_padding(pad_id=self.pad_id, pad_token=pad)
+        atomic_write(path, lambda tmp: described.save(str(tmp)))
         return path
 
 

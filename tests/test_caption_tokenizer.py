@@ -244,3 +244,13 @@ def test_a_unigram_tokenizer_json_drives_aimv2_pretrain_with_its_own_ids(tmp_pat
         end = row.index(1)
         assert set(row[end + 1 :]) <= {0} and 0 not in row[:end] and 1 not in row[:end]
     assert text_count(ids, tok.ignore_ids) == sum(row.index(1) for row in ids.tolist())
+
+
+def test_a_saved_tokenizer_json_gives_transformers_the_same_ids(unigram, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(unigram, 10)
+    saved = tok.save(tmp_path / "tokenizer.json")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(saved))
+    texts = [normalize_caption(t) for t in TRICKY + CAPTIONS[:5]]
+    expected = reference(texts, max_length=10, padding="max_length", truncation=True)["input_ids"]
+    np.testing.assert_array_equal(tok.encode(texts), np.array(expected))

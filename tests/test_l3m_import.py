@@ -229,9 +229,13 @@ def test_init_from_gives_the_first_step_loss_of_a_run_whose_weights_were_set_dir
     path = write_l3m(tmp_path / "l3m.pth", donor, iteration=99)
     config = tiny(tok)
     notes = []
-    record = pretrain(source, tmp_path / "run", config, tok, init_from=path, until=1, echo=notes.append)
+    record = pretrain(
+        source, tmp_path / "run", config, tok, init_from=path, until=1, echo=notes.append
+    )
     assert record["step"] == 1
-    assert any("optimizer state not taken: the file has no optimizer state" in str(n) for n in notes)
+    assert any(
+        "optimizer state not taken: the file has no optimizer state" in str(n) for n in notes
+    )
     expected = _first_loss_set_directly(
         config, tree_unflatten(list(tree_flatten(donor.parameters()))), shapes
     )
@@ -330,3 +334,31 @@ def test_aimv2_pretrain_init_from_takes_the_files_sizes_and_refuses_size_flags(t
         "--width",
         "l3m.pth",
     )
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda state, name: state[name].update(exp_avg=torch.zeros(3)), "no AdamW moments"),
+        (lambda state, name: state[name].update(step=9), "different optimizer steps"),
+        (lambda state, name: state.pop(name), "no AdamW moments"),
+    ],
+)
+def test_an_optimizer_state_that_does_not_map_leaves_the_weights_and_step_zero(
+    tmp_path, shapes, damage, why
+):
+    source, tok = shapes
+    config = tiny(tok)
+    model = build_pretrain_model(config, cpu_backend=False)
+    optimizer = build_optimizer(config)
+    optimizer.init(model.trainable_parameters())
+    path = write_l3m(tmp_path / "l3m.pth", model, optimizer, step=4)
+    checkpoint = torch.load(path, weights_only=False)
+    damage(checkpoint["optimizer"]["state"], DEC + "trunk.blocks.0.attn.k_proj.weight")
+    torch.save(checkpoint, path)
+    notes = []
+    record = pretrain(
+        source, tmp_path / "run", config, tok, init_from=path, until=1, echo=notes.append
+    )
+    assert record["step"] == 1  # step 0 + 1: the moments were not taken
+    assert any(why in str(n) and "the run starts at step 0" in str(n) for n in notes), notes
