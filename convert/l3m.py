@@ -63,21 +63,33 @@ class Opaque:
         pass
 
 
+# A training checkpoint's other entries name a few dozen classes; a pickle naming thousands is
+# built to make the reader allocate one stand-in class each.
+_MAX_REFUSED = 1000
+
+
 class _TolerantUnpickler(_RestrictedUnpickler):
     """The restricted unpickler, with each refused global an `Opaque` class of that name."""
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.refused: list[str] = []
+        self.stand_ins: dict[str, type] = {}
+
+    @property
+    def refused(self) -> list[str]:
+        return list(self.stand_ins)
 
     def find_class(self, module: str, name: str):
         try:
             return super().find_class(module, name)
         except CheckpointError:
             refused = f"{module}.{name}"
-            if refused not in self.refused:
-                self.refused.append(refused)
-            return type(f"Opaque[{refused}]", (Opaque,), {"refused": refused})
+            if refused not in self.stand_ins:
+                if len(self.stand_ins) >= _MAX_REFUSED:
+                    raise _Refused(f"the pickle asks for more than {_MAX_REFUSED} globals "
+                                   "that are not needed to rebuild tensors") from None
+                self.stand_ins[refused] = type(f"Opaque[{refused}]", (Opaque,), {"refused": refused})
+            return self.stand_ins[refused]
 
 
 @dataclass

@@ -362,3 +362,13 @@ def test_an_optimizer_state_that_does_not_map_leaves_the_weights_and_step_zero(
     )
     assert record["step"] == 1  # step 0 + 1: the moments were not taken
     assert any(why in str(n) and "the run starts at step 0" in str(n) for n in notes), notes
+
+
+def test_a_pickle_naming_thousands_of_classes_is_refused_before_allocating_them(tmp_path):
+    import zipfile
+
+    opcodes = b"\x80\x02" + b"".join(f"cmodule{i}\nName\n0".encode() for i in range(1001)) + b"}."
+    with zipfile.ZipFile(tmp_path / "many.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", opcodes)
+    with pytest.raises(CheckpointError, match=r"many\.pth.*more than 1000 globals"):
+        open_training_checkpoint(tmp_path / "many.pth")
