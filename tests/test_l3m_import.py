@@ -372,3 +372,21 @@ def test_a_pickle_naming_thousands_of_classes_is_refused_before_allocating_them(
         archive.writestr("archive/data.pkl", opcodes)
     with pytest.raises(CheckpointError, match=r"many\.pth.*more than 1000 globals"):
         open_training_checkpoint(tmp_path / "many.pth")
+
+
+def test_an_l3m_file_is_read_and_planned_without_torch(tmp_path, shapes):
+    import subprocess
+    import sys
+
+    model = build_pretrain_model(tiny(shapes[1]), cpu_backend=False)
+    optimizer = build_optimizer(tiny(shapes[1]))
+    optimizer.init(model.trainable_parameters())
+    path = write_l3m(tmp_path / "l3m.pth", model, optimizer, step=2, cfg=TrainingState())
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "from aimv2_mlx.train.init import L3mStart\n"
+        f"start = L3mStart({str(path)!r})\n"
+        "print(start.step, len(start.recipes), start.sizes()[1].num_hidden_layers)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", str(len(dict(tree_flatten(model.parameters())))), "2"]
