@@ -96,6 +96,9 @@ def pretrain(
         start_from = _start_from(init_from, init_weights_only, given)
         if start_from is not None:
             context_length = start_from.sizes()[1].context_length
+            if tokenizer is None and not resume:
+                typer.echo(f"note: no --tokenizer: a BPE trained on these captions gives ids the "
+                           f"decoder of {init_from} never saw; pass the tokenizer.json its run used")
         source = load_captioned(data)
         config = tok = None
         if not resume:
