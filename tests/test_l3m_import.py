@@ -185,6 +185,11 @@ def test_other_entries_holding_arbitrary_classes_leave_the_model_part_loadable_w
         np.array(aimv2_mlx.load(path)(pixels)), np.array(model.encoder(pixels)), atol=1e-5
     )
     assert not marker.exists()
+    notes = []
+    pretrain(shapes[0], tmp_path / "run", tiny(shapes[1]), shapes[1], init_from=path, until=1,
+             echo=notes.append)
+    assert any("globals were refused, not run" in str(n) and "TrainingState" in str(n) for n in notes)
+    assert not marker.exists()
 
 
 def test_an_arbitrary_class_inside_the_model_part_is_refused_naming_it_with_nothing_run(

@@ -282,6 +282,9 @@ class L3mStart:
             )
         elif self.why_not is not None:
             taken += f" (optimizer state not taken: {self.why_not}; the run starts at step 0)"
+        if self.refused:
+            more = f" and {len(self.refused) - 3} more" if len(self.refused) > 3 else ""
+            taken += f"; its other entries' globals were refused, not run: {', '.join(self.refused[:3])}{more}"
         mx.eval(model.parameters(), optimizer.state)
         return f"started from {self.path}: {taken}"
 
