@@ -284,7 +284,8 @@ class L3mStart:
             taken += f" (optimizer state not taken: {self.why_not}; the run starts at step 0)"
         if self.refused:
             more = f" and {len(self.refused) - 3} more" if len(self.refused) > 3 else ""
-            taken += f"; its other entries' globals were refused, not run: {', '.join(self.refused[:3])}{more}"
+            named = ", ".join(self.refused[:3])
+            taken += f"; its other entries' globals were refused, not run: {named}{more}"
         mx.eval(model.parameters(), optimizer.state)
         return f"started from {self.path}: {taken}"
 
