@@ -1,6 +1,7 @@
 """Tokenizers, both on the `tokenizers` library: CLIP's byte-level BPE for the LiT text tower
-(`ClipTokenizer`, read from the files that ship with the checkpoint), and the caption BPE of
-pre-training (`CaptionTokenizer`, trained on the captions or loaded from a `tokenizer.json`).
+(`ClipTokenizer`, read from the files that ship with the checkpoint), and the caption tokenizer
+of pre-training (`CaptionTokenizer`: a BPE trained on the captions, or any Hugging Face
+`tokenizer.json`, with ml-l3m's caption normalisation, EOS and padding).
 
 The CLIP one is configured as CLIP's tokenizer: NFC, whitespace runs to one space, lower-case;
 CLIP's split regex; byte-level symbols; BPE with the `</w>` end-of-word suffix. A
@@ -10,15 +11,20 @@ shipped); otherwise `vocab.json` + `merges.txt` get that CLIP configuration.
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
+import string
 from pathlib import Path
 from typing import Callable, Iterable
 
+import ftfy
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import UnusableFileError
+from .errors import SettingError, UnusableFileError
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -98,52 +104,155 @@ class ClipTokenizer:
 
 
 # --- captions for pre-training ----------------------------------------------------------------
-# Like the SigLIP tokenizer of the recipe (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml):
-# lower-cased, punctuation stripped, no BOS,
-# captions truncated to the context length and padded with the EOS id, which the loss ignores
-# (so EOS is never a target).
+# As apple/ml-l3m tokenizes captions (configs/aimv2/001_aimv2_hfdata.yaml: `HFTokenizer` over
+# SigLIP's tokenizer, context 77): cleaned, lower-cased, punctuation stripped, no BOS, EOS
+# appended (a caption too long keeps its first T - 1 tokens, then EOS), padded with the pad id;
+# the loss ignores the pad id (ml-l3m's ignore_index) and EOS (SigLIP pads with EOS, so there
+# EOS is never a target). The same for every tokenizer, ours or a Hugging Face `tokenizer.json`.
 
 EOS = "<eos>"
 UNK = "<unk>"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' file naming eos_token and pad_token
+# End-of-sequence tokens of common tokenizers, tried when nothing names one (T5/SigLIP, GPT-2/CLIP,
+# ours, Llama 3, BERT).
+END_TOKENS = ("</s>", "<|endoftext|>", EOS, "<|end_of_text|>", "[SEP]")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_caption(text: str) -> str:
+    """ml-l3m's caption cleaning, then SigLIP's canonicalisation.
+
+    src/l3m/model/layers/tokenizers.py `HFTokenizer.__call__`: `basic_clean` (ftfy.fix_text,
+    html.unescape twice, strip), `whitespace_clean` (whitespace runs to one space, strip), lower;
+    then transformers' models/siglip/tokenization_siglip.py `canonicalize_text`: ASCII
+    punctuation (`string.punctuation`) removed, whitespace collapsed again, strip.
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = re.sub(r"\s+", " ", text).strip().lower()
+    return re.sub(r"\s+", " ", text.translate(_PUNCTUATION)).strip()
 
 
 class CaptionTokenizer:
-    def __init__(self, tokenizer, context_length: int = 77):
+    """Captions to (B, context_length) ids the ml-l3m way, over any `tokenizers.Tokenizer`.
+
+    `eos_id` and `pad_id` default to what `special_ids` finds in the tokenizer (pad: EOS).
+    """
+
+    def __init__(self, tokenizer, context_length: int = 77, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        if context_length < 2:
+            raise SettingError(f"context length {context_length}: a caption needs a token and EOS")
         self.tokenizer = tokenizer
         self.context_length = context_length
-        eos = tokenizer.token_to_id(EOS)
-        self.eos_id = eos if eos is not None else 0
+        found_eos, found_pad = special_ids(tokenizer)
+        tokenizer.no_padding()  # a tokenizer.json may pad or truncate on its own: we do both here
+        tokenizer.no_truncation()
+        self.eos_id = found_eos if eos_id is None else eos_id
+        if pad_id is None:
+            pad_id = self.eos_id if found_pad is None else found_pad
+        self.pad_id = pad_id
         self.vocab_size = tokenizer.get_vocab_size()
+        for name, value in (("EOS", self.eos_id), ("pad", self.pad_id)):
+            if not 0 <= value < self.vocab_size:
+                raise SettingError(f"{name} id {value} is outside the vocabulary "
+                                 f"of {self.vocab_size} tokens")
 
     @property
     def ignore_ids(self) -> tuple[int, ...]:
-        return (self.eos_id,)
+        """Targets the text loss skips: pad (ml-l3m's ignore_index) and EOS."""
+        return tuple(sorted({self.eos_id, self.pad_id}))
 
     def encode(self, captions: list[str]) -> np.ndarray:
-        """(B, context_length) int32 ids: truncated, padded with EOS."""
-        out = np.full((len(captions), self.context_length), self.eos_id, dtype=np.int32)
-        for i, encoding in enumerate(self.tokenizer.encode_batch(list(captions))):
-            ids = encoding.ids[: self.context_length]
+        """(B, context_length) int32 ids: each caption normalised, tokenized without the
+        tokenizer's own special tokens, cut to context_length - 1 ids, EOS, then pad ids."""
+        out = np.full((len(captions), self.context_length), self.pad_id, dtype=np.int32)
+        texts = [normalize_caption(caption) for caption in captions]
+        for i, encoding in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
+            ids = [*encoding.ids[: self.context_length - 1], self.eos_id]
             out[i, : len(ids)] = ids
         return out
 
     def decode(self, ids) -> str:
-        """Ids up to the first EOS back to text."""
+        """Ids up to the first EOS (or pad) back to text."""
         ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        for stop in (self.eos_id, self.pad_id):
+            if stop in ids:
+                ids = ids[: ids.index(stop)]
         return self.tokenizer.decode(ids).strip()
 
     def save(self, path: str | os.PathLike) -> Path:
+        """A `tokenizer.json` that says what this one does: its post-processor appends EOS and its
+        padding uses the pad id, so `load_tokenizer` (and transformers'
+        `PreTrainedTokenizerFast`) find the same ids again."""
+        from .shards import atomic_write
+
         path = Path(path).expanduser()
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            self.tokenizer.save(str(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a refused or interrupted save leaves nothing behind
-            raise
+        described = Tokenizer.from_str(self.tokenizer.to_str())
+        eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))
+        described.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", special_tokens=[(eos, self.eos_id)])
+        described.enable_padding(pad_id=self.pad_id, pad_token=pad)
+        atomic_write(path, lambda tmp: described.save(str(tmp)))
         return path
+
+
+def special_ids(tokenizer, config: dict | None = None) -> tuple[int, int | None]:
+    """(EOS id, pad id or None) of a tokenizer, from what its files say.
+
+    EOS: `config`'s (a transformers `tokenizer_config.json`) `eos_token`; else the special token
+    the tokenizer's post-processor appends to a single sequence (TemplateProcessing, e.g. SigLIP's
+    "$A </s>"; BERT/RoBERTa's sep); else the first of `END_TOKENS` in the vocabulary. Pad:
+    `config`'s `pad_token`, else the tokenizer's own padding, else None.
+    """
+    described = json.loads(tokenizer.to_str())
+    config = config or {}
+
+    def named(field: str) -> int | None:
+        token = config.get(field)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
+        found = tokenizer.token_to_id(str(token))
+        if found is None:
+            raise ValueError(f"{TOKENIZER_CONFIG}: its {field} {token!r} is not in the vocabulary")
+        return found
+
+    eos = named("eos_token")
+    if eos is None:
+        eos = _appended_special(described.get("post_processor"), tokenizer)
+    if eos is None:
+        known = [tokenizer.token_to_id(t) for t in END_TOKENS]
+        eos = next((i for i in known if i is not None), None)
+    if eos is None:
+        raise ValueError("no end-of-sequence token: the tokenizer names none (tokenizer_config"
+                         ".json eos_token, or a post-processor appending one) and has none of "
+                         + ", ".join(END_TOKENS))
+    pad = named("pad_token")
+    if pad is None and isinstance(described.get("padding"), dict):
+        pad = described["padding"].get("pad_id")
+    return eos, pad
+
+
+def _appended_special(processor, tokenizer) -> int | None:
+    """The id of the special token a post-processor puts after a single sequence, if any."""
+    if not isinstance(processor, dict):
+        return None
+    kind = processor.get("type")
+    if kind == "Sequence":
+        for inner in processor.get("processors", []):
+            found = _appended_special(inner, tokenizer)
+            if found is not None:
+                return found
+    if kind in ("BertProcessing", "RobertaProcessing") and isinstance(processor.get("sep"), list):
+        return tokenizer.token_to_id(processor["sep"][0])
+    if kind == "TemplateProcessing":
+        single = processor.get("single") or []
+        after = [item for item in single if isinstance(item, dict)]
+        sequence = next((i for i, item in enumerate(after) if "Sequence" in item), None)
+        for item in after[sequence + 1:] if sequence is not None else []:
+            if "SpecialToken" in item:
+                return tokenizer.token_to_id(item["SpecialToken"]["id"])
+    return None
 
 
 def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[str], int]:
@@ -176,14 +285,18 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_len
     captions, cut = bounded_captions(captions)
     if cut and report is not None:
         report(f"cut {cut} captions to {MAX_CAPTION_CHARS} characters before training the tokenizer")
-    tok.train_from_iterator(captions, trainer)
+    tok.train_from_iterator([normalize_caption(caption) for caption in captions], trainer)
     return CaptionTokenizer(tok, context_length)
 
 
 def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> CaptionTokenizer:
-    """A `tokenizer.json` (a file, or a folder holding one)."""
-    from tokenizers import Tokenizer
+    """Any Hugging Face `tokenizer.json` (a file, or a folder holding one: BPE, WordPiece, Unigram
+    such as sentencepiece conversions), its EOS and pad ids taken from it and from a
+    `tokenizer_config.json` beside it (see `special_ids`).
 
+    The caption API LiT tuning and pre-training share: `encode(captions)`, `eos_id`, `pad_id`,
+    `ignore_ids`, `vocab_size`.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -193,4 +306,15 @@ def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> Caption
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:
         raise UnusableFileError(f"{path}: not a tokenizers JSON file ({exc})") from None
-    return CaptionTokenizer(tok, context_length)
+    config_path = path.with_name(TOKENIZER_CONFIG)
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise UnusableFileError(f"{config_path}: not readable JSON ({exc})") from None
+    if config is not None and not isinstance(config, dict):
+        raise UnusableFileError(f"{config_path}: not a JSON object")
+    try:
+        eos, pad = special_ids(tok, config)
+        return CaptionTokenizer(tok, context_length, eos, pad)
+    except ValueError as exc:
+        raise UnusableFileError(f"{path}: {exc}") from None

@@ -75,6 +75,10 @@ def shape_of(value) -> tuple[int, ...]:
 
 def detect_layout(weights: Mapping) -> str:
     """Which layout a state dict is in, judged by its keys and shapes only (values or shapes)."""
+    from .l3m_keys import ML_L3M, is_l3m
+
+    if is_l3m(weights):
+        return ML_L3M
     for key, value in weights.items():
         if key.endswith("preprocessor.patchifier.proj.weight"):
             shape = shape_of(value)
@@ -127,6 +131,10 @@ class Recipe:
 def plan(weights: Mapping, layout: str | None = None) -> dict[str, Recipe]:
     """Our key -> how to make it, for a state dict (values or shapes) of any supported layout."""
     layout = layout or detect_layout(weights)
+    from .l3m_keys import ML_L3M, encoder_plan
+
+    if layout == ML_L3M:
+        return encoder_plan(weights)
     recipes: dict[str, Recipe] = {}
     qkv_parts: dict[str, dict[str, str]] = {}
     for key in weights:

@@ -32,7 +32,7 @@ def convert(
     upload_repo: str = typer.Option(None, help="Upload the result to this Hugging Face repo."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
 ) -> None:
-    """Convert a PyTorch (transformers / ml-aim / timm) or ml-aim MLX checkpoint to our layout."""
+    """Convert a PyTorch (transformers, ml-aim, timm, ml-l3m) or ml-aim MLX checkpoint to ours."""
     with one_line_errors():
         one_of("--q-bits", q_bits, (4, 8))
         one_of("--q-group-size", q_group_size, (32, 64, 128))

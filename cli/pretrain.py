@@ -13,6 +13,7 @@ from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
 from aimv2_mlx.train.config import DTYPES, PRESETS, RESUMABLE, PretrainConfig
+from aimv2_mlx.train.init import L3mStart
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
@@ -28,6 +29,9 @@ TOKENIZER_DEFAULTS = {name: parameter.default
 
 # Options that say how to run a resumed run rather than what the run is.
 WITH_RESUME = ("data", "out", "resume", "distributed", "strict", "allow_data_change")
+# Sizes an --init-from checkpoint fixes (heads are not in a checkpoint: those may be given).
+FROM_CHECKPOINT = ("preset", "image_size", "width", "depth", "decoder_width", "decoder_depth",
+                   "context_length")
 
 
 def pretrain(
@@ -71,6 +75,13 @@ def pretrain(
                                                         "(replaced ones are listed in failures.jsonl)."),
     allow_data_change: bool = typer.Option(False, "--allow-data-change",
                                            help="With --resume: continue on data other than the run's."),
+    init_from: Path = typer.Option(
+        None, "--init-from", help="Start from an apple/ml-l3m checkpoint (the consolidated "
+        "torch.save file): its sizes, encoder and decoder, and its AdamW state and step (the "
+        "run continues there) when it has them."),
+    init_weights_only: bool = typer.Option(
+        False, "--init-weights-only",
+        help="With --init-from: its weights only; the run starts at step 0."),
 ) -> None:
     """Pre-train an AIMv2 encoder + decoder on image + caption pairs."""
     with one_line_errors():
@@ -92,6 +103,12 @@ def pretrain(
         output_folder(out)
         if not resume:
             check_new_run(out)  # before reading the data or training a tokenizer
+        start_from = _start_from(init_from, init_weights_only, given)
+        if start_from is not None:
+            context_length = start_from.sizes()[1].context_length
+            if tokenizer is None and not resume:
+                typer.echo(f"note: no --tokenizer: a BPE trained on these captions gives ids the "
+                           f"decoder of {init_from} never saw; pass the tokenizer.json its run used")
         source = load_captioned(data)
         config = tok = None
         if not resume:
@@ -105,11 +122,13 @@ def pretrain(
                 pixel_weight=pixel_weight, text_weight=text_weight, dtype=dtype, compile=compile, seed=seed,
                 checkpoint_every=checkpoint_every, log_every=log_every, sample_every=sample_every,
                 checkpoint_minutes=checkpoint_minutes)
+            if start_from is not None:
+                config = start_from.config(config, heads, decoder_heads)
             config.check()
         try:
             record = run_pretraining(source, out, config, tok, resume=resume, distributed=distributed,
                                      echo=typer.echo, strict=strict, allow_data_change=allow_data_change,
-                                     changes=changes)
+                                     changes=changes, init_from=start_from)
         except TrainingInterrupted as stop:
             typer.echo(f"interrupted at step {stop.step}; continue with: "
                        f"{resume_command(data, out, strict, distributed)}", err=True)
@@ -127,6 +146,19 @@ def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
         raise SettingError(f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
                            f"with --resume only {allowed} can change")
     return {name: values[name] for name in RESUMABLE if name in given}
+
+
+def _start_from(init_from: Path | None, weights_only: bool, given: set[str]) -> L3mStart | None:
+    """The --init-from checkpoint, opened (names and shapes only); size flags are refused."""
+    if init_from is None:
+        if weights_only:
+            raise SettingError("--init-weights-only applies only with --init-from")
+        return None
+    fixed = sorted(given & set(FROM_CHECKPOINT))
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        raise SettingError(f"{flags}: with --init-from the sizes are those of {init_from}")
+    return L3mStart(init_from, with_optimizer=not weights_only)
 
 
 def resume_command(data: Path, out: Path, strict: bool, distributed: bool) -> str:

@@ -20,8 +20,8 @@ import numpy as np
 
 from aimv2_mlx.weights import CheckpointError
 
+from .l3m import is_dcp_folder, open_training_checkpoint, refuse_dcp_folder
 from .safetensors_io import read_header, read_tensor
-from .torch_pickle import open_torch_checkpoint
 
 INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
@@ -54,6 +54,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path.parent, path, _open_file(path))
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
+    if is_dcp_folder(path):
+        refuse_dcp_folder(path)
     index = path / INDEX
     if index.exists():
         return Checkpoint(path, index, _open_index(index))
@@ -91,7 +93,9 @@ def _open_safetensors(path: Path) -> dict[str, TensorRef]:
 
 
 def _open_pickle(path: Path) -> dict[str, TensorRef]:
-    return {key: TensorRef(t.shape, t.dtype, path, t.numpy) for key, t in open_torch_checkpoint(path).items()}
+    """The state dict's tensors (a training file's `"model"` part; its other entries unused)."""
+    model = open_training_checkpoint(path).model
+    return {key: TensorRef(t.shape, t.dtype, path, t.numpy) for key, t in model.items()}
 
 
 def _open_index(index: Path) -> dict[str, TensorRef]:

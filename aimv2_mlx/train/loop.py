@@ -37,7 +37,7 @@ from . import logs
 from .batches import BatchPlan
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .config import RESUMABLE, PretrainConfig
-from .init import init_pretraining
+from .init import L3mStart, init_pretraining
 from .optimizer import build_optimizer, schedule
 from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
@@ -107,7 +107,8 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
 
 def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
              resume: bool = False, until: int | None = None, distributed: bool = False, echo=print,
-             strict: bool = False, allow_data_change: bool = False, changes: dict | None = None) -> dict:
+             strict: bool = False, allow_data_change: bool = False, changes: dict | None = None,
+             init_from=None, init_weights_only: bool = False) -> dict:
     """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
     like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
     `until` stops early (after writing a checkpoint) without changing the schedule. Unreadable
@@ -115,7 +116,9 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     other than the run's (size or sample list) is refused unless `allow_data_change`. `changes`
     (with `resume`): new values of the `RESUMABLE` settings; a new `steps` lengthens or shortens
     the run, and the cosine decay is recomputed to end at the new last step. SIGINT/SIGTERM raise
-    `TrainingInterrupted` after saving a checkpoint at the step just finished."""
+    `TrainingInterrupted` after saving a checkpoint at the step just finished. `init_from`: an
+    ml-l3m checkpoint (a path or an `L3mStart`) a new run starts from: its weights, and its AdamW
+    state and step unless `init_weights_only`."""
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
@@ -127,8 +130,13 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
                            f"only {', '.join(RESUMABLE)} can change")
     if config is not None and not resume:
         config.check()  # before the run folder (and its lock) exists
+    if init_from is not None and resume:
+        raise SettingError("--init-from starts a new run; --resume goes on from the run's checkpoint")
+    start_from = init_from
+    if init_from is not None and not isinstance(init_from, L3mStart):
+        start_from = L3mStart(init_from, with_optimizer=not init_weights_only)
     return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                  changes or {})
+                  changes or {}, start_from)
 
 
 def check_new_run(out: Path) -> None:
@@ -151,7 +159,8 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
 
 
 def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-           strict: bool = False, allow_data_change: bool = False, changes: dict | None = None) -> dict:
+           strict: bool = False, allow_data_change: bool = False, changes: dict | None = None,
+           start_from: L3mStart | None = None) -> dict:
     """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
@@ -159,7 +168,7 @@ def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, w
         check_new_run(out)
     with locked(out) if rank == 0 else contextlib.nullcontext():
         return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                    changes or {})
+                    changes or {}, start_from)
 
 
 def data_identity(source) -> dict:
@@ -211,7 +220,8 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
 
 
 def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-         strict: bool, allow_data_change: bool, changes: dict) -> dict:
+         strict: bool, allow_data_change: bool, changes: dict,
+         start_from: L3mStart | None = None) -> dict:
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
@@ -221,6 +231,8 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
         raise SettingError("a new run needs a config and a tokenizer")
     if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
         raise SettingError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+    if start_from is not None:
+        start_from.check(config, config.steps)
     if not resume and rank == 0:
         check_new_run(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -241,6 +253,10 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
         echo(f"resumed {checkpoint} at step {start}")
+    if start_from is not None:
+        echo(start_from.apply(model, optimizer))
+        start = start_from.step
+        model.encoder.model_config.source["init_from"] = str(start_from.path)
     if resume:
         config = _changed(recorded, changes, start, echo)
         if rank == 0 and config != recorded:
