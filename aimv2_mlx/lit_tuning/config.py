@@ -49,14 +49,19 @@ class LitConfig:
     log_every: int = 10
 
     @classmethod
-    def for_encoder(cls, encoder: str, vision: EncoderConfig, depth: int | None = None, **overrides) -> "LitConfig":
-        """The default text tower for `vision`: its width, heads and MLP, half its depth."""
-        text = TextConfig(hidden_size=vision.hidden_size,
+    def for_encoder(cls, encoder: str, vision: EncoderConfig, width: int | None = None, depth: int | None = None,
+                    heads: int | None = None, projection_dim: int | None = None, context_length: int = 77,
+                    vocab_size: int = 1024, **overrides) -> "LitConfig":
+        """A run for `vision`: the text tower has its width, heads and MLP and half its depth unless
+        given (a new width gets the 8/3 SwiGLU ratio rounded up to 64); the warmup, unless given,
+        is 100 steps or a tenth of the run, whichever is shorter."""
+        hidden = vision.intermediate_size if width is None else (int(2 * 4 * width / 3) + 63) // 64 * 64
+        text = TextConfig(vocab_size=vocab_size, hidden_size=width or vision.hidden_size,
                           num_hidden_layers=depth or max(1, vision.num_hidden_layers // 2),
-                          num_attention_heads=vision.num_attention_heads,
-                          intermediate_size=vision.intermediate_size)
-        values = {"projection_dim": vision.hidden_size, **overrides}
-        return cls(encoder=encoder, text=text, **values)
+                          num_attention_heads=heads or vision.num_attention_heads, intermediate_size=hidden,
+                          max_position_embeddings=context_length)
+        overrides.setdefault("warmup_steps", min(100, overrides.get("steps", cls.steps) // 10))
+        return cls(encoder=encoder, text=text, projection_dim=projection_dim or text.hidden_size, **overrides)
 
     def to_dict(self) -> dict:
         return {"kind": KIND, **dataclasses.asdict(self)}
