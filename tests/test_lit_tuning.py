@@ -210,3 +210,34 @@ def test_two_ranks_see_what_one_process_with_twice_the_batch_sees():
     two = np.concatenate([pair_indices(3, 50, 7, 4, world=2, rank=r) for r in (0, 1)])
     np.testing.assert_array_equal(one, two)
     assert len(set(pair_indices(3, 50, 0, 50).tolist())) == 50  # an epoch is a permutation
+
+
+def test_two_launched_ranks_train_as_one_process_with_twice_the_batch(straight, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    if not launcher.exists() and shutil.which("mlx.launch") is None:
+        pytest.skip("mlx.launch is not installed")
+    data, _, _ = straight
+    worker = str(Path(__file__).with_name("lit_distributed_worker.py"))
+    launch = [str(launcher if launcher.exists() else shutil.which("mlx.launch")), "-n", "2", "--backend", "ring",
+              "--python", sys.executable, worker]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run(launch + [str(data), str(tmp_path / "two"), "4", "4"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, worker, str(data), str(tmp_path / "one"), "8", "4"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("two", "one")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logs):
+        for key in ("loss", "grad_norm", "logit_scale"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    w_two, w_one = trained(tmp_path / "two"), trained(tmp_path / "one")
+    assert w_two.keys() == w_one.keys()
+    for key in w_one:
+        np.testing.assert_allclose(w_two[key], w_one[key], rtol=1e-4, atol=1e-6, err_msg=key)
