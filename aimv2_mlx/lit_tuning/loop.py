@@ -40,7 +40,7 @@ from ..train.summary import eta
 from .clip_bpe import train_clip_tokenizer
 from .config import RESUMABLE, LitConfig
 from .features import cache_features
-from .step import LitStep
+from .step import LitStep, trim_padding
 from .towers import build_lit, locked_weights, text_config, trained_weights
 
 CHECKPOINT_FILES = ("lit.safetensors", "optimizer.safetensors")
@@ -159,7 +159,7 @@ class _Run:
         if rank == 0 and resume and start >= config.steps:
             self.echo(f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to extend it")
         input_ids = tok(features.captions, config.text.max_position_embeddings)
-        return self._train(config, model, optimizer, features, input_ids, start, end, identity)
+        return self._train(config, model, optimizer, features, input_ids, tok.end_id, start, end, identity)
 
     def _new_run(self, config: LitConfig, tokenizer, encoder) -> ClipTokenizer:
         """Fill in what the encoder and tokenizer decide, and write config.json and tokenizer/."""
@@ -200,8 +200,8 @@ class _Run:
         self.echo(f"resumed {checkpoint} at step {step}")
         return step
 
-    def _train(self, config: LitConfig, model, optimizer, features, input_ids, start: int, end: int,
-               identity: dict) -> dict:
+    def _train(self, config: LitConfig, model, optimizer, features, input_ids, end_id: int, start: int,
+               end: int, identity: dict) -> dict:
         out, rank, world = self.out, self.rank, self.world
         step_fn = LitStep(model, optimizer, config, self.group if world > 1 else None)
         all_sum = (lambda x: mx.distributed.all_sum(x, group=self.group)) if world > 1 else None
@@ -213,7 +213,7 @@ class _Run:
             for step in range(start, end):
                 began = time.perf_counter()
                 rows = pair_indices(config.seed, n, step, config.batch_size, world, rank)
-                stats = step_fn(features.tokens[rows], input_ids[rows])
+                stats = step_fn(features.tokens[rows], trim_padding(input_ids[rows], end_id))
                 done = step + 1
                 record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
                           "pairs_per_s": global_batch / (time.perf_counter() - began),
