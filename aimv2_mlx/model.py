@@ -277,8 +277,8 @@ def _training_summary(source: dict) -> str | None:
         zero_shot = lit.get("zero_shot_scores")
         if zero_shot:
             text += f"; zero-shot ({zero_shot['what']}): " + ", ".join(
-                f"{a} {zero_shot[a]['zero_shot']:.1f} (linear probe {zero_shot[a]['linear_probe']:.1f})"
-                for a in ("color", "shape") if a in zero_shot)
+                f"{a} {zero_shot[a]['zero_shot']:.1f} ({zero_shot[a].get('prompts', 'default')} prompts; "
+                f"linear probe {zero_shot[a]['linear_probe']:.1f})" for a in ("color", "shape") if a in zero_shot)
         retrieval = lit.get("retrieval")
         if retrieval:
             text += (f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "

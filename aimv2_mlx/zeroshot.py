@@ -30,6 +30,10 @@ DEFAULT_TEMPLATES = (
     "a {} in a video game.",
 )
 TEXT_BATCH = 64
+# A LiT folder may carry the prompts its text tower suits (one template a line, `{}` for the
+# label); they replace CLIP's when no templates are given (the bundled toy's captions are not
+# photos: "a large {}" suits it, "a photo of a {}." does not).
+TEMPLATES_FILE = "templates.txt"
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -43,7 +47,7 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 class ZeroShotClassifier:
     """A LiT model with its class embeddings computed once; call it on images for probabilities."""
 
-    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] | None = None,
                  tokenizer: ClipTokenizer | None = None):
         config = model.model_config
         if not config.is_lit:
@@ -51,7 +55,7 @@ class ZeroShotClassifier:
                              "apple/aimv2-large-patch14-224-lit")
         self.model = model
         self.labels = _check_labels(labels)
-        self.templates = _check_templates(templates)
+        self.templates = _check_templates(model_templates(model) if templates is None else templates)
         self.tokenizer = tokenizer or _folder_tokenizer(model)
         self.class_embeddings = self._embed_classes()
 
@@ -89,9 +93,10 @@ class ZeroShotClassifier:
 
 
 def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[str],
-              templates: Sequence[str] = DEFAULT_TEMPLATES, tokenizer: ClipTokenizer | None = None,
+              templates: Sequence[str] | None = None, tokenizer: ClipTokenizer | None = None,
               batch_size: int = 8) -> np.ndarray:
-    """float32 (N, C) probabilities of each label for each image; the tokenizer defaults to the model's."""
+    """float32 (N, C) probabilities of each label for each image; the templates default to the
+    model folder's `templates.txt` or CLIP's, the tokenizer to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)
 
 
@@ -105,6 +110,14 @@ def _pixel_batches(images: list, model, batch_size: int):
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
+
+
+def model_templates(model) -> list[str]:
+    """The model folder's `templates.txt` when it has one, else CLIP's `DEFAULT_TEMPLATES`."""
+    location = getattr(model, "location", None)
+    if location is not None and (location.folder / TEMPLATES_FILE).is_file():
+        return read_lines(location.folder / TEMPLATES_FILE)
+    return list(DEFAULT_TEMPLATES)
 
 
 def _folder_tokenizer(model) -> ClipTokenizer:

@@ -31,7 +31,8 @@ def classify(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line."),
     templates: Path = typer.Option(None, "--templates",
                                    help="Prompt templates, one per line, '{}' where the label goes "
-                                        f"(default: {len(DEFAULT_TEMPLATES)} CLIP prompts)."),
+                                        f"(default: the model folder's templates.txt, else "
+                                        f"{len(DEFAULT_TEMPLATES)} CLIP prompts)."),
     probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
     head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
                                                    "head with the best validation accuracy)."),
@@ -107,7 +108,7 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
         raise ValueError('no class names: give --zero-shot "cat,dog,…" or --labels-file FILE')
     if not labels:
         raise ValueError(f"{labels_file or '--zero-shot'}: no class names in it")
-    prompts = read_lines(templates) if templates is not None else DEFAULT_TEMPLATES
+    prompts = read_lines(templates) if templates is not None else None  # the model's own, or CLIP's
     try:
         lit = load(model or DEFAULT_LIT)
     except ModelNotFoundError as exc:

@@ -24,6 +24,7 @@ from pathlib import Path
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 from aimv2_mlx.lit_tuning import export_lit
 from aimv2_mlx.model import BUNDLED_DIR
+from aimv2_mlx.zeroshot import TEMPLATES_FILE
 from aimv2_mlx.train.export import export_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,10 @@ def add_text_tower(args) -> None:
     tmp = BUNDLED_DIR.with_name(BUNDLED_DIR.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     export_lit(args.work / "lit" / "run", tmp, name=NAME)
+    # `classify --zero-shot` prompts: of the label-agnostic sets, the best on validation images
+    generic = max(results["generic_prompts"],
+                  key=lambda n: sum(scores[a]["by_prompts"][n]["val"] for a in ("color", "shape")))
+    (tmp / TEMPLATES_FILE).write_text("".join(t + "\n" for t in results["generic_prompts"][generic]))
     config = json.loads((tmp / "config.json").read_text())
     lit = config["source"]
     del lit["encoder"]  # a path on the machine that trained it: meaningless to users

@@ -15,7 +15,6 @@ import pytest
 
 import aimv2_mlx
 from aimv2_mlx.config import TextConfig
-from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import make_sample, write_shapes
 from aimv2_mlx.lit_tuning import LitConfig, export_lit, lit_tune
 from aimv2_mlx.lit_tuning.clip_bpe import train_clip_tokenizer
@@ -34,11 +33,24 @@ COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
 
 def tiny(**overrides) -> LitConfig:
-    values = dict(encoder="bundled", text=TextConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=64,
-                                                     max_position_embeddings=16),
-                  projection_dim=32, batch_size=8, steps=STEPS, warmup_steps=2, log_every=1,
-                  checkpoint_every=1000, compile=False)
+    values = dict(
+        encoder="bundled",
+        text=TextConfig(
+            vocab_size=600,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        ),
+        projection_dim=32,
+        batch_size=8,
+        steps=STEPS,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=1000,
+        compile=False,
+    )
     return LitConfig(**{**values, **overrides})
 
 
@@ -50,7 +62,12 @@ def trained(run: Path) -> dict[str, np.ndarray]:
     folder = sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
     out = {}
     for name in ("lit", "optimizer"):
-        out.update({f"{name}.{k}": np.array(v) for k, v in mx.load(str(folder / f"{name}.safetensors")).items()})
+        out.update(
+            {
+                f"{name}.{k}": np.array(v)
+                for k, v in mx.load(str(folder / f"{name}.safetensors")).items()
+            }
+        )
     return out
 
 
@@ -63,37 +80,67 @@ def straight(tmp_path_factory):
     return data, root / "straight", record
 
 
-def test_the_loss_equals_torch_on_transformers_towers_with_the_same_weights(tmp_path, transformers_reference):
+def test_the_loss_equals_torch_on_transformers_towers_with_the_same_weights(
+    tmp_path, transformers_reference
+):
     import torch
     import torch.nn.functional as F
 
     vocab = write_vocab(tmp_path)
     torch.manual_seed(0)
     config = transformers_reference.Aimv2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=56, use_head=True),
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=len(vocab) - 1),
-        projection_dim=32)
-    reference = transformers_reference.Aimv2Model._from_config(config, attn_implementation="eager").eval()
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            eos_token_id=len(vocab) - 1,
+        ),
+        projection_dim=32,
+    )
+    reference = transformers_reference.Aimv2Model._from_config(
+        config, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         reference.logit_scale.fill_(2.0)
     reference.save_pretrained(tmp_path)
     model = aimv2_mlx.load(tmp_path)
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(6, 16, 64)).astype(np.float32)  # cached encoder tokens
-    captions = ["a photo of a cat.", "a dog", "the red car", "coffee", "a rocket launched", "an astronaut"]
+    captions = [
+        "a photo of a cat.",
+        "a dog",
+        "the red car",
+        "coffee",
+        "a rocket launched",
+        "an astronaut",
+    ]
     ids = aimv2_mlx.tokenizer.ClipTokenizer.from_folder(tmp_path)(captions, 16)
 
     with torch.no_grad():
         image = reference.visual_projection(reference.vision_model.head(torch.from_numpy(tokens)))
         ids_t = torch.from_numpy(ids.astype(np.int64))
         text = reference.text_projection(
-            reference.text_model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).pooler_output)
+            reference.text_model(
+                input_ids=ids_t, attention_mask=torch.ones_like(ids_t)
+            ).pooler_output
+        )
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         logits = reference.logit_scale.exp() * text @ image.T
         labels = torch.arange(6)
-        expected = ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).item()
+        expected = (
+            (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        ).item()
 
     lit = dataclasses.replace(tiny(), compile=True)
     optimizer = build_optimizer(lit)
@@ -131,12 +178,20 @@ def test_resume_is_exact_after_ctrl_c(straight, tmp_path):
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
 
 
-def test_the_image_encoder_is_locked_and_its_features_come_from_the_embed_pipeline(straight, tmp_path):
+def test_the_image_encoder_is_locked_and_its_features_come_from_the_embed_pipeline(
+    straight, tmp_path
+):
     data, run, _ = straight
     encoder = aimv2_mlx.load("bundled")
     checkpoint = trained(run)
-    assert not [k for k in checkpoint if k.startswith(("lit.image_encoder.trunk.", "lit.image_encoder.preprocessor."))]
-    assert any(k.startswith("lit.image_encoder.head.") for k in checkpoint)  # the pooling head is trained
+    assert not [
+        k
+        for k in checkpoint
+        if k.startswith(("lit.image_encoder.trunk.", "lit.image_encoder.preprocessor."))
+    ]
+    assert any(
+        k.startswith("lit.image_encoder.head.") for k in checkpoint
+    )  # the pooling head is trained
     model = aimv2_mlx.load(export_lit(run, tmp_path / "lit"))
     exported = locked_weights(model)
     for key, value in locked_weights(encoder).items():
@@ -149,26 +204,42 @@ def test_the_image_encoder_is_locked_and_its_features_come_from_the_embed_pipeli
         np.testing.assert_allclose(cached[rows[str(image.resolve())]], tokens, atol=1e-6)
 
 
-def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(straight, tmp_path, transformers_reference):
+def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(
+    straight, tmp_path, transformers_reference
+):
     data, run, _ = straight
     folder = export_lit(run, tmp_path / "lit")
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
+    assert {p.name for p in folder.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+    }
     model = aimv2_mlx.load(folder)
     config = model.model_config
-    assert config.is_lit and config.source["origin"] == "aimv2 lit" and config.source["step"] == STEPS
+    assert (
+        config.is_lit and config.source["origin"] == "aimv2 lit" and config.source["step"] == STEPS
+    )
     images = sorted((data / "images").glob("*.png"))[:4]
     classifier = ZeroShotClassifier(model, COLORS, ["a {}"])
     ids = classifier.tokenizer([f"a {c}" for c in COLORS], config.text.max_position_embeddings)
     hf_ids = transformers_reference.CLIPTokenizerFast.from_pretrained(folder)(
-        [f"a {c}" for c in COLORS], padding="max_length", max_length=config.text.max_position_embeddings)
-    np.testing.assert_array_equal(ids[ids != 0], np.array(hf_ids["input_ids"])[ids != 0])  # same BPE files
+        [f"a {c}" for c in COLORS],
+        padding="max_length",
+        max_length=config.text.max_position_embeddings,
+    )
+    np.testing.assert_array_equal(
+        ids[ids != 0], np.array(hf_ids["input_ids"])[ids != 0]
+    )  # same BPE files
     pixels = aimv2_mlx.preprocess(images, model)
     image = model.encode_image(pixels)
     text = model.encode_text(mx.array(ids))
     image, text = (np.array(x / mx.linalg.norm(x, axis=-1, keepdims=True)) for x in (image, text))
     logits = model.logit_scale().item() * image @ text.T
     expected = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(classifier(images), expected / expected.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(
+        classifier(images), expected / expected.sum(1, keepdims=True), atol=1e-5
+    )
     result = run_cli("classify", *images, "-m", folder, "--zero-shot", ",".join(COLORS), "--json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["results"]) == len(images)
@@ -180,7 +251,11 @@ def test_the_cli_exports_a_lit_run_and_refuses_a_second_run_in_its_folder(straig
     assert result.exit_code == 0, result.output
     assert aimv2_mlx.load(tmp_path / "lit").model_config.is_lit
     one_line_error(run_cli("lit", data, "-o", run, "--steps", "2"), str(run), "--resume")
-    one_line_error(run_cli("lit", data, "-o", run, "--resume", "--batch-size", "4"), "--batch-size", "config.json")
+    one_line_error(
+        run_cli("lit", data, "-o", run, "--resume", "--batch-size", "4"),
+        "--batch-size",
+        "config.json",
+    )
 
 
 def test_resuming_with_another_encoder_is_refused(straight, tmp_path):
@@ -197,12 +272,19 @@ def test_the_learned_clip_bpe_tokenizes_as_openai_clip_does(tmp_path):
     captions = [make_sample(0, i, 28)[1] for i in range(200)]
     tokenizer = train_clip_tokenizer(captions, tmp_path, vocab_size=560)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
-    assert len(vocab) <= 560 and tokenizer.end_id == len(vocab) - 1 and tokenizer.start_id == len(vocab) - 2
-    for text in [captions[0], captions[7], "A LARGE Red circle, above: 3 squares!", "zebra émigré"]:
+    assert (
+        len(vocab) <= 560
+        and tokenizer.end_id == len(vocab) - 1
+        and tokenizer.start_id == len(vocab) - 2
+    )
+    tricky = ["A LARGE Red circle, above: 3 squares!", "zebra émigré"]
+    for text in [captions[0], captions[7], *tricky]:
         ids = tokenizer([text], 40)[0]
-        body = ids[1:int((ids == tokenizer.end_id).argmax())]
+        body = ids[1 : int((ids == tokenizer.end_id).argmax())]
         assert body.tolist() == reference_ids(text, tmp_path), text
-    assert len(tokenizer.encode(captions[0])) < len(captions[0].replace(" ", ""))  # merges were learned
+    assert len(tokenizer.encode(captions[0])) < len(
+        captions[0].replace(" ", "")
+    )  # merges were learned
 
 
 def test_two_ranks_see_what_one_process_with_twice_the_batch_sees():
@@ -222,17 +304,37 @@ def test_two_launched_ranks_train_as_one_process_with_twice_the_batch(straight, 
         pytest.skip("mlx.launch is not installed")
     data, _, _ = straight
     worker = str(Path(__file__).with_name("lit_distributed_worker.py"))
-    launch = [str(launcher if launcher.exists() else shutil.which("mlx.launch")), "-n", "2", "--backend", "ring",
-              "--python", sys.executable, worker]
+    launch = [
+        str(launcher if launcher.exists() else shutil.which("mlx.launch")),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--python",
+        sys.executable,
+        worker,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run(launch + [str(data), str(tmp_path / "two"), "4", "4"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    two = subprocess.run(
+        launch + [str(data), str(tmp_path / "two"), "4", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
-    one = subprocess.run([sys.executable, worker, str(data), str(tmp_path / "one"), "8", "4"], capture_output=True,
-                         text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, worker, str(data), str(tmp_path / "one"), "8", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr
-    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("two", "one")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("two", "one")
+    ]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     for a, b in zip(*logs):
         for key in ("loss", "grad_norm", "logit_scale"):
@@ -241,3 +343,36 @@ def test_two_launched_ranks_train_as_one_process_with_twice_the_batch(straight, 
     assert w_two.keys() == w_one.keys()
     for key in w_one:
         np.testing.assert_allclose(w_two[key], w_one[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_the_bundled_model_classifies_colours_zero_shot_offline_without_a_model(tmp_path):
+    import subprocess
+    import sys
+
+    from aimv2_mlx.data.shapes import read_labels
+
+    data = write_shapes(tmp_path / "shapes", 30, size=56, seed=11)  # images no tower has seen
+    paths, labels = read_labels(data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", "classify", str(data / "images"), "--zero-shot",
+         ",".join(COLORS), "--json", "--top-k", "1"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "bundled" in result.stderr  # the one-line notice of the offline fallback
+    top = {Path(r["image"]).name: r["top"][0]["label"] for r in json.loads(result.stdout)["results"]}
+    truth = {Path(p).name: COLORS[i] for p, i in zip(paths, labels["color"])}
+    accuracy = np.mean([top[name] == truth[name] for name in truth])
+    assert accuracy >= 0.6, accuracy  # chance is 1/6
+
+
+def test_aimv2_info_shows_the_bundled_text_towers_data_steps_and_scores():
+    folder = Path(aimv2_mlx.model.BUNDLED_DIR)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 20e6
+    lit = json.loads((folder / "config.json").read_text())["source"]["lit"]
+    result = run_cli("info", "bundled")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "LiT (image + text)" in text and f"LiT-tuned {lit['step']} steps" in text
+    assert f"color {lit['zero_shot_scores']['color']['zero_shot']:.1f}" in text
+    assert "recall@5" in text

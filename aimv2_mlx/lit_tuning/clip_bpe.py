@@ -23,7 +23,11 @@ BASE = 2 * 256 + 2  # byte symbols, with and without </w>, and the two special t
 
 def byte_symbols() -> list[str]:
     """GPT-2/CLIP's printable stand-in for each byte value, in CLIP's vocabulary order."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    visible = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = dict(zip(visible, visible)), 0
     for byte in range(256):
         if byte not in chars:
@@ -31,21 +35,37 @@ def byte_symbols() -> list[str]:
     return [chr(chars[byte]) for byte in visible + [b for b in range(256) if b not in visible]]
 
 
-def train_clip_tokenizer(captions: Iterable[str], folder: str | os.PathLike, vocab_size: int = 1024,
-                         min_frequency: int = 2) -> ClipTokenizer:
+def train_clip_tokenizer(
+    captions: Iterable[str],
+    folder: str | os.PathLike,
+    vocab_size: int = 1024,
+    min_frequency: int = 2,
+) -> ClipTokenizer:
     """Learn up to `vocab_size - 514` merges on `captions`, write `vocab.json` + `merges.txt`
     into `folder`, and return the tokenizer read back from them."""
     if vocab_size < BASE:
-        raise ValueError(f"--vocab-size {vocab_size}: a CLIP vocabulary holds at least {BASE} tokens "
-                         "(256 bytes, each with and without </w>, start and end)")
+        raise ValueError(
+            f"--vocab-size {vocab_size}: a CLIP vocabulary holds at least {BASE} tokens "
+            "(256 bytes, each with and without </w>, start and end)"
+        )
     captions, _ = bounded_captions(captions)
     symbols = byte_symbols()
-    backend = clip_pipeline(Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="")))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, min_frequency=min_frequency, show_progress=False,
-                                  initial_alphabet=symbols, end_of_word_suffix="</w>", special_tokens=[])
+    backend = clip_pipeline(
+        Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 2,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=symbols,
+        end_of_word_suffix="</w>",
+        special_tokens=[],
+    )
     backend.train_from_iterator(captions, trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(backend.to_str())["model"]["merges"]][: vocab_size - BASE]
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        for m in json.loads(backend.to_str())["model"]["merges"]
+    ][: vocab_size - BASE]
     vocab = symbols + [s + "</w>" for s in symbols]
     known = set(vocab)
     for left, right in merges:
@@ -55,8 +75,10 @@ def train_clip_tokenizer(captions: Iterable[str], folder: str | os.PathLike, voc
     vocab += [START_TOKEN, END_TOKEN]
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
+    (folder / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    )
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     return ClipTokenizer.from_folder(folder)
-

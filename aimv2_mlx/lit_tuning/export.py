@@ -1,4 +1,4 @@
-"""A LiT run → a LiT model folder used exactly like a converted Apple `aimv2-large-patch14-224-lit`:
+"""A LiT run → a LiT model folder used exactly like a converted `aimv2-large-patch14-224-lit`:
 `config.json` (aimv2-mlx format, with its `text` section), `model.safetensors` and the CLIP
 tokenizer files beside them, which `load()`, `ZeroShotClassifier` and search read."""
 
@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-from mlx.utils import tree_flatten
 
 from ..model import load, save
 from ..train.checkpoint import resume_point
@@ -28,8 +26,12 @@ def is_lit_run(path: str | os.PathLike) -> bool:
         return False
 
 
-def export_lit(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None,
-               extra: dict | None = None) -> Path:
+def export_lit(
+    run_or_checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write the LiT model of a run's latest complete checkpoint (or of the checkpoint given) into
     `out`, atomically. The config's `source` records the encoder, data, step and pairs seen;
     `extra` (e.g. zero-shot scores) is added to it."""
@@ -38,7 +40,9 @@ def export_lit(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, nam
         checkpoint, run = path, path.parent.parent
     else:
         run = path
-        checkpoint = resume_point(run, CHECKPOINT_FILES)[0] if (run / "checkpoints").is_dir() else None
+        checkpoint = (
+            resume_point(run, CHECKPOINT_FILES)[0] if (run / "checkpoints").is_dir() else None
+        )
         if checkpoint is None:
             raise FileNotFoundError(f"{run}: a LiT run with no checkpoint yet")
     out = Path(out).expanduser()
@@ -48,14 +52,25 @@ def export_lit(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, nam
     state = json.loads((checkpoint / "state.json").read_text())
     encoder = load(config.encoder)
     check_encoder(config, encoder)
-    model = build_lit(config, locked_weights(encoder), encoder.model_config.preprocess,
-                      name=name or f"{encoder.model_config.name}-lit", cpu_backend=False)
+    model = build_lit(
+        config,
+        locked_weights(encoder),
+        encoder.model_config.preprocess,
+        name=name or f"{encoder.model_config.name}-lit",
+        cpu_backend=False,
+    )
     model.load_weights(str(checkpoint / "lit.safetensors"), strict=False)
     model.model_config.source = {
-        "origin": "aimv2 lit", "encoder": config.encoder, "encoder_identity": config.encoder_identity,
-        "data": state.get("data", {}).get("origin"), "step": state["step"], "samples_seen": state.get("samples_seen"),
-        "loss": config.loss, "trained": "text tower, attention-pool head, projections, logit scale",
-        **(extra or {})}
+        "origin": "aimv2 lit",
+        "encoder": config.encoder,
+        "encoder_identity": config.encoder_identity,
+        "data": state.get("data", {}).get("origin"),
+        "step": state["step"],
+        "samples_seen": state.get("samples_seen"),
+        "loss": config.loss,
+        "trained": "text tower, attention-pool head, projections, logit scale",
+        **(extra or {}),
+    }
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save(model, tmp)
@@ -65,6 +80,3 @@ def export_lit(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, nam
     os.replace(tmp, out)
     return out
 
-
-def trained_parameter_count(model) -> int:
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

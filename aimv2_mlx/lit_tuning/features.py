@@ -39,7 +39,9 @@ def embed_inputs(source: CaptionedImages, run: Path) -> tuple[list[Path], list[s
         paths = [str(Path(sample.path).resolve()) for sample in source.samples]
         bad = next((p for p in paths if "\n" in p or "\r" in p), None)
         if bad is not None:
-            raise ValueError(f"{bad!r}: an image path with a line break cannot be listed for the encoder")
+            raise ValueError(
+                f"{bad!r}: an image path with a line break cannot be listed for the encoder"
+            )
         text = "".join(f"{path}\n" for path in dict.fromkeys(paths))
         atomic_write(run / IMAGE_LIST, lambda tmp: tmp.write_text(text, errors="surrogateescape"))
         return [run / IMAGE_LIST], paths
@@ -49,17 +51,35 @@ def embed_inputs(source: CaptionedImages, run: Path) -> tuple[list[Path], list[s
     return tars, keys
 
 
-def cache_features(source: CaptionedImages, run: Path, encoder, dtype: str = "float32", batch_size: int = 32,
-                   progress=None) -> Features:
+def cache_features(
+    source: CaptionedImages,
+    run: Path,
+    encoder,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    progress=None,
+) -> Features:
     """Embed (or reuse) every image's tokens into RUN/features and align them with the captions."""
     inputs, keys = embed_inputs(source, run)
-    embed_folder(inputs, run / FEATURES, encoder, pool="tokens", dtype=dtype, batch_size=batch_size,
-                 progress=progress)
+    embed_folder(
+        inputs,
+        run / FEATURES,
+        encoder,
+        pool="tokens",
+        dtype=dtype,
+        batch_size=batch_size,
+        progress=progress,
+    )
     vectors, table = read_embeddings(run / FEATURES)
     row = {key: i for i, key in enumerate(table.column("path").to_pylist())}
     usable = [i for i, key in enumerate(keys) if key in row]
     if len(usable) < 2:
-        raise ValueError(f"{source.origin}: fewer than two images could be decoded "
-                         f"(see {run / FEATURES / 'failures.jsonl'})")
-    return Features(vectors[[row[keys[i]] for i in usable]], [source.samples[i].caption for i in usable],
-                    len(keys) - len(usable))
+        raise ValueError(
+            f"{source.origin}: fewer than two images could be decoded "
+            f"(see {run / FEATURES / 'failures.jsonl'})"
+        )
+    return Features(
+        vectors[[row[keys[i]] for i in usable]],
+        [source.samples[i].caption for i in usable],
+        len(keys) - len(usable),
+    )

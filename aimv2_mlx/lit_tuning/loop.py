@@ -33,8 +33,15 @@ from ..model import load, parameter_count
 from ..tokenizer import ClipTokenizer
 from ..train import logs
 from ..train.checkpoint import resume_point, write_checkpoint
-from ..train.loop import (TrainingInterrupted, _changed, _check_data, _stop_now, caught_signals, check_new_run,
-                          data_identity)
+from ..train.loop import (
+    TrainingInterrupted,
+    _changed,
+    _check_data,
+    _stop_now,
+    caught_signals,
+    check_new_run,
+    data_identity,
+)
 from ..train.optimizer import build_optimizer
 from ..train.summary import eta
 from .clip_bpe import train_clip_tokenizer
@@ -49,9 +56,18 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 LOSS_LABELS = {"loss": "contrastive loss (CLIP softmax, mean of both directions)"}
 
 
-def lit_tune(data, out, config: LitConfig | None = None, tokenizer: str | os.PathLike | None = None,
-             resume: bool = False, until: int | None = None, distributed: bool = False, echo=print,
-             allow_data_change: bool = False, changes: dict | None = None) -> dict:
+def lit_tune(
+    data,
+    out,
+    config: LitConfig | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    resume: bool = False,
+    until: int | None = None,
+    distributed: bool = False,
+    echo=print,
+    allow_data_change: bool = False,
+    changes: dict | None = None,
+) -> dict:
     """LiT-tune (or resume) the run in `out` on `data` (a captioned folder, list or tars, or a
     `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
 
@@ -67,8 +83,10 @@ def lit_tune(data, out, config: LitConfig | None = None, tokenizer: str | os.Pat
         raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
-        raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-                         f"only {', '.join(RESUMABLE)} can change")
+        raise ValueError(
+            f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+            f"only {', '.join(RESUMABLE)} can change"
+        )
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
     if not resume and config is None:
@@ -76,7 +94,9 @@ def lit_tune(data, out, config: LitConfig | None = None, tokenizer: str | os.Pat
     if rank == 0 and not resume:
         check_new_run(out)
     with locked(out) if rank == 0 else contextlib.nullcontext():
-        return _Run(data, out, group, echo).go(config, tokenizer, resume, until, allow_data_change, changes or {})
+        return _Run(data, out, group, echo).go(
+            config, tokenizer, resume, until, allow_data_change, changes or {}
+        )
 
 
 def read_config(run: Path) -> LitConfig:
@@ -90,12 +110,19 @@ def read_config(run: Path) -> LitConfig:
 def check_encoder(config: LitConfig, encoder) -> None:
     """The encoder loaded for a run must be the one it locked (name and weights fingerprint)."""
     found, recorded = model_identity(encoder), config.encoder_identity
-    if (found["name"], found["weights_sha256"]) != (recorded.get("name"), recorded.get("weights_sha256")):
-        raise ValueError(f"{config.encoder}: not the encoder this run locked ({recorded.get('name')}, weights "
-                         f"{recorded.get('weights_sha256')}; found {found['name']}, {found['weights_sha256']})")
+    if (found["name"], found["weights_sha256"]) != (
+        recorded.get("name"),
+        recorded.get("weights_sha256"),
+    ):
+        raise ValueError(
+            f"{config.encoder}: not the encoder this run locked ({recorded.get('name')}, weights "
+            f"{recorded.get('weights_sha256')}; found {found['name']}, {found['weights_sha256']})"
+        )
 
 
-def pair_indices(seed: int, n: int, step: int, batch: int, world: int = 1, rank: int = 0) -> np.ndarray:
+def pair_indices(
+    seed: int, n: int, step: int, batch: int, world: int = 1, rank: int = 0
+) -> np.ndarray:
     """The samples rank `rank` trains on at `step`: positions [s·G + r·B, s·G + (r+1)·B) of the
     data order, G = B·W, where position p is sample perm_e[p mod n] of epoch e = p div n and
     perm_e is drawn from (seed, e) — so one process with batch W·B sees what W ranks see."""
@@ -104,7 +131,9 @@ def pair_indices(seed: int, n: int, step: int, batch: int, world: int = 1, rank:
     out = np.empty(batch, np.int64)
     for epoch in np.unique(positions // n):
         chosen = positions // n == epoch
-        out[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(n)[positions[chosen] % n]
+        out[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(n)[
+            positions[chosen] % n
+        ]
     return out
 
 
@@ -116,7 +145,9 @@ class _Run:
         self.out, self.group, self.echo = out, group, echo
         self.rank, self.world = ranks.rank_and_size(group) if group is not None else (0, 1)
 
-    def go(self, config, tokenizer, resume: bool, until, allow_data_change: bool, changes: dict) -> dict:
+    def go(
+        self, config, tokenizer, resume: bool, until, allow_data_change: bool, changes: dict
+    ) -> dict:
         out, rank = self.out, self.rank
         recorded = read_config(out) if resume else None
         config = dataclasses.replace(recorded, **changes) if resume else dataclasses.replace(config)
@@ -133,14 +164,20 @@ class _Run:
         if rank == 0:
             with naming_full_disk(out / "data.json"):
                 (out / "data.json").write_text(json.dumps(identity, indent=2) + "\n")
-        features = cache_features(self.source, out, encoder, config.feature_dtype, config.feature_batch_size)
+        features = cache_features(
+            self.source, out, encoder, config.feature_dtype, config.feature_batch_size
+        )
         if features.failed and rank == 0:
-            self.echo(f"{features.failed} images could not be decoded and are left out "
-                      f"(listed in {out / 'features' / 'failures.jsonl'})")
+            self.echo(
+                f"{features.failed} images could not be decoded and are left out "
+                f"(listed in {out / 'features' / 'failures.jsonl'})"
+            )
         global_batch = config.batch_size * self.world
         if len(features.captions) < global_batch:
-            raise ValueError(f"{self.source.origin}: {len(features.captions)} usable pairs, fewer than one "
-                             f"contrastive batch of {global_batch}; lower --batch-size")
+            raise ValueError(
+                f"{self.source.origin}: {len(features.captions)} usable pairs, fewer than one "
+                f"contrastive batch of {global_batch}; lower --batch-size"
+            )
         model = build_lit(config, locked_weights(encoder), encoder.model_config.preprocess)
         del encoder
         optimizer = build_optimizer(config)
@@ -157,15 +194,22 @@ class _Run:
         if rank == 0 and start < end:
             self.echo(self._summary(config, model, len(features.captions), start))
         if rank == 0 and resume and start >= config.steps:
-            self.echo(f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to extend it")
+            self.echo(
+                f"{out}: the run is complete ({start} of {config.steps} steps); "
+                "pass --steps N to extend it"
+            )
         input_ids = tok(features.captions, config.text.max_position_embeddings)
-        return self._train(config, model, optimizer, features, input_ids, tok.end_id, start, end, identity)
+        return self._train(
+            config, model, optimizer, features, input_ids, tok.end_id, start, end, identity
+        )
 
     def _new_run(self, config: LitConfig, tokenizer, encoder) -> ClipTokenizer:
         """Fill in what the encoder and tokenizer decide, and write config.json and tokenizer/."""
         out = self.out
         if config.encoder != "bundled" and Path(config.encoder).expanduser().exists():
-            config.encoder = str(Path(config.encoder).expanduser().resolve())  # so export finds it from anywhere
+            config.encoder = str(
+                Path(config.encoder).expanduser().resolve()
+            )  # so export finds it from anywhere
         config.encoder_identity = model_identity(encoder)
         config.vision = encoder.model_config.vision
         if self.rank == 0:
@@ -175,7 +219,9 @@ class _Run:
                 if tokenizer is not None:
                     _copy_tokenizer(Path(tokenizer).expanduser(), out / TOKENIZER)
                 else:
-                    train_clip_tokenizer(self.source.captions(), out / TOKENIZER, config.text.vocab_size)
+                    train_clip_tokenizer(
+                        self.source.captions(), out / TOKENIZER, config.text.vocab_size
+                    )
         ranks.barrier(self.group)
         tok = ClipTokenizer.from_folder(out / TOKENIZER)
         config.text = text_config(config, tok.backend.get_vocab_size(), tok.end_id)
@@ -192,7 +238,9 @@ class _Run:
             return 0
         try:
             model.load_weights(str(checkpoint / "lit.safetensors"), strict=False)
-            optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
+            optimizer.state = tree_unflatten(
+                list(mx.load(str(checkpoint / "optimizer.safetensors")).items())
+            )
             mx.eval(model.parameters(), optimizer.state)
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"{checkpoint}: does not fit this run's model ({exc})") from None
@@ -200,8 +248,18 @@ class _Run:
         self.echo(f"resumed {checkpoint} at step {step}")
         return step
 
-    def _train(self, config: LitConfig, model, optimizer, features, input_ids, end_id: int, start: int,
-               end: int, identity: dict) -> dict:
+    def _train(
+        self,
+        config: LitConfig,
+        model,
+        optimizer,
+        features,
+        input_ids,
+        end_id: int,
+        start: int,
+        end: int,
+        identity: dict,
+    ) -> dict:
         out, rank, world = self.out, self.rank, self.world
         step_fn = LitStep(model, optimizer, config, self.group if world > 1 else None)
         all_sum = (lambda x: mx.distributed.all_sum(x, group=self.group)) if world > 1 else None
@@ -215,23 +273,42 @@ class _Run:
                 rows = pair_indices(config.seed, n, step, config.batch_size, world, rank)
                 stats = step_fn(features.tokens[rows], trim_padding(input_ids[rows], end_id))
                 done = step + 1
-                record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
-                          "pairs_per_s": global_batch / (time.perf_counter() - began),
-                          "samples_seen": done * global_batch}
+                record = {
+                    "step": done,
+                    **stats,
+                    "lr": float(optimizer.learning_rate.item()),
+                    "pairs_per_s": global_batch / (time.perf_counter() - began),
+                    "samples_seen": done * global_batch,
+                }
                 stop = _stop_now(caught, all_sum)
                 if rank == 0:
                     if done % config.log_every == 0 or done == end:
                         logs.append(out / "log.jsonl", record)
-                        self.echo(f"step {done}/{config.steps} loss {record['loss']:.4f} scale "
-                                  f"{record['logit_scale']:.1f} lr {record['lr']:.2e} "
-                                  f"{record['pairs_per_s']:.0f} pairs/s, eta "
-                                  f"{eta(time.perf_counter() - loop_started, done - start, end - done)}")
+                        self.echo(
+                            f"step {done}/{config.steps} loss {record['loss']:.4f} scale "
+                            f"{record['logit_scale']:.1f} lr {record['lr']:.2e} "
+                            f"{record['pairs_per_s']:.0f} pairs/s, eta "
+                            f"{eta(time.perf_counter() - loop_started, done - start, end - done)}"
+                        )
                     minutes = config.checkpoint_minutes
-                    if (stop or done % config.checkpoint_every == 0 or done == end
-                            or (minutes and time.perf_counter() - last_save >= 60 * minutes)):
-                        saved = save_lit_checkpoint(out, done, model, optimizer,
-                                                    {"samples_seen": done * global_batch, "seed": config.seed,
-                                                     "config": config.to_dict(), "data": identity})
+                    if (
+                        stop
+                        or done % config.checkpoint_every == 0
+                        or done == end
+                        or (minutes and time.perf_counter() - last_save >= 60 * minutes)
+                    ):
+                        saved = save_lit_checkpoint(
+                            out,
+                            done,
+                            model,
+                            optimizer,
+                            {
+                                "samples_seen": done * global_batch,
+                                "seed": config.seed,
+                                "config": config.to_dict(),
+                                "data": identity,
+                            },
+                        )
                         last_save = time.perf_counter()
                 if stop and done < end:
                     raise TrainingInterrupted(done, caught[0] if caught else signal.SIGINT, saved)
@@ -245,24 +322,31 @@ class _Run:
         trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         batch = config.batch_size * self.world
         text = config.text
-        return "\n".join([
-            f"encoder (locked): {config.encoder_identity.get('name')} from {config.encoder}; text tower "
-            f"{text.hidden_size} wide, {text.num_hidden_layers} blocks, vocabulary {text.vocab_size}: "
-            f"{trained:,} trained of {parameter_count(model):,} parameters",
-            f"data: {pairs:,} pairs; {config.steps} steps" + (f" (resuming at step {start})" if start else "")
-            + f" of batch {batch}, ~{config.steps * batch / pairs:.1f} epochs; lr {config.peak_lr:g}, "
-            f"warmup {config.warmup_steps} steps; CLIP softmax loss",
-            f"outputs in {self.out}/: log.jsonl every {config.log_every} steps, loss.png, checkpoints/ every "
-            f"{config.checkpoint_every} steps, at the end and on Ctrl-C; `aimv2 export {self.out} OUT` "
-            "writes the LiT model",
-        ])
+        return "\n".join(
+            [
+                f"encoder (locked): {config.encoder_identity.get('name')} from {config.encoder}; "
+                f"text tower {text.hidden_size} wide, {text.num_hidden_layers} blocks, vocabulary "
+                f"{text.vocab_size}: {trained:,} trained of {parameter_count(model):,} parameters",
+                f"data: {pairs:,} pairs; {config.steps} steps"
+                + (f" (resuming at step {start})" if start else "")
+                + f" of batch {batch}, ~{config.steps * batch / pairs:.1f} epochs; "
+                f"lr {config.peak_lr:g}, warmup {config.warmup_steps} steps; CLIP softmax loss",
+                f"outputs in {self.out}/: log.jsonl every {config.log_every} steps, loss.png, "
+                f"checkpoints/ every {config.checkpoint_every} steps, at the end and on Ctrl-C; "
+                f"`aimv2 export {self.out} OUT` writes the LiT model",
+            ]
+        )
 
 
 def save_lit_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
     def write(tmp: Path) -> None:
-        final = tmp.with_name(tmp.name.removesuffix(".tmp"))  # the name a full disk is reported under
-        for name, tree in (("lit.safetensors", trained_weights(model)),
-                           ("optimizer.safetensors", dict(tree_flatten(optimizer.state)))):
+        final = tmp.with_name(
+            tmp.name.removesuffix(".tmp")
+        )  # the name a full disk is reported under
+        for name, tree in (
+            ("lit.safetensors", trained_weights(model)),
+            ("optimizer.safetensors", dict(tree_flatten(optimizer.state))),
+        ):
             with naming_full_disk(final / name):
                 mx.save_safetensors(str(tmp / name), tree)
 

@@ -43,8 +43,12 @@ class LitStep:
             if others:  # this rank's block, spliced into everyone's embeddings
                 others_image, others_text = others
                 B = image.shape[0]
-                image = mx.concatenate([others_image[: rank * B], image, others_image[(rank + 1) * B:]])
-                text = mx.concatenate([others_text[: rank * B], text, others_text[(rank + 1) * B:]])
+                image = mx.concatenate(
+                    [others_image[: rank * B], image, others_image[(rank + 1) * B :]]
+                )
+                text = mx.concatenate(
+                    [others_text[: rank * B], text, others_text[(rank + 1) * B :]]
+                )
             return clip_loss(image, text, model.logit_scale())
 
         grads = mx.value_and_grad(loss)
@@ -57,7 +61,9 @@ class LitStep:
             optimizer.update(model, gradients)
             return norm
 
-        self._apply = partial(mx.compile, inputs=state, outputs=state)(apply) if config.compile else apply
+        self._apply = (
+            partial(mx.compile, inputs=state, outputs=state)(apply) if config.compile else apply
+        )
 
     def _gathered(self, tokens: mx.array, input_ids: mx.array) -> tuple[mx.array, ...]:
         """Every rank's embeddings of its block, gathered (no gradient); () on one process."""
@@ -66,7 +72,7 @@ class LitStep:
         image = self.model.encode_image_tokens(tokens.astype(mx.float32))
         text = self.model.encode_text(input_ids)
         both = mx.distributed.all_gather(mx.concatenate([image, text], axis=1), group=self.group)
-        return both[:, : image.shape[1]], both[:, image.shape[1]:]
+        return both[:, : image.shape[1]], both[:, image.shape[1] :]
 
     def __call__(self, tokens, input_ids) -> dict:
         """Train on this rank's block (tokens (B, N, D), ids (B, T)); returns the loss, the pre-clip
@@ -81,4 +87,8 @@ class LitStep:
             grads["log_logit_scale"] = grads["log_logit_scale"] / self.world
         norm = self._apply(grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm, value)
-        return {"loss": value.item(), "grad_norm": norm.item(), "logit_scale": self.model.logit_scale().item()}
+        return {
+            "loss": value.item(),
+            "grad_norm": norm.item(),
+            "logit_scale": self.model.logit_scale().item(),
+        }

@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import cpu
-from ..config import EncoderConfig, ModelConfig, TextConfig
+from ..config import ModelConfig, TextConfig
 from ..model import build
 from .config import LitConfig
 
@@ -26,17 +26,32 @@ def vision_of(encoder):
 
 def locked_weights(encoder) -> dict[str, mx.array]:
     """The encoder's weights that LiT-tuning locks: everything but an attention-pool head."""
-    return {k: v for k, v in tree_flatten(vision_of(encoder).parameters()) if not k.startswith("head.")}
+    return {
+        k: v for k, v in tree_flatten(vision_of(encoder).parameters()) if not k.startswith("head.")
+    }
 
 
-def model_config(config: LitConfig, preprocess, name: str, source: dict | None = None) -> ModelConfig:
+def model_config(
+    config: LitConfig, preprocess, name: str, source: dict | None = None
+) -> ModelConfig:
     vision = dataclasses.replace(config.vision, use_head=True)
-    return ModelConfig(name=name, vision=vision, text=config.text, projection_dim=config.projection_dim,
-                       preprocess=preprocess, source=source or {})
+    return ModelConfig(
+        name=name,
+        vision=vision,
+        text=config.text,
+        projection_dim=config.projection_dim,
+        preprocess=preprocess,
+        source=source or {},
+    )
 
 
-def build_lit(config: LitConfig, locked: dict[str, mx.array], preprocess, name: str = "lit",
-              cpu_backend: bool = True):
+def build_lit(
+    config: LitConfig,
+    locked: dict[str, mx.array],
+    preprocess,
+    name: str = "lit",
+    cpu_backend: bool = True,
+):
     """A LiT with the locked weights in its image encoder, the rest initialised from the seed, and
     only the trained parts trainable."""
     model = build(model_config(config, preprocess, name))
@@ -54,8 +69,11 @@ def init_trained(model, seed: int) -> None:
     """CLIP's text-tower init (openai/CLIP `clip/model.py`, `initialize_parameters`): token
     embedding N(0, 0.02), positions N(0, 0.01); the pooling query N(0, 0.02); matrices
     Xavier-uniform as the AIMv2 trunks (apple/ml-l3m); norms 1, biases 0; scale log(1/0.07)."""
-    trained = {k: v for k, v in tree_flatten(model.parameters())
-               if not k.startswith(("image_encoder.trunk.", "image_encoder.preprocessor."))}
+    trained = {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if not k.startswith(("image_encoder.trunk.", "image_encoder.preprocessor."))
+    }
     keys = mx.random.split(mx.random.key(seed), len(trained))
     values = {}
     for key, (name, value) in zip(keys, sorted(trained.items())):
@@ -83,6 +101,3 @@ def trained_weights(model) -> dict[str, mx.array]:
 def text_config(config: LitConfig, vocab_size: int, eos: int) -> TextConfig:
     return dataclasses.replace(config.text, vocab_size=vocab_size, eos_token_id=eos)
 
-
-def with_head(vision: EncoderConfig) -> EncoderConfig:
-    return dataclasses.replace(vision, use_head=True)
