@@ -27,11 +27,11 @@ import shutil
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
-import mlx.core as mx
-from mlx.utils import tree_flatten
 from aimv2_mlx.data.shapes import ATTRIBUTES, COLORS, SHAPES, read_labels, write_shapes
 from aimv2_mlx.lit import l2_normalize
 from aimv2_mlx.lit_tuning import LitConfig, export_lit, lit_tune
@@ -51,14 +51,24 @@ PROMPTS = {
     "color": {
         "clip": list(DEFAULT_TEMPLATES),
         "plain": ["a large {}", "a {}"],
-        "captions": [f"a large {{}} {s} {r} a {z} {o}" for s in SHAPES for o in SHAPES
-                     for r in RELATIONS for z in ("small", "medium")],
+        "captions": [
+            f"a large {{}} {s} {r} a {z} {o}"
+            for s in SHAPES
+            for o in SHAPES
+            for r in RELATIONS
+            for z in ("small", "medium")
+        ],
     },
     "shape": {
         "clip": list(DEFAULT_TEMPLATES),
         "plain": ["a large {}", "a {}"],
-        "captions": [f"a large {c} {{}} {r} a small {d} {o}" for c in COLORS for d in COLORS
-                     for o in SHAPES for r in RELATIONS[:2]],
+        "captions": [
+            f"a large {c} {{}} {r} a small {d} {o}"
+            for c in COLORS
+            for d in COLORS
+            for o in SHAPES
+            for r in RELATIONS[:2]
+        ],
     },
 }
 
@@ -143,7 +153,9 @@ def main() -> None:
     else:
         lit_tune(train, run, config)
     minutes = (time.time() - started) / 60
-    if minutes < 1 and (out / "results.json").is_file():  # nothing left to train: the first call's time
+    if (
+        minutes < 1 and (out / "results.json").is_file()
+    ):  # nothing left to train: the first call's time
         minutes = json.loads((out / "results.json").read_text())["lit_minutes"]
     record = logs.read(run / "log.jsonl")[-1]
     shutil.rmtree(out / "lit", ignore_errors=True)
@@ -166,8 +178,10 @@ def main() -> None:
         for name, templates in PROMPTS[attr].items():
             probabilities = ZeroShotClassifier(model, classes, templates)(mx.array(pixels), 256)
             correct = probabilities.argmax(1) == labels[attr]
-            accuracy[name] = {"val": 100.0 * float(correct[val].mean()),
-                              "test": 100.0 * float(correct[held].mean())}
+            accuracy[name] = {
+                "val": 100.0 * float(correct[val].mean()),
+                "test": 100.0 * float(correct[held].mean()),
+            }
         chosen = max(accuracy, key=lambda name: accuracy[name]["val"])
         results[attr] = {
             "zero_shot": accuracy[chosen]["test"],
@@ -198,16 +212,25 @@ def main() -> None:
         "minutes": (time.time() - began) / 60,
         "trained_parameters": sum(v.size for _, v in tree_flatten(random.trainable_parameters())),
     }
-    lines = ["| attribute | zero-shot (prompts) | clip / plain / captions prompts | linear probe "
-             "(mean-pooled) | chance |", "|---|---|---|---|---|"]
+    lines = [
+        "| attribute | zero-shot (prompts) | clip / plain / captions prompts | linear probe "
+        "(mean-pooled) | chance |",
+        "|---|---|---|---|---|",
+    ]
     for attr in ("color", "shape"):
         r = results[attr]
         each = " / ".join(f"{v['test']:.1f}" for v in r["by_prompts"].values())
-        lines.append(f"| {attr} | {r['zero_shot']:.1f} ({r['prompts']}) | {each} | "
-                     f"{r['linear_probe']:.1f} | {r['chance']:.1f} |")
-    lines += ["", "| text tower | " + " | ".join(tuned) + " |", "|---" * (len(tuned) + 1) + "|",
-              "| LiT-tuned | " + " | ".join(f"{v:.1f}" for v in tuned.values()) + " |",
-              "| random (init) | " + " | ".join(f"{v:.1f}" for v in baseline.values()) + " |"]
+        lines.append(
+            f"| {attr} | {r['zero_shot']:.1f} ({r['prompts']}) | {each} | "
+            f"{r['linear_probe']:.1f} | {r['chance']:.1f} |"
+        )
+    lines += [
+        "",
+        "| text tower | " + " | ".join(tuned) + " |",
+        "|---" * (len(tuned) + 1) + "|",
+        "| LiT-tuned | " + " | ".join(f"{v:.1f}" for v in tuned.values()) + " |",
+        "| random (init) | " + " | ".join(f"{v:.1f}" for v in baseline.values()) + " |",
+    ]
     table = "\n".join(lines)
     print(table, f"\nLiT run {minutes:.1f} min, all {summary['minutes']:.1f} min", flush=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -355,12 +355,28 @@ def test_the_bundled_model_classifies_colours_zero_shot_offline_without_a_model(
     paths, labels = read_labels(data)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "aimv2_mlx.cli", "classify", str(data / "images"), "--zero-shot",
-         ",".join(COLORS), "--json", "--top-k", "1"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "classify",
+            str(data / "images"),
+            "--zero-shot",
+            ",".join(COLORS),
+            "--json",
+            "--top-k",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "bundled" in result.stderr  # the one-line notice of the offline fallback
-    top = {Path(r["image"]).name: r["top"][0]["label"] for r in json.loads(result.stdout)["results"]}
+    top = {
+        Path(r["image"]).name: r["top"][0]["label"] for r in json.loads(result.stdout)["results"]
+    }
     truth = {Path(p).name: COLORS[i] for p, i in zip(paths, labels["color"])}
     accuracy = np.mean([top[name] == truth[name] for name in truth])
     assert accuracy >= 0.6, accuracy  # chance is 1/6
@@ -376,3 +392,61 @@ def test_aimv2_info_shows_the_bundled_text_towers_data_steps_and_scores():
     assert "LiT (image + text)" in text and f"LiT-tuned {lit['step']} steps" in text
     assert f"color {lit['zero_shot_scores']['color']['zero_shot']:.1f}" in text
     assert "recall@5" in text
+
+
+def test_a_given_tokenizer_is_used_and_an_undecodable_image_is_left_out_and_listed(tmp_path):
+    data = write_shapes(tmp_path / "data", 20, size=56)
+    (data / "images" / "000003.png").write_bytes(b"not a png")
+    vocab = write_vocab(tmp_path / "tok")
+    lit_tune(
+        data,
+        tmp_path / "run",
+        tiny(steps=2, warmup_steps=1),
+        tokenizer=tmp_path / "tok",
+        echo=quiet,
+    )
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (
+        config["text"]["vocab_size"] == len(vocab)
+        and config["text"]["eos_token_id"] == len(vocab) - 1
+    )
+    assert (tmp_path / "run" / "tokenizer" / "merges.txt").read_bytes() == (
+        tmp_path / "tok" / "merges.txt"
+    ).read_bytes()
+    failures = (tmp_path / "run" / "features" / "failures.jsonl").read_text().splitlines()
+    assert len(failures) == 1 and "000003.png" in failures[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["MISSING", "-o", "RUN"], ["MISSING", "no such folder"]),
+        (["DATA", "-o", "RUN", "--vocab-size", "100"], ["--vocab-size 100", "514"]),
+        (["DATA", "-o", "RUN", "-b", "1"], ["--batch-size 1"]),
+        (["DATA", "-o", "RUN", "--encoder", "no/such-model-dir/"], ["no/such-model-dir"]),
+    ],
+)
+def test_the_lit_command_refuses_bad_input_in_one_line(straight, tmp_path, args, needles):
+    data, _, _ = straight
+    names = {"MISSING": str(tmp_path / "missing"), "RUN": str(tmp_path / "run"), "DATA": str(data)}
+    args = [names.get(arg, arg) for arg in args]
+    one_line_error(
+        run_cli("lit", *args, "--steps", "2", "--no-compile"), *[names.get(n, n) for n in needles]
+    )
+
+
+def test_exporting_a_run_without_a_checkpoint_is_one_line(straight, tmp_path):
+    data, _, _ = straight
+    with pytest.raises(TrainingInterrupted):
+        lit_tune(
+            data,
+            tmp_path / "run",
+            tiny(),
+            echo=lambda m: os.kill(os.getpid(), signal.SIGINT) if m.startswith("step 1/") else None,
+        )
+    for folder in (tmp_path / "run" / "checkpoints").iterdir():
+        if folder.is_dir():
+            (
+                folder / "lit.safetensors"
+            ).unlink()  # a damaged checkpoint: nothing complete to export
+    one_line_error(run_cli("export", tmp_path / "run", tmp_path / "out"), "no complete checkpoint")

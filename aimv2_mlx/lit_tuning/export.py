@@ -79,4 +79,3 @@ def export_lit(
             shutil.copyfile(run / TOKENIZER / file, tmp / file)
     os.replace(tmp, out)
     return out
-

@@ -100,4 +100,3 @@ def trained_weights(model) -> dict[str, mx.array]:
 
 def text_config(config: LitConfig, vocab_size: int, eos: int) -> TextConfig:
     return dataclasses.replace(config.text, vocab_size=vocab_size, eos_token_id=eos)
-
