@@ -115,8 +115,8 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
         if model is None:  # offline: the bundled LiT toy, as `load_default` falls back to it
             reason = (f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
                       if isinstance(exc, HubUnreachableError) else str(exc))
-            typer.echo(f"{reason}; using the bundled offline LiT model (choose it with -m bundled; a toy "
-                       "trained on `aimv2 data shapes`)", err=True)
+            typer.echo(f"{reason}; using the bundled offline LiT model, a toy trained on `aimv2 data "
+                       "shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips the hub)", err=True)
             return ZeroShotClassifier(load("bundled"), labels, prompts)
         if not isinstance(exc, HubUnreachableError):
             raise
