@@ -276,9 +276,10 @@ def _training_summary(source: dict) -> str | None:
         text += f"; text tower: LiT-tuned {lit['step']} steps on {lit.get('data')}"
         zero_shot = lit.get("zero_shot_scores")
         if zero_shot:
+            scores = [(a, zero_shot[a]) for a in ("color", "shape") if a in zero_shot]
             text += f"; zero-shot ({zero_shot['what']}): " + ", ".join(
-                f"{a} {zero_shot[a]['zero_shot']:.1f} ({zero_shot[a].get('prompts', 'default')} prompts; "
-                f"linear probe {zero_shot[a]['linear_probe']:.1f})" for a in ("color", "shape") if a in zero_shot)
+                f"{a} {s['zero_shot']:.1f} ({s.get('prompts', 'default')} prompts; "
+                f"linear probe {s['linear_probe']:.1f})" for a, s in scores)
         retrieval = lit.get("retrieval")
         if retrieval:
             text += (f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "

@@ -55,7 +55,8 @@ class ZeroShotClassifier:
                              "apple/aimv2-large-patch14-224-lit")
         self.model = model
         self.labels = _check_labels(labels)
-        self.templates = _check_templates(model_templates(model) if templates is None else templates)
+        chosen = templates if templates is not None else model_templates(model)
+        self.templates = _check_templates(chosen)
         self.tokenizer = tokenizer or _folder_tokenizer(model)
         self.class_embeddings = self._embed_classes()
 

@@ -115,15 +115,16 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
         if model is None:  # offline: the bundled LiT toy, as `load_default` falls back to it
             reason = (f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
                       if isinstance(exc, HubUnreachableError) else str(exc))
-            typer.echo(f"{reason}; using the bundled offline LiT model, a toy trained on `aimv2 data "
-                       "shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips the hub)", err=True)
+            typer.echo(f"{reason}; using the bundled offline LiT model, a toy trained on "
+                       "`aimv2 data shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips "
+                       "the hub)", err=True)
             return ZeroShotClassifier(load("bundled"), labels, prompts)
         if not isinstance(exc, HubUnreachableError):
             raise
         raise ModelNotFoundError(
             f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; zero-shot needs "
-            "a LiT model: download it once online, or pass -m a local LiT folder (or -m bundled, a toy), and set "
-            "HF_HUB_OFFLINE=1 to skip the hub") from None
+            "a LiT model: download it once online, or pass -m a local LiT folder (or -m bundled, a "
+            "toy), and set HF_HUB_OFFLINE=1 to skip the hub") from None
     return ZeroShotClassifier(lit, labels, prompts)
 
 

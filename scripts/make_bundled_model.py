@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/aimv2-bundled"))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lit-steps", type=int, default=1500)
-    parser.add_argument("--lit-only", action="store_true", help="keep the bundled encoder, LiT-tune again")
+    parser.add_argument("--lit-only", action="store_true",
+                        help="keep the bundled encoder, LiT-tune again")
     args = parser.parse_args()
     if not args.lit_only:
         pretrain_encoder(args)
@@ -69,13 +70,14 @@ def pretrain_encoder(args) -> None:
 
 
 def add_text_tower(args) -> None:
-    """LiT-tune a text tower against the bundled encoder (a copy of it, locked) and bundle the LiT."""
+    """LiT-tune a text tower against the bundled encoder (a locked copy) and bundle the LiT."""
     encoder = args.work / "encoder"
     shutil.rmtree(encoder, ignore_errors=True)
     shutil.copytree(BUNDLED_DIR, encoder)
     pretrained = json.loads((encoder / "config.json").read_text())["source"]
-    subprocess.run([sys.executable, str(ROOT / "bench" / "lit_shapes.py"), "--out", str(args.work / "lit"),
-                    "--encoder", str(encoder), "--steps", str(args.lit_steps)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "lit_shapes.py"), "--out",
+                    str(args.work / "lit"), "--encoder", str(encoder),
+                    "--steps", str(args.lit_steps)], check=True)
     results = json.loads((args.work / "lit" / "results.json").read_text())
     scores = results["results"]
     tmp = BUNDLED_DIR.with_name(BUNDLED_DIR.name + ".new")
@@ -84,28 +86,32 @@ def add_text_tower(args) -> None:
     # `classify --zero-shot` prompts: of the label-agnostic sets, the best on validation images
     generic = max(results["generic_prompts"],
                   key=lambda n: sum(scores[a]["by_prompts"][n]["val"] for a in ("color", "shape")))
-    (tmp / TEMPLATES_FILE).write_text("".join(t + "\n" for t in results["generic_prompts"][generic]))
+    templates = results["generic_prompts"][generic]
+    (tmp / TEMPLATES_FILE).write_text("".join(t + "\n" for t in templates))
     config = json.loads((tmp / "config.json").read_text())
     lit = config["source"]
     del lit["encoder"]  # a path on the machine that trained it: meaningless to users
-    lit.update(data=(f"aimv2 data shapes captions, seed 0 ({results['args']['n_train']} images, the encoder's "
-                     "pre-training data)"),
+    lit.update(data=(f"aimv2 data shapes captions, seed 0 ({results['args']['n_train']} images, "
+                     "the encoder's pre-training data)"),
                batch=int(results["args"]["batch"]), minutes=round(results["lit_minutes"], 1),
-               zero_shot_scores={"what": "held-out shapes images (seed 1), primary shape, accuracy %",
+               zero_shot_scores={"what": "held-out shapes images (seed 1), primary shape, "
+                                         "accuracy %",
                                  **{a: scores[a] for a in ("color", "shape")}},
                retrieval={"what": "text→image recall % of each held-out image's caption among "
                                   f"{scores['text_to_image']['images']} images",
                           "lit": scores["text_to_image"]["lit"],
                           "random_text_tower": scores["text_to_image"]["random_text_tower"]})
     config["source"] = {**pretrained, "label": pretrained["label"].replace(
-        "; a toy", f", then a text tower LiT-tuned on its captions ({lit['step']} steps of batch {lit['batch']}); a toy"),
+        "; a toy", f", then a text tower LiT-tuned on its captions ({lit['step']} steps of batch "
+                   f"{lit['batch']}); a toy"),
         "lit": lit}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(BUNDLED_DIR)
     os.replace(tmp, BUNDLED_DIR)
     size = sum(p.stat().st_size for p in BUNDLED_DIR.iterdir())
-    print(f"wrote {BUNDLED_DIR} ({size / 1e6:.1f} MB); zero-shot colour {scores['color']['zero_shot']:.1f} "
-          f"(probe {scores['color']['linear_probe']:.1f}), shape {scores['shape']['zero_shot']:.1f}")
+    print(f"wrote {BUNDLED_DIR} ({size / 1e6:.1f} MB); zero-shot colour "
+          f"{scores['color']['zero_shot']:.1f} (probe {scores['color']['linear_probe']:.1f}), "
+          f"shape {scores['shape']['zero_shot']:.1f}")
 
 
 if __name__ == "__main__":

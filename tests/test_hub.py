@@ -90,7 +90,8 @@ def test_offline_hub_models_fail_fast_in_one_line_naming_the_fix(tmp_path, args,
     assert seconds < 10  # huggingface-hub alone retries for ~24 s
 
 
-@pytest.mark.parametrize("args", [("embed", "-o", "VECTORS"), ("classify", "--zero-shot", "cat,dog")])
+@pytest.mark.parametrize("args", [("embed", "-o", "VECTORS"),
+                                  ("classify", "--zero-shot", "cat,dog")])
 def test_offline_default_model_falls_back_to_bundled_fast_in_one_line(tmp_path, args):
     args = [str(tmp_path / "vectors") if arg == "VECTORS" else arg for arg in args]
     result, seconds = _offline_aimv2(tmp_path, args[0], str(PHOTOS), *args[1:])

@@ -32,7 +32,7 @@ FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensor
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
     def write(tmp: Path) -> None:
-        final = tmp.with_name(tmp.name.removesuffix(".tmp"))  # the name a full disk is reported under
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))  # the name a full disk reports
         with naming_full_disk(final / "encoder"):
             save_encoder(model.encoder, tmp / "encoder")
         for name, tree in (("decoder.safetensors", model.decoder.parameters()),
@@ -43,7 +43,8 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: i
     return write_checkpoint(run, step, write, FILES, state, keep)
 
 
-def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state: dict, keep: int = 3) -> Path:
+def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state: dict,
+                     keep: int = 3) -> Path:
     """`write(folder)` puts `files` into a temporary folder; it becomes `checkpoints/step-N` with
     `state.json` (recording every file's size), the `latest` pointer follows, older ones go."""
     folder = run / "checkpoints" / f"step-{step:08d}"
@@ -91,7 +92,7 @@ def problem(folder: Path, files: tuple[str, ...] = FILES) -> str | None:
         return "state.json does not match the folder's step"
     sizes = state.get("files")
     if not isinstance(sizes, dict):
-        sizes = dict.fromkeys(files)  # written before sizes were recorded: check presence and headers
+        sizes = dict.fromkeys(files)  # written before sizes were recorded: presence and headers
     for name in files:
         path = folder / name
         if not path.is_file():
