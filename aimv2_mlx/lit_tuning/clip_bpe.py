@@ -16,7 +16,13 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, models, trainers
 
-from ..tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer, bounded_captions, clip_pipeline
+from ..tokenizer import (
+    END_TOKEN,
+    START_TOKEN,
+    ClipTokenizer,
+    bounded_captions,
+    clip_pipeline,
+)
 
 BASE = 2 * 256 + 2  # byte symbols, with and without </w>, and the two special tokens
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from ..model import load, save
 from ..train.checkpoint import resume_point
 from .config import KIND
-from .loop import CHECKPOINT_FILES, TOKENIZER, TOKENIZER_FILES, check_encoder, read_config
+from .loop import (
+    CHECKPOINT_FILES,
+    TOKENIZER,
+    TOKENIZER_FILES,
+    check_encoder,
+    read_config,
+)
 from .towers import build_lit, locked_weights
 
 

@@ -30,6 +30,7 @@ from ..data.captioned import load_captioned
 from ..embed import model_identity
 from ..folders import locked, naming_full_disk
 from ..model import load, parameter_count
+from ..text_embed import trim_padding
 from ..tokenizer import ClipTokenizer
 from ..train import logs
 from ..train.checkpoint import resume_point, write_checkpoint
@@ -47,7 +48,7 @@ from ..train.summary import eta
 from .clip_bpe import train_clip_tokenizer
 from .config import RESUMABLE, LitConfig
 from .features import cache_features
-from .step import LitStep, trim_padding
+from .step import PAD_MULTIPLE, LitStep
 from .towers import build_lit, locked_weights, text_config, trained_weights
 
 CHECKPOINT_FILES = ("lit.safetensors", "optimizer.safetensors")
@@ -271,7 +272,7 @@ class _Run:
             for step in range(start, end):
                 began = time.perf_counter()
                 rows = pair_indices(config.seed, n, step, config.batch_size, world, rank)
-                stats = step_fn(features.tokens[rows], trim_padding(input_ids[rows], end_id))
+                stats = step_fn(features.tokens[rows], trim_padding(input_ids[rows], end_id, PAD_MULTIPLE))
                 done = step + 1
                 record = {
                     "step": done,

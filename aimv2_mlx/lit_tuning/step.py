@@ -14,20 +14,11 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_map
 
 from .loss import clip_loss
 
-PAD_MULTIPLE = 8  # trimmed batches are this many tokens long, a few shapes for the compiled step
-
-
-def trim_padding(input_ids: np.ndarray, end_id: int) -> np.ndarray:
-    """The batch cut after its longest caption's end token (rounded up to `PAD_MULTIPLE`): the
-    causal tower pooled at the first end token never sees what follows it, so this changes no
-    result and makes short captions several times cheaper than the full context."""
-    last = int((input_ids == end_id).argmax(axis=1).max()) + 1
-    return input_ids[:, : min(input_ids.shape[1], -(-last // PAD_MULTIPLE) * PAD_MULTIPLE)]
+PAD_MULTIPLE = 8  # trimmed caption batches are a multiple of this long: few compiled shapes
 
 
 class LitStep:
