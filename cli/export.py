@@ -18,7 +18,7 @@ def export(
     out: Path = typer.Argument(..., help="Output model folder (must not exist)."),
     name: str = typer.Option(None, help="Model name recorded in config.json."),
 ) -> None:
-    """Export the encoder of a pre-training checkpoint (the decoder is dropped)."""
+    """Export the encoder of a pre-training checkpoint (the decoder is dropped), or a LiT run."""
     with one_line_errors():
         new_folder(out)
         path = export_lit(run, out, name) if is_lit_run(run) else export_encoder(run, out, name)
