@@ -450,3 +450,8 @@ def test_exporting_a_run_without_a_checkpoint_is_one_line(straight, tmp_path):
                 folder / "lit.safetensors"
             ).unlink()  # a damaged checkpoint: nothing complete to export
     one_line_error(run_cli("export", tmp_path / "run", tmp_path / "out"), "no complete checkpoint")
+
+
+def test_aimv2_info_on_a_lit_run_says_how_to_export_it(straight):
+    _, run, _ = straight
+    one_line_error(run_cli("info", run), str(run), "LiT-tuning run", f"aimv2 export {run} OUT")
