@@ -55,9 +55,21 @@ class LiT(nn.Module):
     def __call__(self, pixels: mx.array) -> mx.array:
         return self.image_encoder(pixels)
 
+    def forward_features(self, pixels: mx.array, feature_blocks: tuple[int, ...] = ()):
+        """The image encoder's tokens and chosen blocks, as `VisionEncoder.forward_features`."""
+        return self.image_encoder.forward_features(pixels, feature_blocks)
+
+    def embed(self, pixels: mx.array) -> mx.array:
+        """The image encoder's mean-pooled embedding (B, D), as `VisionEncoder.embed`."""
+        return self.image_encoder.embed(pixels)
+
     def encode_image(self, pixels: mx.array) -> mx.array:
         """Projected image embedding (B, projection_dim), not normalised."""
-        return self.image_projector(self.image_encoder.pool(pixels))
+        return self.encode_image_tokens(self.image_encoder(pixels))
+
+    def encode_image_tokens(self, tokens: mx.array) -> mx.array:
+        """`encode_image` from the encoder's tokens (B, N, D): attention pool, then projection."""
+        return self.image_projector(self.image_encoder.head(tokens))
 
     def encode_text(self, input_ids: mx.array) -> mx.array:
         """Projected text embedding (B, projection_dim), not normalised."""

@@ -277,4 +277,17 @@ def _training_summary(source: dict) -> str | None:
         scores = ", ".join(f"{k} {v:.1f}" for k, v in probe["pretrained"].items())
         text += (f"; probe ({probe['what']}): {scores}"
                  f" (random init: mean {probe['random_init']['mean']:.1f})")
+    lit = source.get("lit")
+    if lit:
+        text += f"; text tower: LiT-tuned {lit['step']} steps on {lit.get('data')}"
+        zero_shot = lit.get("zero_shot_scores")
+        if zero_shot:
+            scores = [(a, zero_shot[a]) for a in ("color", "shape") if a in zero_shot]
+            text += f"; zero-shot ({zero_shot['what']}): " + ", ".join(
+                f"{a} {s['zero_shot']:.1f} ({s.get('prompts', 'default')} prompts; "
+                f"linear probe {s['linear_probe']:.1f})" for a, s in scores)
+        retrieval = lit.get("retrieval")
+        if retrieval:
+            text += (f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "
+                     f"(random text tower {retrieval['random_text_tower']['recall@5']:.1f})")
     return text

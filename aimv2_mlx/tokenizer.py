@@ -38,6 +38,17 @@ CLIP_SPLIT = (
 )
 
 
+def clip_pipeline(backend: Tokenizer) -> Tokenizer:
+    """`backend` with CLIP's normalizer and pre-tokenizer (what its BPE is applied to)."""
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return backend
+
+
 class ClipTokenizer:
     """Texts to fixed-length id arrays: start token, BPE tokens, end token, zero padding."""
 
@@ -60,13 +71,7 @@ class ClipTokenizer:
             raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
         if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
             raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
-        backend = Tokenizer(model)
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend = clip_pipeline(Tokenizer(model))
         # Written literally in a text, the special tokens stay single ids, as in CLIP.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)])
         return cls(backend)

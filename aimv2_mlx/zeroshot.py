@@ -18,6 +18,7 @@ from .errors import SettingError, UnusableFileError
 
 from .images import ImageInput, open_image, to_pixels
 from .lit import l2_normalize
+from .text_embed import embed_texts, model_tokenizer
 from .tokenizer import ClipTokenizer
 
 # Six of the seven prompts CLIP's authors selected for ImageNet ("Prompt Engineering for
@@ -31,7 +32,10 @@ DEFAULT_TEMPLATES = (
     "itap of a {}.",
     "a {} in a video game.",
 )
-TEXT_BATCH = 64
+# A LiT folder may carry the prompts its text tower suits (one template a line, `{}` for the
+# label); they replace CLIP's when no templates are given (the bundled toy's captions are not
+# photos: "a large {}" suits it, "a photo of a {}." does not).
+TEMPLATES_FILE = "templates.txt"
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -49,7 +53,7 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 class ZeroShotClassifier:
     """A LiT model with its class embeddings computed once; call it on images for probabilities."""
 
-    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] | None = None,
                  tokenizer: ClipTokenizer | None = None):
         config = model.model_config
         if not config.is_lit:
@@ -57,25 +61,18 @@ class ZeroShotClassifier:
                                "apple/aimv2-large-patch14-224-lit")
         self.model = model
         self.labels = _check_labels(labels)
-        self.templates = _check_templates(templates)
-        self.tokenizer = tokenizer or _folder_tokenizer(model)
+        chosen = templates if templates is not None else model_templates(model)
+        self.templates = _check_templates(chosen)
+        self.tokenizer = tokenizer or model_tokenizer(model)
         self.class_embeddings = self._embed_classes()
 
     def _embed_classes(self) -> mx.array:
         """(C, D): per class, the re-normalised mean of its normalised template embeddings."""
         prompts = [template.format(label) for label in self.labels for template in self.templates]
-        ids = self.tokenizer(prompts, context_length=self.model.model_config.text.max_position_embeddings)
-        chunks = [l2_normalize(self.model.encode_text(mx.array(self._trim(ids[i:i + TEXT_BATCH]))))
-                  for i in range(0, len(ids), TEXT_BATCH)]
-        text = mx.concatenate(chunks).reshape(len(self.labels), len(self.templates), -1).mean(axis=1)
-        text = l2_normalize(text)
+        text = embed_texts(self.model, prompts, self.tokenizer)
+        text = l2_normalize(text.reshape(len(self.labels), len(self.templates), -1).mean(axis=1))
         mx.eval(text)
         return text
-
-    def _trim(self, ids: np.ndarray) -> np.ndarray:
-        """Cut the padding after the batch's last end token: the causal tower pooled at the first
-        end token never sees it, and short prompts run ~7x faster than at 77 tokens."""
-        return ids[:, : int((ids == self.tokenizer.end_id).argmax(axis=1).max()) + 1]
 
     def logits(self, pixels: mx.array) -> np.ndarray:
         """float32 (B, C) logits for preprocessed pixels (B, H, W, 3)."""
@@ -95,9 +92,10 @@ class ZeroShotClassifier:
 
 
 def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[str],
-              templates: Sequence[str] = DEFAULT_TEMPLATES, tokenizer: ClipTokenizer | None = None,
+              templates: Sequence[str] | None = None, tokenizer: ClipTokenizer | None = None,
               batch_size: int = 8) -> np.ndarray:
-    """float32 (N, C) probabilities of each label for each image; the tokenizer defaults to the model's."""
+    """float32 (N, C) probabilities of each label for each image; the templates default to the
+    model folder's `templates.txt` or CLIP's, the tokenizer to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)
 
 
@@ -113,12 +111,12 @@ def _pixel_batches(images: list, model, batch_size: int):
         yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
 
 
-def _folder_tokenizer(model) -> ClipTokenizer:
+def model_templates(model) -> list[str]:
+    """The model folder's `templates.txt` when it has one, else CLIP's `DEFAULT_TEMPLATES`."""
     location = getattr(model, "location", None)
-    if location is None:
-        raise SettingError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
-                           "pass tokenizer=ClipTokenizer.from_folder(…)")
-    return ClipTokenizer.from_folder(location.folder)
+    if location is not None and (location.folder / TEMPLATES_FILE).is_file():
+        return read_lines(location.folder / TEMPLATES_FILE)
+    return list(DEFAULT_TEMPLATES)
 
 
 def _check_labels(labels: Sequence[str]) -> list[str]:

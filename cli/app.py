@@ -7,7 +7,7 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import classify, convert, data, embed, export, info, pretrain, probe, tokenizer
+from . import classify, convert, data, embed, export, info, lit, pretrain, probe, tokenizer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.")
@@ -32,6 +32,7 @@ app.command("convert")(convert.convert)
 app.command("probe")(probe.probe)
 app.command("classify")(classify.classify)
 app.command("pretrain")(pretrain.pretrain)
+app.command("lit")(lit.lit)
 app.command("export")(export.export)
 app.add_typer(data.app, name="data")
 app.add_typer(tokenizer.app, name="tokenizer")

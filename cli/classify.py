@@ -32,7 +32,8 @@ def classify(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line."),
     templates: Path = typer.Option(None, "--templates",
                                    help="Prompt templates, one per line, '{}' where the label goes "
-                                        f"(default: {len(DEFAULT_TEMPLATES)} CLIP prompts)."),
+                                        f"(default: the model folder's templates.txt, else "
+                                        f"{len(DEFAULT_TEMPLATES)} CLIP prompts)."),
     probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
     head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
                                                    "head with the best validation accuracy)."),
@@ -109,14 +110,23 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
         raise SettingError('no class names: give --zero-shot "cat,dog,…" or --labels-file FILE')
     if not labels:
         raise SettingError(f"{labels_file or '--zero-shot'}: no class names in it")
-    prompts = read_lines(templates) if templates is not None else DEFAULT_TEMPLATES
+    prompts = read_lines(templates) if templates is not None else None  # the model's own, or CLIP's
     try:
         lit = load(model or DEFAULT_LIT)
-    except HubUnreachableError as exc:
+    except ModelNotFoundError as exc:
+        if model is None:  # offline: the bundled LiT toy, as `load_default` falls back to it
+            reason = (f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
+                      if isinstance(exc, HubUnreachableError) else str(exc))
+            typer.echo(f"{reason}; using the bundled offline LiT model, a toy trained on "
+                       "`aimv2 data shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips "
+                       "the hub)", err=True)
+            return ZeroShotClassifier(load("bundled"), labels, prompts)
+        if not isinstance(exc, HubUnreachableError):
+            raise
         raise ModelNotFoundError(
             f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; zero-shot needs "
-            "a LiT model (the bundled one has no text tower): download it once online, or pass -m a local LiT "
-            "folder, and set HF_HUB_OFFLINE=1 to skip the hub") from None
+            "a LiT model: download it once online, or pass -m a local LiT folder (or -m bundled, a "
+            "toy), and set HF_HUB_OFFLINE=1 to skip the hub") from None
     return ZeroShotClassifier(lit, labels, prompts)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from aimv2_mlx.lit_tuning import export_lit, is_lit_run
 from aimv2_mlx.train.export import export_encoder
 
 from .errors import one_line_errors
@@ -13,12 +14,12 @@ from .options import new_folder
 
 
 def export(
-    run: Path = typer.Argument(..., help="Training run folder (its latest checkpoint) or a checkpoint folder."),
+    run: Path = typer.Argument(..., help="Training or LiT run folder (its latest checkpoint) or a checkpoint folder."),
     out: Path = typer.Argument(..., help="Output model folder (must not exist)."),
     name: str = typer.Option(None, help="Model name recorded in config.json."),
 ) -> None:
-    """Export the encoder of a pre-training checkpoint (the decoder is dropped)."""
+    """Export the encoder of a pre-training checkpoint (the decoder is dropped), or a LiT run."""
     with one_line_errors():
         new_folder(out)
-        path = export_encoder(run, out, name)
+        path = export_lit(run, out, name) if is_lit_run(run) else export_encoder(run, out, name)
     typer.echo(f"wrote {path}")

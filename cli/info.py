@@ -8,6 +8,7 @@ import textwrap
 import typer
 
 from aimv2_mlx.cpu import blas as backend
+from aimv2_mlx.lit_tuning import is_lit_run
 from aimv2_mlx.model import describe_model
 
 from .errors import one_line_errors
@@ -23,6 +24,9 @@ def info(
 ) -> None:
     """Show a model's config, parameter count and quantization, and which device and BLAS MLX uses."""
     with one_line_errors():
+        if is_lit_run(model):
+            raise ValueError(f"{model}: a LiT-tuning run; `aimv2 export {model} OUT` writes its LiT "
+                             "model folder, which `aimv2 info OUT` describes")
         summary = describe_model(model, revision)
     summary["backend"] = backend.describe()
     if as_json:

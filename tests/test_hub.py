@@ -78,7 +78,8 @@ def test_resolving_a_hub_id_gives_up_on_a_stalled_hub_within_two_seconds(tmp_pat
 
 @pytest.mark.parametrize("args, fix", [
     (("info", "apple/aimv2-large-patch14-224"), "-m bundled"),
-    (("classify", str(PHOTOS), "--zero-shot", "cat,dog"), "-m a local LiT folder"),
+    (("classify", str(PHOTOS), "--zero-shot", "cat,dog", "-m", "apple/aimv2-large-patch14-224-lit"),
+     "-m a local LiT folder"),
 ])
 def test_offline_hub_models_fail_fast_in_one_line_naming_the_fix(tmp_path, args, fix):
     result, seconds = _offline_aimv2(tmp_path, *args)
@@ -89,8 +90,11 @@ def test_offline_hub_models_fail_fast_in_one_line_naming_the_fix(tmp_path, args,
     assert seconds < 10  # huggingface-hub alone retries for ~24 s
 
 
-def test_offline_default_model_falls_back_to_bundled_fast_in_one_line(tmp_path):
-    result, seconds = _offline_aimv2(tmp_path, "embed", str(PHOTOS), "-o", str(tmp_path / "vectors"))
+@pytest.mark.parametrize("args", [("embed", "-o", "VECTORS"),
+                                  ("classify", "--zero-shot", "cat,dog")])
+def test_offline_default_model_falls_back_to_bundled_fast_in_one_line(tmp_path, args):
+    args = [str(tmp_path / "vectors") if arg == "VECTORS" else arg for arg in args]
+    result, seconds = _offline_aimv2(tmp_path, args[0], str(PHOTOS), *args[1:])
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "embedding" not in line]
     assert len(notes) == 1 and "bundled" in notes[0] and "HF_HUB_OFFLINE=1" in notes[0], result.stderr

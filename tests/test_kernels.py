@@ -367,11 +367,12 @@ def test_load_applies_the_cpu_backend_on_a_cpu_and_nothing_elsewhere(monkeypatch
     from aimv2_mlx import model as model_module
     from aimv2_mlx.layers import Transformer
 
-    assert isinstance(aimv2_mlx.load("bundled").trunk, modules.CPUTransformer) == cpu.on_cpu()
+    trunk = aimv2_mlx.load("bundled").image_encoder.trunk  # the bundled model is a LiT
+    assert isinstance(trunk, modules.CPUTransformer) == cpu.on_cpu()
     monkeypatch.setattr(model_module, "on_cpu", lambda: False)  # as on a GPU
     plain = aimv2_mlx.load("bundled")
     assert all(type(m) not in modules.PLAIN for _, m in plain.named_modules())
-    assert type(plain.trunk) is Transformer
+    assert type(plain.image_encoder.trunk) is Transformer
 
 
 def test_paused_lifts_the_tuning_for_a_block_and_puts_it_back():

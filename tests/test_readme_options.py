@@ -29,6 +29,7 @@ HOME = {
     "export": ("Pre-training", "`aimv2 pretrain`"),
     "data shapes": ("Pre-training", "`aimv2 pretrain`"),
     "tokenizer train": ("Pre-training", "`aimv2 pretrain`"),
+    "lit": ("LiT-tuning", "`aimv2 lit`"),
 }
 
 

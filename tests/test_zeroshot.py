@@ -23,6 +23,7 @@ import aimv2_mlx
 from aimv2_mlx.zeroshot import ZeroShotClassifier, softmax
 
 from .clip_bpe import write_vocab
+from .conftest import tiny_config
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 LABELS = ["cat", "rocket", "coffee cup", "astronaut", "dog"]
@@ -100,7 +101,7 @@ def test_template_ensemble_matches_transformers_text_embeddings(lit):
 def test_bad_model_labels_and_templates_are_clear_errors(lit, tmp_path):
     folder, _, model, _ = lit
     with pytest.raises(ValueError, match="not a LiT model"):
-        ZeroShotClassifier(aimv2_mlx.load("bundled"), LABELS)
+        ZeroShotClassifier(aimv2_mlx.build(tiny_config()), LABELS)
     with pytest.raises(ValueError, match="more than once: cat"):
         ZeroShotClassifier(model, ["cat", "dog", "cat"])
     with pytest.raises(ValueError, match="at least one label"):
@@ -160,12 +161,14 @@ def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-m", "bundled", "--zero-shot", "cat,dog"], "not a LiT model"),
+    (["-m", "ENCODER", "--zero-shot", "cat,dog"], "not a LiT model"),
     (["--zero-shot", " , "], "no class names"),
     ([], "no class names"),
     (["--labels-file", "missing.txt"], "missing.txt: no such file"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
+    encoder = aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "encoder")  # no text tower
+    args = [str(encoder) if arg == "ENCODER" else arg for arg in args]
     result = _aimv2("classify", str(PHOTOS / "chelsea.jpg"), *args, cache=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: ") and result.stderr.strip().count("\n") == 0

@@ -32,15 +32,28 @@ FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensor
 
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
+    def write(tmp: Path) -> None:
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))  # the name a full disk reports
+        with naming_full_disk(final / "encoder"):
+            save_encoder(model.encoder, tmp / "encoder")
+        for name, tree in (("decoder.safetensors", model.decoder.parameters()),
+                           ("optimizer.safetensors", optimizer.state)):
+            with naming_full_disk(final / name):
+                mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
+
+    return write_checkpoint(run, step, write, FILES, state, keep)
+
+
+def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state: dict,
+                     keep: int = 3) -> Path:
+    """`write(folder)` puts `files` into a temporary folder; it becomes `checkpoints/step-N` with
+    `state.json` (recording every file's size), the `latest` pointer follows, older ones go."""
     folder = run / "checkpoints" / f"step-{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with naming_full_disk(tmp / "encoder"):
-        save_encoder(model.encoder, tmp / "encoder")
-    for name, tree in (("decoder.safetensors", model.decoder.parameters()), ("optimizer.safetensors", optimizer.state)):
-        with naming_full_disk(folder / name):
-            mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
-    sizes = {name: (tmp / name).stat().st_size for name in FILES}
+    tmp.mkdir(parents=True)
+    write(tmp)
+    sizes = {name: (tmp / name).stat().st_size for name in files}
     with naming_full_disk(folder / "state.json"):
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n")
     if folder.exists():
@@ -67,7 +80,7 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def problem(folder: Path) -> str | None:
+def problem(folder: Path, files: tuple[str, ...] = FILES) -> str | None:
     """Why `folder` cannot be resumed from (missing, truncated or tampered files), or None."""
     try:
         state = json.loads((folder / "state.json").read_text())
@@ -80,9 +93,8 @@ def problem(folder: Path) -> str | None:
         return "state.json does not match the folder's step"
     sizes = state.get("files")
     if not isinstance(sizes, dict):
-        # written before sizes were recorded: check presence and headers
-        sizes = dict.fromkeys(FILES)
-    for name in FILES:
+        sizes = dict.fromkeys(files)  # written before sizes were recorded: presence and headers
+    for name in files:
         path = folder / name
         if not path.is_file():
             return f"{name} missing"
@@ -120,7 +132,7 @@ def read_pointer(run: Path) -> tuple[str | None, str | None]:
     return name, None
 
 
-def resume_point(run: Path) -> tuple[Path | None, str | None]:
+def resume_point(run: Path, files: tuple[str, ...] = FILES) -> tuple[Path | None, str | None]:
     """(the newest complete checkpoint, a one-line note when it is not simply the `latest` one).
 
     (None, note) when the run has no checkpoint folder yet; `ValueError` when it has some but
@@ -134,7 +146,7 @@ def resume_point(run: Path) -> tuple[Path | None, str | None]:
         return None, f"{run}: no checkpoint yet; starting at step 0"
     skipped = []
     for _, folder in found:
-        reason = problem(folder)
+        reason = problem(folder, files)
         if reason is None:
             break
         skipped.append(f"{folder.name} ({reason})")
@@ -148,11 +160,11 @@ def resume_point(run: Path) -> tuple[Path | None, str | None]:
     return folder, f"resuming from {folder} ({'; '.join(why)})"
 
 
-def latest_checkpoint(run: Path) -> Path | None:
+def latest_checkpoint(run: Path, files: tuple[str, ...] = FILES) -> Path | None:
     """The checkpoint `resume_point` picks, or None when the run has none."""
     if not (run / "checkpoints").is_dir():
         return None
-    return resume_point(run)[0]
+    return resume_point(run, files)[0]
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> dict:

@@ -61,12 +61,12 @@ LOSS_LABELS = {"loss": "total (weighted sum)", "loss_pixel": "pixel (MSE on norm
                "loss_text": "text (cross-entropy)"}
 
 
-def loss_figure(records: list[dict], title: str):
-    """Loss curves (total, pixel, text) against step, on a log scale."""
+def loss_figure(records: list[dict], title: str, labels: dict[str, str] = LOSS_LABELS):
+    """Loss curves (`labels`: record key -> legend; total, pixel, text) against step, log scale."""
     plt = _pyplot()
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in LOSS_LABELS.items():
+    for key, label in labels.items():
         ax.plot(steps, [r[key] for r in records], label=label)
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -77,12 +77,13 @@ def loss_figure(records: list[dict], title: str):
     return fig
 
 
-def plot_losses(log: Path, out: Path) -> Path | None:
+def plot_losses(log: Path, out: Path, what: str = "pre-training",
+                labels: dict[str, str] = LOSS_LABELS) -> Path | None:
     """`loss_figure` of a run's log as a PNG; None while nothing is logged."""
     records = read(log)
     if not records:
         return None
-    fig = loss_figure(records, f"pre-training loss: {out.parent.resolve().name}")
+    fig = loss_figure(records, f"{what} loss: {out.parent.resolve().name}", labels)
     fig.savefig(out, dpi=100)
     _pyplot().close(fig)
     return out

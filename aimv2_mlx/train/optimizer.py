@@ -11,7 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 
-NO_DECAY_NAMES = ("pos_embed", "text_pos_embed", "cls")
+# The LiT towers' tables (aimv2_mlx/lit.py) are named as in apple/ml-aim: `positional_embedding`,
+# the attention-pool query `cls_token`.
+NO_DECAY_NAMES = ("pos_embed", "text_pos_embed", "cls", "positional_embedding", "cls_token")
 
 
 def decays(path: str, parameter: mx.array) -> bool:
