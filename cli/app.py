@@ -7,7 +7,7 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import classify, convert, data, embed, export, info, pretrain, probe, tokenizer
+from . import classify, convert, data, dupes, embed, export, index, info, pretrain, probe, search, tokenizer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.")
@@ -33,6 +33,9 @@ app.command("probe")(probe.probe)
 app.command("classify")(classify.classify)
 app.command("pretrain")(pretrain.pretrain)
 app.command("export")(export.export)
+app.command("index")(index.index)
+app.command("search")(search.search)
+app.command("dupes")(dupes.dupes)
 app.add_typer(data.app, name="data")
 app.add_typer(tokenizer.app, name="tokenizer")
 
