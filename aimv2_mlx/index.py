@@ -71,7 +71,7 @@ class IndexSummary:
     embedded: int  # files that reached the encoder in this run
     reused: int  # files whose vector was kept (unchanged, or found again by content)
     moved: int  # of `reused`: found at a new path through their content
-    removed: int  # records of files that are gone
+    removed: int  # records of files that are gone (and did not reappear elsewhere)
     failed: int  # files listed in failures.jsonl
     total: int  # files with a vector in the index now
     seconds: float = 0.0
@@ -148,10 +148,17 @@ def update_index(inputs, index: str | os.PathLike, model, *, batch_size: int = 8
             vectors = _open_vectors(index, generation)
             records, reused, moved, todo = _plan(db, index, items, old, vectors, inputs, workers)
             embedded = _embed(db, index, todo, model, batch_size, dtype, max_megapixels, workers, progress)
-            total = _commit(db, index, records, generation, dtype, model)
-            _drop_unreferenced(index, generation + 1)
+            if _same(records, old) and not db.execute("SELECT 1 FROM pending LIMIT 1").fetchone():
+                total = sum(r.vector is not None for r in records)  # nothing to write but the failures list
+            else:
+                total, generation = _commit(db, index, records, generation, dtype, model), generation + 1
+            _write_failures(index, records)
+            _drop_unreferenced(index, generation)
+    paths = {r.path for r in records}
+    moved_content = {r.sha256 for r in records if r.path not in old and r.vector is not None}
+    removed = sum(path not in paths and record.sha256 not in moved_content for path, record in old.items())
     return IndexSummary(index=str(index), model=model.model_config.name, embedded=embedded,
-                        reused=reused, moved=moved, removed=len(set(old) - {r.path for r in records}),
+                        reused=reused, moved=moved, removed=removed,
                         failed=len(records) - total, total=total, seconds=time.perf_counter() - start)
 
 
@@ -345,6 +352,13 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def _same(records: list[Record], old: dict[str, Record]) -> bool:
+    """True when the table would not change (a re-run over an unchanged folder)."""
+    fields = ("file", "offset", "size", "mtime", "sha256", "width", "height", "reason")
+    return len(records) == len(old) and all(
+        r.path in old and all(getattr(r, f) == getattr(old[r.path], f) for f in fields) for r in records)
+
+
 def _commit(db, index: Path, records: list[Record], generation: int, dtype: str, model) -> int:
     """Write generation N+1 of the vectors, then the table, pending cleared, in one transaction."""
     records.sort(key=lambda r: r.path)
@@ -366,10 +380,13 @@ def _commit(db, index: Path, records: list[Record], generation: int, dtype: str,
         db.execute("DELETE FROM pending")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation + 1),))
         db.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(len(kept)),))
+    return len(kept)
+
+
+def _write_failures(index: Path, records: list[Record]) -> None:
     lines = "".join(json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n"
                     for r in records if r.vector is None)
     atomic_write(index / "failures.jsonl", lambda tmp: tmp.write_text(lines))
-    return len(kept)
 
 
 def _width(model) -> int:
