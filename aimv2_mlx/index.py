@@ -10,6 +10,7 @@ Layout of an index folder (every name ours; nothing else there is ever deleted):
   points into it. An update writes generation N+1 and then commits the table in one SQLite
   transaction, so a reader (or a killed run) sees either the old or the new index, whole.
 - `pending-N.npy`: chunks of vectors an interrupted update already computed.
+- `ann-N.usearch`: the HNSW graph of generation N, made by the first `search(backend="ann")`.
 - `failures.jsonl`: the files that could not be used, with the reason.
 
 An update reuses a file whose path, size and mtime are unchanged without opening it; any other
@@ -45,8 +46,8 @@ TOOL = "aimv2 index"
 DTYPES = ("float32", "float16")
 # What every update must share with the index already there.
 SETTINGS = ("model", "preprocess", "pool", "dtype")
-VECTORS = re.compile(r"(vectors|pending)-(\d+)\.npy")
-TEMPORARY = re.compile(r"\.((vectors|pending)-\d+\.npy|failures\.jsonl)\.tmp-\d+")
+VECTORS = re.compile(r"(vectors|pending)-(\d+)\.npy|(ann)-(\d+)\.usearch")
+TEMPORARY = re.compile(r"\.((vectors|pending)-\d+\.npy|ann-\d+\.usearch|failures\.jsonl)\.tmp-\d+")
 PENDING_CHUNK = 256  # vectors saved per chunk while an update runs: the most a kill -9 loses
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -220,10 +221,11 @@ def _drop_temporary(index: Path) -> None:
 
 
 def _drop_unreferenced(index: Path, keep: int) -> None:
-    """Older vectors generations and pending chunks, once the new table is committed."""
+    """Older vectors generations (and their ANN graphs) and pending chunks, once the new table is
+    committed."""
     for path in index.iterdir():
         match = VECTORS.fullmatch(path.name)
-        if match and not (match[1] == "vectors" and int(match[2]) == keep):
+        if match and not (match[1] in ("vectors", None) and int(match[2] or match[4]) == keep):
             path.unlink()
 
 
@@ -403,6 +405,7 @@ class Index:
     paths: list[str]
     files: list[Record]
     settings: dict
+    generation: int
 
     @property
     def model(self) -> dict:
@@ -440,7 +443,8 @@ def open_index(folder: str | os.PathLike) -> Index:
         db.close()
     if vectors.ndim != 2 or len(vectors) != len(records) or any(r.row != i for i, r in enumerate(records)):
         raise IndexFolderError(f"{path}: holds {vectors.shape} vectors for {len(records)} files; the index is damaged")
-    return Index(folder, vectors, [r.path for r in records], records, json.loads(meta["settings"]))
+    return Index(folder, vectors, [r.path for r in records], records, json.loads(meta["settings"]),
+                 int(meta["generation"]))
 
 
 def read_index(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:

@@ -224,3 +224,29 @@ def test_dupes_groups_equal_connected_components_of_the_brute_force_similarity(t
     out = json.loads(result.stdout)
     assert [[r["path"] for r in g] for g in out["groups"]] == [[r.path for r in g] for g in groups]
     assert all(g[0]["score"] == pytest.approx(1.0, abs=1e-5) for g in out["groups"])
+
+
+def test_the_ann_extra_finds_the_exact_top_10_and_its_graph_follows_the_index(shapes_index, tmp_path, rng):
+    pytest.importorskip("usearch", reason="the ann extra: pip install 'aimv2-mlx[ann]'")
+    from aimv2_mlx.ann import build_graph, graph_search
+
+    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    graph = build_graph(vectors)
+    queries = rng.standard_normal((50, 32)).astype(np.float32)
+    found = [set(graph_search(graph, vectors, q, 10)[0].tolist()) & set(brute_force(vectors, q, 10).tolist())
+             for q in queries]
+    assert np.mean([len(f) for f in found]) / 10 >= 0.95
+
+    photos = tmp_path / "photos"
+    make_folder(photos, 30, per_folder=30)
+    update_index(photos, tmp_path / "index", aimv2_mlx.load("bundled"))
+    example = photos / "f00" / "img0004.png"
+    result = run_cli("search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--ann", "--json")
+    assert result.exit_code == 0, result.output
+    exact = run_cli("search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--json")
+    assert json.loads(result.stdout) == json.loads(exact.stdout)
+    assert [p.name for p in (tmp_path / "index").glob("ann-*")] == ["ann-1.usearch"]
+    write_png(photos / "f00" / "extra.png", 77)
+    update_index(photos, tmp_path / "index", aimv2_mlx.load("bundled"))
+    assert not list((tmp_path / "index").glob("ann-*"))  # the old generation's graph went with it
