@@ -41,8 +41,14 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:k]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_exact_top_k_equals_numpy_brute_force(rng, dtype):
+@pytest.mark.parametrize("dtype,simd", [("float32", False), ("float16", False), ("float16", True)])
+def test_exact_top_k_equals_numpy_brute_force(rng, dtype, simd, monkeypatch):
+    import aimv2_mlx.search as search_module
+
+    if simd:
+        pytest.importorskip("usearch", reason="float16 SIMD brute force comes with the ann extra")
+    else:
+        monkeypatch.setattr(search_module, "_simd_brute_force", lambda: None)
     vectors = rng.standard_normal((5000, 64)).astype(dtype)
     for _ in range(5):
         query = rng.standard_normal(64).astype(np.float32)
