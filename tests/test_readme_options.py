@@ -28,6 +28,9 @@ HOME = {
     "export": ("Pre-training", "`aimv2 pretrain`"),
     "data shapes": ("Pre-training", "`aimv2 pretrain`"),
     "tokenizer train": ("Pre-training", "`aimv2 pretrain`"),
+    "index": ("Search your photos",),
+    "search": ("Search your photos",),
+    "dupes": ("Search your photos",),
 }
 
 
