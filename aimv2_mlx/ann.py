@@ -14,7 +14,7 @@ from .index import Index
 from .shards import atomic_write
 
 CONNECTIVITY = 16  # graph degree (HNSW's M)
-EXPANSION_ADD = 128  # candidates kept while inserting (efConstruction)
+EXPANSION_ADD = 64  # candidates kept while inserting (efConstruction)
 EXPANSION_SEARCH = 128  # candidates kept while searching (ef); recall against exact rises with it
 
 
