@@ -142,11 +142,11 @@ def update_index(inputs, index: str | os.PathLike, model, *, batch_size: int = 8
         _check_ours(index)
         if not items and not (index / DATABASE).exists():
             raise FileNotFoundError(f"{', '.join(map(os.fsdecode, inputs))}: no images found")
-        with contextlib.closing(_connect(index)) as db:
+        with _sqlite_errors(index), contextlib.closing(_connect(index)) as db:
             _check_settings(index, db, settings)
             _drop_temporary(index)
             old, generation = _records(db), int(_meta(db).get("generation", "0"))
-            vectors = _open_vectors(index, generation)
+            vectors = _open_vectors(index, generation, old)
             records, reused, moved, todo = _plan(db, index, items, old, vectors, inputs, workers)
             embedded = _embed(db, index, todo, model, batch_size, dtype, max_megapixels, workers, progress)
             if _same(records, old) and not db.execute("SELECT 1 FROM pending LIMIT 1").fetchone():
@@ -161,6 +161,19 @@ def update_index(inputs, index: str | os.PathLike, model, *, batch_size: int = 8
     return IndexSummary(index=str(index), model=model.model_config.name, embedded=embedded,
                         reused=reused, moved=moved, removed=removed,
                         failed=len(records) - total, total=total, seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(index: Path):
+    """A damaged, foreign or unwritable `index.sqlite` (or a full disk) as one error naming it."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise IndexFolderError(f"{index / DATABASE}: {exc}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, IndexFolderError):
+            raise
+        raise IndexFolderError(f"{index / DATABASE}: not a readable index ({exc})") from None
 
 
 def _connect(index: Path) -> sqlite3.Connection:
@@ -193,8 +206,10 @@ def _check_settings(index: Path, db: sqlite3.Connection, settings: dict) -> None
     if changed:
         theirs = existing.get("model") or {}
         raise IndexFolderError(f"{index}: made with a different {', '.join(changed)} (model "
-                          f"{theirs.get('name')}, weights {theirs.get('weights_sha256')}); an index holds "
-                          "one model's vectors: choose another index folder")
+                               f"{theirs.get('name')}, weights {theirs.get('weights_sha256')}); an index "
+                               "holds one model's vectors: choose another index folder")
+    with db:  # the same model, perhaps loaded from elsewhere: record where, for search to load it
+        db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (json.dumps(settings),))
 
 
 def _comparable(key: str, value):
@@ -208,9 +223,20 @@ def _records(db: sqlite3.Connection) -> dict[str, Record]:
     return {row[0]: Record(*row) for row in rows}
 
 
-def _open_vectors(index: Path, generation: int) -> np.ndarray | None:
+def _open_vectors(index: Path, generation: int, old: dict[str, Record]) -> np.ndarray | None:
+    """The current vectors, memory-mapped, checked against the rows the table points to."""
+    rows = sorted(r.row for r in old.values() if r.row is not None)
+    if not generation:
+        return None
     path = index / f"vectors-{generation}.npy"
-    return np.load(path, mmap_mode="r") if generation and path.exists() else None
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise IndexFolderError(f"{path}: cannot read the index's vectors ({exc}); make a new index") from None
+    if vectors.ndim != 2 or rows != list(range(len(vectors))):
+        raise IndexFolderError(f"{path}: holds {vectors.shape} vectors for {len(rows)} files; the index is "
+                               "damaged: make a new index")
+    return vectors
 
 
 def _drop_temporary(index: Path) -> None:
@@ -257,7 +283,9 @@ def _plan(db, index: Path, items: list, old: dict[str, Record], vectors, inputs:
 
     pending = {}
     for path, size, mtime, sha, chunk, row, width, height in db.execute("SELECT * FROM pending"):
-        pending[(path, size, mtime)] = pending[sha] = (sha, chunk, row, width, height)
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a damaged chunk: recomputed
+            pending_vector(chunk, row)
+            pending[(path, size, mtime)] = pending[sha] = (sha, chunk, row, width, height)
     by_content = {r.sha256: r for r in old.values() if r.row is not None and r.sha256}
     records, unknown, reused, moved = [], [], 0, 0
     for item in items:
@@ -421,21 +449,23 @@ def open_index(folder: str | os.PathLike) -> Index:
     folder = Path(folder).expanduser()
     if not is_index(folder):
         raise FileNotFoundError(f"{folder}: not an aimv2 index (no {DATABASE}); make one with aimv2 index")
-    db = sqlite3.connect(f"file:{folder / DATABASE}?mode=ro", uri=True, timeout=30)
+    # Read-write where allowed, so SQLite can roll back a transaction a killed update left open.
+    mode = "rw" if os.access(folder, os.W_OK) else "ro"
+    db = sqlite3.connect(f"{(folder / DATABASE).resolve().as_uri()}?mode={mode}", uri=True, timeout=30)
     try:
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             meta = _meta(db)
             records = [Record(*row) for row in db.execute(
                 "SELECT path, file, offset, size, mtime, sha256, row, width, height, reason FROM files "
                 "WHERE row IS NOT NULL ORDER BY row")]
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise IndexFolderError(f"{folder / DATABASE}: not a readable index ({exc})") from None
         if "settings" not in meta or "generation" not in meta:
             raise IndexFolderError(f"{folder}: an index whose first update has not finished; run aimv2 index again")
         path = folder / f"vectors-{meta['generation']}.npy"
         try:
-            vectors = np.load(path, mmap_mode="r")
+            vectors = np.load(path, mmap_mode="r")  # opened inside the read: no update can drop it first
         except (OSError, ValueError) as exc:
             raise IndexFolderError(f"{path}: cannot read the index's vectors ({exc})") from None
         db.execute("COMMIT")
@@ -443,8 +473,11 @@ def open_index(folder: str | os.PathLike) -> Index:
         db.close()
     if vectors.ndim != 2 or len(vectors) != len(records) or any(r.row != i for i, r in enumerate(records)):
         raise IndexFolderError(f"{path}: holds {vectors.shape} vectors for {len(records)} files; the index is damaged")
-    return Index(folder, vectors, [r.path for r in records], records, json.loads(meta["settings"]),
-                 int(meta["generation"]))
+    try:
+        settings, generation = json.loads(meta["settings"]), int(meta["generation"])
+    except ValueError as exc:
+        raise IndexFolderError(f"{folder / DATABASE}: not a readable index ({exc})") from None
+    return Index(folder, vectors, [r.path for r in records], records, settings, generation)
 
 
 def read_index(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:

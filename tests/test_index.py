@@ -220,3 +220,27 @@ def test_kill_9_during_an_update_then_a_rerun_equals_an_uninterrupted_update(tmp
         sorted(p.name for p in (tmp_path / "uninterrupted").iterdir())
     if point == "pending":
         assert rerun.embedded == 8  # the first chunk of 4, saved before the kill, was reused
+
+
+@pytest.mark.parametrize("damage", ["garbage database", "rows past the vectors", "truncated vectors"])
+def test_a_damaged_index_is_one_line_naming_its_file(tmp_path, bundled, damage):
+    import sqlite3
+
+    photos = tmp_path / "photos"
+    make_folder(photos, 3)
+    update_index(photos, tmp_path / "index", bundled)
+    database, vectors = tmp_path / "index" / "index.sqlite", tmp_path / "index" / "vectors-1.npy"
+    if damage == "garbage database":
+        database.write_bytes(b"\0garbage" * 100)
+        named = "index.sqlite"
+    elif damage == "rows past the vectors":
+        with sqlite3.connect(database) as db:
+            db.execute("UPDATE files SET row = row + 1000")
+        named = "vectors-1.npy"
+    else:
+        vectors.write_bytes(vectors.read_bytes()[:100])
+        named = "vectors-1.npy"
+    example = photos / "f00" / "img0000.png"
+    one_line_error(run_cli("search", "--index", tmp_path / "index", "--image", example), named)
+    one_line_error(run_cli("index", photos, "-o", tmp_path / "index", "-m", "bundled"), named)
+    one_line_error(run_cli("dupes", "--index", tmp_path / "index"), named)
