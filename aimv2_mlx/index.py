@@ -97,6 +97,10 @@ class Record:
     reason: str | None = None
     vector: np.ndarray | None = field(default=None, repr=False)
 
+    def state(self) -> tuple:
+        """What the table stores of the file, its row aside."""
+        return self.file, self.offset, self.size, self.mtime, self.sha256, self.width, self.height, self.reason
+
     def item(self) -> Item:
         return Item(self.path, os.fsdecode(self.file), self.size, self.mtime, self.offset)
 
@@ -384,9 +388,7 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
 
 def _same(records: list[Record], old: dict[str, Record]) -> bool:
     """True when the table would not change (a re-run over an unchanged folder)."""
-    fields = ("file", "offset", "size", "mtime", "sha256", "width", "height", "reason")
-    return len(records) == len(old) and all(
-        r.path in old and all(getattr(r, f) == getattr(old[r.path], f) for f in fields) for r in records)
+    return len(records) == len(old) and all(r.path in old and r.state() == old[r.path].state() for r in records)
 
 
 def _commit(db, index: Path, records: list[Record], generation: int, dtype: str, model) -> int:

@@ -83,6 +83,8 @@ def test_cli_search_json_shape_and_text_on_an_encoder_without_a_text_tower(shape
     assert out["results"][0]["path"] == str(photos / "f00" / "img0003.png")
     one_line_error(run_cli("search", "a red circle", "--index", folder), "has no text tower", "--image")
     one_line_error(run_cli("search", "--index", folder, "--image", photos / "missing.png"), "missing.png")
+    one_line_error(run_cli("search", "--index", folder), "give a text query, an --image, or both")
+    one_line_error(run_cli("search", "--index", folder, "--image", photos / "f00" / "img0003.png", "-k", "0"), "-k 0")
 
 
 def test_search_with_another_model_is_refused(shapes_index, tmp_path):
