@@ -29,10 +29,18 @@ def _usearch():
 def build_graph(vectors: np.ndarray, threads: int = 0):
     """An inner-product HNSW graph over `vectors` (row numbers as keys)."""
     Graph = _usearch()
-    graph = Graph(ndim=vectors.shape[1], metric="ip", dtype="f16" if vectors.dtype == np.float16 else "f32",
-                  connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+    graph = Graph(
+        ndim=vectors.shape[1],
+        metric="ip",
+        dtype="f16" if vectors.dtype == np.float16 else "f32",
+        connectivity=CONNECTIVITY,
+        expansion_add=EXPANSION_ADD,
+        expansion_search=EXPANSION_SEARCH,
+    )
     if len(vectors):
-        graph.add(np.arange(len(vectors), dtype=np.uint64), np.ascontiguousarray(vectors), threads=threads)
+        graph.add(
+            np.arange(len(vectors), dtype=np.uint64), np.ascontiguousarray(vectors), threads=threads
+        )
     return graph
 
 
@@ -57,7 +65,9 @@ def ann_search(index: Index, query: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return graph_search(graph_of(index), index.vectors, query, k)
 
 
-def graph_search(graph, vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def graph_search(
+    graph, vectors: np.ndarray, query: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     matches = graph.search(query.astype(vectors.dtype), min(k, len(vectors)))
     rows = np.asarray(matches.keys, np.int64)
     scores = np.asarray(vectors[rows], np.float32) @ query.astype(np.float32)

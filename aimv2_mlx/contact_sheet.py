@@ -29,16 +29,23 @@ figcaption { font-size: 12px; word-break: break-all; }
 """
 
 
-def write_contact_sheet(out: str | os.PathLike, index: Index, groups: list[tuple[str, list[Result]]],
-                        title: str) -> Path:
+def write_contact_sheet(
+    out: str | os.PathLike, index: Index, groups: list[tuple[str, list[Result]]], title: str
+) -> Path:
     """Write `out` (atomically): a titled section per (heading, results) group."""
     out = Path(out).expanduser()
     sections = []
     for heading, results in groups:
         figures = "".join(_figure(index.files[r.row], r) for r in results)
-        sections.append((f"<h2>{html.escape(heading)}</h2>" if heading else "") + f'<div class="grid">{figures}</div>')
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")
+        sections.append(
+            (f"<h2>{html.escape(heading)}</h2>" if heading else "")
+            + f'<div class="grid">{figures}</div>'
+        )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n"
+    )
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return out
 
@@ -53,6 +60,9 @@ def _figure(record, result: Result) -> str:
         image.save(buffer, "JPEG", quality=85)
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
         picture = f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(result.path)}">'
-    except (ImageError, OSError) as exc:  # gone or broken since it was indexed: say so, keep the page
+    except (
+        ImageError,
+        OSError,
+    ) as exc:  # gone or broken since it was indexed: say so, keep the page
         picture = f'<div class="missing">cannot show: {html.escape(str(exc))}</div>'
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"

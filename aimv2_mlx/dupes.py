@@ -17,7 +17,9 @@ DEFAULT_THRESHOLD = 0.95
 PAIR_BLOCK = 1024  # query rows per block of the pairwise scan
 
 
-def find_duplicates(index: str | os.PathLike | Index, threshold: float = DEFAULT_THRESHOLD) -> list[list[Result]]:
+def find_duplicates(
+    index: str | os.PathLike | Index, threshold: float = DEFAULT_THRESHOLD
+) -> list[list[Result]]:
     """Groups of two or more near-duplicates, largest first (ties: by first path). In a group the
     first file is the one with the lowest row, and each score is the similarity to it."""
     if not -1.0 <= threshold <= 1.0:
@@ -33,7 +35,7 @@ def find_duplicates(index: str | os.PathLike | Index, threshold: float = DEFAULT
         return i
 
     for start in range(0, len(vectors), PAIR_BLOCK):
-        block = np.asarray(vectors[start:start + PAIR_BLOCK], np.float32)
+        block = np.asarray(vectors[start : start + PAIR_BLOCK], np.float32)
         similar = _similar_pairs(vectors, block, start, threshold)
         for a, b in similar:
             ra, rb = root(a), root(b)
@@ -49,11 +51,13 @@ def find_duplicates(index: str | os.PathLike | Index, threshold: float = DEFAULT
     return sorted(found, key=lambda g: (-len(g), g[0].path))
 
 
-def _similar_pairs(vectors: np.ndarray, block: np.ndarray, start: int, threshold: float) -> list[tuple[int, int]]:
+def _similar_pairs(
+    vectors: np.ndarray, block: np.ndarray, start: int, threshold: float
+) -> list[tuple[int, int]]:
     """(i, j) with i in the block, j > i anywhere, and similarity ≥ threshold."""
     pairs = []
     for other in range(start, len(vectors), BLOCK):
-        right = np.asarray(vectors[other:other + BLOCK], np.float32)
+        right = np.asarray(vectors[other : other + BLOCK], np.float32)
         i, j = np.nonzero(block @ right.T >= threshold)
         i, j = i + start, j + other
         keep = j > i

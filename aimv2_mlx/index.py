@@ -49,13 +49,15 @@ SETTINGS = ("model", "preprocess", "pool", "dtype")
 VECTORS = re.compile(r"(vectors|pending)-(\d+)\.npy|(ann)-(\d+)\.usearch")
 TEMPORARY = re.compile(r"\.((vectors|pending)-\d+\.npy|ann-\d+\.usearch|failures\.jsonl)\.tmp-\d+")
 PENDING_CHUNK = 256  # vectors saved per chunk while an update runs: the most a kill -9 loses
+COLUMNS = "path, file, offset, size, mtime, sha256, row, width, height, reason"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, file BLOB NOT NULL, offset INTEGER NOT NULL,
-    size INTEGER NOT NULL, mtime REAL NOT NULL, sha256 TEXT, row INTEGER, width INTEGER,
-    height INTEGER, reason TEXT);
-CREATE TABLE IF NOT EXISTS pending (path TEXT NOT NULL, size INTEGER NOT NULL, mtime REAL NOT NULL,
-    sha256 TEXT NOT NULL, chunk INTEGER NOT NULL, row INTEGER NOT NULL, width INTEGER, height INTEGER);
+CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, file BLOB NOT NULL,
+    offset INTEGER NOT NULL, size INTEGER NOT NULL, mtime REAL NOT NULL, sha256 TEXT,
+    row INTEGER, width INTEGER, height INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS pending (path TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime REAL NOT NULL, sha256 TEXT NOT NULL, chunk INTEGER NOT NULL, row INTEGER NOT NULL,
+    width INTEGER, height INTEGER);
 """
 
 
@@ -78,7 +80,9 @@ class IndexSummary:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {key: getattr(self, key) for key in ("embedded", "reused", "removed", "failed", "total")}
+        return {
+            key: getattr(self, key) for key in ("embedded", "reused", "removed", "failed", "total")
+        }
 
 
 @dataclass
@@ -99,7 +103,16 @@ class Record:
 
     def state(self) -> tuple:
         """What the table stores of the file, its row aside."""
-        return self.file, self.offset, self.size, self.mtime, self.sha256, self.width, self.height, self.reason
+        return (
+            self.file,
+            self.offset,
+            self.size,
+            self.mtime,
+            self.sha256,
+            self.width,
+            self.height,
+            self.reason,
+        )
 
     def item(self) -> Item:
         return Item(self.path, os.fsdecode(self.file), self.size, self.mtime, self.offset)
@@ -116,14 +129,27 @@ def index_settings(model, dtype: str) -> dict:
     config = model.model_config
     location = getattr(model, "location", None)
     identity = dict(model_identity(model), path=str(location.path) if location else None)
-    settings = {"model": identity, "preprocess": asdict(config.preprocess), "pool": index_pool(model),
-                "normalize": True, "dtype": dtype}
+    settings = {
+        "model": identity,
+        "preprocess": asdict(config.preprocess),
+        "pool": index_pool(model),
+        "normalize": True,
+        "dtype": dtype,
+    }
     return json.loads(json.dumps(settings))  # tuples as lists, as read back
 
 
-def update_index(inputs, index: str | os.PathLike, model, *, batch_size: int = 8, dtype: str = "float32",
-                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, workers: int = 0,
-                 progress: Callable[[int, int, int], None] | None = None) -> IndexSummary:
+def update_index(
+    inputs,
+    index: str | os.PathLike,
+    model,
+    *,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    workers: int = 0,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> IndexSummary:
     """Bring the index folder `index` up to date with the images under `inputs`.
 
     Unchanged files (path, size, mtime) are reused without being opened, moved or touched ones
@@ -152,19 +178,36 @@ def update_index(inputs, index: str | os.PathLike, model, *, batch_size: int = 8
             old, generation = _records(db), int(_meta(db).get("generation", "0"))
             vectors = _open_vectors(index, generation, old)
             records, reused, moved, todo = _plan(db, index, items, old, vectors, inputs, workers)
-            embedded = _embed(db, index, todo, model, batch_size, dtype, max_megapixels, workers, progress)
+            embedded = _embed(
+                db, index, todo, model, batch_size, dtype, max_megapixels, workers, progress
+            )
             if _same(records, old) and not db.execute("SELECT 1 FROM pending LIMIT 1").fetchone():
-                total = sum(r.vector is not None for r in records)  # nothing to write but the failures list
+                total = sum(
+                    r.vector is not None for r in records
+                )  # nothing to write but the failures list
             else:
-                total, generation = _commit(db, index, records, generation, dtype, model), generation + 1
+                total, generation = (
+                    _commit(db, index, records, generation, dtype, model),
+                    generation + 1,
+                )
             _write_failures(index, records)
             _drop_unreferenced(index, generation)
     paths = {r.path for r in records}
     moved_content = {r.sha256 for r in records if r.path not in old and r.vector is not None}
-    removed = sum(path not in paths and record.sha256 not in moved_content for path, record in old.items())
-    return IndexSummary(index=str(index), model=model.model_config.name, embedded=embedded,
-                        reused=reused, moved=moved, removed=removed,
-                        failed=len(records) - total, total=total, seconds=time.perf_counter() - start)
+    removed = sum(
+        path not in paths and record.sha256 not in moved_content for path, record in old.items()
+    )
+    return IndexSummary(
+        index=str(index),
+        model=model.model_config.name,
+        embedded=embedded,
+        reused=reused,
+        moved=moved,
+        removed=removed,
+        failed=len(records) - total,
+        total=total,
+        seconds=time.perf_counter() - start,
+    )
 
 
 @contextlib.contextmanager
@@ -194,8 +237,10 @@ def _check_ours(index: Path) -> None:
     """Write only into a new or empty folder, or an index an earlier update made."""
     if is_empty(index) or (index / DATABASE).is_file():
         return
-    raise FileExistsError(f"{index}: not empty and not an aimv2 index (no {DATABASE}); "
-                          "choose a new or empty index folder")
+    raise FileExistsError(
+        f"{index}: not empty and not an aimv2 index (no {DATABASE}); "
+        "choose a new or empty index folder"
+    )
 
 
 def _check_settings(index: Path, db: sqlite3.Connection, settings: dict) -> None:
@@ -203,15 +248,23 @@ def _check_settings(index: Path, db: sqlite3.Connection, settings: dict) -> None
     if "settings" not in meta:
         with db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('tool', ?)", (TOOL,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (json.dumps(settings),))
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (json.dumps(settings),)
+            )
         return
     existing = json.loads(meta["settings"])
-    changed = [key for key in SETTINGS if _comparable(key, existing.get(key)) != _comparable(key, settings[key])]
+    changed = [
+        key
+        for key in SETTINGS
+        if _comparable(key, existing.get(key)) != _comparable(key, settings[key])
+    ]
     if changed:
         theirs = existing.get("model") or {}
-        raise IndexFolderError(f"{index}: made with a different {', '.join(changed)} (model "
-                               f"{theirs.get('name')}, weights {theirs.get('weights_sha256')}); an index "
-                               "holds one model's vectors: choose another index folder")
+        raise IndexFolderError(
+            f"{index}: made with a different {', '.join(changed)} (model "
+            f"{theirs.get('name')}, weights {theirs.get('weights_sha256')}); an index "
+            "holds one model's vectors: choose another index folder"
+        )
     with db:  # the same model, perhaps loaded from elsewhere: record where, for search to load it
         db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (json.dumps(settings),))
 
@@ -223,7 +276,7 @@ def _comparable(key: str, value):
 
 
 def _records(db: sqlite3.Connection) -> dict[str, Record]:
-    rows = db.execute("SELECT path, file, offset, size, mtime, sha256, row, width, height, reason FROM files")
+    rows = db.execute(f"SELECT {COLUMNS} FROM files")
     return {row[0]: Record(*row) for row in rows}
 
 
@@ -236,10 +289,14 @@ def _open_vectors(index: Path, generation: int, old: dict[str, Record]) -> np.nd
     try:
         vectors = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
-        raise IndexFolderError(f"{path}: cannot read the index's vectors ({exc}); make a new index") from None
+        raise IndexFolderError(
+            f"{path}: cannot read the index's vectors ({exc}); make a new index"
+        ) from None
     if vectors.ndim != 2 or rows != list(range(len(vectors))):
-        raise IndexFolderError(f"{path}: holds {vectors.shape} vectors for {len(rows)} files; the index is "
-                               "damaged: make a new index")
+        raise IndexFolderError(
+            f"{path}: holds {vectors.shape} vectors for {len(rows)} files; the index is "
+            "damaged: make a new index"
+        )
     return vectors
 
 
@@ -276,8 +333,10 @@ def _sha256(item: Item) -> str:
     return digest.hexdigest()
 
 
-def _plan(db, index: Path, items: list, old: dict[str, Record], vectors, inputs: list, workers: int):
-    """Every input's record: reused from the table or a pending chunk, or to be embedded (`todo`)."""
+def _plan(
+    db, index: Path, items: list, old: dict[str, Record], vectors, inputs: list, workers: int
+):
+    """Every input's record: reused from the table or a pending chunk, or to embed (`todo`)."""
     chunks: dict[int, np.ndarray] = {}
 
     def pending_vector(chunk: int, row: int) -> np.ndarray:
@@ -297,8 +356,12 @@ def _plan(db, index: Path, items: list, old: dict[str, Record], vectors, inputs:
         record = Record(path, file, item.offset, item.size, item.mtime)
         known = old.get(path)
         if known and known.size == item.size and known.mtime == item.mtime:
-            record.sha256, record.width, record.height, record.reason = \
-                known.sha256, known.width, known.height, known.reason
+            record.sha256, record.width, record.height, record.reason = (
+                known.sha256,
+                known.width,
+                known.height,
+                known.reason,
+            )
             if known.row is not None:
                 record.vector, reused = vectors[known.row], reused + 1
         elif (path, item.size, item.mtime) in pending:
@@ -316,7 +379,11 @@ def _plan(db, index: Path, items: list, old: dict[str, Record], vectors, inputs:
             continue
         if sha in by_content:
             known = by_content[sha]
-            record.vector, record.width, record.height = vectors[known.row], known.width, known.height
+            record.vector, record.width, record.height = (
+                vectors[known.row],
+                known.width,
+                known.height,
+            )
             reused += 1
             moved += record.path not in old
         elif sha in pending:
@@ -334,12 +401,23 @@ def _hash_or_reason(item: Item) -> tuple[str | None, str | None]:
         return None, display(f"cannot read ({exc.strerror or exc})")
 
 
-def _embed(db, index: Path, todo: list[Record], model, batch_size: int, dtype: str, max_megapixels,
-           workers: int, progress) -> int:
+def _embed(
+    db,
+    index: Path,
+    todo: list[Record],
+    model,
+    batch_size: int,
+    dtype: str,
+    max_megapixels,
+    workers: int,
+    progress,
+) -> int:
     """Embed `todo` into its records; finished vectors are saved as pending chunks as they come,
     and on Ctrl-C, so an interrupted update loses at most one chunk. Returns how many embedded."""
-    chunk_id = 1 + max((int(m[2]) for m in map(VECTORS.fullmatch, os.listdir(index)) if m and m[1] == "pending"),
-                       default=0)
+    chunk_id = 1 + max(
+        (int(m[2]) for m in map(VECTORS.fullmatch, os.listdir(index)) if m and m[1] == "pending"),
+        default=0,
+    )
     waiting: list[Record] = []
 
     def save_chunk() -> None:
@@ -349,9 +427,13 @@ def _embed(db, index: Path, todo: list[Record], model, batch_size: int, dtype: s
         array = np.stack([r.vector for r in waiting]).astype(dtype)
         atomic_write(index / f"pending-{chunk_id}.npy", lambda tmp: _save_npy(tmp, array))
         with db:
-            db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(r.path, r.size, r.mtime, r.sha256, chunk_id, i, r.width, r.height)
-                            for i, r in enumerate(waiting)])
+            db.executemany(
+                "INSERT INTO pending VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (r.path, r.size, r.mtime, r.sha256, chunk_id, i, r.width, r.height)
+                    for i, r in enumerate(waiting)
+                ],
+            )
         chunk_id, waiting = chunk_id + 1, []
 
     by_item = {}
@@ -363,8 +445,15 @@ def _embed(db, index: Path, todo: list[Record], model, batch_size: int, dtype: s
             by_item[id(item)] = record
             items.append(item)
         pool = index_pool(model)
-        for good, vectors, bad in embed_batches(items, model, batch_size=batch_size, pool=pool, normalize=True,
-                                                max_megapixels=max_megapixels, workers=workers):
+        for good, vectors, bad in embed_batches(
+            items,
+            model,
+            batch_size=batch_size,
+            pool=pool,
+            normalize=True,
+            max_megapixels=max_megapixels,
+            workers=workers,
+        ):
             for result in bad:
                 by_item[id(result.source)].reason = result.error
             for result, vector in zip(good, vectors if vectors is not None else []):
@@ -388,7 +477,9 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
 
 def _same(records: list[Record], old: dict[str, Record]) -> bool:
     """True when the table would not change (a re-run over an unchanged folder)."""
-    return len(records) == len(old) and all(r.path in old and r.state() == old[r.path].state() for r in records)
+    return len(records) == len(old) and all(
+        r.path in old and r.state() == old[r.path].state() for r in records
+    )
 
 
 def _commit(db, index: Path, records: list[Record], generation: int, dtype: str, model) -> int:
@@ -406,9 +497,24 @@ def _commit(db, index: Path, records: list[Record], generation: int, dtype: str,
     atomic_write(index / f"vectors-{generation + 1}.npy", lambda tmp: _save_npy(tmp, array))
     with db:
         db.execute("DELETE FROM files")
-        db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(r.path, r.file, r.offset, r.size, r.mtime, r.sha256, r.row, r.width, r.height, r.reason)
-                        for r in records])
+        db.executemany(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.path,
+                    r.file,
+                    r.offset,
+                    r.size,
+                    r.mtime,
+                    r.sha256,
+                    r.row,
+                    r.width,
+                    r.height,
+                    r.reason,
+                )
+                for r in records
+            ],
+        )
         db.execute("DELETE FROM pending")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation + 1),))
         db.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(len(kept)),))
@@ -416,8 +522,11 @@ def _commit(db, index: Path, records: list[Record], generation: int, dtype: str,
 
 
 def _write_failures(index: Path, records: list[Record]) -> None:
-    lines = "".join(json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n"
-                    for r in records if r.vector is None)
+    lines = "".join(
+        json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n"
+        for r in records
+        if r.vector is None
+    )
     atomic_write(index / "failures.jsonl", lambda tmp: tmp.write_text(lines))
 
 
@@ -450,31 +559,48 @@ def open_index(folder: str | os.PathLike) -> Index:
     """Read an index folder, in one read transaction (an update running meanwhile is not seen)."""
     folder = Path(folder).expanduser()
     if not is_index(folder):
-        raise FileNotFoundError(f"{folder}: not an aimv2 index (no {DATABASE}); make one with aimv2 index")
+        raise FileNotFoundError(
+            f"{folder}: not an aimv2 index (no {DATABASE}); make one with aimv2 index"
+        )
     # Read-write where allowed, so SQLite can roll back a transaction a killed update left open.
     mode = "rw" if os.access(folder, os.W_OK) else "ro"
-    db = sqlite3.connect(f"{(folder / DATABASE).resolve().as_uri()}?mode={mode}", uri=True, timeout=30)
+    db = sqlite3.connect(
+        f"{(folder / DATABASE).resolve().as_uri()}?mode={mode}", uri=True, timeout=30
+    )
     try:
         try:
             db.execute("BEGIN")
             meta = _meta(db)
-            records = [Record(*row) for row in db.execute(
-                "SELECT path, file, offset, size, mtime, sha256, row, width, height, reason FROM files "
-                "WHERE row IS NOT NULL ORDER BY row")]
+            records = [
+                Record(*row)
+                for row in db.execute(
+                    f"SELECT {COLUMNS} FROM files WHERE row IS NOT NULL ORDER BY row"
+                )
+            ]
         except sqlite3.Error as exc:
             raise IndexFolderError(f"{folder / DATABASE}: not a readable index ({exc})") from None
         if "settings" not in meta or "generation" not in meta:
-            raise IndexFolderError(f"{folder}: an index whose first update has not finished; run aimv2 index again")
+            raise IndexFolderError(
+                f"{folder}: an index whose first update has not finished; run aimv2 index again"
+            )
         path = folder / f"vectors-{meta['generation']}.npy"
         try:
-            vectors = np.load(path, mmap_mode="r")  # opened inside the read: no update can drop it first
+            vectors = np.load(
+                path, mmap_mode="r"
+            )  # opened inside the read: no update can drop it first
         except (OSError, ValueError) as exc:
             raise IndexFolderError(f"{path}: cannot read the index's vectors ({exc})") from None
         db.execute("COMMIT")
     finally:
         db.close()
-    if vectors.ndim != 2 or len(vectors) != len(records) or any(r.row != i for i, r in enumerate(records)):
-        raise IndexFolderError(f"{path}: holds {vectors.shape} vectors for {len(records)} files; the index is damaged")
+    if (
+        vectors.ndim != 2
+        or len(vectors) != len(records)
+        or any(r.row != i for i, r in enumerate(records))
+    ):
+        raise IndexFolderError(
+            f"{path}: holds {vectors.shape} vectors for {len(records)} files; the index is damaged"
+        )
     try:
         settings, generation = json.loads(meta["settings"]), int(meta["generation"])
     except ValueError as exc:
@@ -483,13 +609,16 @@ def open_index(folder: str | os.PathLike) -> Index:
 
 
 def read_index(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
-    """(vectors, metadata table) of an index, as `read_embeddings` gives them for an embed folder."""
+    """(vectors, metadata table) of an index, as `read_embeddings` gives an embed folder's."""
     index = open_index(folder)
-    table = pa.table({
-        "path": [r.path for r in index.files],
-        "size": np.array([r.size for r in index.files], np.int64),
-        "mtime": np.array([r.mtime for r in index.files], np.float64),
-        "width": np.array([r.width for r in index.files], np.int32),
-        "height": np.array([r.height for r in index.files], np.int32),
-    }, schema=METADATA)
+    table = pa.table(
+        {
+            "path": [r.path for r in index.files],
+            "size": np.array([r.size for r in index.files], np.int64),
+            "mtime": np.array([r.mtime for r in index.files], np.float64),
+            "width": np.array([r.width for r in index.files], np.int32),
+            "height": np.array([r.height for r in index.files], np.int32),
+        },
+        schema=METADATA,
+    )
     return np.asarray(index.vectors), table

@@ -32,8 +32,14 @@ class Result:
         return {"path": self.path, "score": round(self.score, 6)}
 
 
-def search(index: str | os.PathLike | Index, text: str | None = None, image=None, k: int = 20, model=None,
-           backend: str = "exact") -> list[Result]:
+def search(
+    index: str | os.PathLike | Index,
+    text: str | None = None,
+    image=None,
+    k: int = 20,
+    model=None,
+    backend: str = "exact",
+) -> list[Result]:
     """The `k` files of `index` most similar to `text` and/or `image` (a path or PIL image), best
     first. `model` defaults to the one the index records (loaded from where it was loaded), and
     must be that model: a different one is refused."""
@@ -60,13 +66,20 @@ def index_model(index: Index, model=None):
         from .model import load
 
         if not recorded.get("path"):
-            raise IndexFolderError(f"{index.folder}: records no model location; pass the model (-m)")
+            raise IndexFolderError(
+                f"{index.folder}: records no model location; pass the model (-m)"
+            )
         model = load(recorded["path"])
     identity = model_identity(model)
-    if (identity["name"], identity["weights_sha256"]) != (recorded.get("name"), recorded.get("weights_sha256")):
-        raise IndexFolderError(f"{index.folder}: indexed with {recorded.get('name')} (weights "
-                               f"{recorded.get('weights_sha256')}), not {identity['name']} (weights "
-                               f"{identity['weights_sha256']}); search with the index's model")
+    if (identity["name"], identity["weights_sha256"]) != (
+        recorded.get("name"),
+        recorded.get("weights_sha256"),
+    ):
+        raise IndexFolderError(
+            f"{index.folder}: indexed with {recorded.get('name')} (weights "
+            f"{recorded.get('weights_sha256')}), not {identity['name']} (weights "
+            f"{identity['weights_sha256']}); search with the index's model"
+        )
     return model
 
 
@@ -94,8 +107,10 @@ def text_vector(model, text: str, index: Index | None = None) -> np.ndarray:
     config = model.model_config
     if not config.is_lit:
         where = f"{index.folder}: " if index is not None else ""
-        raise ValueError(f"{where}{config.name} has no text tower, so it cannot search by text; search by "
-                         "example with --image PATH, or index with a LiT model")
+        raise ValueError(
+            f"{where}{config.name} has no text tower, so it cannot search by text; search by "
+            "example with --image PATH, or index with a LiT model"
+        )
     if not text.strip():
         raise ValueError("the text query is empty")
     return np.array(ZeroShotClassifier(model, [text], ["{}"]).class_embeddings[0], dtype=np.float32)
@@ -113,8 +128,13 @@ def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndar
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     brute_force = _simd_brute_force() if vectors.dtype == np.float16 else None
     if brute_force is not None:
-        found = brute_force(np.asarray(vectors), query.astype(np.float16), min(2 * k, len(vectors)), "ip",
-                            exact=True)
+        found = brute_force(
+            np.asarray(vectors),
+            query.astype(np.float16),
+            min(2 * k, len(vectors)),
+            "ip",
+            exact=True,
+        )
         rows = np.asarray(found.keys, np.int64)
         scores = np.asarray(vectors[rows], np.float32) @ query.astype(np.float32)
     else:
@@ -131,7 +151,7 @@ def scores_of(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     query = query.astype(np.float32)
     out = np.empty(len(vectors), np.float32)
     for start in range(0, len(vectors), BLOCK):
-        out[start:start + BLOCK] = np.asarray(vectors[start:start + BLOCK], np.float32) @ query
+        out[start : start + BLOCK] = np.asarray(vectors[start : start + BLOCK], np.float32) @ query
     return out
 
 

@@ -56,7 +56,7 @@ def unit_vectors(path: Path, rows: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     for start in range(0, rows, 65536):
         block = rng.standard_normal((min(65536, rows - start), DIM), dtype=np.float32)
-        out[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     out.flush()
     del out
     return np.load(path, mmap_mode="r")
@@ -78,7 +78,11 @@ def bench_exact(vectors: np.ndarray, count: int) -> dict:
     for q in qs[:2]:
         exact_top_k(vectors, q, 20)
     times = [timed(exact_top_k, vectors, q, 20) for q in qs[2:]]
-    return {"rows": len(vectors), "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times)}
+    return {
+        "rows": len(vectors),
+        "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
+    }
 
 
 def write_pngs(folder: Path, count: int) -> None:
@@ -109,8 +113,13 @@ def bench_update(work: Path, files: int, model) -> dict:
     finally:
         Item.open = real
     assert summary.embedded == 1 and summary.reused == files - 1, summary
-    return {"files": files, "first_index_s": first, "one_changed_update_s": seconds, "files_opened": len(opened),
-            "summary": summary.to_dict()}
+    return {
+        "files": files,
+        "first_index_s": first,
+        "one_changed_update_s": seconds,
+        "files_opened": len(opened),
+        "summary": summary.to_dict(),
+    }
 
 
 def embedding_like(rows: int, count: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +132,9 @@ def embedding_like(rows: int, count: int, seed: int = 3) -> tuple[np.ndarray, np
         x += 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    rows_f16 = np.concatenate([draw(min(65536, rows - s)).astype(np.float16) for s in range(0, rows, 65536)])
+    rows_f16 = np.concatenate(
+        [draw(min(65536, rows - s)).astype(np.float16) for s in range(0, rows, 65536)]
+    )
     return rows_f16, draw(count)
 
 
@@ -141,9 +152,14 @@ def bench_ann(rows: int, count: int) -> dict:
         rows, _ = graph_search(graph, vectors, q, 10)
         times.append(time.perf_counter() - start)
         recalls.append(len(exact & set(rows.tolist())) / 10)
-    return {"rows": len(vectors), "build_s": build, "median_ms": 1000 * statistics.median(times),
-            "recall_at_10": float(np.mean(recalls)), "expansion_add": EXPANSION_ADD,
-            "expansion_search": EXPANSION_SEARCH}
+    return {
+        "rows": len(vectors),
+        "build_s": build,
+        "median_ms": 1000 * statistics.median(times),
+        "recall_at_10": float(np.mean(recalls)),
+        "expansion_add": EXPANSION_ADD,
+        "expansion_search": EXPANSION_SEARCH,
+    }
 
 
 def bench_cli(index: Path, example: Path, model) -> dict:
@@ -157,8 +173,11 @@ def bench_cli(index: Path, example: Path, model) -> dict:
         for _ in range(3):
             used = _children_cpu()
             start = time.perf_counter()
-            out = subprocess.run(aimv2 + ["search", *query, "--index", str(index), "--json"], capture_output=True,
-                                 text=True)
+            out = subprocess.run(
+                aimv2 + ["search", *query, "--index", str(index), "--json"],
+                capture_output=True,
+                text=True,
+            )
             times.append(time.perf_counter() - start)
             cpu.append(_children_cpu() - used)
             assert out.returncode == 0, out.stderr
@@ -174,9 +193,13 @@ def _children_cpu() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=1_000_000, help="Vectors of the larger exact run.")
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000, help="Vectors of the larger exact run."
+    )
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--ann-rows", type=int, default=100_000)
     parser.add_argument("--json", type=Path)
@@ -188,10 +211,16 @@ def main() -> None:
     try:
         with host.OthersCpu() as others:
             big = unit_vectors(work / "vectors.npy", args.rows, seed=0)
-            report["exact"] = [bench_exact(big[:100_000], args.queries), bench_exact(big, args.queries)]
+            report["exact"] = [
+                bench_exact(big[:100_000], args.queries),
+                bench_exact(big, args.queries),
+            ]
             print("exact:", report["exact"], flush=True)
             model = aimv2_mlx.load("bundled")
-            report["update"] = [bench_update(work, args.files // 10, model), bench_update(work, args.files, model)]
+            report["update"] = [
+                bench_update(work, args.files // 10, model),
+                bench_update(work, args.files, model),
+            ]
             print("update:", report["update"], flush=True)
             try:
                 report["ann"] = bench_ann(args.ann_rows, args.queries)
@@ -199,7 +228,9 @@ def main() -> None:
                 report["ann"] = f"not measured: {exc}"
             print("ann:", report["ann"], flush=True)
             index = work / f"index-{args.files}"
-            report["cli"] = bench_cli(index, next((work / f"photos-{args.files}").rglob("*.png")), model)
+            report["cli"] = bench_cli(
+                index, next((work / f"photos-{args.files}").rglob("*.png")), model
+            )
             print("cli:", report["cli"], flush=True)
         report["other_cpus_busy"] = others.cpus
         print(f"other processes kept {others.cpus:.2f} CPUs busy meanwhile", flush=True)

@@ -17,10 +17,17 @@ from .options import expand, output_file
 
 def dupes(
     index: Path = typer.Option(Path("index"), "--index", help="Index folder made by aimv2 index."),
-    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="Cosine similarity at or above which "
-                                                                           "two images count as duplicates."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"groups": [[{"path", "score"}, ...], ...]}.'),
-    html: Path = typer.Option(None, "--html", help="Also write a contact sheet, one section per group."),
+    threshold: float = typer.Option(
+        DEFAULT_THRESHOLD,
+        "--threshold",
+        help="Cosine similarity at or above which two images count as duplicates.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"groups": [[{"path", "score"}, ...], ...]}.'
+    ),
+    html: Path = typer.Option(
+        None, "--html", help="Also write a contact sheet, one section per group."
+    ),
 ) -> None:
     """Find near-duplicates in an index; each group's scores are similarities to its first file."""
     index, html = expand(index), expand(html)
@@ -30,10 +37,16 @@ def dupes(
         opened = open_index(index)
         groups = find_duplicates(opened, threshold)
         if html is not None:
-            sections = [(f"group {i + 1}: {len(group)} files", group) for i, group in enumerate(groups)]
+            sections = [
+                (f"group {i + 1}: {len(group)} files", group) for i, group in enumerate(groups)
+            ]
             write_contact_sheet(html, opened, sections, f"aimv2 dupes: cosine ≥ {threshold}")
     if as_json:
-        typer.echo(json.dumps({"groups": [[r.to_dict() for r in group] for group in groups]}, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {"groups": [[r.to_dict() for r in group] for group in groups]}, ensure_ascii=False
+            )
+        )
         return
     for i, group in enumerate(groups):
         typer.echo(f"group {i + 1} ({len(group)} files):")

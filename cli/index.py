@@ -18,17 +18,32 @@ from .options import above_zero, at_least, expand, output_folder
 
 
 def index(
-    inputs: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively) or file lists."),
-    output: Path = typer.Option(Path("index"), "-o", "--output", help="Index folder (made, or updated)."),
-    model: str = typer.Option(None, "-m", "--model",
-                              help="Model folder or hub id (default: an existing index's own model, else "
-                                   "'default' as in aimv2 embed). A LiT model enables text search."),
+    inputs: list[Path] = typer.Argument(
+        ..., help="Image files, folders (searched recursively) or file lists."
+    ),
+    output: Path = typer.Option(
+        Path("index"), "-o", "--output", help="Index folder (made, or updated)."
+    ),
+    model: str = typer.Option(
+        None,
+        "-m",
+        "--model",
+        help="Model folder or hub id (default: an existing index's own model, else "
+        "'default' as in aimv2 embed). A LiT model enables text search.",
+    ),
     batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32 | float16."),
-    max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels",
-                                         help="Larger images are listed as failures (decompression bombs)."),
-    workers: int = typer.Option(0, "--workers", help="Decoding threads (0: up to 4, one per core)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on stdout."),
+    max_megapixels: float = typer.Option(
+        DEFAULT_MAX_MEGAPIXELS,
+        "--max-megapixels",
+        help="Larger images are listed as failures (decompression bombs).",
+    ),
+    workers: int = typer.Option(
+        0, "--workers", help="Decoding threads (0: up to 4, one per core)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the counts as one JSON object on stdout."
+    ),
 ) -> None:
     """Index images for `aimv2 search` and `aimv2 dupes`; re-run to update (only new and changed
     files are embedded; moved ones are found by their content)."""
@@ -44,16 +59,31 @@ def index(
         encoder = load_default() if model in (None, "default") else load(model)
         try:
             with _progress(enabled=True) as progress:
-                summary = update_index(inputs, output, encoder, batch_size=batch_size, dtype=dtype,
-                                       max_megapixels=max_megapixels, workers=workers, progress=progress)
+                summary = update_index(
+                    inputs,
+                    output,
+                    encoder,
+                    batch_size=batch_size,
+                    dtype=dtype,
+                    max_megapixels=max_megapixels,
+                    workers=workers,
+                    progress=progress,
+                )
         except KeyboardInterrupt:
-            typer.echo(f"interrupted; the files embedded so far are saved in {output}: run the same command "
-                       "again to continue", err=True)
+            typer.echo(
+                f"interrupted; the files embedded so far are saved in {output}: "
+                "run the same command "
+                "again to continue",
+                err=True,
+            )
             raise typer.Exit(130) from None
     _report_failures(output / "failures.jsonl")
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
     else:
-        typer.echo(f"indexed {summary.total} images in {output}/: {summary.embedded} embedded, {summary.reused} "
-                   f"reused ({summary.moved} found moved), {summary.removed} removed, {summary.failed} failed "
-                   f"(listed in failures.jsonl); {summary.model}")
+        typer.echo(
+            f"indexed {summary.total} images in {output}/: {summary.embedded} embedded, "
+            f"{summary.reused} reused ({summary.moved} found moved), {summary.removed} removed, "
+            f"{summary.failed} failed "
+            f"(listed in failures.jsonl); {summary.model}"
+        )

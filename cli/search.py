@@ -17,16 +17,31 @@ from .options import at_least, expand, output_file
 
 
 def search(
-    query: str = typer.Argument(None, help="Text to search for (needs an index made with a LiT model)."),
+    query: str = typer.Argument(
+        None, help="Text to search for (needs an index made with a LiT model)."
+    ),
     index: Path = typer.Option(Path("index"), "--index", help="Index folder made by aimv2 index."),
-    image: Path = typer.Option(None, "--image", help="Search by example: images like this one (any encoder); "
-                                                     "with QUERY too, a mixed query."),
+    image: Path = typer.Option(
+        None,
+        "--image",
+        help="Search by example: images like this one (any encoder); "
+        "with QUERY too, a mixed query.",
+    ),
     k: int = typer.Option(20, "-k", help="Results shown."),
-    model: str = typer.Option(None, "-m", "--model", help="The index's model, if it has moved since indexing."),
-    ann: bool = typer.Option(False, "--ann", help="Approximate search (HNSW; needs the ann extra: "
-                                                  "pip install 'aimv2-mlx[ann]')."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"path", "score"}, ...]}.'),
-    html: Path = typer.Option(None, "--html", help="Also write a contact sheet (thumbnails, scores, paths)."),
+    model: str = typer.Option(
+        None, "-m", "--model", help="The index's model, if it has moved since indexing."
+    ),
+    ann: bool = typer.Option(
+        False,
+        "--ann",
+        help="Approximate search (HNSW; needs the ann extra: pip install 'aimv2-mlx[ann]').",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"results": [{"path", "score"}, ...]}.'
+    ),
+    html: Path = typer.Option(
+        None, "--html", help="Also write a contact sheet (thumbnails, scores, paths)."
+    ),
 ) -> None:
     """Search an index; prints score and path of the best k files, best first."""
     index, image, html = expand(index), expand(image), expand(html)
@@ -37,11 +52,20 @@ def search(
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file")
         opened = open_index(index)
-        results = run_search(opened, text=query, image=image, k=k, model=load(model) if model else None,
-                             backend="ann" if ann else "exact")
+        results = run_search(
+            opened,
+            text=query,
+            image=image,
+            k=k,
+            model=load(model) if model else None,
+            backend="ann" if ann else "exact",
+        )
         if html is not None:
-            title = " + ".join(part for part in (f"“{query}”" if query else None,
-                                                 f"like {image}" if image else None) if part)
+            title = " + ".join(
+                part
+                for part in (f"“{query}”" if query else None, f"like {image}" if image else None)
+                if part
+            )
             write_contact_sheet(html, opened, [("", results)], f"aimv2 search: {title}")
     print_results(results, as_json, "results")
 

@@ -39,7 +39,9 @@ def write_png(path: Path, seed: int) -> Path:
 
 
 def make_folder(root: Path, count: int, per_folder: int = 50) -> list[Path]:
-    return [write_png(root / f"f{i // per_folder:02d}" / f"img{i:04d}.png", i) for i in range(count)]
+    return [
+        write_png(root / f"f{i // per_folder:02d}" / f"img{i:04d}.png", i) for i in range(count)
+    ]
 
 
 def by_path(folder: Path) -> dict[str, np.ndarray]:
@@ -47,8 +49,9 @@ def by_path(folder: Path) -> dict[str, np.ndarray]:
     return dict(zip(index.paths, np.asarray(index.vectors)))
 
 
-def test_an_update_embeds_new_and_changed_files_and_finds_a_renamed_folder_by_content(tmp_path, bundled,
-                                                                                        monkeypatch):
+def test_an_update_embeds_new_and_changed_files_and_finds_a_renamed_folder_by_content(
+    tmp_path, bundled, monkeypatch
+):
     photos = tmp_path / "photos"
     make_folder(photos, 500)
     first = update_index(photos, tmp_path / "index", bundled)
@@ -60,20 +63,37 @@ def test_an_update_embeds_new_and_changed_files_and_finds_a_renamed_folder_by_co
     (photos / "f03").rename(photos / "renamed")
     opened = []
     real_open = Item.open
-    monkeypatch.setattr(Item, "open", lambda item: opened.append(Path(item.path).name) or real_open(item))
+    monkeypatch.setattr(
+        Item, "open", lambda item: opened.append(Path(item.path).name) or real_open(item)
+    )
     update = update_index(photos, tmp_path / "index", bundled)
     # 500 + 1 added - 1 deleted = 500 files: 2 embedded, the other 498 reused (50 through content).
-    assert (update.embedded, update.removed, update.reused, update.moved, update.total) == (2, 1, 498, 50, 500)
-    assert update.to_dict() == {"embedded": 2, "reused": 498, "removed": 1, "failed": 0, "total": 500}
+    assert (update.embedded, update.removed, update.reused, update.moved, update.total) == (
+        2,
+        1,
+        498,
+        50,
+        500,
+    )
+    assert update.to_dict() == {
+        "embedded": 2,
+        "reused": 498,
+        "removed": 1,
+        "failed": 0,
+        "total": 500,
+    }
     renamed = {p.name for p in (photos / "renamed").iterdir()}
-    assert set(opened) == {added.name, modified.name} | renamed  # unchanged files: a stat, never opened
+    assert (
+        set(opened) == {added.name, modified.name} | renamed
+    )  # unchanged files: a stat, never opened
     monkeypatch.undo()
 
     fresh = update_index(photos, tmp_path / "fresh", bundled)
     assert fresh.embedded == 500
     updated, expected = by_path(tmp_path / "index"), by_path(tmp_path / "fresh")
     assert sorted(updated) == sorted(expected) and str((photos / "renamed").resolve()) in next(
-        p for p in updated if "renamed" in p)
+        p for p in updated if "renamed" in p
+    )
     assert max(np.abs(updated[p] - expected[p]).max() for p in expected) <= 1e-6
     assert open_index(tmp_path / "index").paths == sorted(updated)  # rows in path order
 
@@ -95,7 +115,10 @@ def test_unusable_files_are_listed_and_not_reopened_while_unchanged(tmp_path, bu
     (photos / "broken.png").write_bytes(b"not a png")
     first = update_index(photos, tmp_path / "index", bundled)
     assert (first.embedded, first.failed, first.total) == (3, 1, 3)
-    failures = [json.loads(line) for line in (tmp_path / "index" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line)
+        for line in (tmp_path / "index" / "failures.jsonl").read_text().splitlines()
+    ]
     assert [Path(f["path"]).name for f in failures] == ["broken.png"] and failures[0]["reason"]
     monkeypatch.setattr(Item, "open", lambda item: pytest.fail(f"{item.path} was opened"))
     again = update_index(photos, tmp_path / "index", bundled)
@@ -111,7 +134,9 @@ def test_an_index_of_another_model_is_refused_in_one_line(tmp_path, bundled):
         update_index(photos, tmp_path / "index", other)
     aimv2_mlx.save(other, tmp_path / "other-model")
     result = run_cli("index", photos, "-o", tmp_path / "index", "-m", tmp_path / "other-model")
-    one_line_error(result, str(tmp_path / "index"), "different model", "aimv2-tiny-patch14-56-shapes")
+    one_line_error(
+        result, str(tmp_path / "index"), "different model", "aimv2-tiny-patch14-56-shapes"
+    )
 
 
 def test_a_foreign_folder_and_a_locked_index_are_refused_in_one_line(tmp_path, bundled):
@@ -119,12 +144,20 @@ def test_a_foreign_folder_and_a_locked_index_are_refused_in_one_line(tmp_path, b
     make_folder(photos, 2)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    one_line_error(run_cli("index", photos, "-o", tmp_path / "notes", "-m", "bundled"), "not an aimv2 index")
+    one_line_error(
+        run_cli("index", photos, "-o", tmp_path / "notes", "-m", "bundled"), "not an aimv2 index"
+    )
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     with locked(tmp_path / "index"):
-        one_line_error(run_cli("index", photos, "-o", tmp_path / "index", "-m", "bundled"), "in use by PID")
-    one_line_error(run_cli("search", "--index", tmp_path / "nowhere", "--image", photos / "f00" / "img0000.png"),
-                   "not an aimv2 index")
+        one_line_error(
+            run_cli("index", photos, "-o", tmp_path / "index", "-m", "bundled"), "in use by PID"
+        )
+    one_line_error(
+        run_cli(
+            "search", "--index", tmp_path / "nowhere", "--image", photos / "f00" / "img0000.png"
+        ),
+        "not an aimv2 index",
+    )
 
 
 def test_cli_index_json_counts_and_the_index_remembers_its_model(tmp_path):
@@ -132,11 +165,25 @@ def test_cli_index_json_counts_and_the_index_remembers_its_model(tmp_path):
     make_folder(photos, 4)
     result = run_cli("index", photos, "-o", tmp_path / "index", "-m", "bundled", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"embedded": 4, "reused": 0, "removed": 0, "failed": 0, "total": 4}
+    assert json.loads(result.stdout) == {
+        "embedded": 4,
+        "reused": 0,
+        "removed": 0,
+        "failed": 0,
+        "total": 4,
+    }
     (photos / "f00" / "img0001.png").unlink()
-    result = run_cli("index", photos, "-o", tmp_path / "index", "--json")  # no -m: the index's own model
+    result = run_cli(
+        "index", photos, "-o", tmp_path / "index", "--json"
+    )  # no -m: the index's own model
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"embedded": 0, "reused": 3, "removed": 1, "failed": 0, "total": 3}
+    assert json.loads(result.stdout) == {
+        "embedded": 0,
+        "reused": 3,
+        "removed": 1,
+        "failed": 0,
+        "total": 3,
+    }
 
 
 def test_ctrl_c_keeps_the_finished_vectors_for_the_next_run(tmp_path, bundled, monkeypatch):
@@ -160,7 +207,7 @@ def test_ctrl_c_keeps_the_finished_vectors_for_the_next_run(tmp_path, bundled, m
     resumed = update_index(photos, tmp_path / "index", bundled, batch_size=4)
     assert (resumed.embedded, resumed.total) == (4, 12)  # the 8 finished before Ctrl-C were kept
     assert not list((tmp_path / "index").glob("pending-*"))
-    fresh = update_index(photos, tmp_path / "fresh", bundled)
+    update_index(photos, tmp_path / "fresh", bundled)
     updated, expected = by_path(tmp_path / "index"), by_path(tmp_path / "fresh")
     assert max(np.abs(updated[p] - expected[p]).max() for p in expected) <= 1e-6
 
@@ -185,7 +232,9 @@ KILLED_UPDATE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("point", ["pending", "vectors", "failures"])
-def test_kill_9_during_an_update_then_a_rerun_equals_an_uninterrupted_update(tmp_path, bundled, point):
+def test_kill_9_during_an_update_then_a_rerun_equals_an_uninterrupted_update(
+    tmp_path, bundled, point
+):
     photos = tmp_path / "photos"
     make_folder(photos, 30, per_folder=10)
     update_index(photos, tmp_path / "killed", bundled)
@@ -196,8 +245,11 @@ def test_kill_9_during_an_update_then_a_rerun_equals_an_uninterrupted_update(tmp
     (photos / "f01").rename(photos / "moved")
     before = by_path(tmp_path / "killed")
 
-    child = subprocess.Popen([sys.executable, "-c", KILLED_UPDATE, str(photos), str(tmp_path / "killed"), point],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_UPDATE, str(photos), str(tmp_path / "killed"), point],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "READY"
         os.kill(child.pid, signal.SIGKILL)
@@ -212,17 +264,22 @@ def test_kill_9_during_an_update_then_a_rerun_equals_an_uninterrupted_update(tmp
 
     rerun = update_index(photos, tmp_path / "killed", bundled)
     expected = update_index(photos, tmp_path / "uninterrupted", bundled)
-    assert rerun.total == expected.total == 41 and rerun.removed == (0 if point == "failures" else 1)
+    assert rerun.total == expected.total == 41 and rerun.removed == (
+        0 if point == "failures" else 1
+    )
     killed, uninterrupted = by_path(tmp_path / "killed"), by_path(tmp_path / "uninterrupted")
     assert sorted(killed) == sorted(uninterrupted)
     assert max(np.abs(killed[p] - uninterrupted[p]).max() for p in killed) <= 1e-6
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "uninterrupted").iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == sorted(
+        p.name for p in (tmp_path / "uninterrupted").iterdir()
+    )
     if point == "pending":
         assert rerun.embedded == 8  # the first chunk of 4, saved before the kill, was reused
 
 
-@pytest.mark.parametrize("damage", ["garbage database", "rows past the vectors", "truncated vectors"])
+@pytest.mark.parametrize(
+    "damage", ["garbage database", "rows past the vectors", "truncated vectors"]
+)
 def test_a_damaged_index_is_one_line_naming_its_file(tmp_path, bundled, damage):
     import sqlite3
 

@@ -75,41 +75,70 @@ def test_search_by_example_ranks_the_index_as_numpy_does(shapes_index):
 
 def test_cli_search_json_shape_and_text_on_an_encoder_without_a_text_tower(shapes_index):
     photos, folder = shapes_index
-    result = run_cli("search", "--index", folder, "--image", photos / "f00" / "img0003.png", "-k", "5", "--json")
+    result = run_cli(
+        "search", "--index", folder, "--image", photos / "f00" / "img0003.png", "-k", "5", "--json"
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert list(out) == ["results"] and len(out["results"]) == 5
     assert all(list(r) == ["path", "score"] for r in out["results"])
     assert out["results"][0]["path"] == str(photos / "f00" / "img0003.png")
-    one_line_error(run_cli("search", "a red circle", "--index", folder), "has no text tower", "--image")
-    one_line_error(run_cli("search", "--index", folder, "--image", photos / "missing.png"), "missing.png")
+    one_line_error(
+        run_cli("search", "a red circle", "--index", folder), "has no text tower", "--image"
+    )
+    one_line_error(
+        run_cli("search", "--index", folder, "--image", photos / "missing.png"), "missing.png"
+    )
     one_line_error(run_cli("search", "--index", folder), "give a text query, an --image, or both")
-    one_line_error(run_cli("search", "--index", folder, "--image", photos / "f00" / "img0003.png", "-k", "0"), "-k 0")
+    one_line_error(
+        run_cli("search", "--index", folder, "--image", photos / "f00" / "img0003.png", "-k", "0"),
+        "-k 0",
+    )
 
 
 def test_search_with_another_model_is_refused(shapes_index, tmp_path):
     _, folder = shapes_index
     other = aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "other")
-    one_line_error(run_cli("search", "--index", folder, "--image", PHOTOS / "rocket.jpg", "-m", other),
-                   "indexed with aimv2-tiny-patch14-56-shapes")
+    one_line_error(
+        run_cli("search", "--index", folder, "--image", PHOTOS / "rocket.jpg", "-m", other),
+        "indexed with aimv2-tiny-patch14-56-shapes",
+    )
 
 
 @pytest.fixture(scope="module")
 def lit(tmp_path_factory):
-    """(model folder, transformers reference, transformers tokenizer, index folder, files) of a tiny LiT."""
-    pytest.importorskip("torch", reason="LiT search parity needs the test extra: pip install -e '.[test]'")
-    transformers = pytest.importorskip("transformers", reason="LiT search parity needs transformers>=5")
+    """(model folder, transformers reference and tokenizer, index folder, files): a tiny LiT."""
+    pytest.importorskip(
+        "torch", reason="LiT search parity needs the test extra: pip install -e '.[test]'"
+    )
+    transformers = pytest.importorskip(
+        "transformers", reason="LiT search parity needs transformers>=5"
+    )
     import torch
 
     root = tmp_path_factory.mktemp("lit-search")
     vocab = write_vocab(root / "model")
     torch.manual_seed(0)
     config = transformers.Aimv2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, use_head=True),
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=CONTEXT, eos_token_id=len(vocab) - 1),
-        projection_dim=32)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CONTEXT,
+            eos_token_id=len(vocab) - 1,
+        ),
+        projection_dim=32,
+    )
     reference = transformers.Aimv2Model._from_config(config, attn_implementation="eager").eval()
     reference.save_pretrained(root / "model")
     photos = root / "photos"
@@ -119,7 +148,13 @@ def lit(tmp_path_factory):
     make_folder(photos / "generated", 12, per_folder=12)
     update_index(photos, root / "index", aimv2_mlx.load(root / "model"))
     files = sorted(str(p) for p in photos.rglob("*") if p.suffix in (".jpg", ".png"))
-    return root / "model", reference, transformers.CLIPTokenizer.from_pretrained(root / "model"), root / "index", files
+    return (
+        root / "model",
+        reference,
+        transformers.CLIPTokenizer.from_pretrained(root / "model"),
+        root / "index",
+        files,
+    )
 
 
 @pytest.mark.parametrize("text", ["a photo of a cat", "the rocket launched", "coffee"])
@@ -131,10 +166,15 @@ def test_text_search_through_a_tiny_lit_equals_transformers_ranking(lit, text):
     assert index.paths == files
     model = aimv2_mlx.load(model_folder)
     pixels = aimv2_mlx.preprocess(files, model)
-    ids = tokenizer([text], padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
+    ids = tokenizer(
+        [text], padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt"
+    )
     with torch.inference_mode():
-        out = reference(input_ids=ids["input_ids"], pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
-                        attention_mask=torch.ones_like(ids["input_ids"]))  # makes the text tower causal
+        out = reference(
+            input_ids=ids["input_ids"],
+            pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
+            attention_mask=torch.ones_like(ids["input_ids"]),
+        )  # makes the text tower causal
     similarity = (out.text_embeds @ out.image_embeds.T)[0].numpy()
     expected = np.argsort(-similarity, kind="stable")[:10]
     assert similarity.std() > 0.05  # a wrong order would show
@@ -156,7 +196,9 @@ def test_a_mixed_query_is_the_normalised_sum_of_text_and_image(lit):
     results = search(index, text="a cat", image=files[0], k=len(files), model=model)
     expected = brute_force(np.asarray(index.vectors), query, len(files))
     assert [r.path for r in results] == [files[i] for i in expected]
-    assert [r.path for r in results] != [r.path for r in search(index, text="a cat", k=len(files), model=model)]
+    assert [r.path for r in results] != [
+        r.path for r in search(index, text="a cat", k=len(files), model=model)
+    ]
 
 
 def _chromium() -> str:
@@ -170,30 +212,59 @@ def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[int, np.ndarray]:
     """(images that loaded, screenshot pixels) of `page` in headless Chromium."""
     browser = _chromium()
     probe = tmp_path / "probe.html"  # the page plus a script that counts the images that decoded
-    probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => "
-                     "{document.title = 'loaded:' + [...document.images].filter(i => i.complete && "
-                     "i.naturalWidth > 0).length;});</script></body>"))
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-              "--virtual-time-budget=5000"]
-    dom = subprocess.run(common + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => "
+            "{document.title = 'loaded:' + [...document.images].filter(i => i.complete && "
+            "i.naturalWidth > 0).length;});</script></body>",
+        )
+    )
+    common = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        common + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    )
     loaded = re.search(r"<title>loaded:(\d+)</title>", dom.stdout)
     assert loaded, dom.stderr[-2000:]
     shot = tmp_path / "shot.png"
-    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        common + [f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     return int(loaded[1]), np.asarray(Image.open(shot).convert("RGB"))
 
 
 def test_search_html_opens_in_chromium_with_k_thumbnails(shapes_index, tmp_path):
     photos, folder = shapes_index
     page = tmp_path / "sheet.html"
-    result = run_cli("search", "--index", folder, "--image", photos / "f00" / "img0001.png", "-k", "7",
-                     "--html", page)
+    result = run_cli(
+        "search",
+        "--index",
+        folder,
+        "--image",
+        photos / "f00" / "img0001.png",
+        "-k",
+        "7",
+        "--html",
+        page,
+    )
     assert result.exit_code == 0, result.output
-    assert page.read_text().count("<img ") == 7 and "file://" not in page.read_text()  # self-contained
+    assert (
+        page.read_text().count("<img ") == 7 and "file://" not in page.read_text()
+    )  # self-contained
     loaded, screenshot = _open_in_chromium(page, tmp_path)
     assert loaded == 7
-    assert screenshot.std() > 10 and len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 50  # not blank
+    assert (
+        screenshot.std() > 10 and len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 50
+    )  # not blank
 
 
 def test_dupes_groups_equal_connected_components_of_the_brute_force_similarity(tmp_path, rng):
@@ -203,7 +274,9 @@ def test_dupes_groups_equal_connected_components_of_the_brute_force_similarity(t
         shutil.copy(original, photos / f"copy{i}.png")
         if i < 2:
             pixels = np.asarray(Image.open(original)).astype(int)
-            Image.fromarray(np.clip(pixels + 3, 0, 255).astype(np.uint8)).save(photos / f"near{i}.png")
+            Image.fromarray(np.clip(pixels + 3, 0, 255).astype(np.uint8)).save(
+                photos / f"near{i}.png"
+            )
     write_png(photos / "odd.png", 999)
     update_index(photos, tmp_path / "index", aimv2_mlx.load("bundled"))
     index = open_index(tmp_path / "index")
@@ -234,7 +307,9 @@ def test_dupes_groups_equal_connected_components_of_the_brute_force_similarity(t
     assert all(g[0]["score"] == pytest.approx(1.0, abs=1e-5) for g in out["groups"])
 
 
-def test_the_ann_extra_finds_the_exact_top_10_and_its_graph_follows_the_index(shapes_index, tmp_path, rng):
+def test_the_ann_extra_finds_the_exact_top_10_and_its_graph_follows_the_index(
+    shapes_index, tmp_path, rng
+):
     pytest.importorskip("usearch", reason="the ann extra: pip install 'aimv2-mlx[ann]'")
     from aimv2_mlx.ann import build_graph, graph_search
 
@@ -242,17 +317,24 @@ def test_the_ann_extra_finds_the_exact_top_10_and_its_graph_follows_the_index(sh
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     graph = build_graph(vectors)
     queries = rng.standard_normal((50, 32)).astype(np.float32)
-    found = [set(graph_search(graph, vectors, q, 10)[0].tolist()) & set(brute_force(vectors, q, 10).tolist())
-             for q in queries]
+    found = [
+        set(graph_search(graph, vectors, q, 10)[0].tolist())
+        & set(brute_force(vectors, q, 10).tolist())
+        for q in queries
+    ]
     assert np.mean([len(f) for f in found]) / 10 >= 0.95
 
     photos = tmp_path / "photos"
     make_folder(photos, 30, per_folder=30)
     update_index(photos, tmp_path / "index", aimv2_mlx.load("bundled"))
     example = photos / "f00" / "img0004.png"
-    result = run_cli("search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--ann", "--json")
+    result = run_cli(
+        "search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--ann", "--json"
+    )
     assert result.exit_code == 0, result.output
-    exact = run_cli("search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--json")
+    exact = run_cli(
+        "search", "--index", tmp_path / "index", "--image", example, "-k", "3", "--json"
+    )
     assert json.loads(result.stdout) == json.loads(exact.stdout)
     assert [p.name for p in (tmp_path / "index").glob("ann-*")] == ["ann-1.usearch"]
     write_png(photos / "f00" / "extra.png", 77)
