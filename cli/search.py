@@ -52,18 +52,21 @@ def search(
         if image is not None and not image.is_file():
             raise FileNotFoundError(f"--image {image}: no such file")
         opened = open_index(index)
-        results = run_search(
-            opened,
-            text=query,
-            image=image,
-            k=k,
-            model=load(model) if model else None,
-            backend="ann" if ann else "exact",
-        )
+        try:
+            results = run_search(
+                opened,
+                text=query,
+                image=image,
+                k=k,
+                model=load(model) if model else None,
+                backend="ann" if ann else "exact",
+            )
+        except ImportError as exc:  # --ann without its extra: say how to install it
+            raise ValueError(str(exc)) from None
         if html is not None:
             title = " + ".join(
                 part
-                for part in (f"“{query}”" if query else None, f"like {image}" if image else None)
+                for part in (f"“{query}”" if query else None, f"like {image}" if image else "")
                 if part
             )
             write_contact_sheet(html, opened, [("", results)], f"aimv2 search: {title}")

@@ -340,3 +340,19 @@ def test_the_ann_extra_finds_the_exact_top_10_and_its_graph_follows_the_index(
     write_png(photos / "f00" / "extra.png", 77)
     update_index(photos, tmp_path / "index", aimv2_mlx.load("bundled"))
     assert not list((tmp_path / "index").glob("ann-*"))  # the old generation's graph went with it
+
+
+def test_ann_without_its_extra_says_how_to_install_it(shapes_index, monkeypatch):
+    import builtins
+
+    photos, folder = shapes_index
+    real_import = builtins.__import__
+
+    def no_usearch(name, *args, **kwargs):
+        if name.startswith("usearch"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_usearch)
+    example = photos / "f00" / "img0002.png"
+    one_line_error(run_cli("search", "--index", folder, "--image", example, "--ann"), "aimv2-mlx[ann]")
