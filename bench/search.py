@@ -48,6 +48,8 @@ from aimv2_mlx.index import update_index  # noqa: E402
 from aimv2_mlx.search import exact_top_k  # noqa: E402
 
 DIM = 1024
+SWEEP = (64, 128, 256, 512, 1024)
+PARTS = ("exact", "update", "ann", "cli")
 
 
 def unit_vectors(path: Path, rows: int, seed: int) -> np.ndarray:
@@ -145,20 +147,30 @@ def bench_ann(rows: int, count: int) -> dict:
     start = time.perf_counter()
     graph = build_graph(vectors)
     build = time.perf_counter() - start
-    recalls, times = [], []
-    for q in qs:
-        exact = set(exact_top_k(vectors, q, 10)[0].tolist())
-        start = time.perf_counter()
-        rows, _ = graph_search(graph, vectors, q, 10)
-        times.append(time.perf_counter() - start)
-        recalls.append(len(exact & set(rows.tolist())) / 10)
+    exact = [set(exact_top_k(vectors, q, 10)[0].tolist()) for q in qs]
+    sweep = []
+    for expansion in SWEEP:  # HNSW's speed/recall knob (ef), on the same graph
+        graph.expansion_search = expansion
+        recalls, times = [], []
+        for q, truth in zip(qs, exact):
+            start = time.perf_counter()
+            rows, _ = graph_search(graph, vectors, q, 10)
+            times.append(time.perf_counter() - start)
+            recalls.append(len(truth & set(rows.tolist())) / 10)
+        sweep.append(
+            {
+                "expansion_search": expansion,
+                "median_ms": 1000 * statistics.median(times),
+                "recall_at_10": float(np.mean(recalls)),
+            }
+        )
+    default = next(row for row in sweep if row["expansion_search"] == EXPANSION_SEARCH)
     return {
         "rows": len(vectors),
         "build_s": build,
-        "median_ms": 1000 * statistics.median(times),
-        "recall_at_10": float(np.mean(recalls)),
         "expansion_add": EXPANSION_ADD,
-        "expansion_search": EXPANSION_SEARCH,
+        **default,
+        "sweep": sweep,
     }
 
 
@@ -202,6 +214,9 @@ def main() -> None:
     )
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--ann-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="Which measurements (cli needs update)."
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     facts = host.collect_in_subprocess()
@@ -210,28 +225,31 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="aimv2-bench-search-"))
     try:
         with host.OthersCpu() as others:
-            big = unit_vectors(work / "vectors.npy", args.rows, seed=0)
-            report["exact"] = [
-                bench_exact(big[:100_000], args.queries),
-                bench_exact(big, args.queries),
-            ]
-            print("exact:", report["exact"], flush=True)
+            parts = args.parts.split(",")
+            if "exact" in parts:
+                big = unit_vectors(work / "vectors.npy", args.rows, seed=0)
+                report["exact"] = [
+                    bench_exact(big[:100_000], args.queries),
+                    bench_exact(big, args.queries),
+                ]
+                print("exact:", report["exact"], flush=True)
             model = aimv2_mlx.load("bundled")
-            report["update"] = [
-                bench_update(work, args.files // 10, model),
-                bench_update(work, args.files, model),
-            ]
-            print("update:", report["update"], flush=True)
-            try:
-                report["ann"] = bench_ann(args.ann_rows, args.queries)
-            except ImportError as exc:
-                report["ann"] = f"not measured: {exc}"
-            print("ann:", report["ann"], flush=True)
-            index = work / f"index-{args.files}"
-            report["cli"] = bench_cli(
-                index, next((work / f"photos-{args.files}").rglob("*.png")), model
-            )
-            print("cli:", report["cli"], flush=True)
+            if "update" in parts:
+                report["update"] = [
+                    bench_update(work, args.files // 10, model),
+                    bench_update(work, args.files, model),
+                ]
+                print("update:", report["update"], flush=True)
+            if "ann" in parts:
+                try:
+                    report["ann"] = bench_ann(args.ann_rows, args.queries)
+                except ImportError as exc:
+                    report["ann"] = f"not measured: {exc}"
+                print("ann:", report["ann"], flush=True)
+            if "cli" in parts:
+                example = next((work / f"photos-{args.files}").rglob("*.png"))
+                report["cli"] = bench_cli(work / f"index-{args.files}", example, model)
+                print("cli:", report["cli"], flush=True)
         report["other_cpus_busy"] = others.cpus
         print(f"other processes kept {others.cpus:.2f} CPUs busy meanwhile", flush=True)
     finally:
