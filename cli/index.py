@@ -45,8 +45,7 @@ def index(
         False, "--json", help="Print the counts as one JSON object on stdout."
     ),
 ) -> None:
-    """Index images for `aimv2 search` and `aimv2 dupes`; re-run to update (only new and changed
-    files are embedded; moved ones are found by their content)."""
+    """Index images for search and dupes; a re-run embeds only new and changed files."""
     inputs, output = [expand(path) for path in inputs], expand(output)
     Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():

@@ -34,7 +34,7 @@ def search(
     ann: bool = typer.Option(
         False,
         "--ann",
-        help="Approximate search (HNSW; needs the ann extra: pip install 'aimv2-mlx[ann]').",
+        help="Approximate search (an HNSW graph; needs the ann extra, usearch).",
     ),
     as_json: bool = typer.Option(
         False, "--json", help='Print {"results": [{"path", "score"}, ...]}.'
