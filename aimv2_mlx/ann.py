@@ -15,7 +15,7 @@ from .shards import atomic_write
 
 CONNECTIVITY = 16  # graph degree (HNSW's M)
 EXPANSION_ADD = 64  # candidates kept while inserting (efConstruction)
-EXPANSION_SEARCH = 512  # candidates kept while searching (ef): recall@10 0.96 at 100 k (bench/search.py)
+EXPANSION_SEARCH = 512  # candidates kept while searching (ef): recall@10 0.96 at 100 k rows
 
 
 def _usearch():
