@@ -53,19 +53,34 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
         from .model import load_default
 
         model = load_default()
-    _check_choice("pool", pool, POOLS)
-    check_megapixel_limit(max_megapixels)
-    batch_size = _batch_size(model, batch_size)
-    work = partial(decode, config=model.model_config.preprocess,
-                   patch_size=model.model_config.vision.patch_size, max_megapixels=max_megapixels)
     outputs = []
-    for good, pixels, failed in batches(decoded(list(images), work, workers), batch_size):
+    for good, vectors, failed in embed_batches(list(images), model, batch_size=batch_size, pool=pool,
+                                               normalize=normalize, max_megapixels=max_megapixels,
+                                               workers=workers):
         if failed:
             raise ImageError(f"{name_of(failed[0].source)}: {failed[0].error}")
-        outputs.append(_vectors(model, pixels, pool, normalize)[: len(good)])
+        outputs.append(vectors)
     if not outputs:
         return np.zeros((0, model.model_config.vision.hidden_size), np.float32)
     return np.concatenate(outputs)
+
+
+def embed_batches(sources: Iterable, model, *, batch_size: int = 8, pool: str = "mean",
+                  normalize: bool = False, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+                  workers: int = 0):
+    """Yield (good, vectors, failed) per batch: the decoding, batching and pooling of `embed`,
+    for callers (the search index) that keep their own per-file records. Failures are yielded,
+    never raised; `vectors` is float32 with one row per `good` entry."""
+    _check_choice("pool", pool, POOLS)
+    check_megapixel_limit(max_megapixels)
+    config = model.model_config
+    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
+                   max_megapixels=max_megapixels)
+    stream = decoded(sources, work, workers)
+    with contextlib.closing(stream):
+        for good, pixels, failed in batches(stream, _batch_size(model, batch_size)):
+            vectors = _vectors(model, pixels, pool, normalize)[: len(good)] if good else None
+            yield good, vectors, failed
 
 
 @dataclass

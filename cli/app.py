@@ -7,7 +7,8 @@ import typer
 
 import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 
-from . import classify, convert, data, embed, export, info, lit, pretrain, probe, tokenizer
+from . import (classify, convert, data, dupes, embed, export, index, info, lit, pretrain, probe,
+               search, tokenizer)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.")
@@ -34,6 +35,9 @@ app.command("classify")(classify.classify)
 app.command("pretrain")(pretrain.pretrain)
 app.command("lit")(lit.lit)
 app.command("export")(export.export)
+app.command("index")(index.index)
+app.command("search")(search.search)
+app.command("dupes")(dupes.dupes)
 app.add_typer(data.app, name="data")
 app.add_typer(tokenizer.app, name="tokenizer")
 

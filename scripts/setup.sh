@@ -22,9 +22,10 @@ if [ "$(uname -s)" = Linux ]; then
   extras+=(cpu)
 fi
 extras+=("$@")
-# The test extra's real data: Fashion-MNIST from Debian (tests skip with a reason where it is absent).
+# The test extra's real data: Fashion-MNIST from Debian, and Chromium to open search contact sheets
+# headless (tests skip with a reason where either is absent).
 for extra in "$@"; do
-  if [ "$extra" = test ]; then apt_install dataset-fashion-mnist; fi
+  if [ "$extra" = test ]; then apt_install dataset-fashion-mnist chromium; fi
 done
 
 PYTHON=${PYTHON:-python3}

@@ -30,6 +30,9 @@ HOME = {
     "data shapes": ("Pre-training", "`aimv2 pretrain`"),
     "tokenizer train": ("Pre-training", "`aimv2 pretrain`"),
     "lit": ("LiT-tuning", "`aimv2 lit`"),
+    "index": ("Search your photos",),
+    "search": ("Search your photos",),
+    "dupes": ("Search your photos",),
 }
 
 
