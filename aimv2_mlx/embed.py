@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from . import distributed
 from .data.pipeline import batches, decode, decoded, name_of
 from .data.sources import discover
-from .folders import is_empty, locked
+from .folders import TEMPORARY, is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 
@@ -37,7 +37,6 @@ SETTINGS = ("model", "preprocess", "max_megapixels", "pool", "normalize", "dtype
 TOOL = "aimv2 embed"
 # The only names an embedding folder's files have; nothing else there is ever deleted.
 OWNED = re.compile(r"shard-\d{5}\.(npy|safetensors|parquet|done\.json)|failures\.jsonl")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")
 
 
 def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: str = "mean",

@@ -18,6 +18,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .folders import atomic_write
+
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 CONTEXT_LENGTH = 77
@@ -131,13 +133,7 @@ class CaptionTokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path).expanduser()
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            self.tokenizer.save(str(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a refused or interrupted save leaves nothing behind
-            raise
+        atomic_write(path, lambda tmp: self.tokenizer.save(str(tmp)))
         return path
 
 

@@ -8,14 +8,13 @@ naming missing files are excluded and listed); problems that leave nothing to tr
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..data.sources import IMAGE_SUFFIXES, images_under
-from ..folders import naming_full_disk
+from ..folders import write_json
 
 
 class ProbeDataError(ValueError):
@@ -139,7 +138,4 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
 def save_split(path: Path, splits: dict[str, LabelledImages], settings: dict) -> None:
     record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels)]
                              for name, data in splits.items()}}
-    tmp = path.with_suffix(".json.tmp")
-    with naming_full_disk(path):
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
+    write_json(path, record, indent=1)

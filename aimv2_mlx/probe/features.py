@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.pipeline import batches, decode, decoded
 from ..embed import model_identity
-from ..folders import naming_full_disk
+from ..folders import atomic_write
 from ..images import DEFAULT_MAX_MEGAPIXELS
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
@@ -141,8 +141,9 @@ def _read(path: Path, count: int) -> Features | None:
 
 def _write(path: Path, features: Features) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_full_disk(path):
+
+    def save(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
-        os.replace(tmp, path)
+
+    atomic_write(path, save)

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..embed import model_identity
-from ..folders import naming_full_disk
+from ..folders import atomic_write, naming_full_disk, write_json
 from ..images import ImageError
 from ..layers import block_indices
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
@@ -139,10 +139,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
                            f"{name} probe: top-1 {metrics['top1']:.3f}")
     _save_heads(output, heads, {name: m["val_accuracy"] for name, m in report["heads"].items()}, classes, model,
                 kind, settings)
-    tmp = output / "metrics.json.tmp"
-    with naming_full_disk(output / "metrics.json"):
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, output / "metrics.json")
+    write_json(output / "metrics.json", report)
     return report
 
 
@@ -171,10 +168,7 @@ def _splits(train, val, test, settings: ProbeSettings, log) -> tuple[dict[str, L
 
 
 def _write_failures(path: Path, failures: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_full_disk(path):
-        tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-        os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(f) + "\n" for f in failures)))
 
 
 def validation_accuracy(chosen: dict) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..folders import naming_full_disk
+from ..folders import atomic_folder, atomic_write, naming_full_disk
 from ..model import save as save_encoder
 
 LATEST = "latest"
@@ -32,23 +32,18 @@ FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensor
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
     folder = run / "checkpoints" / f"step-{step:08d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with naming_full_disk(tmp / "encoder"):
-        save_encoder(model.encoder, tmp / "encoder")
-    for name, tree in (("decoder.safetensors", model.decoder.parameters()), ("optimizer.safetensors", optimizer.state)):
-        with naming_full_disk(folder / name):
-            mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
-    sizes = {name: (tmp / name).stat().st_size for name in FILES}
-    with naming_full_disk(folder / "state.json"):
+    with atomic_folder(folder) as tmp:
+        with naming_full_disk(folder / "encoder"):
+            save_encoder(model.encoder, tmp / "encoder")
+        for name, tree in (("decoder.safetensors", model.decoder.parameters()),
+                           ("optimizer.safetensors", optimizer.state)):
+            with naming_full_disk(folder / name):
+                mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
+        sizes = {name: (tmp / name).stat().st_size for name in FILES}
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    pointer = run / "checkpoints" / (LATEST + ".tmp")
-    with naming_full_disk(pointer):
-        pointer.write_text(folder.name + "\n")
-    os.replace(pointer, run / "checkpoints" / LATEST)
+        if folder.exists():  # a resumed run that went back past this step: the old one is replaced
+            shutil.rmtree(folder)
+    atomic_write(run / "checkpoints" / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
     older = [path for s, path in checkpoints(run) if s < step]
     for old in older[keep - 1:] if keep else []:  # the newest `keep` up to this step stay
         shutil.rmtree(old, ignore_errors=True)
