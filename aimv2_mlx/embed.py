@@ -29,6 +29,7 @@ from .data.sources import discover
 from .folders import TEMPORARY, is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
+from .vectors import l2_normalize
 
 POOLS = ("mean", "tokens", "head")
 DTYPES = ("float32", "float16")
@@ -194,7 +195,7 @@ def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarra
         out = model.encode_image(x) if hasattr(model, "encode_image") else model.pool(x)
     out = out.astype(mx.float32)
     if normalize:
-        out = out / mx.linalg.norm(out, axis=-1, keepdims=True)
+        out = l2_normalize(out)
     return np.array(out)
 
 

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from .images import ImageInput, open_image, to_pixels
-from .lit import l2_normalize
 from .tokenizer import ClipTokenizer
+from .vectors import l2_normalize, softmax
 
 # Six of the seven prompts CLIP's authors selected for ImageNet ("Prompt Engineering for
 # ImageNet" notebook; "a origami {}." left out) plus the plain "a photo of a {}.".
@@ -93,11 +93,6 @@ def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[s
               batch_size: int = 8) -> np.ndarray:
     """float32 (N, C) probabilities of each label for each image; the tokenizer defaults to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
-    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _pixel_batches(images: list, model, batch_size: int):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .linear import l2_normalize
+from ..vectors import l2_normalize
 
 DEFAULT_KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..vectors import l2_normalize
+
 DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
 
 
@@ -28,10 +30,6 @@ class LinearHead:
         """Class logits (N, C)."""
         x = l2_normalize(features) if self.normalize else features
         return x @ self.weight + self.bias
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float = 1.0,

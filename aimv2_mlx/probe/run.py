@@ -23,6 +23,7 @@ from ..embed import model_identity
 from ..folders import atomic_write, naming_full_disk, write_json
 from ..images import ImageError
 from ..layers import block_indices
+from ..vectors import softmax
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import extract, features_for
@@ -251,9 +252,7 @@ class LoadedProbe:
             return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
         logits = (head.scores(features.mean(axis=1) if features.ndim == 3 else features)
                   if isinstance(head, LinearHead) else head_scores(head, features))
-        logits = logits - logits.max(1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(1, keepdims=True)
+        return softmax(logits)
 
 
 def load_probe(folder: str | os.PathLike) -> LoadedProbe:
