@@ -83,6 +83,28 @@ def test_captioned_sources(tmp_path):
     assert [shards[i][1] for i in range(2)] == ["first", "second"]
 
 
+
+def test_a_pretraining_tar_takes_every_image_type_a_folder_takes(tmp_path):
+    formats = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF", ".tif": "TIFF",
+               ".tiff": "TIFF"}
+    (tmp_path / "folder").mkdir()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, (suffix, fmt) in enumerate(formats.items()):
+            buffer = io.BytesIO()
+            Image.new("RGB", (20, 16), (30 * i, 90, 200)).save(buffer, fmt)
+            files = {f"{i:04d}{suffix}": buffer.getvalue(), f"{i:04d}.txt": f"a {fmt} file".encode()}
+            for name, data in files.items():
+                (tmp_path / "folder" / name).write_bytes(data)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    folder, shard = load_captioned(tmp_path / "folder"), load_captioned(tmp_path / "00000.tar")
+    assert len(folder) == len(formats)
+    assert [s.name.split(":")[-1] for s in shard.samples] == [s.name for s in folder.samples]
+    for i in range(len(formats)):
+        (from_folder, caption), (from_tar, same) = folder[i], shard[i]
+        assert caption == same and np.array_equal(np.asarray(from_folder), np.asarray(from_tar))
+
 def test_captioned_bad_input_names_the_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"path": "a.png"}\n')
     with pytest.raises(CaptionDataError, match=r"bad.jsonl:1: needs 'path' and 'caption'"):

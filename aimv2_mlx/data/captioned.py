@@ -19,9 +19,7 @@ from PIL import Image
 
 from ..folders import open_regular
 from ..images import ImageError, open_image
-from .sources import images_under
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from .sources import IMAGE_SUFFIXES, images_under
 
 
 class CaptionDataError(ValueError):

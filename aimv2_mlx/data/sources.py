@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ..folders import open_regular
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
+# Every image source (folders, lists, tars, captioned data) takes these; the order is the preference
+# when a WebDataset sample holds several images under one key.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif")
 
 
 @dataclass(frozen=True)
