@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 
 from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.objective import OBJECTIVES
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
-from aimv2_mlx.train.config import PRESETS, RESUMABLE, PretrainConfig
+from aimv2_mlx.train.config import RESUMABLE, SIZES, PretrainConfig
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
 
 from .errors import one_line_errors
@@ -24,7 +25,7 @@ def pretrain(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
-    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)}."),
+    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(SIZES)}."),
     objective: str = typer.Option("multimodal", help="multimodal | image | caption (the paper's ablation)."),
     steps: int = typer.Option(1000, help="Total optimizer steps (the cosine schedule's length)."),
     batch_size: int = typer.Option(32, "-b", "--batch-size", help="Images per micro-batch per process."),
@@ -136,8 +137,8 @@ def _override(config, **values):
 
 
 def _check(config: PretrainConfig) -> None:
-    if config.objective not in ("multimodal", "image", "caption"):
-        raise ValueError(f"unknown objective {config.objective!r}: use multimodal, image or caption")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {config.objective!r}: use {', '.join(OBJECTIVES)}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
     for part in (config.encoder, config.decoder):

@@ -13,14 +13,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DecoderConfig, EncoderConfig, _build, check_tower
+from ..config import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, EncoderConfig, _build, check_tower
 
-# name: (width, depth, heads, SwiGLU hidden, image size)
-PRESETS = {
-    "tiny": (128, 4, 2, 384, 112),
-    "small": (384, 12, 3, 1024, 224),
-    "base": (768, 12, 6, 2048, 224),
-    "large": (1024, 24, 8, 2816, 224),
+
+@dataclass(frozen=True)
+class EncoderSize:
+    """What a `--preset` fixes: the encoder's width, depth, heads, SwiGLU hidden size, image size."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    image_size: int
+
+
+SIZES = {
+    "tiny": EncoderSize(128, 4, 2, 384, 112),
+    "small": EncoderSize(384, 12, 3, 1024, 224),
+    "base": EncoderSize(768, 12, 6, 2048, 224),
+    "large": EncoderSize(1024, 24, 8, 2816, 224),
 }
 
 # What a resumed run may change: its length (the schedule follows it) and when it logs, samples
@@ -51,8 +62,8 @@ class PretrainConfig:
     compile: bool = True
     seed: int = 0
     crop_scale: tuple[float, float] = (0.4, 1.0)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     # Every 100 steps: below the README's 250-step example run, so an interrupted or crashed
     # laptop run keeps its progress; `checkpoint_minutes` bounds the loss for slow, large runs.
     checkpoint_every: int = 100
@@ -62,10 +73,9 @@ class PretrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, **overrides) -> "PretrainConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
-        width, depth, heads, hidden, size = PRESETS[name]
-        encoder = EncoderConfig(width, depth, heads, hidden, image_size=size)
+        if name not in SIZES:
+            raise ValueError(f"unknown preset {name!r}: use {', '.join(SIZES)}")
+        encoder = EncoderConfig(**dataclasses.asdict(SIZES[name]))
         decoder = DecoderConfig.for_encoder(encoder, vocab_size, context_length)
         return cls(preset=name, encoder=encoder, decoder=decoder, **overrides)
 
