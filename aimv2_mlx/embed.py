@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import distributed
-from .data.pipeline import batches, decode, decoded, name_of
+from .data.pipeline import batches, decode_image, map_in_order, name_of
 from .data.sources import discover
 from .folders import TEMPORARY, is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput
@@ -54,10 +54,10 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
         model = load_default()
     _check_choice("pool", pool, POOLS)
     batch_size = _batch_size(model, batch_size)
-    work = partial(decode, config=model.model_config.preprocess,
+    work = partial(decode_image, config=model.model_config.preprocess,
                    patch_size=model.model_config.vision.patch_size, max_megapixels=max_megapixels)
     outputs = []
-    for good, pixels, failed in batches(decoded(list(images), work, workers), batch_size):
+    for good, pixels, failed in batches(map_in_order(list(images), work, workers), batch_size):
         if failed:
             raise ImageError(f"{name_of(failed[0].source)}: {failed[0].error}")
         outputs.append(_vectors(model, pixels, pool, normalize)[: len(good)])
@@ -165,9 +165,9 @@ def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: l
                   pool: str, normalize: bool, dtype: str, fmt: str, max_megapixels, workers: int, progress) -> None:
     """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
     config = model.model_config
-    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
+    work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
                    max_megapixels=max_megapixels)
-    stream = decoded((item for i in todo for item in shards[i]), work, workers)
+    stream = map_in_order((item for i in todo for item in shards[i]), work, workers)
     total = sum(len(shards[i]) for i in todo)
     done = failed_so_far = 0
     with contextlib.closing(stream):

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..data.pipeline import batches, decode, decoded
+from ..data.pipeline import batches, decode_image, map_in_order
 from ..embed import model_identity
 from ..folders import atomic_write
 from ..images import DEFAULT_MAX_MEGAPIXELS
@@ -97,9 +97,9 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
             raise ValueError("patch-token features need a fixed-resolution model (native token counts vary)")
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
-    work = lambda source: decode(source, config.preprocess, config.vision.patch_size, max_megapixels)  # noqa: E731
+    work = lambda source: decode_image(source, config.preprocess, config.vision.patch_size, max_megapixels)  # noqa: E731
     rows, kept, failures = [], [], []
-    for good, pixels, failed in batches(decoded(paths, work, workers), batch_size):
+    for good, pixels, failed in batches(map_in_order(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)
         if good:
             tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
