@@ -30,7 +30,7 @@ from ..config import ModelConfig, PreprocessConfig
 from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
-from ..folders import is_empty, locked, naming_full_disk
+from ..folders import is_empty, locked, naming_full_disk, write_json
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
 from .batches import BatchPlan
@@ -117,15 +117,20 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     `TrainingInterrupted` after saving a checkpoint at the step just finished."""
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
-    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    rank = group.rank() if group is not None else 0
     if changes and not resume:
         raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
         raise ValueError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
                          f"only {', '.join(RESUMABLE)} can change")
-    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                  changes or {})
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
+    if rank == 0 and not resume:
+        check_new_run(out)  # before rank 0 takes the folder's lock (and so creates it)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        return _run(data, out, config, tokenizer, resume=resume, until=until, group=group, echo=echo,
+                    strict=strict, allow_data_change=allow_data_change, changes=changes or {})
 
 
 def check_new_run(out: Path) -> None:
@@ -145,18 +150,6 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
     return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
-
-
-def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-           strict: bool = False, allow_data_change: bool = False, changes: dict | None = None) -> dict:
-    """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
-    if resume and not (out / "config.json").is_file():
-        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
-    if rank == 0 and not resume:
-        check_new_run(out)
-    with locked(out) if rank == 0 else contextlib.nullcontext():
-        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                    changes or {})
 
 
 def data_identity(source) -> dict:
@@ -207,8 +200,10 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
     return new
 
 
-def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-         strict: bool, allow_data_change: bool, changes: dict) -> dict:
+def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionTokenizer | None, *, resume: bool,
+         until: int | None, group, echo, strict: bool, allow_data_change: bool, changes: dict) -> dict:
+    """The body of `pretrain`, on one rank of `group` (None: a single process)."""
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
@@ -246,8 +241,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
             with naming_full_disk(out / "config.json"):
                 config.save(out / "config.json")
     if rank == 0:
-        with naming_full_disk(out / DATA):
-            (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
+        write_json(out / DATA, identity)
     if resume and rank == 0:
         logs.truncate(out / "log.jsonl", start)
         logs.truncate(out / FAILURES, start)
