@@ -17,9 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..folders import open_regular
 from ..images import ImageError, open_image
-from .sources import IMAGE_SUFFIXES, images_under
+from .sources import IMAGE_SUFFIXES, images_under, read_member
 
 
 class CaptionDataError(ValueError):
@@ -56,11 +55,7 @@ class CaptionedImages:
             return open_image(sample.path), sample.caption
         name = f"{sample.path}:{sample.member}"
         try:
-            with open_regular(sample.path) as tar:
-                if sample.offset + sample.size > os.fstat(tar.fileno()).st_size:
-                    raise ImageError(f"{name}: the tar ends inside this member")
-                tar.seek(sample.offset)
-                data = tar.read(sample.size)
+            data = read_member(sample.path, sample.offset, sample.size)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
         return open_image(io.BytesIO(data), name=name), sample.caption
