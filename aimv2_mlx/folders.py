@@ -103,6 +103,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, data, indent: int = 2) -> None:
+    """`data` as JSON text at `path`, atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent) + "\n"))
 
 

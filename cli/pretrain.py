@@ -26,7 +26,7 @@ def pretrain(
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
     preset: str = typer.Option("tiny", help=f"Model size: {', '.join(SIZES)}."),
-    objective: str = typer.Option("multimodal", help="multimodal | image | caption (the paper's ablation)."),
+    objective: str = typer.Option("multimodal", help=f"{' | '.join(OBJECTIVES)} (the paper's ablation)."),
     steps: int = typer.Option(1000, help="Total optimizer steps (the cosine schedule's length)."),
     batch_size: int = typer.Option(32, "-b", "--batch-size", help="Images per micro-batch per process."),
     accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
