@@ -58,7 +58,7 @@ def bare_step(run: Path, steps: int, warmup: int) -> list[float]:
         pixels = rng.standard_normal((b, size, size, 3), dtype=np.float32)
         ids = rng.integers(1, vocab, size=(b, context)).astype(np.int32)
         prefix = sample_prefix_lengths(rng, b, n)
-        batch = StepBatch([MicroBatch(pixels, ids, prefix)], pixel_count(prefix, n),
+        batch = StepBatch([MicroBatch(pixels, ids, prefix, np.arange(b))], pixel_count(prefix, n),
                           text_count(ids, (0,)))
         began = time.perf_counter()
         step(batch)

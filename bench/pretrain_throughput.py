@@ -77,7 +77,7 @@ def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) ->
     for i in range(warmup + iters):
         prefix = sample_prefix_lengths(rng, batch, n)
         micro = MicroBatch(rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-                           rng.integers(1, VOCAB, size=(batch, CONTEXT)).astype(np.int32), prefix)
+                           rng.integers(1, VOCAB, size=(batch, CONTEXT)).astype(np.int32), prefix, np.arange(batch))
         batch_data = StepBatch([micro], pixel_count(prefix, n), batch * CONTEXT)
         began = time.perf_counter()
         step(batch_data)

@@ -102,7 +102,7 @@ def _step_batch(step: int, config):
 
     b, size, n = config.batch_size, config.encoder.image_size, config.encoder.num_patches
     pixels, ids, prefix, pixel_n, text_n = synthetic_batch(step, b, size, n)
-    return StepBatch([MicroBatch(pixels, ids, prefix)], pixel_n, text_n)
+    return StepBatch([MicroBatch(pixels, ids, prefix, np.arange(b))], pixel_n, text_n)
 
 
 def worker_spec(args) -> dict:

@@ -213,7 +213,7 @@ def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng,
     ids = rng.integers(2, tok.vocab_size, size=(batch, config.decoder.context_length)).astype(np.int32)
     prefix = np.array([1, 3, 2, 1][:batch], dtype=np.int32)
     n = config.encoder.num_patches
-    batch_data = StepBatch([MicroBatch(pixels, ids, prefix)], pixel_count(prefix, n),
+    batch_data = StepBatch([MicroBatch(pixels, ids, prefix, np.arange(batch))], pixel_count(prefix, n),
                            text_count(ids, tok.ignore_ids))
     results = []
     for backend in (False, True):

@@ -24,7 +24,7 @@ def test_shapes_are_deterministic_and_captions_name_the_labels():
         image, caption, labels = shapes.make_sample(3, i, 56)
         again, caption2, _ = shapes.make_sample(3, i, 56)
         assert np.array_equal(np.asarray(image), np.asarray(again)) and caption == caption2
-        assert caption.startswith(f"a ") and f"{labels['color']} {labels['shape']}" in caption.split(" above ")[0] \
+        assert caption.startswith("a ") and f"{labels['color']} {labels['shape']}" in caption.split(" above ")[0] \
             .split(" below ")[0].split(" left of ")[0].split(" right of ")[0]
         assert caption.count(" a ") + 1 == int(labels["count"])
     assert not np.array_equal(np.asarray(shapes.make_sample(3, 0)[0]), np.asarray(shapes.make_sample(4, 0)[0]))

@@ -28,6 +28,7 @@ class MicroBatch:
     pixels: np.ndarray  # (B, H, W, 3) float32
     input_ids: np.ndarray  # (B, T) int32
     prefix_lengths: np.ndarray  # (B,) int32
+    indices: np.ndarray  # sample indices, for the record
 
 
 @dataclass
@@ -99,7 +100,8 @@ class BatchPlan:
             where = [self._sample(start + lo + j) for j in range(B)]
             loaded = list(self._pool.map(lambda ei: self._load(*ei), where))
             ids = self.tokenizer.encode([caption for _, caption, _ in loaded])
-            micro.append(MicroBatch(np.stack([p for p, _, _ in loaded]), ids, prefixes[lo:lo + B]))
+            micro.append(MicroBatch(np.stack([p for p, _, _ in loaded]), ids, prefixes[lo:lo + B],
+                                    np.array([i for _, i in where])))
             failures += [dict(f, step=step + 1) for _, _, found in loaded for f in found]
         return StepBatch(micro, sum(pixel_count(m.prefix_lengths, self.num_patches) for m in micro),
                          sum(text_count(m.input_ids, self.tokenizer.ignore_ids) for m in micro), failures)
