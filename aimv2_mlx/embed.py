@@ -24,12 +24,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import distributed
-from .data.pipeline import batches, decode, decoded, name_of
+from .data.pipeline import batches, decode_image, map_in_order, name_of
 from .data.sources import discover
 from .errors import SettingError
-from .folders import is_empty, locked
+from .folders import TEMPORARY, is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput, check_megapixel_limit
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
+from .vectors import l2_normalize
 
 POOLS = ("mean", "tokens", "head")
 DTYPES = ("float32", "float16")
@@ -38,7 +39,6 @@ SETTINGS = ("model", "preprocess", "max_megapixels", "pool", "normalize", "dtype
 TOOL = "aimv2 embed"
 # The only names an embedding folder's files have; nothing else there is ever deleted.
 OWNED = re.compile(r"shard-\d{5}\.(npy|safetensors|parquet|done\.json)|failures\.jsonl")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")
 
 
 def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: str = "mean",
@@ -74,9 +74,9 @@ def embed_batches(sources: Iterable, model, *, batch_size: int = 8, pool: str = 
     _check_choice("pool", pool, POOLS)
     check_megapixel_limit(max_megapixels)
     config = model.model_config
-    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
+    work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
                    max_megapixels=max_megapixels)
-    stream = decoded(sources, work, workers)
+    stream = map_in_order(sources, work, workers)
     with contextlib.closing(stream):
         for good, pixels, failed in batches(stream, _batch_size(model, batch_size)):
             vectors = _vectors(model, pixels, pool, normalize)[: len(good)] if good else None
@@ -183,9 +183,9 @@ def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: l
                   pool: str, normalize: bool, dtype: str, fmt: str, max_megapixels, workers: int, progress) -> None:
     """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
     config = model.model_config
-    work = partial(decode, config=config.preprocess, patch_size=config.vision.patch_size,
+    work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
                    max_megapixels=max_megapixels)
-    stream = decoded((item for i in todo for item in shards[i]), work, workers)
+    stream = map_in_order((item for i in todo for item in shards[i]), work, workers)
     total = sum(len(shards[i]) for i in todo)
     done = failed_so_far = 0
     with contextlib.closing(stream):
@@ -213,7 +213,7 @@ def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarra
         out = model.encode_image(x) if hasattr(model, "encode_image") else model.pool(x)
     out = out.astype(mx.float32)
     if normalize:
-        out = out / mx.linalg.norm(out, axis=-1, keepdims=True)
+        out = l2_normalize(out)
     return np.array(out)
 
 

@@ -1,5 +1,6 @@
-"""Output folders a command owns: refuse foreign ones, lock them while a run writes, and name the
-file when the disk is full. Input files are opened only when they are regular files.
+"""Output folders a command owns: refuse foreign ones, lock them while a run writes, write files
+and folders atomically, and name the file when the disk is full. Input files are opened only when
+they are regular files.
 """
 
 from __future__ import annotations
@@ -7,13 +8,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
 from .errors import Aimv2Error
 
 LOCK = ".aimv2.lock"
+# `.NAME.tmp-PID`: what `atomic_write` / `atomic_folder` build before the rename onto NAME.
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -77,8 +83,61 @@ def naming_full_disk(path: Path):
         raise
     except OSError as exc:
         if exc.errno in _FULL:
-            raise DiskFullError(f"{path}: cannot write, the disk is full ({os.strerror(exc.errno)})") from None
+            raise _disk_full(path, exc.errno) from None
         raise
+
+
+def temporary_path(path: Path) -> Path:
+    """The hidden name beside `path` a write builds under (it matches `TEMPORARY`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)`, then rename onto `path`: readers never see a partial file, and a failed
+    or interrupted write leaves what was there before."""
+    tmp = temporary_path(path)
+    try:
+        with naming_full_disk(path):
+            write(tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data, indent: int = 2) -> None:
+    """`data` as JSON text at `path`, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent) + "\n"))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path):
+    """`with atomic_folder(path) as tmp:` fill `tmp`; it is renamed onto `path` when the block
+    succeeds and removed when it fails (Ctrl-C included), so `path` is complete or as it was.
+    `path` must not exist or be empty by the end of the block. A full disk raises one
+    `DiskFullError` naming the file under `path` that could not be written."""
+    tmp = temporary_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            written = Path(exc.filename) if exc.filename else tmp
+            where = path / written.relative_to(tmp) if written.is_relative_to(tmp) else path
+            raise _disk_full(where, exc.errno) from None
+        with naming_full_disk(path):
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _disk_full(path: Path, number: int) -> DiskFullError:
+    reason = os.strerror(number)
+    return DiskFullError(f"{path}: cannot write, the disk is full ({reason[0].lower()}{reason[1:]})")
 
 
 def open_regular(path: str | os.PathLike):

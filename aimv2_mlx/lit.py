@@ -10,6 +10,7 @@ import mlx.nn as nn
 from .config import ModelConfig, TextConfig
 from .encoder import VisionEncoder
 from .layers import Transformer
+from .vectors import l2_normalize
 
 
 class TextPreprocessor(nn.Module):
@@ -85,7 +86,3 @@ class LiT(nn.Module):
         per_text = self.logit_scale() * text @ image.T
         return per_text.T, per_text
 
-
-def l2_normalize(x: mx.array) -> mx.array:
-    """Unit vectors along the last axis (the CLIP-style embedding space)."""
-    return x / mx.linalg.norm(x, axis=-1, keepdims=True)

@@ -20,8 +20,8 @@ from .encoder import VisionEncoder
 from .errors import Aimv2Error
 from .lit import LiT
 from .quantize import dequantize_model, quantize_model
-from .weights import (CheckpointError, Recipe, check_config_matches, check_tensors, detect_layout,
-                      infer_config, plan, read_json)
+from .weights import (PICKLE_PATTERNS, CheckpointError, Recipe, check_config_matches, check_tensors,
+                      detect_layout, infer_config, plan, read_json)
 
 if TYPE_CHECKING:
     from .convert.checkpoint import Checkpoint
@@ -32,7 +32,6 @@ BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-shapes"
 # pinned revisions hold the same weights twice (torch and MLX files): the MLX copy is skipped.
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 HUB_IGNORE = ["mlx_model.safetensors"]
-PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
 
 
 class ModelNotFoundError(Aimv2Error, FileNotFoundError):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SettingError
-from .folders import naming_full_disk
+from .folders import atomic_write, naming_full_disk, write_json  # noqa: F401  (shard writers take both from here)
 
 FORMATS = ("npy", "safetensors", "parquet")
 METADATA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
@@ -25,21 +25,6 @@ METADATA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming_full_disk(path):
-            write(tmp)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_shard(folder: Path, index: int, vectors: np.ndarray, metadata: dict, fmt: str) -> list[str]:

@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import SettingError, UnusableFileError
+from .folders import atomic_write
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"

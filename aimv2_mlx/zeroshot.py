@@ -17,9 +17,10 @@ import numpy as np
 from .errors import SettingError, UnusableFileError
 
 from .images import ImageInput, open_image, to_pixels
-from .lit import l2_normalize
 from .text_embed import embed_texts, model_tokenizer
+from .vectors import l2_normalize
 from .tokenizer import ClipTokenizer
+from .vectors import l2_normalize, softmax
 
 # Six of the seven prompts CLIP's authors selected for ImageNet ("Prompt Engineering for
 # ImageNet" notebook; "a origami {}." left out) plus the plain "a photo of a {}.".
@@ -97,11 +98,6 @@ def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[s
     """float32 (N, C) probabilities of each label for each image; the templates default to the
     model folder's `templates.txt` or CLIP's, the tokenizer to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
-    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _pixel_batches(images: list, model, batch_size: int):

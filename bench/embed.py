@@ -29,23 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import host
+from encoder import PRESET  # the model both throughput benches measure
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder import PRESET, _cpu_busy_seconds, _machine  # noqa: E402
-
 SIZES = [(1920, 1080), (2048, 1536), (3000, 2000), (4032, 3024)]
-
-
-def _emit(result: dict) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 def mode_prepare(args) -> None:
@@ -79,7 +73,7 @@ def mode_prepare(args) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
         total += path.stat().st_size
-    _emit({"images": args.images, "megabytes": total / 1e6})
+    host.emit({"images": args.images, "megabytes": total / 1e6})
 
 
 def mode_encoder(args) -> None:
@@ -97,8 +91,8 @@ def mode_encoder(args) -> None:
     for _ in range(args.encoder_batches):
         mx.eval(model.embed(pixels))
     seconds = time.perf_counter() - start
-    _emit({"img_per_s": args.batch * args.encoder_batches / seconds, "seconds": seconds,
-           "images": args.batch * args.encoder_batches})
+    host.emit({"img_per_s": args.batch * args.encoder_batches / seconds, "seconds": seconds,
+                "images": args.batch * args.encoder_batches})
 
 
 def mode_embed(args) -> None:
@@ -109,8 +103,8 @@ def mode_embed(args) -> None:
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     summary = json.loads(proc.stdout)
-    _emit({"img_per_s": summary["images_per_s"], "seconds": summary["seconds"], "images": summary["processed"],
-           "command": " ".join(cmd[1:])})
+    host.emit({"img_per_s": summary["images_per_s"], "seconds": summary["seconds"], "images": summary["processed"],
+                "command": " ".join(cmd[1:])})
 
 
 def mode_torch(args) -> None:
@@ -144,33 +138,21 @@ def mode_torch(args) -> None:
             outputs.append(model(pixel_values=pixels).last_hidden_state.mean(dim=1).numpy())
     seconds = time.perf_counter() - start
     np.save(Path(args.dir) / "torch.npy", np.concatenate(outputs))
-    _emit({"img_per_s": len(files) / seconds, "seconds": seconds, "images": len(files),
-           "loader_workers": args.loader_workers, "threads": torch.get_num_threads()})
+    host.emit({"img_per_s": len(files) / seconds, "seconds": seconds, "images": len(files),
+                "loader_workers": args.loader_workers, "threads": torch.get_num_threads()})
 
 
 def _child(mode: str, env: dict | None = None, **options) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    busy0 = _cpu_busy_seconds()
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - start
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench mode {mode} failed (exit {proc.returncode})")
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
-    ours = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    result["others_cpu"] = max(0.0, (_cpu_busy_seconds() - busy0 - ours) / wall)
-    return result
+    return host.run_worker(cmd, f"bench mode {mode}", env)
 
 
 def drive(args) -> dict:
     import numpy as np
 
-    machine = _machine()
+    machine = host.collect_in_subprocess()
     print(f"machine: {machine.get('cpu')} ({machine.get('cores')} CPUs), versions {machine['versions']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="aimv2-bench-embed-") as folder:
         prep = _child("prepare", dir=folder, images=args.images)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,10 +64,6 @@ def flops_per_image(image_size=224, patch=14, dims=1024, depth=24, hidden=2816, 
 # --- child modes -----------------------------------------------------------------------------
 
 
-def _emit(result: dict) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 def mode_prepare(args) -> None:
     import numpy as np
     import torch
@@ -92,8 +87,8 @@ def mode_prepare(args) -> None:
     Aimv2VisionModel(config).eval().save_pretrained(args.dir)
     pixels = np.random.default_rng(0).standard_normal((args.batch, vision.image_size, vision.image_size, 3))
     np.save(Path(args.dir) / "pixels.npy", pixels.astype(np.float32))
-    _emit({"flops_per_image": flops_per_image(vision.image_size, vision.patch_size, vision.hidden_size,
-                                              vision.num_hidden_layers, vision.intermediate_size)})
+    host.emit({"flops_per_image": flops_per_image(vision.image_size, vision.patch_size, vision.hidden_size,
+                                                   vision.num_hidden_layers, vision.intermediate_size)})
 
 
 def _best_gflops(run, size, repeats) -> float:
@@ -134,7 +129,7 @@ def mode_roofline_mlx(args) -> None:
 
         result["mlx_gemm_gflops_streams"] = _best_gflops(concurrent, n, args.repeats) * len(streams)
         result["streams"] = len(streams)
-    _emit(result)
+    host.emit(result)
     del aimv2_mlx
 
 
@@ -146,7 +141,7 @@ def mode_roofline_torch(args) -> None:
     a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():
         gflops = _best_gflops(lambda: torch.mm(a, b), n, args.repeats)
-    _emit({"torch_gemm_gflops": gflops, "torch_threads": torch.get_num_threads()})
+    host.emit({"torch_gemm_gflops": gflops, "torch_threads": torch.get_num_threads()})
 
 
 def mode_mlx(args) -> None:
@@ -170,7 +165,7 @@ def mode_mlx(args) -> None:
             times.append(time.perf_counter() - start)
     out = Path(args.dir) / f"embedding-mlx-{args.dtype}.npy"
     np.save(out, np.array(embedding.astype(mx.float32)))
-    _emit({"times": times, "batch": args.batch, "embedding": str(out)})
+    host.emit({"times": times, "batch": args.batch, "embedding": str(out)})
 
 
 def mode_torch(args) -> None:
@@ -190,8 +185,8 @@ def mode_torch(args) -> None:
                 times.append(time.perf_counter() - start)
     out = Path(args.dir) / "embedding-torch.npy"
     np.save(out, embedding.numpy())
-    _emit({"times": times, "batch": args.batch, "threads": torch.get_num_threads(),
-           "attn_implementation": model.config._attn_implementation, "embedding": str(out)})
+    host.emit({"times": times, "batch": args.batch, "threads": torch.get_num_threads(),
+                "attn_implementation": model.config._attn_implementation, "embedding": str(out)})
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -202,19 +197,7 @@ def _child(mode: str, **options) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    start = time.perf_counter()
-    with host.OthersCpu() as others:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench mode {mode} failed (exit {proc.returncode})")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1][len("RESULT "):])
-    if others.cpus is not None:
-        result["others_cpu"] = others.cpus
-    result["wall_s"] = wall
-    return result
+    return host.run_worker(cmd, f"bench mode {mode}")
 
 
 def _machine() -> dict:

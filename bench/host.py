@@ -188,6 +188,26 @@ class OthersCpu:
                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
+def emit(result: dict) -> None:
+    """A worker's answer to its bench: one `RESULT {json}` line on stdout."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_worker(cmd: list[str], what: str, env: dict | None = None) -> dict:
+    """Run one bench worker process and return the last result it `emit`ted, with `others_cpu`
+    (see `OthersCpu`) and `wall_s`. A worker that fails or answers nothing stops the bench with its
+    output on stderr."""
+    start = time.perf_counter()
+    with OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return {**json.loads(lines[-1][len("RESULT "):]), "others_cpu": others.cpus, "wall_s": wall}
+
+
 def summary(facts: dict) -> str:
     """One line for a report header."""
     return (f"{facts['cpu']} (family/model {facts['cpu_family_model']}, {facts['vector_isa']}, "

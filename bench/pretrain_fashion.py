@@ -23,11 +23,12 @@ from PIL import Image
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 from aimv2_mlx.data.augment import normalize
-from aimv2_mlx.probe import fashion_mnist
 from aimv2_mlx.probe.linear import train_linear
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
+
+import fashion_mnist  # bench/fashion_mnist.py, beside this script
 
 SIZE = 56
 

@@ -34,13 +34,12 @@ from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import ATTRIBUTES, read_labels, write_shapes
 from aimv2_mlx.images import open_image
 from aimv2_mlx.model import load
+from aimv2_mlx.objective import OBJECTIVES
 from aimv2_mlx.probe.linear import train_linear
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.export import export_encoder
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
-
-OBJECTIVES = ("multimodal", "image", "caption")
 
 
 def features(encoder, folder: Path, paths: list[str], batch: int = 64) -> np.ndarray:

@@ -57,7 +57,6 @@ def roofline() -> float:
 
 def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) -> dict:
     import aimv2_mlx  # noqa: F401
-    import mlx.core as mx
     import numpy as np
 
     from aimv2_mlx.objective import pixel_count, sample_prefix_lengths

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 import aimv2_mlx
-from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, fashion_mnist, probe
+from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe
+
+import fashion_mnist  # bench/fashion_mnist.py, beside this script
 
 
 def balanced_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:

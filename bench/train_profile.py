@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -257,7 +256,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         import aimv2_mlx  # noqa: F401  (loads the system BLAS before MLX)
 
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        host.emit(worker(args))
         return
     facts = host.collect_in_subprocess()
     print(f"host: {host.summary(facts)}; MLX side: {'plain MLX layers' if args.plain else 'CPU backend'}\n",
@@ -268,12 +267,7 @@ def main() -> None:
         batch = args.batch or BATCHES.get(preset, 8)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", preset, "--batch", str(batch),
                "--repeats", str(args.repeats)] + (["--plain"] if args.plain else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise SystemExit(f"train_profile {preset} failed (exit {proc.returncode})")
-        report["presets"].append(json.loads(lines[-1][len("RESULT "):]))
+        report["presets"].append(host.run_worker(cmd, f"train_profile {preset}"))
         print(markdown(report["presets"][-1]) + "\n", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -403,13 +402,7 @@ def _run(worker: str, args, **options) -> dict:
            "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--plain"] if args.plain else [])
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    with host.OthersCpu() as others:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"train_step worker {worker} {options} failed (exit {proc.returncode})")
-    return {**json.loads(lines[-1][len("RESULT "):]), "others_cpu": others.cpus}
+    return host.run_worker(cmd, f"train_step worker {worker} {options}")
 
 
 def _spec_file(folder: Path, args, preset: str, batch: int, depth: int = 0, warmup_steps: int = 100) -> tuple:
@@ -563,7 +556,7 @@ def main() -> None:
         if args.worker in MLX_WORKERS:
             sys.path.insert(0, str(ROOT))
             import aimv2_mlx  # noqa: F401  (loads the system BLAS before MLX)
-        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        host.emit(WORKERS[args.worker](args))
         return
     began = time.perf_counter()
     report = drive(args)

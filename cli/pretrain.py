@@ -11,8 +11,9 @@ import typer
 
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.errors import SettingError
+from aimv2_mlx.objective import OBJECTIVES
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
-from aimv2_mlx.train.config import DTYPES, PRESETS, RESUMABLE, PretrainConfig
+from aimv2_mlx.train.config import DTYPES, RESUMABLE, SIZES, PretrainConfig
 from aimv2_mlx.train.init import L3mStart
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run, pretrain as run_pretraining
 
@@ -38,8 +39,8 @@ def pretrain(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Run folder (config, tokenizer, logs, checkpoints)."),
-    preset: str = typer.Option(DEFAULTS["preset"], help=f"Model size: {', '.join(PRESETS)}."),
-    objective: str = typer.Option(DEFAULTS["objective"], help="multimodal | image | caption (the paper's ablation)."),
+    preset: str = typer.Option(DEFAULTS["preset"], help=f"Model size: {', '.join(SIZES)}."),
+    objective: str = typer.Option(DEFAULTS["objective"], help=f"{' | '.join(OBJECTIVES)} (the paper's ablation)."),
     steps: int = typer.Option(DEFAULTS["steps"], help="Total optimizer steps (the cosine schedule's length)."),
     batch_size: int = typer.Option(DEFAULTS["batch_size"], "-b", "--batch-size", help="Images per micro-batch per process."),
     accumulation: int = typer.Option(DEFAULTS["accumulation"], help="Micro-batches per optimizer step."),

@@ -18,13 +18,12 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from aimv2_mlx.weights import CheckpointError
+from aimv2_mlx.weights import PICKLE_PATTERNS, CheckpointError
 
 from .l3m import is_dcp_folder, open_training_checkpoint, refuse_dcp_folder
 from .safetensors_io import read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
-PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
 
 
 @dataclass

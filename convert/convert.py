@@ -9,12 +9,10 @@ and renamed into place at the end: a failure leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import mlx.nn as nn
 from aimv2_mlx import __version__
 from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
 from aimv2_mlx.errors import SettingError
+from aimv2_mlx.folders import atomic_folder
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
@@ -100,9 +99,7 @@ def convert(
     out_model = build(config)
     specs = _output_specs(out_model, recipes, checkpoint, dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         dtypes = {key: dtype for key, _, dtype in specs}
         shards, total = _write_shards(tmp, specs, _producer(out_model, recipes, checkpoint, dtypes), max_shard_bytes)
         config.save(tmp)
@@ -112,15 +109,6 @@ def convert(
         if not (tmp / "preprocessor_config.json").exists():
             (tmp / "preprocessor_config.json").write_text(json.dumps(config.preprocess.to_hub(), indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(config, output.name))
-        os.replace(tmp, output)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            written = Path(exc.filename) if exc.filename else tmp
-            where = output / written.relative_to(tmp) if written.is_relative_to(tmp) else output
-            reason = "no space left on device (the partial output was removed)"
-            raise OSError(errno.ENOSPC, reason, str(where)) from None
-        raise
     result = Conversion(output, config, shards, total)
     if verify:
         from .verify import verify_conversion

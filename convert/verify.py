@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from aimv2_mlx.vectors import l2_normalize
 from aimv2_mlx.weights import ours_for_transformers_key
 
 SEED = 0
@@ -110,10 +111,9 @@ def _fixed_ids(rng, text) -> np.ndarray:
 def _normalized(x) -> np.ndarray:
     import mlx.core as mx
 
-    x = np.array(x.astype(mx.float32))
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return l2_normalize(np.array(x.astype(mx.float32)))
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    return float((l2_normalize(a) * l2_normalize(b)).sum(1).min())

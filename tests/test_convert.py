@@ -26,6 +26,7 @@ from aimv2_mlx.convert import convert
 from aimv2_mlx.convert.safetensors_io import read_header
 
 from .conftest import timm_key, tiny_config
+from .torch_zips import evil_checkpoint
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 TOL = 1e-4
@@ -296,22 +297,10 @@ def _assert_clean_failure(result, tmp_path: Path, *needles: str) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "temporary folder left behind"
 
 
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_malicious_pth_is_refused_and_never_run(tmp_path):
-    import pickle
-    import zipfile
-
     marker = tmp_path / "pwned"
     (tmp_path / "src").mkdir()
-    with zipfile.ZipFile(tmp_path / "src" / "model.pth", "w") as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps({"w": _Evil(marker)}, protocol=2))
+    evil_checkpoint(tmp_path / "src" / "model.pth", marker)
     result = _aimv2("convert", tmp_path / "src", tmp_path / "out")
     _assert_clean_failure(result, tmp_path, "model.pth", "system")
     assert not marker.exists()

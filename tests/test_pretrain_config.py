@@ -13,7 +13,7 @@ from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.tokenizer import train_tokenizer
-from aimv2_mlx.train.config import PRESETS, PretrainConfig, swiglu_hidden
+from aimv2_mlx.train.config import SIZES, PretrainConfig, swiglu_hidden
 from aimv2_mlx.train.loop import pretrain
 
 # `aimv2 pretrain` options whose value is a PretrainConfig field of another name.
@@ -59,22 +59,24 @@ def test_pretraining_from_python_refuses_a_float16_config_before_making_the_run_
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_the_swiglu_rule_gives_the_recipe_sizes_of_the_presets(preset):
-    width, _, _, hidden, _ = PRESETS[preset]
-    assert swiglu_hidden(width) == hidden
+    assert swiglu_hidden(SIZES[preset].hidden_size) == SIZES[preset].intermediate_size
 
 
 def test_a_new_width_from_a_preset_keeps_the_swiglu_ratio_and_other_sizes():
     config = PretrainConfig.from_preset(
         "tiny", 100, width=384, heads=6, decoder_width=768, decoder_heads=6, image_size=56
     )
-    small, base = PRESETS["small"], PRESETS["base"]
-    assert (config.encoder.hidden_size, config.encoder.intermediate_size) == (384, small[3])
-    assert (config.decoder.hidden_size, config.decoder.intermediate_size) == (768, base[3])
-    assert (config.encoder.num_hidden_layers, config.encoder.image_size) == (PRESETS["tiny"][1], 56)
+    small, base = SIZES["small"], SIZES["base"]
+    assert (config.encoder.hidden_size, config.encoder.intermediate_size) == (
+        384, small.intermediate_size)
+    assert (config.decoder.hidden_size, config.decoder.intermediate_size) == (
+        768, base.intermediate_size)
+    assert (config.encoder.num_hidden_layers, config.encoder.image_size) == (
+        SIZES["tiny"].num_hidden_layers, 56)
     assert config.encoder.num_attention_heads == 6 and config.decoder.vocab_size == 100
     untouched = PretrainConfig.from_preset("large", 100)
     assert (
-        untouched.encoder.intermediate_size == PRESETS["large"][3]
+        untouched.encoder.intermediate_size == SIZES["large"].intermediate_size
     )  # AIMv2-L's own, not the rule's
 
 

@@ -24,7 +24,7 @@ def test_shapes_are_deterministic_and_captions_name_the_labels():
         image, caption, labels = shapes.make_sample(3, i, 56)
         again, caption2, _ = shapes.make_sample(3, i, 56)
         assert np.array_equal(np.asarray(image), np.asarray(again)) and caption == caption2
-        assert caption.startswith(f"a ") and f"{labels['color']} {labels['shape']}" in caption.split(" above ")[0] \
+        assert caption.startswith("a ") and f"{labels['color']} {labels['shape']}" in caption.split(" above ")[0] \
             .split(" below ")[0].split(" left of ")[0].split(" right of ")[0]
         assert caption.count(" a ") + 1 == int(labels["count"])
     assert not np.array_equal(np.asarray(shapes.make_sample(3, 0)[0]), np.asarray(shapes.make_sample(4, 0)[0]))
@@ -82,6 +82,28 @@ def test_captioned_sources(tmp_path):
     shards = load_captioned(tmp_path / "00000.tar")
     assert [shards[i][1] for i in range(2)] == ["first", "second"]
 
+
+
+def test_a_pretraining_tar_takes_every_image_type_a_folder_takes(tmp_path):
+    formats = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF", ".tif": "TIFF",
+               ".tiff": "TIFF"}
+    (tmp_path / "folder").mkdir()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, (suffix, fmt) in enumerate(formats.items()):
+            buffer = io.BytesIO()
+            Image.new("RGB", (20, 16), (30 * i, 90, 200)).save(buffer, fmt)
+            files = {f"{i:04d}{suffix}": buffer.getvalue(), f"{i:04d}.txt": f"a {fmt} file".encode()}
+            for name, data in files.items():
+                (tmp_path / "folder" / name).write_bytes(data)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    folder, shard = load_captioned(tmp_path / "folder"), load_captioned(tmp_path / "00000.tar")
+    assert len(folder) == len(formats)
+    assert [s.name.split(":")[-1] for s in shard.samples] == [s.name for s in folder.samples]
+    for i in range(len(formats)):
+        (from_folder, caption), (from_tar, same) = folder[i], shard[i]
+        assert caption == same and np.array_equal(np.asarray(from_folder), np.asarray(from_tar))
 
 def test_captioned_bad_input_names_the_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"path": "a.png"}\n')

@@ -3,18 +3,25 @@ attention-pooling forward, and a task only attention pooling can solve (where an
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import aimv2_mlx
-from aimv2_mlx.probe import fashion_mnist
 from aimv2_mlx.probe.attentive import AttentiveSettings, head_scores, new_head, train_attentive
 from aimv2_mlx.probe.knn import KnnHead
 from aimv2_mlx.probe.linear import fit_logistic, train_linear
 from aimv2_mlx.probe.metrics import classification_metrics
 
 from .conftest import tiny_config
+
+_spec = importlib.util.spec_from_file_location(
+    "fashion_mnist", Path(__file__).resolve().parents[1] / "bench" / "fashion_mnist.py")
+fashion_mnist = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fashion_mnist)  # the bench's reader, by path: sys.path stays as it was
 
 FASHION_TRAIN, FASHION_TEST = 12_000, 3_000
 

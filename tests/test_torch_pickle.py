@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -16,26 +15,13 @@ import pytest
 from aimv2_mlx.convert.torch_pickle import Bfloat16Array, read_torch_checkpoint
 from aimv2_mlx.weights import CheckpointError
 
-
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _torch_zip_with(payload, path: Path) -> None:
-    """A file laid out like torch.save's zip, whose data.pkl is the given object's pickle."""
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
-        archive.writestr("archive/version", "3\n")
+from .torch_zips import evil_checkpoint, torch_zip_with
 
 
 def test_os_system_pickle_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    _torch_zip_with({"weight": _Evil(marker)}, evil)
+    evil_checkpoint(evil, marker)
     with pytest.raises(CheckpointError, match=r"posix\.system|os\.system") as info:
         read_torch_checkpoint(evil)
     assert "evil.pth" in str(info.value)
@@ -88,7 +74,7 @@ def test_reader_never_imports_torch(tmp_path):
 
 
 def test_truncated_zip_is_a_clear_error(tmp_path):
-    _torch_zip_with({"a": 1}, tmp_path / "ok.pth")
+    torch_zip_with({"a": 1}, tmp_path / "ok.pth")
     data = (tmp_path / "ok.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pth"):

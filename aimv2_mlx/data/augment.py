@@ -48,8 +48,3 @@ def normalize(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
     """RGB image -> float32 (H, W, 3), (x/255 − mean) / std."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) * np.float32(1 / 255)
     return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def resize_square(image: Image.Image, size: int) -> Image.Image:
-    """Evaluation: the whole image, bicubic, to size × size."""
-    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)

@@ -20,9 +20,7 @@ from PIL import Image
 from ..errors import Aimv2Error
 from ..folders import open_regular
 from ..images import ImageError, open_image
-from .sources import images_under
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from .sources import IMAGE_SUFFIXES, images_under, read_member
 
 
 class CaptionDataError(Aimv2Error, ValueError):
@@ -59,11 +57,7 @@ class CaptionedImages:
             return open_image(sample.path), sample.caption
         name = f"{sample.path}:{sample.member}"
         try:
-            with open_regular(sample.path) as tar:
-                if sample.offset + sample.size > os.fstat(tar.fileno()).st_size:
-                    raise ImageError(f"{name}: the tar ends inside this member")
-                tar.seek(sample.offset)
-                data = tar.read(sample.size)
+            data = read_member(sample.path, sample.offset, sample.size)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
         return open_image(io.BytesIO(data), name=name), sample.caption

@@ -22,7 +22,7 @@ from .sources import Item, display
 
 
 @dataclass
-class Decoded:
+class DecodedImage:
     """One input after decoding: pixels and the upright size, or the reason it failed."""
 
     source: object  # an Item, a path or a PIL image
@@ -40,8 +40,8 @@ def name_of(source) -> str:
     return os.fsdecode(source)
 
 
-def decode(source, config: PreprocessConfig, patch_size: int,
-           max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> Decoded:
+def decode_image(source, config: PreprocessConfig, patch_size: int,
+                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> DecodedImage:
     """Decode and preprocess one input; any failure is returned as a reason, never raised."""
     name = name_of(source)
     try:
@@ -50,7 +50,7 @@ def decode(source, config: PreprocessConfig, patch_size: int,
                 image = open_image(fh, max_megapixels, name=name)
         else:
             image = open_image(source, max_megapixels, name=name)
-        return Decoded(source, to_pixels(image, config, patch_size), image.width, image.height)
+        return DecodedImage(source, to_pixels(image, config, patch_size), image.width, image.height)
     except ImageError as exc:
         reason = str(exc)
         reason = reason[len(name) + 2:] if reason.startswith(name + ": ") else reason
@@ -58,11 +58,11 @@ def decode(source, config: PreprocessConfig, patch_size: int,
         reason = f"cannot read ({exc.strerror or exc})"
     except Exception as exc:  # a broken file must never stop a run
         reason = f"{type(exc).__name__}: {exc}"
-    return Decoded(source, error=display(reason))  # reasons may quote undecodable file names
+    return DecodedImage(source, error=display(reason))  # reasons may quote undecodable file names
 
 
-def decoded(sources: Iterable, work: Callable[[object], Decoded], workers: int = 0,
-            ahead: int = 32) -> Iterator[Decoded]:
+def map_in_order(sources: Iterable, work: Callable[[object], DecodedImage], workers: int = 0,
+                 ahead: int = 32) -> Iterator[DecodedImage]:
     """`work(source)` for every source, on `workers` threads, yielded in input order.
 
     At most `ahead` results are in flight, so memory stays bounded on any folder size.
@@ -86,7 +86,8 @@ def decoded(sources: Iterable, work: Callable[[object], Decoded], workers: int =
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def batches(results: Iterable[Decoded], batch_size: int) -> Iterator[tuple[list[Decoded], np.ndarray | None, list[Decoded]]]:
+def batches(results: Iterable[DecodedImage], batch_size: int
+            ) -> Iterator[tuple[list[DecodedImage], np.ndarray | None, list[DecodedImage]]]:
     """Group decoded inputs into (good, pixels, failed); `pixels` is padded to `batch_size` rows.
 
     All good images must share one shape (native-resolution models use batches of one). The
@@ -105,7 +106,7 @@ def batches(results: Iterable[Decoded], batch_size: int) -> Iterator[tuple[list[
         yield good, _padded(good, batch_size) if good else None, failed
 
 
-def _padded(good: list[Decoded], batch_size: int) -> np.ndarray:
+def _padded(good: list[DecodedImage], batch_size: int) -> np.ndarray:
     pixels = np.empty((batch_size,) + good[0].pixels.shape, np.float32)
     for i, result in enumerate(good):
         pixels[i] = result.pixels

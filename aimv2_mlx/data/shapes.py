@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import SettingError
+from ..folders import atomic_folder
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -31,7 +32,6 @@ SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}
 # pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
 MIN_SIZE = 14
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}
 
 
@@ -135,19 +135,19 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
     out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
-    tmp = out.with_name(out.name + ".partial")
-    (tmp / "images").mkdir(parents=True, exist_ok=True)
-    with open(tmp / "captions.jsonl", "w") as caps, open(tmp / "labels.jsonl", "w") as labs:
-        for i in range(n):
-            image, text, labels = make_sample(seed, i, size)
-            name = f"images/{i:06d}.png"
-            image.save(tmp / name)
-            (tmp / name).with_suffix(".txt").write_text(text + "\n")
-            caps.write(json.dumps({"path": name, "caption": text}) + "\n")
-            labs.write(json.dumps({"path": name, **labels}) + "\n")
-    (tmp / "info.json").write_text(json.dumps(
-        {"generator": "aimv2 data shapes", "n": n, "size": size, "seed": seed, "attributes": ATTRIBUTES}, indent=2))
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / "captions.jsonl", "w") as caps, open(tmp / "labels.jsonl", "w") as labs:
+            for i in range(n):
+                image, text, labels = make_sample(seed, i, size)
+                name = f"images/{i:06d}.png"
+                image.save(tmp / name)
+                (tmp / name).with_suffix(".txt").write_text(text + "\n")
+                caps.write(json.dumps({"path": name, "caption": text}) + "\n")
+                labs.write(json.dumps({"path": name, **labels}) + "\n")
+        (tmp / "info.json").write_text(json.dumps(
+            {"generator": "aimv2 data shapes", "n": n, "size": size, "seed": seed, "attributes": ATTRIBUTES},
+            indent=2))
     return out
 
 

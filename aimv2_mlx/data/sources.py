@@ -15,7 +15,9 @@ from pathlib import Path
 from ..errors import SettingError
 from ..folders import open_regular
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
+# Every image source (folders, lists, tars, captioned data) takes these; the order is the preference
+# when a WebDataset sample holds several images under one key.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif")
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,17 @@ class Item:
         """A binary file object with the image's bytes."""
         if self.offset < 0:
             return open_regular(self.path)
-        with open_regular(self.path) as tar:
-            if self.offset + self.size > os.fstat(tar.fileno()).st_size:
-                raise OSError(f"the tar ends inside member {self.key}")
-            tar.seek(self.offset)
-            return io.BytesIO(tar.read(self.size))
+        return io.BytesIO(read_member(self.path, self.offset, self.size))
+
+
+def read_member(tar_path, offset: int, size: int) -> bytes:
+    """The `size` bytes at `offset` of a tar (a member's data), read without parsing the tar again;
+    a tar cut short since it was listed is an OSError, not a short read."""
+    with open_regular(tar_path) as tar:
+        if offset + size > os.fstat(tar.fileno()).st_size:
+            raise OSError("the tar ends inside this member")
+        tar.seek(offset)
+        return tar.read(size)
 
 
 def display(name: str | bytes) -> str:

@@ -341,10 +341,7 @@ class _Run:
 
 
 def save_lit_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
-    def write(tmp: Path) -> None:
-        final = tmp.with_name(
-            tmp.name.removesuffix(".tmp")
-        )  # the name a full disk is reported under
+    def write(tmp: Path, final: Path) -> None:
         for name, tree in (
             ("lit.safetensors", trained_weights(model)),
             ("optimizer.safetensors", dict(tree_flatten(optimizer.state))),

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from .. import cpu
 from ..encoder import AttentionPoolHead
-from .head import softmax
+from ..vectors import softmax
 
 DEFAULT_SWEEP = ((1e-3, 0.05), (3e-4, 0.05), (1e-3, 0.2))  # (peak learning rate, weight decay)
 GRAD_CLIP = 3.0

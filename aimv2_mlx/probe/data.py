@@ -8,7 +8,6 @@ naming missing files are excluded and listed); problems that leave nothing to tr
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from ..data.sources import IMAGE_SUFFIXES, images_under
 from ..errors import Aimv2Error
-from ..folders import naming_full_disk
+from ..folders import naming_full_disk, write_json
 
 
 class ProbeDataError(Aimv2Error, ValueError):
@@ -140,7 +139,4 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
 def save_split(path: Path, splits: dict[str, LabelledImages], settings: dict) -> None:
     record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels, strict=True)]
                              for name, data in splits.items()}}
-    tmp = path.with_suffix(".json.tmp")
-    with naming_full_disk(path):
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
+    write_json(path, record, indent=1)

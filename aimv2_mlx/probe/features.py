@@ -21,10 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..data.pipeline import batches, decode, decoded
+from ..data.pipeline import batches, decode_image, map_in_order
 from ..embed import model_identity
 from ..errors import SettingError
-from ..folders import naming_full_disk
+from ..folders import atomic_write, naming_full_disk
 from ..images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
@@ -100,10 +100,10 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
     def work(source):
-        return decode(source, config.preprocess, config.vision.patch_size, max_megapixels)
+        return decode_image(source, config.preprocess, config.vision.patch_size, max_megapixels)
 
     rows, kept, failures = [], [], []
-    for good, pixels, failed in batches(decoded(paths, work, workers), batch_size):
+    for good, pixels, failed in batches(map_in_order(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)
         if good:
             tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
@@ -145,8 +145,9 @@ def _read(path: Path, count: int) -> Features | None:
 
 def _write(path: Path, features: Features) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_full_disk(path):
+
+    def save(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
-        os.replace(tmp, path)
+
+    atomic_write(path, save)

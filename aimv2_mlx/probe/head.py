@@ -49,9 +49,3 @@ class ProbeHead(Protocol):
 def head_input(head: ProbeHead | type[ProbeHead], features: np.ndarray) -> np.ndarray:
     """`features` as `head` takes them: patch tokens are mean-pooled for a pooled head."""
     return features.mean(axis=1) if head.pooled and features.ndim == 3 else features
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, shifted by each row's maximum so no exponent overflows."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -12,7 +12,7 @@ from typing import ClassVar
 import mlx.core as mx
 import numpy as np
 
-from .linear import l2_normalize
+from ..vectors import l2_normalize
 
 DEFAULT_KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07

@@ -15,7 +15,7 @@ from typing import ClassVar
 import mlx.core as mx
 import numpy as np
 
-from .head import softmax
+from ..vectors import l2_normalize, softmax
 
 DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
 
@@ -51,10 +51,6 @@ class LinearHead:
     def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
                     num_classes: int) -> "LinearHead":
         return cls(arrays["weight"], arrays["bias"], settings["C"], settings["normalize"])
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float = 1.0,

@@ -20,8 +20,8 @@ import numpy as np
 
 from ..embed import model_identity
 from ..errors import SettingError
+from ..folders import atomic_write, write_json
 from ..layers import block_indices
-from ..shards import atomic_write, write_json
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import features_for
 from .head import ProbeHead, head_input

@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UnusableFileError
-from ..folders import naming_full_disk
+from ..folders import atomic_folder, atomic_write, naming_full_disk
 from ..model import save as save_encoder
 
 LATEST = "latest"
@@ -32,8 +32,7 @@ FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensor
 
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
-    def write(tmp: Path) -> None:
-        final = tmp.with_name(tmp.name.removesuffix(".tmp"))  # the name a full disk reports
+    def write(tmp: Path, final: Path) -> None:
         with naming_full_disk(final / "encoder"):
             save_encoder(model.encoder, tmp / "encoder")
         for name, tree in (("decoder.safetensors", model.decoder.parameters()),
@@ -46,23 +45,17 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: i
 
 def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state: dict,
                      keep: int = 3) -> Path:
-    """`write(folder)` puts `files` into a temporary folder; it becomes `checkpoints/step-N` with
+    """`write(tmp, final)` puts `files` into the temporary folder `tmp` (naming `final` when the
+    disk is full); it becomes `checkpoints/step-N` with
     `state.json` (recording every file's size), the `latest` pointer follows, older ones go."""
     folder = run / "checkpoints" / f"step-{step:08d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    sizes = {name: (tmp / name).stat().st_size for name in files}
-    with naming_full_disk(folder / "state.json"):
+    with atomic_folder(folder) as tmp:
+        write(tmp, folder)
+        sizes = {name: (tmp / name).stat().st_size for name in files}
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    pointer = run / "checkpoints" / (LATEST + ".tmp")
-    with naming_full_disk(pointer):
-        pointer.write_text(folder.name + "\n")
-    os.replace(pointer, run / "checkpoints" / LATEST)
+        if folder.exists():  # a resumed run that went back past this step: the old one is replaced
+            shutil.rmtree(folder)
+    atomic_write(run / "checkpoints" / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
     older = [path for s, path in checkpoints(run) if s < step]
     for old in older[keep - 1:] if keep else []:  # the newest `keep` up to this step stay
         shutil.rmtree(old, ignore_errors=True)

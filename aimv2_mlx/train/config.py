@@ -13,16 +13,27 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DecoderConfig, EncoderConfig, _build, check_tower
+from ..config import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, EncoderConfig, _build, check_tower
 from ..errors import SettingError
 from ..objective import OBJECTIVES
 
-# name: (width, depth, heads, SwiGLU hidden, image size)
-PRESETS = {
-    "tiny": (128, 4, 2, 384, 112),
-    "small": (384, 12, 3, 1024, 224),
-    "base": (768, 12, 6, 2048, 224),
-    "large": (1024, 24, 8, 2816, 224),
+
+@dataclass(frozen=True)
+class EncoderSize:
+    """What a `--preset` fixes: the encoder's width, depth, heads, SwiGLU hidden size, image size."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    image_size: int
+
+
+SIZES = {
+    "tiny": EncoderSize(128, 4, 2, 384, 112),
+    "small": EncoderSize(384, 12, 3, 1024, 224),
+    "base": EncoderSize(768, 12, 6, 2048, 224),
+    "large": EncoderSize(1024, 24, 8, 2816, 224),
 }
 
 # The compute dtypes a run trains in. float16 is refused: without loss scaling its 5-bit exponent
@@ -58,8 +69,8 @@ class PretrainConfig:
     compile: bool = True
     seed: int = 0
     crop_scale: tuple[float, float] = (0.4, 1.0)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     # Every 100 steps: below the README's 250-step example run, so an interrupted or crashed
     # laptop run keeps its progress; `checkpoint_minutes` bounds the loss for slow, large runs.
     checkpoint_every: int = 100
@@ -90,10 +101,9 @@ class PretrainConfig:
                     decoder_heads: int | None = None, **overrides) -> "PretrainConfig":
         """A preset's sizes, any of them replaced (None: the preset's); the other fields from
         `overrides` or the defaults."""
-        if name not in PRESETS:
-            raise SettingError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
-        preset_width, preset_depth, preset_heads, hidden, size = PRESETS[name]
-        preset = EncoderConfig(preset_width, preset_depth, preset_heads, hidden, image_size=size)
+        if name not in SIZES:
+            raise SettingError(f"unknown preset {name!r}: use {', '.join(SIZES)}")
+        preset = EncoderConfig(**dataclasses.asdict(SIZES[name]))
         encoder = resized(preset, image_size=image_size, hidden_size=width, num_hidden_layers=depth,
                           num_attention_heads=heads)
         decoder = resized(DecoderConfig.for_encoder(encoder, vocab_size, context_length),

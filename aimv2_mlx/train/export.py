@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
+from ..folders import atomic_folder
 from ..model import load, save
 from .checkpoint import latest_checkpoint
 
@@ -41,8 +41,6 @@ def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike,
         config.name = name
     config.source = {**config.source, "checkpoint": str(checkpoint.resolve()), "step": state["step"],
                      "samples_seen": state.get("samples_seen"), **(extra or {})}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(encoder, tmp)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        save(encoder, tmp)
     return out

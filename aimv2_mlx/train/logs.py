@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UnusableFileError
-from ..folders import naming_full_disk
+from ..folders import atomic_write, naming_full_disk
 
 
 def append(path: Path, record: dict) -> None:
@@ -42,10 +41,7 @@ def truncate(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in read(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_full_disk(path):
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 def _pyplot():

@@ -31,7 +31,7 @@ from ..data.captioned import load_captioned
 from ..decoder import MultimodalDecoder
 from ..encoder import VisionEncoder
 from ..errors import SettingError, UnusableFileError
-from ..folders import is_empty, locked, naming_full_disk
+from ..folders import is_empty, locked, naming_full_disk, write_json
 from ..tokenizer import CaptionTokenizer, load_tokenizer
 from . import logs
 from .batches import BatchPlan
@@ -121,7 +121,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     state and step unless `init_weights_only`."""
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
-    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    rank = group.rank() if group is not None else 0
     if changes and not resume:
         raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
@@ -135,8 +135,14 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     start_from = init_from
     if init_from is not None and not isinstance(init_from, L3mStart):
         start_from = L3mStart(init_from, with_optimizer=not init_weights_only)
-    return _train(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                  changes or {}, start_from)
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
+    if rank == 0 and not resume:
+        check_new_run(out)  # before rank 0 takes the folder's lock (and so creates it)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        return _run(data, out, config, tokenizer, resume=resume, until=until, group=group, echo=echo,
+                    strict=strict, allow_data_change=allow_data_change, changes=changes or {},
+                    start_from=start_from)
 
 
 def check_new_run(out: Path) -> None:
@@ -156,19 +162,6 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UnusableFileError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
     return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
-
-
-def _train(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-           strict: bool = False, allow_data_change: bool = False, changes: dict | None = None,
-           start_from: L3mStart | None = None) -> dict:
-    """`_run` with rank 0 holding the run folder's lock (a new run checks the folder before taking it)."""
-    if resume and not (out / "config.json").is_file():
-        raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
-    if rank == 0 and not resume:
-        check_new_run(out)
-    with locked(out) if rank == 0 else contextlib.nullcontext():
-        return _run(data, out, config, tokenizer, resume, until, rank, world, group, echo, strict, allow_data_change,
-                    changes or {}, start_from)
 
 
 def data_identity(source) -> dict:
@@ -219,9 +212,11 @@ def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> Pretrai
     return new
 
 
-def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, world: int, group, echo,
-         strict: bool, allow_data_change: bool, changes: dict,
+def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionTokenizer | None, *, resume: bool,
+         until: int | None, group, echo, strict: bool, allow_data_change: bool, changes: dict,
          start_from: L3mStart | None = None) -> dict:
+    """The body of `pretrain`, on one rank of `group` (None: a single process)."""
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
     if resume:
         config, tokenizer = _read_run(out)
@@ -263,8 +258,7 @@ def _run(data, out: Path, config, tokenizer, resume: bool, until, rank: int, wor
             with naming_full_disk(out / "config.json"):
                 config.save(out / "config.json")
     if rank == 0:
-        with naming_full_disk(out / DATA):
-            (out / DATA).write_text(json.dumps(identity, indent=2) + "\n")
+        write_json(out / DATA, identity)
     if resume and rank == 0:
         logs.truncate(out / "log.jsonl", start)
         logs.truncate(out / FAILURES, start)

@@ -1,5 +1,6 @@
-"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package (idx files), for trying probes on
-real labelled images: as arrays, or written out as an ImageFolder tree that `aimv2 probe` reads."""
+"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package (idx files), for the benches that
+try probes and pre-training on real labelled images: as arrays, or written out as an ImageFolder
+tree that `aimv2 probe` reads. A bench helper, not part of the library."""
 
 from __future__ import annotations
 
