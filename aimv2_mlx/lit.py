@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .base import Location, Model
 from .config import ModelConfig, TextConfig
 from .encoder import VisionEncoder
 from .layers import Transformer
@@ -39,12 +40,13 @@ class TextEncoder(nn.Module):
         return mx.take_along_axis(tokens, eos[:, None, None], axis=1)[:, 0]
 
 
-class LiT(nn.Module):
+class LiT(Model):
     """CLIP-style two-tower model; `model(pixels)` returns image tokens like any encoder."""
 
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
+    kind = "LiT (image + text)"
+
+    def __init__(self, config: ModelConfig, location: Location | None = None):
+        super().__init__(config, location)
         vision, text, dim = config.vision, config.text, config.projection_dim
         self.image_encoder = VisionEncoder(vision)
         self.text_encoder = TextEncoder(text)
@@ -57,7 +59,7 @@ class LiT(nn.Module):
 
     def encode_image(self, pixels: mx.array) -> mx.array:
         """Projected image embedding (B, projection_dim), not normalised."""
-        return self.image_projector(self.image_encoder.pool(pixels))
+        return self.image_projector(self.image_encoder.encode_image(pixels))
 
     def encode_text(self, input_ids: mx.array) -> mx.array:
         """Projected text embedding (B, projection_dim), not normalised."""

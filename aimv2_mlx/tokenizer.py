@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        trainers)
 from tokenizers.models import BPE
 
 START_TOKEN = "<|startoftext|>"
@@ -159,8 +160,6 @@ def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_length: int = 77,
                     min_frequency: int = 2, report: Callable[[str], None] | None = None) -> CaptionTokenizer:
     """A BPE over the captions (ids 0 and 1 are EOS and UNK); `report` hears how many were cut."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), "")])
@@ -177,8 +176,6 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_len
 
 def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> CaptionTokenizer:
     """A `tokenizer.json` (a file, or a folder holding one)."""
-    from tokenizers import Tokenizer
-
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"

@@ -45,7 +45,7 @@ class ZeroShotClassifier:
 
     def __init__(self, model, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                  tokenizer: ClipTokenizer | None = None):
-        config = model.model_config
+        config = model.config
         if not config.is_lit:
             raise ValueError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
                              "apple/aimv2-large-patch14-224-lit")
@@ -58,7 +58,7 @@ class ZeroShotClassifier:
     def _embed_classes(self) -> mx.array:
         """(C, D): per class, the re-normalised mean of its normalised template embeddings."""
         prompts = [template.format(label) for label in self.labels for template in self.templates]
-        ids = self.tokenizer(prompts, context_length=self.model.model_config.text.max_position_embeddings)
+        ids = self.tokenizer(prompts, context_length=self.model.config.text.max_position_embeddings)
         chunks = [l2_normalize(self.model.encode_text(mx.array(self._trim(ids[i:i + TEXT_BATCH]))))
                   for i in range(0, len(ids), TEXT_BATCH)]
         text = mx.concatenate(chunks).reshape(len(self.labels), len(self.templates), -1).mean(axis=1)
@@ -101,16 +101,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _pixel_batches(images: list, model, batch_size: int):
-    config, patch = model.model_config.preprocess, model.model_config.vision.patch_size
+    config, patch = model.config.preprocess, model.config.vision.patch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
 
 
 def _folder_tokenizer(model) -> ClipTokenizer:
-    location = getattr(model, "location", None)
+    location = model.location
     if location is None:
-        raise ValueError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer files; "
+        raise ValueError(f"{model.config.name}: not loaded from a folder, so no tokenizer files; "
                          "pass tokenizer=ClipTokenizer.from_folder(…)")
     return ClipTokenizer.from_folder(location.folder)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from aimv2_mlx import distributed
 from aimv2_mlx.embed import embed_folder
 from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
-from aimv2_mlx.model import load, load_default
+from aimv2_mlx.model import load_named
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, expand, output_folder
@@ -48,7 +48,7 @@ def embed(
         at_least(0, workers=workers)
         above_zero(max_megapixels=max_megapixels)
         output_folder(output)
-        encoder = load_default() if model == "default" else load(model)
+        encoder = load_named(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,
                                    pool=pool, normalize=normalize, dtype=dtype, format=fmt,

@@ -28,7 +28,7 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
     from aimv2_mlx.model import load
 
     model = load(folder)
-    config = model.model_config
+    config = model.config
     source = {key: np.array(recipe.build(lambda k: checkpoint.tensors[k].load()).astype(mx.float32))
               for key, recipe in recipes.items()}
     reference = _reference(config, source)

@@ -33,10 +33,10 @@ def _pixels(rng, size=56):
 def test_our_folder_round_trip(tmp_path, rng):
     model, folder = _tiny_saved(tmp_path, head=True)
     loaded = aimv2_mlx.load(folder)
-    assert loaded.model_config == model.model_config
+    assert loaded.config == model.config
     x = _pixels(rng)
     assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))  # load() applies it too
-    assert np.array_equal(np.array(model.pool(x)), np.array(loaded.pool(x)))
+    assert np.array_equal(np.array(model.encode_image(x)), np.array(loaded.encode_image(x)))
 
 
 def _timm_state(ours: dict) -> dict:
@@ -86,7 +86,7 @@ def test_transformers_folder_loads(tmp_path, rng, transformers_reference):
     with torch.inference_mode():
         expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     assert np.abs(np.array(model(mx.array(x))) - expected).max() <= 1e-5
-    assert model.model_config.vision.num_attention_heads == 2
+    assert model.config.vision.num_attention_heads == 2
 
 
 def _fill_cache(cache, repo: str, folder):
@@ -118,7 +118,7 @@ def test_load_default_falls_back_to_bundled(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = aimv2_mlx.load_default()
-    assert model.model_config.name == aimv2_mlx.load("bundled").model_config.name
+    assert model.config.name == aimv2_mlx.load("bundled").config.name
     captured = capsys.readouterr()
     notice = captured.err.strip().splitlines()
     assert len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]

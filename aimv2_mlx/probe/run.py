@@ -23,6 +23,7 @@ from ..embed import model_identity
 from ..folders import naming_full_disk
 from ..images import ImageError
 from ..layers import block_indices
+from ..model import load
 from .attentive import AttentiveSettings, head_arrays, head_from_arrays, head_scores, train_attentive
 from .data import LabelledImages, ProbeDataError, load_labelled, save_split, stratified_split
 from .features import extract, features_for
@@ -71,7 +72,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
     if unknown or not settings.heads:
         raise ValueError(f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEADS)}")
     if settings.blocks:
-        block_indices(settings.blocks, model.model_config.vision.num_hidden_layers)
+        block_indices(settings.blocks, model.config.vision.num_hidden_layers)
     splits, missing = _splits(train, val, test, settings, log)
     classes = sorted(set(splits["train"].labels))
     for name in ("val", "test"):
@@ -126,7 +127,7 @@ def probe(train: str | os.PathLike, output: str | os.PathLike, model, *, val: st
             attentive = settings.attentive
             if attentive.num_heads is None:
                 attentive = AttentiveSettings(**{**asdict(attentive),
-                                                 "num_heads": model.model_config.vision.num_attention_heads})
+                                                 "num_heads": model.config.vision.num_attention_heads})
             head, chosen = train_attentive(arrays["train"][:2], arrays["val"][:2], len(classes), attentive,
                                            progress=fitting)
             scores = head_scores(head, arrays["test"][0])
@@ -234,7 +235,7 @@ def _remove_stale_heads(output: Path, kept) -> None:
 
 def _load_argument(model) -> dict | None:
     """What `aimv2_mlx.load()` needs to rebuild the probe's encoder (None: built in memory)."""
-    location = getattr(model, "location", None)
+    location = model.location
     if location is None:
         return None
     if location.origin.startswith("hf://"):
@@ -314,8 +315,6 @@ class ProbeClassifier:
     """
 
     def __init__(self, probe_dir: str | os.PathLike, model=None, head: str | None = None):
-        from ..model import load
-
         self.probe = load_probe(probe_dir)
         self.head = head or best_head(self.probe.record)
         if self.head not in self.probe.heads:

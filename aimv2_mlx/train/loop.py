@@ -89,13 +89,12 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
     """Encoder + decoder, initialised as the recipe says; with the CPU backend on a CPU
     (`cpu_backend=False`: the plain layers, e.g. as a reference)."""
     enc = config.encoder
-    encoder = VisionEncoder(enc)
-    encoder.model_config = ModelConfig(
+    encoder = VisionEncoder(ModelConfig(
         name=f"aimv2-{config.preset}-patch{enc.patch_size}-{enc.image_size}-pretrained",
         vision=enc,
         preprocess=PreprocessConfig("ml-aim", enc.image_size, tuple(config.mean), tuple(config.std), 1.0),
         source={"origin": "aimv2 pretrain", "objective": config.objective, "data": data_name},
-    )
+    ))
     decoder = MultimodalDecoder(config.decoder, enc.hidden_size, enc.patch_size ** 2 * enc.num_channels)
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)

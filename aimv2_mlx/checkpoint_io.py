@@ -18,10 +18,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from aimv2_mlx.weights import CheckpointError
-
 from .safetensors_io import read_header, read_tensor
 from .torch_pickle import open_torch_checkpoint
+from .weights import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
