@@ -42,7 +42,8 @@ def encoder_only_config(vision: EncoderConfig) -> ModelConfig:
     """The config of an encoder built from its shapes alone: the released checkpoints'
     preprocessing (the hub's `CLIPImageProcessor`) at its image size, or native resolution."""
     mode = "native" if vision.is_native else "clip"
-    return ModelConfig(name=f"aimv2-encoder-patch{vision.patch_size}-{vision.image_size}", vision=vision,
+    name = f"aimv2-encoder-patch{vision.patch_size}-{vision.image_size}"
+    return ModelConfig(name=name, vision=vision,
                        preprocess=PreprocessConfig.for_mode(mode, vision.image_size))
 
 
@@ -68,8 +69,8 @@ class Model(nn.Module):
 
         "mean" averages the tokens (the usual AIMv2 image vector); "head" is `encode_image`: the
         attention-pool head's output, and for LiT its projected embedding (the zero-shot space).
-        `blocks` (with "mean" or "tokens") takes the mean of those blocks' raw outputs in place of the post-trunk-normed
-        tokens (AIMv1 style, arXiv 2401.08541).
+        `blocks` (with "mean" or "tokens") takes the mean of those blocks' raw outputs in place
+        of the post-trunk-normed tokens (AIMv1 style, arXiv 2401.08541).
         """
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}: use {', '.join(POOLS)}")

@@ -19,25 +19,34 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
     run = Path(path_or_id).expanduser()
     checkpoint = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
     if (run / "checkpoints").is_dir() and checkpoint is None:
-        raise ModelNotFoundError(f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
+        raise ModelNotFoundError(
+            f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
     model = load(checkpoint / "encoder" if checkpoint else path_or_id, revision)
     config = model.config
     summary = {
         "name": config.name,
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": model.kind,
+        # quantized weights are packed, 32/bits to a stored value: count the unquantized model's
         "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
-                                      if config.quantization else model),  # packed weights hold 32/bits each
-        "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
-                         if config.quantization else None),
+                                      if config.quantization else model),
+        "quantization": _quantization(config.quantization),
         "label": config.source.get("label"),
         "trained": _training_summary(config.source),
         "config": config.to_dict(),
     }
     if checkpoint:
-        summary["kind"] = f"pre-training run, latest checkpoint {checkpoint.name} ({summary['kind']})"
-        summary["run"] = {"checkpoint": str(checkpoint), "export": f"aimv2 export {run} MODEL_FOLDER"}
+        summary["kind"] = (f"pre-training run, latest checkpoint {checkpoint.name} "
+                           f"({summary['kind']})")
+        summary["run"] = {"checkpoint": str(checkpoint),
+                          "export": f"aimv2 export {run} MODEL_FOLDER"}
     return summary
+
+
+def _quantization(quantization: dict | None) -> str | None:
+    if not quantization:
+        return None
+    return f"{quantization['bits']}-bit, group size {quantization['group_size']}"
 
 
 def _training_summary(source: dict) -> str | None:
