@@ -29,6 +29,8 @@ from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.safetensors_io import NUMPY_OF, write_streaming
 from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
 
+from .verify import verify_conversion
+
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 COPIED = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -120,8 +122,6 @@ def convert(
         raise
     result = Conversion(output, config, shards, total)
     if verify:
-        from .verify import verify_conversion
-
         result.verification = verify_conversion(output, checkpoint, recipes)
     if upload_repo:
         result.uploaded_to = upload(output, upload_repo)
