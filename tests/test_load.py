@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 import aimv2_mlx
 from aimv2_mlx import cpu
+from aimv2_mlx.model import BUNDLED_DIR, load_named
 from aimv2_mlx.weights import ML_AIM_MLX, ML_AIM_TORCH, TIMM, TRANSFORMERS, detect_layout, to_ours
 
 from .conftest import timm_key, tiny_config
@@ -168,3 +169,14 @@ def test_presets_cover_the_released_models():
     for size, count in counts.items():
         shapes = aimv2_mlx.build(names[f"aimv2-{size}-patch14-224"])
         assert aimv2_mlx.parameter_count(shapes) == count
+
+
+def test_the_model_option_names_default_a_folder_or_a_hub_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_named("default").location.path == BUNDLED_DIR  # the official one is not cached
+    assert "using the bundled offline model" in capsys.readouterr().err
+    _, folder = _tiny_saved(tmp_path)
+    assert load_named(str(folder)).location.path == folder
+    with pytest.raises(aimv2_mlx.ModelNotFoundError, match="someone/missing"):
+        load_named("someone/missing")
