@@ -40,20 +40,12 @@ def _absolute(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
     return [base] if node.module else [f"{base}.{alias.name}" for alias in node.names]
 
 
-def _module_name(path: Path, root: Path) -> str:
-    parts = path.relative_to(root.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _is_package(path: Path) -> bool:
-    return path.name == "__init__.py"
-
-
 def scan(root: Path) -> tuple[list[str], list[tuple[str, str, int]]]:
     """(imports of the CLI or converter, [(file, module, line)] of function-local imports)."""
     forbidden, local = [], []
     for path in sorted(root.rglob("*.py")):
-        name = _module_name(path, root) + (".__init__" if _is_package(path) else "")
+        # dotted, keeping "__init__", so that a relative import's dots count from the right place
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
         relative = path.relative_to(root).as_posix()
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         in_functions = {id(sub) for node in ast.walk(tree)
