@@ -106,8 +106,9 @@ class VisionEncoder(Model):
     kind = "vision encoder"
 
     def __init__(self, config: EncoderConfig | ModelConfig, location: Location | None = None):
-        super().__init__(encoder_only_config(config) if isinstance(config, EncoderConfig) else config,
-                         location)
+        if isinstance(config, EncoderConfig):
+            config = encoder_only_config(config)
+        super().__init__(config, location)
         vision = self.config.vision
         self.preprocessor = Preprocessor(vision)
         self.trunk = Transformer.from_config(vision)
