@@ -138,7 +138,7 @@ class VisionEncoder(Model):
 
     def embed(self, pixels: mx.array) -> mx.array:
         """Mean-pooled embedding (B, D): the usual AIMv2 image vector."""
-        return self(pixels).mean(axis=1)
+        return self.image_features(pixels, "mean")
 
     def encode_image(self, pixels: mx.array) -> mx.array:
         """The attention-pool head's output (B, D); only for models that carry a head."""
