@@ -24,15 +24,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import distributed
+from .base import POOLS
 from .data.pipeline import batches, decode_image, map_in_order, name_of
 from .data.sources import discover
 from .errors import SettingError
 from .folders import TEMPORARY, is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput, check_megapixel_limit
+from .model import load_default
 from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
 from .vectors import l2_normalize
 
-POOLS = ("mean", "tokens", "head")
 DTYPES = ("float32", "float16")
 # What a resumed run must share with the outputs already there.
 SETTINGS = ("model", "preprocess", "max_megapixels", "pool", "normalize", "dtype", "format", "shard_size")
@@ -50,8 +51,6 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
     `ImageError` naming it. `model` defaults to `load_default()`.
     """
     if model is None:
-        from .model import load_default
-
         model = load_default()
     outputs = []
     for good, vectors, failed in embed_batches(list(images), model, batch_size=batch_size, pool=pool,
@@ -61,7 +60,7 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
             raise ImageError(f"{name_of(failed[0].source)}: {failed[0].error}")
         outputs.append(vectors)
     if not outputs:
-        return np.zeros((0, model.model_config.vision.hidden_size), np.float32)
+        return np.zeros((0, model.config.vision.hidden_size), np.float32)
     return np.concatenate(outputs)
 
 
@@ -73,7 +72,7 @@ def embed_batches(sources: Iterable, model, *, batch_size: int = 8, pool: str = 
     never raised; `vectors` is float32 with one row per `good` entry."""
     _check_choice("pool", pool, POOLS)
     check_megapixel_limit(max_megapixels)
-    config = model.model_config
+    config = model.config
     work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
                    max_megapixels=max_megapixels)
     stream = map_in_order(sources, work, workers)
@@ -128,16 +127,16 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     check_megapixel_limit(max_megapixels)
     if shard_size < 1 or batch_size < 1:
         raise SettingError("--shard-size and --batch-size must be at least 1")
-    if pool == "tokens" and model.model_config.preprocess.mode == "native":
+    if pool == "tokens" and model.config.preprocess.mode == "native":
         raise SettingError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
-    if pool == "head" and not (model.model_config.vision.use_head or model.model_config.is_lit):
-        raise SettingError(f"{model.model_config.name} has no attention-pooling head: use --pool mean or tokens")
+    if pool == "head" and not (model.config.vision.use_head or model.config.is_lit):
+        raise SettingError(f"{model.config.name} has no attention-pooling head: use --pool mean or tokens")
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover(inputs)
     if not items:
         raise FileNotFoundError(f"{', '.join(map(os.fsdecode, inputs))}: no images found")
     output = Path(output).expanduser()
-    config = model.model_config
+    config = model.config
     settings = {
         "model": model_identity(model),
         "preprocess": asdict(config.preprocess),
@@ -182,7 +181,7 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
 def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: list, *, batch_size: int,
                   pool: str, normalize: bool, dtype: str, fmt: str, max_megapixels, workers: int, progress) -> None:
     """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
-    config = model.model_config
+    config = model.config
     work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
                    max_megapixels=max_megapixels)
     stream = map_in_order((item for i in todo for item in shards[i]), work, workers)
@@ -204,14 +203,7 @@ def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: l
 
 
 def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarray:
-    x = mx.array(pixels)
-    if pool == "mean":
-        out = model(x).mean(axis=1)
-    elif pool == "tokens":
-        out = model(x)
-    else:  # the attention-pool head; for LiT the projected image embedding (its zero-shot space)
-        out = model.encode_image(x) if hasattr(model, "encode_image") else model.pool(x)
-    out = out.astype(mx.float32)
+    out = model.image_features(mx.array(pixels), pool).astype(mx.float32)
     if normalize:
         out = l2_normalize(out)
     return np.array(out)
@@ -347,7 +339,7 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute
 
 def model_identity(model) -> dict:
     """Name, origin and a fingerprint of the weights (their first values), to refuse mixing models."""
-    config = model.model_config
+    config = model.config
     digest = hashlib.sha256()
     for key, value in sorted(tree_flatten(model.parameters())):
         head = np.array(value.reshape(-1)[:1024].astype(mx.float32))
@@ -367,7 +359,7 @@ def _compute_dtype(model) -> str:
 
 
 def _batch_size(model, batch_size: int) -> int:
-    return 1 if model.model_config.preprocess.mode == "native" else batch_size
+    return 1 if model.config.preprocess.mode == "native" else batch_size
 
 
 def _check_choice(what: str, value: str, choices: tuple) -> None:

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import EncoderConfig
+from .base import Location, Model, encoder_only_config
+from .config import EncoderConfig, ModelConfig
 from .layers import Mask, RMSNorm, Transformer, prefix_mask
 
 
@@ -95,16 +96,29 @@ class AttentionPoolHead(nn.Module):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-class VisionEncoder(nn.Module):
-    """AIMv2 image encoder. `model(pixels)` maps (B, H, W, 3) pixels to (B, N, D) tokens."""
+class VisionEncoder(Model):
+    """AIMv2 image encoder. `model(pixels)` maps (B, H, W, 3) pixels to (B, N, D) tokens.
 
-    def __init__(self, config: EncoderConfig):
-        super().__init__()
-        self.config = config
-        self.preprocessor = Preprocessor(config)
-        self.trunk = Transformer.from_config(config)
-        if config.use_head:
-            self.head = AttentionPoolHead(config.hidden_size, config.num_attention_heads)
+    Built from a full `ModelConfig` (what `load()` does) or from an `EncoderConfig` alone, which
+    gets the released checkpoints' preprocessing (`encoder_only_config`).
+    """
+
+    kind = "vision encoder"
+
+    def __init__(self, config: EncoderConfig | ModelConfig, location: Location | None = None):
+        if isinstance(config, EncoderConfig):
+            config = encoder_only_config(config)
+        super().__init__(config, location)
+        vision = self.config.vision
+        self.preprocessor = Preprocessor(vision)
+        self.trunk = Transformer.from_config(vision)
+        if vision.use_head:
+            self.head = AttentionPoolHead(vision.hidden_size, vision.num_attention_heads)
+
+    @property
+    def image_encoder(self) -> "VisionEncoder":
+        """The tower that makes the image tokens: this model itself."""
+        return self
 
     def __call__(self, pixels: mx.array, prefix_lengths: mx.array | None = None) -> mx.array:
         """Post-trunk-normed patch tokens. `prefix_lengths` (B,) switches on prefix attention."""
@@ -124,9 +138,9 @@ class VisionEncoder(nn.Module):
 
     def embed(self, pixels: mx.array) -> mx.array:
         """Mean-pooled embedding (B, D): the usual AIMv2 image vector."""
-        return self(pixels).mean(axis=1)
+        return self.image_features(pixels, "mean")
 
-    def pool(self, pixels: mx.array) -> mx.array:
+    def encode_image(self, pixels: mx.array) -> mx.array:
         """The attention-pool head's output (B, D); only for models that carry a head."""
         if "head" not in self:
             raise ValueError("this model has no attention-pooling head; use mean pooling")

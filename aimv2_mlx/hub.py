@@ -11,13 +11,13 @@ import threading
 import urllib.request
 from urllib.parse import urlsplit
 
+from huggingface_hub import constants
+
 REACH_TIMEOUT_S = 2.0
 
 
 def endpoint() -> str:
     """The hub's base URL as huggingface-hub uses it (HF_ENDPOINT or huggingface.co)."""
-    from huggingface_hub import constants
-
     return constants.ENDPOINT
 
 

@@ -13,6 +13,7 @@ import math
 import os
 from typing import BinaryIO, Iterable
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -210,14 +211,12 @@ def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str 
                config: PreprocessConfig | None = None):
     """Paths or PIL images to model-ready channels-last float32 pixels, as an `mx.array`.
 
-    The preprocessing is the model's own (`model.model_config.preprocess`) unless `mode`
+    The preprocessing is the model's own (`model.config.preprocess`) unless `mode`
     ("clip", "ml-aim", "native") or a full `config` is given. Native-resolution images of
     different shapes cannot share a batch: then a list of (1, H, W, 3) arrays is returned.
     """
-    import mlx.core as mx
-
     config = _choose_config(model, mode, config)
-    patch = model.model_config.vision.patch_size if model is not None else 14
+    patch = model.config.vision.patch_size if model is not None else 14
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     arrays = [to_pixels(open_image(img), config, patch) for img in images]
@@ -231,7 +230,7 @@ def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str 
 def _choose_config(model, mode: str | None, config: PreprocessConfig | None) -> PreprocessConfig:
     if config is not None:
         return config
-    base = model.model_config.preprocess if model is not None else PreprocessConfig()
+    base = model.config.preprocess if model is not None else PreprocessConfig()
     if mode is None or mode == base.mode:
         return base
     return PreprocessConfig.for_mode(mode, base.size)

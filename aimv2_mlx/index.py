@@ -122,13 +122,13 @@ class Record:
 def index_pool(model) -> str:
     """The vector a search compares: LiT's projected image embedding (its text-image space), an
     encoder's attention-pool head where it has one, else mean-pooled tokens."""
-    config = model.model_config
+    config = model.config
     return "head" if config.is_lit or config.vision.use_head else "mean"
 
 
 def index_settings(model, dtype: str) -> dict:
-    config = model.model_config
-    location = getattr(model, "location", None)
+    config = model.config
+    location = model.location
     identity = dict(model_identity(model), path=str(location.path) if location else None)
     settings = {
         "model": identity,
@@ -200,7 +200,7 @@ def update_index(
     )
     return IndexSummary(
         index=str(index),
-        model=model.model_config.name,
+        model=model.config.name,
         embedded=embedded,
         reused=reused,
         moved=moved,
@@ -532,7 +532,7 @@ def _write_failures(index: Path, records: list[Record]) -> None:
 
 
 def _width(model) -> int:
-    config = model.model_config
+    config = model.config
     return config.projection_dim if config.is_lit else config.vision.hidden_size
 
 

@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .base import Location, Model
 from .config import ModelConfig, TextConfig
 from .encoder import VisionEncoder
 from .layers import Transformer
@@ -40,12 +41,13 @@ class TextEncoder(nn.Module):
         return mx.take_along_axis(tokens, eos[:, None, None], axis=1)[:, 0]
 
 
-class LiT(nn.Module):
+class LiT(Model):
     """CLIP-style two-tower model; `model(pixels)` returns image tokens like any encoder."""
 
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
+    kind = "LiT (image + text)"
+
+    def __init__(self, config: ModelConfig, location: Location | None = None):
+        super().__init__(config, location)
         vision, text, dim = config.vision, config.text, config.projection_dim
         self.image_encoder = VisionEncoder(vision)
         self.text_encoder = TextEncoder(text)

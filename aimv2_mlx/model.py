@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import cpu, hub
+from .base import Location, Model
+from .checkpoint_io import Checkpoint, open_checkpoint
 from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
 from .encoder import VisionEncoder
@@ -22,9 +21,6 @@ from .lit import LiT
 from .quantize import dequantize_model, quantize_model
 from .weights import (PICKLE_PATTERNS, CheckpointError, Recipe, check_config_matches, check_tensors,
                       detect_layout, infer_config, plan, read_json)
-
-if TYPE_CHECKING:
-    from .convert.checkpoint import Checkpoint
 
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-shapes"
@@ -48,36 +44,15 @@ class HubUnreachableError(ModelNotFoundError):
                          "HF_HUB_OFFLINE=1 to skip the hub")
 
 
-@dataclass
-class Location:
-    """Where a checkpoint was found: a local folder or file, and what to record about it."""
-
-    path: Path
-    origin: str
-    revision: str | None = None
-
-    @property
-    def folder(self) -> Path:
-        """The folder holding the checkpoint (and any tokenizer or preprocessor files)."""
-        return self.path if self.path.is_dir() else self.path.parent
-
-    @property
-    def name(self) -> str:
-        if self.origin.startswith("hf://"):
-            return self.origin.removeprefix("hf://").split("/")[-1]
-        return self.folder.name
-
-
-def build(config: ModelConfig) -> nn.Module:
+def build(config: ModelConfig, location: Location | None = None) -> Model:
     """A randomly initialised model for `config` (LiT when it has a text tower).
 
     Quantized configs get their quantized linears; weights stay lazy until evaluated, so building
     even a 3B model only to read its parameter shapes costs no memory.
     """
-    model = LiT(config) if config.is_lit else VisionEncoder(config.vision)
+    model = (LiT if config.is_lit else VisionEncoder)(config, location)
     if config.quantization:
         quantize_model(model, config.quantization["bits"], config.quantization["group_size"])
-    model.model_config = config
     return model
 
 
@@ -106,8 +81,8 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    download = dict(revision=revision, allow_patterns=HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []),
-                    ignore_patterns=HUB_IGNORE)
+    patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    download = dict(revision=revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORE)
     try:
         folder = snapshot_download(repo, local_files_only=True, **download)
     except HFValidationError as exc:
@@ -184,19 +159,17 @@ def expected_parameters(model: nn.Module) -> dict[str, mx.array]:
 
 
 def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None,
-         dequantize: bool | None = None) -> nn.Module:
+         dequantize: bool | None = None) -> Model:
     """Load a model from a local folder or file, or a hub id; PyTorch layouts are mapped in memory.
 
     Quantized models are dequantized into float32 linears on the CPU (`dequantize=None`), where
     quantized matmuls are slow; pass `dequantize=False` to keep them quantized. On the CPU the
     model gets the CPU backend (`cpu.apply`: vectorised kernels, every core).
     """
-    from .convert.checkpoint import open_checkpoint
-
     location = resolve(path_or_id, revision)
     checkpoint = open_checkpoint(location.path)
     config, recipes = conversion_plan(checkpoint, location)
-    model = build(config)
+    model = build(config, location)  # the location: to load it again, and its tokenizer files
     check_tensors(expected_parameters(model), {k: r.shape(checkpoint.tensors) for k, r in recipes.items()},
                   checkpoint.path)
     model.load_weights([(key, recipe.build(lambda k: checkpoint.tensors[k].load())) for key, recipe in recipes.items()])
@@ -205,21 +178,20 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
         dequantize_model(model)
     if on_cpu():
         cpu.apply(model)
-    model.location = location  # where it came from: to load it again, and its tokenizer files
     return model
 
 
-def save(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save(model: Model, folder: str | os.PathLike) -> Path:
     """Write `config.json` + `model.safetensors` in our layout."""
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    model.model_config.save(folder)
+    model.config.save(folder)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     return folder
 
 
-def load_default(verbose: bool = True) -> nn.Module:
+def load_default(verbose: bool = True) -> Model:
     """The official AIMv2-L when it can be had, else the small checkpoint bundled for offline use."""
     try:
         return load(DEFAULT_MODEL)
@@ -233,60 +205,7 @@ def load_default(verbose: bool = True) -> nn.Module:
     return load(BUNDLED_DIR)
 
 
-def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -> dict:
-    """What `aimv2 info` reports about a model: name, origin, size, quantization and config.
-
-    A pre-training run folder is described by its latest checkpoint's encoder, with a hint to
-    export it (`run`), since embed and probe want a model folder.
-    """
-    from .train.checkpoint import latest_checkpoint
-
-    run = Path(path_or_id).expanduser()
-    checkpoint = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    if (run / "checkpoints").is_dir() and checkpoint is None:
-        raise ModelNotFoundError(f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
-    model = load(checkpoint / "encoder" if checkpoint else path_or_id, revision)
-    config = model.model_config
-    summary = {
-        "name": config.name,
-        "origin": config.source.get("origin", str(path_or_id)),
-        "kind": "LiT (image + text)" if config.is_lit else "vision encoder",
-        "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
-                                      # packed weights hold 32/bits each
-                                      if config.quantization else model),
-        "quantization": (f"{config.quantization['bits']}-bit, group size {config.quantization['group_size']}"
-                         if config.quantization else None),
-        "label": config.source.get("label"),
-        "trained": _training_summary(config.source),
-        "config": config.to_dict(),
-    }
-    if checkpoint:
-        summary["kind"] = f"pre-training run, latest checkpoint {checkpoint.name} ({summary['kind']})"
-        summary["run"] = {"checkpoint": str(checkpoint), "export": f"aimv2 export {run} MODEL_FOLDER"}
-    return summary
-
-
-def _training_summary(source: dict) -> str | None:
-    """Data, steps and probe scores of a model pre-trained by this pipeline (None otherwise)."""
-    if "step" not in source:
-        return None
-    text = f"{source['step']} steps" + (f" on {source['data']}" if source.get("data") else "")
-    probe = source.get("probe_scores")
-    if probe:
-        scores = ", ".join(f"{k} {v:.1f}" for k, v in probe["pretrained"].items())
-        text += (f"; probe ({probe['what']}): {scores}"
-                 f" (random init: mean {probe['random_init']['mean']:.1f})")
-    lit = source.get("lit")
-    if lit:
-        text += f"; text tower: LiT-tuned {lit['step']} steps on {lit.get('data')}"
-        zero_shot = lit.get("zero_shot_scores")
-        if zero_shot:
-            scores = [(a, zero_shot[a]) for a in ("color", "shape") if a in zero_shot]
-            text += f"; zero-shot ({zero_shot['what']}): " + ", ".join(
-                f"{a} {s['zero_shot']:.1f} ({s.get('prompts', 'default')} prompts; "
-                f"linear probe {s['linear_probe']:.1f})" for a, s in scores)
-        retrieval = lit.get("retrieval")
-        if retrieval:
-            text += (f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "
-                     f"(random text tower {retrieval['random_text_tower']['recall@5']:.1f})")
-    return text
+def load_named(model: str) -> Model:
+    """The model `-m/--model` names: "default" is `load_default()` (the official AIMv2-L, else
+    the bundled model), anything else goes to `load()`."""
+    return load_default() if model == "default" else load(model)

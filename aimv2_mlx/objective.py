@@ -120,7 +120,7 @@ def loss_sums(encoder, decoder, pixels: mx.array, input_ids: mx.array, prefix_le
     zero = mx.array(0.0, dtype=mx.float32)
     pixel = zero
     if objective != "caption":
-        pixel = pixel_loss_sum(predicted, pixel_targets(pixels, encoder.config.patch_size), prefix_lengths)
+        pixel = pixel_loss_sum(predicted, pixel_targets(pixels, encoder.config.vision.patch_size), prefix_lengths)
     text = zero if objective == "image" else text_loss_sum(logits, input_ids, ignore_ids)
     return pixel, text
 

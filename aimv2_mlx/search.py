@@ -105,7 +105,7 @@ def text_vector(model, text: str, index: Index | None = None) -> np.ndarray:
     text itself (one template, "{}"), so search and `classify --zero-shot` share one path."""
     from .zeroshot import ZeroShotClassifier
 
-    config = model.model_config
+    config = model.config
     if not config.is_lit:
         where = f"{index.folder}: " if index is not None else ""
         raise SettingError(

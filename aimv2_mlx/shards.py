@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors.numpy import load_file, save_file
 
 from .errors import SettingError
 from .folders import atomic_write, naming_full_disk, write_json  # noqa: F401  (shard writers take both from here)
@@ -39,8 +40,6 @@ def write_shard(folder: Path, index: int, vectors: np.ndarray, metadata: dict, f
         atomic_write(folder / f"{name}.npy", save_npy)
         files.append(f"{name}.npy")
     elif fmt == "safetensors":
-        from safetensors.numpy import save_file
-
         atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file({"embeddings": np.ascontiguousarray(vectors)}, str(tmp)))
         files.append(f"{name}.safetensors")
     elif fmt == "parquet":
@@ -79,8 +78,6 @@ def read_embeddings(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
         if fmt == "npy":
             vectors.append(np.load(folder / f"{shard['name']}.npy").reshape((-1,) + row_shape))
         elif fmt == "safetensors":
-            from safetensors.numpy import load_file
-
             vectors.append(load_file(folder / f"{shard['name']}.safetensors")["embeddings"].reshape((-1,) + row_shape))
         else:
             flat = table.column("embedding").combine_chunks().flatten().to_numpy()

@@ -29,9 +29,9 @@ def trim_padding(input_ids: np.ndarray, end_id: int, multiple: int = 1) -> np.nd
 
 def model_tokenizer(model) -> ClipTokenizer:
     """The CLIP BPE shipped in the folder the model was loaded from."""
-    location = getattr(model, "location", None)
+    location = model.location
     if location is None:
-        raise SettingError(f"{model.model_config.name}: not loaded from a folder, so no tokenizer "
+        raise SettingError(f"{model.config.name}: not loaded from a folder, so no tokenizer "
                          "files; pass tokenizer=ClipTokenizer.from_folder(…)")
     return ClipTokenizer.from_folder(location.folder)
 
@@ -39,10 +39,10 @@ def model_tokenizer(model) -> ClipTokenizer:
 def embed_texts(model, texts: Sequence[str], tokenizer: ClipTokenizer | None = None,
                 batch_size: int = TEXT_BATCH) -> mx.array:
     """(N, projection_dim) unit-length text embeddings of `texts` (a LiT model)."""
-    if not model.model_config.is_lit:
-        raise SettingError(f"{model.model_config.name}: not a LiT model (no text tower)")
+    if not model.config.is_lit:
+        raise SettingError(f"{model.config.name}: not a LiT model (no text tower)")
     tokenizer = tokenizer or model_tokenizer(model)
-    ids = tokenizer(list(texts), context_length=model.model_config.text.max_position_embeddings)
+    ids = tokenizer(list(texts), context_length=model.config.text.max_position_embeddings)
     chunks = [l2_normalize(model.encode_text(mx.array(trim_padding(ids[i:i + batch_size],
                                                                    tokenizer.end_id))))
               for i in range(0, len(ids), batch_size)]

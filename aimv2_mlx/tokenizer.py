@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 
 import ftfy
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors, trainers)
 from tokenizers.models import BPE
 
 from .errors import SettingError, UnusableFileError
@@ -279,8 +280,6 @@ def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_length: int = 77,
                     min_frequency: int = 2, report: Callable[[str], None] | None = None) -> CaptionTokenizer:
     """A BPE over the captions (ids 0 and 1 are EOS and UNK); `report` hears how many were cut."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), "")])

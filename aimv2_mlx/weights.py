@@ -21,7 +21,7 @@ from .errors import Aimv2Error
 
 # torch pickle checkpoints (transformers `pytorch_model.bin`, ml-aim `.pth`, timm `.pt`): what a
 # folder is searched for and what the hub fetches with --allow-pickle.
-PICKLE_PATTERNS = ["*.bin", "*.pth", "*.pt"]
+PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
 
 ML_AIM_MLX = "ml-aim-mlx"
 ML_AIM_TORCH = "ml-aim-torch"

@@ -56,7 +56,7 @@ class ZeroShotClassifier:
 
     def __init__(self, model, labels: Sequence[str], templates: Sequence[str] | None = None,
                  tokenizer: ClipTokenizer | None = None):
-        config = model.model_config
+        config = model.config
         if not config.is_lit:
             raise SettingError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
                                "apple/aimv2-large-patch14-224-lit")
@@ -101,7 +101,7 @@ def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[s
 
 
 def _pixel_batches(images: list, model, batch_size: int):
-    config, patch = model.model_config.preprocess, model.model_config.vision.patch_size
+    config, patch = model.config.preprocess, model.config.vision.patch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
@@ -109,7 +109,7 @@ def _pixel_batches(images: list, model, batch_size: int):
 
 def model_templates(model) -> list[str]:
     """The model folder's `templates.txt` when it has one, else CLIP's `DEFAULT_TEMPLATES`."""
-    location = getattr(model, "location", None)
+    location = model.location
     if location is not None and (location.folder / TEMPLATES_FILE).is_file():
         return read_lines(location.folder / TEMPLATES_FILE)
     return list(DEFAULT_TEMPLATES)

@@ -8,6 +8,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -34,8 +35,6 @@ def _idx(path: Path) -> np.ndarray:
 
 def write_image_folder(images: np.ndarray, labels: np.ndarray, root: Path, prefix: str = "") -> Path:
     """PNG files under root/<class name>/, one per image."""
-    from PIL import Image
-
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):

@@ -97,7 +97,7 @@ def recall_at(
             for i in range(0, len(pixels), 256)
         ]
     )
-    ids = tokenizer(captions, model.model_config.text.max_position_embeddings)
+    ids = tokenizer(captions, model.config.text.max_position_embeddings)
     text = np.concatenate(
         [
             np.array(l2_normalize(model.encode_text(mx.array(ids[i : i + 256]))))
@@ -137,7 +137,7 @@ def main() -> None:
     encoder = load(args.encoder)
     config = LitConfig.for_encoder(
         args.encoder,
-        encoder.model_config.vision,
+        encoder.config.vision,
         context_length=args.context_length,
         vocab_size=args.vocab_size,
         batch_size=args.batch,
@@ -196,7 +196,7 @@ def main() -> None:
     ]
     tokenizer = ClipTokenizer.from_folder(out / "lit")
     tuned = recall_at(model, tokenizer, pixels[held], captions[held.start :])
-    random = build_lit(config_of(run), locked_weights(encoder), encoder.model_config.preprocess)
+    random = build_lit(config_of(run), locked_weights(encoder), encoder.config.preprocess)
     baseline = recall_at(random, tokenizer, pixels[held], captions[held.start :])
     results["text_to_image"] = {
         "lit": tuned,

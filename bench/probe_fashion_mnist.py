@@ -61,7 +61,7 @@ def main() -> None:
         total = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    config = model.model_config
+    config = model.config
     result = {
         "model": config.name,
         "model_label": config.source.get("label"),

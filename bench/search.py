@@ -178,7 +178,7 @@ def bench_cli(index: Path, example: Path, model) -> dict:
     aimv2 = [sys.executable, "-m", "aimv2_mlx.cli"]
     runs = {}
     cases = {"image": ["--image", str(example)]}
-    if model.model_config.is_lit:
+    if model.config.is_lit:
         cases["text"] = ["a red circle"]
     for name, query in cases.items():
         times, cpu = [], []

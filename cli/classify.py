@@ -60,7 +60,7 @@ def classify(
             write_csv(output, results)
     head = head_summary(classifier)
     if as_json:
-        typer.echo(json.dumps({"model": classifier.model.model_config.name, **head, "labels": classifier.labels,
+        typer.echo(json.dumps({"model": classifier.model.config.name, **head, "labels": classifier.labels,
                                "results": results, "skipped": skipped}, indent=2))
         return
     if head:

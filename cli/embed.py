@@ -11,7 +11,7 @@ import typer
 from aimv2_mlx import distributed
 from aimv2_mlx.embed import embed_folder
 from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
-from aimv2_mlx.model import load, load_default
+from aimv2_mlx.model import load_named
 
 from .errors import one_line_errors
 from .options import at_least, expand, output_folder
@@ -46,7 +46,7 @@ def embed(
         at_least(0, workers=workers)
         check_megapixel_limit(max_megapixels, "--max-megapixels")
         output_folder(output)
-        encoder = load_default() if model == "default" else load(model)
+        encoder = load_named(model)
         with _progress(enabled=rank == 0) as progress:
             summary = embed_folder(inputs, output, encoder, batch_size=batch_size, shard_size=shard_size,
                                    pool=pool, normalize=normalize, dtype=dtype, format=fmt,

@@ -8,8 +8,8 @@ import textwrap
 import typer
 
 from aimv2_mlx.cpu import blas as backend
+from aimv2_mlx.describe import describe_model
 from aimv2_mlx.lit_tuning import is_lit_run
-from aimv2_mlx.model import describe_model
 
 from .errors import one_line_errors
 

@@ -128,7 +128,7 @@ def lit(
             timing = {"warmup_steps": warmup_steps} if "warmup_steps" in given else {}
             config = LitConfig.for_encoder(
                 encoder,
-                load(encoder).model_config.vision,
+                load(encoder).config.vision,
                 text_width,
                 text_depth,
                 text_heads,

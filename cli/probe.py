@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from aimv2_mlx.model import load, load_default
+from aimv2_mlx.model import load_named
 from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe as run_probe
 
 from .errors import one_line_errors
@@ -47,14 +47,14 @@ def probe(
             heads=names, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, normalize=normalize,
             blocks=block_list(blocks),
             attentive=AttentiveSettings(epochs=epochs, batch_size=batch_size, seed=seed), cache_dir=cache_dir)
-        encoder = load_default() if model == "default" else load(model)
+        encoder = load_named(model)
         with _stage_bars() as progress:
             report = run_probe(train, output, encoder, val=val_dir, test=test_dir, settings=settings,
                                progress=progress)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{encoder.model_config.name}: {report['counts']['train']} train / {report['counts']['val']} val / "
+    typer.echo(f"{encoder.config.name}: {report['counts']['train']} train / {report['counts']['val']} val / "
                f"{report['counts']['test']} test images, {len(report['classes'])} classes")
     for name, metrics in report["heads"].items():
         top5 = f", top-5 {metrics['top5']:.3f}" if "top5" in metrics else ""

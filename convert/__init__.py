@@ -1,5 +1,5 @@
-"""Checkpoint conversion to the aimv2-mlx layout (`aimv2 convert`), and the torch-free readers
-that `aimv2_mlx.load()` shares with it."""
+"""Checkpoint conversion to the aimv2-mlx layout (`aimv2 convert`); the checkpoint readers it
+shares with `aimv2_mlx.load()` live in the library (`aimv2_mlx.checkpoint_io`)."""
 
 from .convert import Conversion, convert, upload
 

@@ -20,15 +20,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from aimv2_mlx import __version__
+from aimv2_mlx.checkpoint_io import INDEX, open_checkpoint
 from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.folders import atomic_folder
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
+from aimv2_mlx.safetensors_io import NUMPY_OF, write_streaming
 from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
 
-from .checkpoint import INDEX, open_checkpoint
-from .safetensors_io import NUMPY_OF, write_streaming
+from .verify import verify_conversion
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -111,8 +112,6 @@ def convert(
         (tmp / "README.md").write_text(_model_card(config, output.name))
     result = Conversion(output, config, shards, total)
     if verify:
-        from .verify import verify_conversion
-
         result.verification = verify_conversion(output, checkpoint, recipes)
     if upload_repo:
         result.uploaded_to = upload(output, upload_repo)

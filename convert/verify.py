@@ -9,8 +9,10 @@ them verification is skipped with a message.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
+from aimv2_mlx.model import load
 from aimv2_mlx.vectors import l2_normalize
 from aimv2_mlx.weights import ours_for_transformers_key
 
@@ -24,12 +26,8 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
         import transformers  # noqa: F401
     except ImportError:
         return {"skipped": "torch and transformers are not installed (pip install 'aimv2-mlx[test]')"}
-    import mlx.core as mx
-
-    from aimv2_mlx.model import load
-
     model = load(folder)
-    config = model.model_config
+    config = model.config
     source = {key: np.array(recipe.build(lambda k: checkpoint.tensors[k].load()).astype(mx.float32))
               for key, recipe in recipes.items()}
     reference = _reference(config, source)
@@ -109,8 +107,6 @@ def _fixed_ids(rng, text) -> np.ndarray:
 
 
 def _normalized(x) -> np.ndarray:
-    import mlx.core as mx
-
     return l2_normalize(np.array(x.astype(mx.float32)))
 
 

@@ -413,7 +413,7 @@ import sys, numpy as np
 import aimv2_mlx, mlx.core as mx
 from aimv2_mlx.cpu import blas
 model = aimv2_mlx.load("bundled")
-size = model.model_config.vision.image_size
+size = model.config.vision.image_size
 x = np.random.default_rng(0).standard_normal((8, size, size, 3)).astype(np.float32)
 np.save(sys.argv[1], np.array(model(mx.array(x))))
 print(blas.library_path() or "none")

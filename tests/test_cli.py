@@ -29,10 +29,10 @@ def test_embed_sample_folder_offline_uses_bundled_model(tmp_path):
     assert str(out) in lines[-1] and "embedded 4 of 4" in lines[-1]
     vectors, metadata = aimv2_mlx.read_embeddings(out)
     paths = metadata.column("path").to_pylist()
-    width = aimv2_mlx.load("bundled").model_config.vision.hidden_size
+    width = aimv2_mlx.load("bundled").config.vision.hidden_size
     assert vectors.shape == (len(paths), width) and paths == sorted(p.name for p in PHOTOS.glob("*.jpg"))
     manifest = json.loads((out / "manifest.json").read_text())
-    bundled = aimv2_mlx.load("bundled").model_config.preprocess.mode
+    bundled = aimv2_mlx.load("bundled").config.preprocess.mode
     assert manifest["preprocess"]["mode"] == bundled and manifest["counts"]["embedded"] == len(paths)
     assert (out / "failures.jsonl").read_text() == ""
     model = aimv2_mlx.load("bundled")
@@ -83,7 +83,7 @@ def test_info_labels_bundled_model(tmp_path):
     result = _aimv2("info", "bundled", cache=tmp_path)
     assert result.returncode == 0
     model = aimv2_mlx.load("bundled")
-    probe = model.model_config.source["probe_scores"]
+    probe = model.config.source["probe_scores"]
     shown = " ".join(result.stdout.split())  # long values are wrapped
     assert "pre-trained by aimv2-mlx" in shown and "not a general-purpose encoder" in shown
     assert f"{aimv2_mlx.parameter_count(model):,}" in shown

@@ -48,8 +48,8 @@ def test_block_indices_outside_the_depth_are_refused_naming_the_depth():
 
 def test_forward_features_refuses_a_block_past_the_last():
     model = aimv2_mlx.load("bundled")
-    depth = model.model_config.vision.num_hidden_layers
-    pixels = mx.zeros((1, model.model_config.vision.image_size, model.model_config.vision.image_size, 3))
+    depth = model.config.vision.num_hidden_layers
+    pixels = mx.zeros((1, model.config.vision.image_size, model.config.vision.image_size, 3))
     _, outputs = model.forward_features(pixels, feature_blocks=(-depth, depth - 1))
     assert len(outputs) == 2
     with pytest.raises(ValueError, match=f"the model has {depth} blocks"):

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 
 import aimv2_mlx
 from aimv2_mlx.convert import convert
-from aimv2_mlx.convert.safetensors_io import read_header
+from aimv2_mlx.safetensors_io import read_header
 
 from .conftest import timm_key, tiny_config
 from .torch_zips import evil_checkpoint
@@ -131,7 +131,7 @@ def test_large_round_trip_every_layout(large, layout, tmp_path):
     assert result.config.source["family"] == "large"
     model = aimv2_mlx.load(tmp_path / "out")
     assert aimv2_mlx.parameter_count(model) == 309_197_824
-    assert model.model_config.vision.num_attention_heads == 8
+    assert model.config.vision.num_attention_heads == 8
     got = np.array(model(mx.array(large["pixels"])))
     assert np.abs(got - large["expected"]).max() <= TOL
     del model

@@ -17,7 +17,7 @@ PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "photos").gl
 def test_batched_equals_single_image():
     model = aimv2_mlx.load("bundled")
     batched = aimv2_mlx.embed(PHOTOS, model, batch_size=3)  # 4 photos: last batch padded
-    assert batched.shape == (len(PHOTOS), model.model_config.vision.hidden_size)
+    assert batched.shape == (len(PHOTOS), model.config.vision.hidden_size)
     for i, photo in enumerate(PHOTOS):
         single = np.array(model.embed(aimv2_mlx.preprocess(photo, model)))[0]
         assert np.abs(single - batched[i]).max() <= 1e-5

@@ -27,7 +27,7 @@ def test_info_prints_the_config_on_short_lines_and_the_parameters_as_an_int(tmp_
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert max(map(len, lines)) <= 100, max(lines, key=len)
-    vision = aimv2_mlx.load("bundled").model_config.vision
+    vision = aimv2_mlx.load("bundled").config.vision
     assert any(line.strip().startswith("vision:") and f"hidden_size={vision.hidden_size}" in line for line in lines)
     assert any(line.strip() == "quantization: none" for line in lines)
     summary = json.loads(_aimv2("info", "bundled", "--json").stdout)

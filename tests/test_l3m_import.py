@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
-from aimv2_mlx.convert.l3m import open_training_checkpoint
+from aimv2_mlx.l3m import open_training_checkpoint
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.tokenizer import train_tokenizer
@@ -151,7 +151,7 @@ def test_a_consolidated_l3m_file_converts_and_embeds_like_its_weights_loaded_dir
     assert result.exit_code == 0, result.output
     assert "ml-l3m layout" in result.output
     converted = aimv2_mlx.load(tmp_path / "converted")
-    assert converted.model_config.vision == config.encoder
+    assert converted.config.vision == config.encoder
     pixels = mx.array(rng.normal(size=(3, 28, 28, 3)).astype(np.float32))
     expected = np.array(model.encoder(pixels))
     # load() gives the CPU backend's kernels, whose float32 rounding differs from the plain layers'

@@ -216,7 +216,7 @@ def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(
         "merges.txt",
     }
     model = aimv2_mlx.load(folder)
-    config = model.model_config
+    config = model.config
     assert (
         config.is_lit and config.source["origin"] == "aimv2 lit" and config.source["step"] == STEPS
     )
@@ -249,7 +249,7 @@ def test_the_cli_exports_a_lit_run_and_refuses_a_second_run_in_its_folder(straig
     data, run, _ = straight
     result = run_cli("export", run, tmp_path / "lit")
     assert result.exit_code == 0, result.output
-    assert aimv2_mlx.load(tmp_path / "lit").model_config.is_lit
+    assert aimv2_mlx.load(tmp_path / "lit").config.is_lit
     one_line_error(run_cli("lit", data, "-o", run, "--steps", "2"), str(run), "--resume")
     one_line_error(
         run_cli("lit", data, "-o", run, "--resume", "--batch-size", "4"),

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 import aimv2_mlx
 from aimv2_mlx import cpu
+from aimv2_mlx.model import BUNDLED_DIR, load_named
 from aimv2_mlx.weights import ML_AIM_MLX, ML_AIM_TORCH, TIMM, TRANSFORMERS, detect_layout, to_ours
 
 from .conftest import timm_key, tiny_config
@@ -33,11 +34,11 @@ def _pixels(rng, size=56):
 def test_our_folder_round_trip(tmp_path, rng):
     model, folder = _tiny_saved(tmp_path, head=True)
     loaded = aimv2_mlx.load(folder)
-    assert loaded.model_config == model.model_config
+    assert loaded.config == model.config
     x = _pixels(rng)
     # load() applies it too
     assert np.array_equal(np.array(cpu.apply(model, streams=())(x)), np.array(loaded(x)))
-    assert np.array_equal(np.array(model.pool(x)), np.array(loaded.pool(x)))
+    assert np.array_equal(np.array(model.encode_image(x)), np.array(loaded.encode_image(x)))
 
 
 def _timm_state(ours: dict) -> dict:
@@ -87,7 +88,7 @@ def test_transformers_folder_loads(tmp_path, rng, transformers_reference):
     with torch.inference_mode():
         expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     assert np.abs(np.array(model(mx.array(x))) - expected).max() <= 1e-5
-    assert model.model_config.vision.num_attention_heads == 2
+    assert model.config.vision.num_attention_heads == 2
 
 
 def _fill_cache(cache, repo: str, folder):
@@ -120,7 +121,7 @@ def test_load_default_falls_back_to_bundled(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = aimv2_mlx.load_default()
-    assert model.model_config.name == aimv2_mlx.load("bundled").model_config.name
+    assert model.config.name == aimv2_mlx.load("bundled").config.name
     captured = capsys.readouterr()
     notice = captured.err.strip().splitlines()
     assert len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]
@@ -170,3 +171,14 @@ def test_presets_cover_the_released_models():
     for size, count in counts.items():
         shapes = aimv2_mlx.build(names[f"aimv2-{size}-patch14-224"])
         assert aimv2_mlx.parameter_count(shapes) == count
+
+
+def test_the_model_option_names_default_a_folder_or_a_hub_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_named("default").location.path == BUNDLED_DIR  # the official one is not cached
+    assert "using the bundled offline model" in capsys.readouterr().err
+    _, folder = _tiny_saved(tmp_path)
+    assert load_named(str(folder)).location.path == folder
+    with pytest.raises(aimv2_mlx.ModelNotFoundError, match="someone/missing"):
+        load_named("someone/missing")

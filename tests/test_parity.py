@@ -50,7 +50,7 @@ def test_large_224_matches_transformers(tmp_path, transformers_reference, rng):
     reference = _vision_reference(tmp_path)
     model = aimv2_mlx.load(tmp_path)
     assert aimv2_mlx.parameter_count(model) == 309_197_824
-    assert model.model_config.vision.num_hidden_layers == 24
+    assert model.config.vision.num_hidden_layers == 24
     pixels = rng.standard_normal((2, 224, 224, 3)).astype(np.float32)
     _compare_vision(reference, model, pixels)
     del reference, model
@@ -61,7 +61,7 @@ def test_large_224_matches_transformers(tmp_path, transformers_reference, rng):
 def test_native_large_non_square_matches_transformers(tmp_path, transformers_reference, rng):
     reference = _vision_reference(tmp_path, is_native=True)
     model = aimv2_mlx.load(tmp_path)
-    assert model.model_config.vision.is_native
+    assert model.config.vision.is_native
     pixels = rng.standard_normal((1, 224, 336, 3)).astype(np.float32)
     _compare_vision(reference, model, pixels)
     del reference, model
@@ -82,7 +82,7 @@ def test_lit_matches_transformers(tmp_path, transformers_reference, rng):
         reference.logit_scale.fill_(3.2)
     reference.save_pretrained(tmp_path)
     model = aimv2_mlx.load(tmp_path)
-    assert model.model_config.is_lit
+    assert model.config.is_lit
     assert aimv2_mlx.parameter_count(model) == 436_680_193
 
     pixels = rng.standard_normal((2, 224, 224, 3)).astype(np.float32)

@@ -149,7 +149,7 @@ def test_export_writes_an_encoder_only_model(shapes, tmp_path):
     out = export_encoder(tmp_path / "run", tmp_path / "encoder")
     model = aimv2_mlx.load(out)
     assert isinstance(model, aimv2_mlx.VisionEncoder)
-    assert model.model_config.source["step"] == 2
+    assert model.config.source["step"] == 2
     keys = set(mx.load(str(out / "model.safetensors")))
     trained = weights_of(tmp_path / "run")
     assert keys == {k.removeprefix("encoder.") for k in trained if k.startswith("encoder.")}

@@ -100,7 +100,7 @@ def test_second_run_reads_the_cache_and_new_preprocessing_does_not(tmp_path, mod
     assert first > 0
     probe(data, tmp_path / "second", model, settings=settings, log=lambda m: None)
     assert len(encoder_calls) == first  # no encoder call at all
-    model.model_config.preprocess = PreprocessConfig.for_mode("ml-aim", 56)
+    model.config.preprocess = PreprocessConfig.for_mode("ml-aim", 56)
     probe(data, tmp_path / "third", model, settings=settings, log=lambda m: None)
     assert len(encoder_calls) > first
 

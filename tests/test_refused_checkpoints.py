@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 import aimv2_mlx
 import aimv2_mlx.model
 from aimv2_mlx.cli.app import app
+from aimv2_mlx.checkpoint_io import open_checkpoint
 from aimv2_mlx.convert import convert
-from aimv2_mlx.convert.checkpoint import open_checkpoint
-from aimv2_mlx.convert.safetensors_io import read_header, read_tensor
+from aimv2_mlx.safetensors_io import read_header, read_tensor
 from aimv2_mlx.weights import CheckpointError
 
 from .conftest import tiny_config
@@ -141,7 +141,7 @@ def _sharded_in_cache(tmp_path: Path, repo: str) -> tuple[Path, dict[str, mx.arr
     for name, part in shards.items():
         mx.save_safetensors(str(blobs / f"blob-{name}"), {k: weights[k] for k in part})
     (blobs / "blob-index").write_text(json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
-    model.model_config.save(blobs)
+    model.config.save(blobs)
     (blobs / "config.json").rename(blobs / "blob-config")
     files = {**{name: f"blob-{name}" for name in shards}, "model.safetensors.index.json": "blob-index",
              "config.json": "blob-config"}
@@ -263,7 +263,7 @@ def _transformers_folder(folder: Path, **config) -> Path:
 
 def test_the_transformers_folder_of_these_tests_loads_as_the_tiny_model(tmp_path):
     model = aimv2_mlx.load(_transformers_folder(tmp_path / "hf", num_attention_heads=2))
-    assert model.model_config.vision.num_hidden_layers == 2 and model.model_config.vision.hidden_size == 64
+    assert model.config.vision.num_hidden_layers == 2 and model.config.vision.hidden_size == 64
 
 
 @pytest.mark.parametrize("config, needle", [
@@ -346,7 +346,7 @@ def test_a_bad_override_flag_is_refused_in_one_line(tmp_path):
 
 _FULL_DISK = """
 import builtins, errno
-import aimv2_mlx.convert.safetensors_io as safetensors_io
+import aimv2_mlx.safetensors_io as safetensors_io
 
 class FullDisk:
     def __init__(self, handle):

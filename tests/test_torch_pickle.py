@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from aimv2_mlx.convert.torch_pickle import Bfloat16Array, read_torch_checkpoint
+from aimv2_mlx.torch_pickle import Bfloat16Array, read_torch_checkpoint
 from aimv2_mlx.weights import CheckpointError
 
 from .torch_zips import evil_checkpoint, torch_zip_with
@@ -66,7 +66,7 @@ def test_reader_never_imports_torch(tmp_path):
     torch.save({"w": torch.ones(3)}, tmp_path / "w.pth")
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
-        "from aimv2_mlx.convert.torch_pickle import read_torch_checkpoint\n"
+        "from aimv2_mlx.torch_pickle import read_torch_checkpoint\n"
         f"print(read_torch_checkpoint({str(tmp_path / 'w.pth')!r})['w'].sum())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -227,7 +227,7 @@ def _zip_bomb(path: Path, claimed: int, tensor_numel: int) -> Path:
 _UNDER_AN_ADDRESS_SPACE_LIMIT = """
 import resource, sys
 import aimv2_mlx.cli.app
-from aimv2_mlx.convert.torch_pickle import read_torch_checkpoint
+from aimv2_mlx.torch_pickle import read_torch_checkpoint
 def vm_bytes():
     for line in open('/proc/self/status'):
         if line.startswith('VmSize:'):
@@ -279,7 +279,7 @@ def test_a_tensor_reads_only_the_bytes_it_spans(tmp_path, monkeypatch):
     data = np.arange(1 << 18, dtype=np.float32)
     path = _pth(tmp_path / "w.pth", {"w": _tensor("0", data.size, 1000, (3,), (2,)),
                                      "v": _tensor("0", data.size, 0, (data.size,), (1,))}, {"0": data.tobytes()})
-    from aimv2_mlx.convert.torch_pickle import open_torch_checkpoint
+    from aimv2_mlx.torch_pickle import open_torch_checkpoint
 
     tensor = open_torch_checkpoint(path)["w"]
     reads = []

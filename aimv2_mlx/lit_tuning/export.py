@@ -61,12 +61,12 @@ def export_lit(
     model = build_lit(
         config,
         locked_weights(encoder),
-        encoder.model_config.preprocess,
-        name=name or f"{encoder.model_config.name}-lit",
+        encoder.config.preprocess,
+        name=name or f"{encoder.config.name}-lit",
         cpu_backend=False,
     )
     model.load_weights(str(checkpoint / "lit.safetensors"), strict=False)
-    model.model_config.source = {
+    model.config.source = {
         "origin": "aimv2 lit",
         "encoder": config.encoder,
         "encoder_identity": config.encoder_identity,

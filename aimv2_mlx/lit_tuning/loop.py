@@ -180,7 +180,7 @@ class _Run:
                 f"{self.source.origin}: {len(features.captions)} usable pairs, fewer than one "
                 f"contrastive batch of {global_batch}; lower --batch-size"
             )
-        model = build_lit(config, locked_weights(encoder), encoder.model_config.preprocess)
+        model = build_lit(config, locked_weights(encoder), encoder.config.preprocess)
         del encoder
         optimizer = build_optimizer(config)
         optimizer.init(model.trainable_parameters())
@@ -213,7 +213,7 @@ class _Run:
                 Path(config.encoder).expanduser().resolve()
             )  # so export finds it from anywhere
         config.encoder_identity = model_identity(encoder)
-        config.vision = encoder.model_config.vision
+        config.vision = encoder.config.vision
         if self.rank == 0:
             check_new_run(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)

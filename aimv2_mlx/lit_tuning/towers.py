@@ -21,7 +21,7 @@ from .config import LitConfig
 
 def vision_of(encoder):
     """The image encoder of a model (a LiT's image tower, or the encoder itself)."""
-    return encoder.image_encoder if encoder.model_config.is_lit else encoder
+    return encoder.image_encoder if encoder.config.is_lit else encoder
 
 
 def locked_weights(encoder) -> dict[str, mx.array]:

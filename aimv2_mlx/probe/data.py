@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from ..data.sources import IMAGE_SUFFIXES, images_under
 from ..errors import Aimv2Error
@@ -91,10 +92,6 @@ def label_file(path: Path) -> LabelledImages:
 
 def _read_rows(path: Path) -> list[tuple[str, str]]:
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ProbeDataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path)
         columns = set(table.column_names)
         if not {"path", "label"} <= columns:

@@ -48,13 +48,13 @@ def cache_key(paths: list[Path], model, kind: str, blocks: tuple[int, ...] | Non
     for path in paths:
         stat = path.stat()
         files.update(f"{os.fsdecode(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    config = model.model_config
+    config = model.config
     description = {
         "model": model_identity(model),
         "preprocess": dataclasses.asdict(config.preprocess),
         "kind": kind,
         "blocks": list(blocks) if blocks else None,
-        "dtype": str(_encoder(model).preprocessor.patchifier.proj.weight.dtype),
+        "dtype": str(model.image_encoder.preprocessor.patchifier.proj.weight.dtype),
         "files": files.hexdigest(),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=list).encode()).hexdigest()[:24]
@@ -93,7 +93,7 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     if kind not in ("mean", "tokens"):
         raise SettingError(f"unknown feature kind {kind!r}: use mean or tokens")
     check_megapixel_limit(max_megapixels)
-    config = model.model_config
+    config = model.config
     if config.preprocess.mode == "native":
         if kind == "tokens":
             raise SettingError("patch-token features need a fixed-resolution model (native token counts vary)")
@@ -106,26 +106,14 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     for good, pixels, failed in batches(map_in_order(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)
         if good:
-            tokens = _tokens(model, mx.array(pixels), blocks)[: len(good)]
-            rows.append(np.array((tokens.mean(axis=1) if kind == "mean" else tokens).astype(mx.float32)))
+            features = model.image_features(mx.array(pixels), kind, blocks)
+            rows.append(np.array(features[: len(good)].astype(mx.float32)))
             kept.extend(index[id(g.source)] for g in good)
         if progress:
             progress(len(kept) + len(failures), len(paths))
     dims = config.vision.hidden_size
     values = np.concatenate(rows) if rows else np.zeros((0, dims) if kind == "mean" else (0, 0, dims), np.float32)
     return Features(values, np.array(kept, dtype=np.int64), failures)
-
-
-def _encoder(model):
-    return model.image_encoder if hasattr(model, "image_encoder") else model
-
-
-def _tokens(model, pixels: mx.array, blocks: tuple[int, ...] | None) -> mx.array:
-    """Post-trunk-normed tokens, or the mean of the chosen blocks' raw outputs (AIMv1 style)."""
-    if not blocks:
-        return model(pixels)
-    _, outputs = _encoder(model).forward_features(pixels, feature_blocks=tuple(blocks))
-    return sum(outputs[1:], outputs[0]) / len(outputs)
 
 
 def _read(path: Path, count: int) -> Features | None:

@@ -108,7 +108,7 @@ def _checked(settings: ProbeSettings, model) -> ProbeSettings:
         raise SettingError(
             f"unknown head(s) {', '.join(sorted(unknown)) or '(none)'}: use {', '.join(HEAD_TYPES)}"
         )
-    vision = model.model_config.vision
+    vision = model.config.vision
     if settings.blocks:
         block_indices(settings.blocks, vision.num_hidden_layers)
     if settings.attentive.num_heads is None:

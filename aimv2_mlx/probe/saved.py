@@ -92,7 +92,7 @@ def _remove_stale_heads(output: Path, kept) -> None:
 
 def _load_argument(model) -> dict | None:
     """What `aimv2_mlx.load()` needs to rebuild the probe's encoder (None: built in memory)."""
-    location = getattr(model, "location", None)
+    location = model.location
     if location is None:
         return None
     if location.origin.startswith("hf://"):

@@ -36,7 +36,7 @@ def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike,
         raise FileExistsError(f"{out}: already exists")
     state = json.loads((checkpoint / "state.json").read_text())
     encoder = load(checkpoint / "encoder")
-    config = encoder.model_config
+    config = encoder.config
     if name:
         config.name = name
     config.source = {**config.source, "checkpoint": str(checkpoint.resolve()), "step": state["step"],

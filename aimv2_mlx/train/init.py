@@ -134,7 +134,7 @@ class L3mStart:
     """
 
     def __init__(self, path: str | os.PathLike, with_optimizer: bool = True):
-        from ..convert.l3m import open_training_checkpoint
+        from ..l3m import open_training_checkpoint
         from ..l3m_keys import ML_L3M, decoder_plan, encoder_plan, is_l3m
 
         self.path = Path(path).expanduser()
@@ -292,6 +292,6 @@ class L3mStart:
 
 
 def _load(tensor, path: Path) -> mx.array:
-    from ..convert.checkpoint import TensorRef
+    from ..checkpoint_io import TensorRef
 
     return TensorRef(tensor.shape, tensor.dtype, path, tensor.numpy).load()

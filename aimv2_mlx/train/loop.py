@@ -90,13 +90,12 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
     """Encoder + decoder, initialised as the recipe says; with the CPU backend on a CPU
     (`cpu_backend=False`: the plain layers, e.g. as a reference)."""
     enc = config.encoder
-    encoder = VisionEncoder(enc)
-    encoder.model_config = ModelConfig(
+    encoder = VisionEncoder(ModelConfig(
         name=f"aimv2-{config.preset}-patch{enc.patch_size}-{enc.image_size}-pretrained",
         vision=enc,
         preprocess=PreprocessConfig("ml-aim", enc.image_size, tuple(config.mean), tuple(config.std), 1.0),
         source={"origin": "aimv2 pretrain", "objective": config.objective, "data": data_name},
-    )
+    ))
     decoder = MultimodalDecoder(config.decoder, enc.hidden_size, enc.patch_size ** 2 * enc.num_channels)
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)
@@ -251,7 +250,7 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
     if start_from is not None:
         echo(start_from.apply(model, optimizer))
         start = start_from.step
-        model.encoder.model_config.source["init_from"] = str(start_from.path)
+        model.encoder.config.source["init_from"] = str(start_from.path)
     if resume:
         config = _changed(recorded, changes, start, echo)
         if rank == 0 and config != recorded:

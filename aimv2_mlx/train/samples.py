@@ -22,7 +22,7 @@ def reconstruct(model, pixels: mx.array, objective: str, mean, std) -> tuple[np.
     """(real uint8, predicted uint8, encoder tokens). Prefix P = 1, so patches 1..N−1 are predicted;
     each predicted patch gets the real patch's mean and spread back (the targets were normalised
     per patch), patch 0 is copied from the real image."""
-    p = model.encoder.config.patch_size
+    p = model.encoder.config.vision.patch_size
     B, H, W, _ = pixels.shape
     prefix = None if objective == "caption" else mx.ones((B,), dtype=mx.int32)
     tokens = model.encoder(pixels, prefix_lengths=prefix)

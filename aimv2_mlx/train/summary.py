@@ -12,7 +12,7 @@ from .config import PretrainConfig
 def startup_summary(config: PretrainConfig, model, images: int, out: Path, start: int, world: int = 1) -> str:
     """Four lines: model and parameters, data and schedule, checkpoints, outputs."""
     encoder, decoder = parameter_count(model.encoder), parameter_count(model.decoder)
-    name = model.encoder.model_config.name
+    name = model.encoder.config.name
     enc = config.encoder
     batch = config.global_batch * world
     epochs = config.steps * batch / max(images, 1)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimv2_mlx.weights import CheckpointError
+from .weights import CheckpointError
 
 # storage class -> (dtype name, NumPy dtype holding its bytes; bfloat16 as uint16 bit patterns)
 _STORAGE_DTYPES = {

@@ -18,10 +18,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from aimv2_mlx.weights import PICKLE_PATTERNS, CheckpointError
-
 from .l3m import is_dcp_folder, open_training_checkpoint, refuse_dcp_folder
 from .safetensors_io import read_header, read_tensor
+from .torch_pickle import open_torch_checkpoint
+from .weights import PICKLE_PATTERNS, CheckpointError
 
 INDEX = "model.safetensors.index.json"
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import numpy as np
 
-from aimv2_mlx.weights import CheckpointError
+from .weights import CheckpointError
 
 # safetensors code -> (our dtype name, NumPy dtype holding its bytes; bfloat16 as uint16)
 CODES = {

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aimv2_mlx.weights import CheckpointError
+from .weights import CheckpointError
 
 from .torch_pickle import (
     _MAX_PICKLE_BYTES,
