@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def open_regular(path: str | os.PathLike):
     except BaseException:
         os.close(fd)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(path: Path):
+    """Build a new folder under a hidden sibling name and rename it onto `path` at the end.
+
+    A failure (or Ctrl-C) removes the sibling, so `path` is either complete or absent; a full disk
+    is named as `path`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with naming_full_disk(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
