@@ -261,3 +261,20 @@ def test_upload_sends_the_exported_folder(tmp_path, monkeypatch):
     assert result.uploaded_to == "someone/aimv2-tiny"
     assert calls == [("create_repo", "someone/aimv2-tiny"),
                      ("upload_folder", "someone/aimv2-tiny", str(tmp_path / "out"))]
+
+
+def test_the_readme_pytorch_lines_load_an_export(tmp_path, transformers_reference, monkeypatch):
+    """README "Use it in PyTorch": its export command and its two Python lines, as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Use it in PyTorch", 1)[1].split("\n### ", 1)[0]
+    shell, python = [block.split("\n", 1)[1] for block in section.split("```")[1:4:2]]
+    command = shell.split("#")[0].split()
+    assert command[:2] == ["aimv2", "export"] and "--format" in command
+    mx.random.seed(0)
+    aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / command[2].rstrip("/"))
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*command[1:]).exit_code == 0
+    namespace = {}
+    exec(python, namespace)
+    assert type(namespace["model"]).__name__ == "Aimv2VisionModel"
+    assert len(python.strip().splitlines()) == 2
