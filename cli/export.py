@@ -13,10 +13,15 @@ from .options import new_folder, one_of
 
 
 def export(
-    source: Path = typer.Argument(..., help="Training run folder (its latest checkpoint), a checkpoint folder, "
-                                            "or an aimv2-mlx model folder (LiT included)."),
+    source: Path = typer.Argument(
+        ...,
+        help="Training run folder (its latest checkpoint), a checkpoint folder, "
+        "or an aimv2-mlx model folder (LiT included).",
+    ),
     out: Path = typer.Argument(..., help="Output model folder (must not exist)."),
-    fmt: str = typer.Option("mlx", "--format", help="mlx | transformers | ml-aim (PyTorch layouts, safetensors)."),
+    fmt: str = typer.Option(
+        "mlx", "--format", help="mlx | transformers | ml-aim (PyTorch layouts, safetensors)."
+    ),
     name: str = typer.Option(None, help="Model name recorded in config.json and the model card."),
     upload_repo: str = typer.Option(None, help="Upload the result to this Hugging Face repo."),
 ) -> None:
@@ -25,6 +30,9 @@ def export(
         one_of("--format", fmt, FORMATS)
         new_folder(out)
         result = export_model(source, out, fmt, name, upload_repo)
-    typer.echo(f"wrote {result.path} ({result.name}, {result.format} layout, {result.tensor_bytes / 1e6:,.1f} MB)")
+    typer.echo(
+        f"wrote {result.path} ({result.name}, {result.format} layout, "
+        f"{result.tensor_bytes / 1e6:,.1f} MB)"
+    )
     if result.uploaded_to:
         typer.echo(f"uploaded to https://huggingface.co/{result.uploaded_to}")

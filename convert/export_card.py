@@ -10,14 +10,25 @@ from aimv2_mlx.config import ModelConfig, official_name
 # encoders and the LiT model under the Apple Machine Learning Research Model licence (research
 # use only; e.g. apple/aimv2-1B-patch14-224 commit 4d24a42 "AMLR license"), the L encoders
 # under the Apple Sample Code License. Anything else points at the source's own card.
-RESEARCH_ONLY = ("apple-amlr", "the Apple Machine Learning Research Model License (research use only)")
+RESEARCH_ONLY = (
+    "apple-amlr",
+    "the Apple Machine Learning Research Model License (research use only)",
+)
 SAMPLE_CODE = ("apple-ascl", "the Apple Sample Code License")
-OURS = ("mit", "MIT, as aimv2-mlx itself: the weights were pre-trained from random initialisation here")
+OURS = (
+    "mit",
+    "MIT, as aimv2-mlx itself: the weights were pre-trained from random initialisation here",
+)
 
 LOADERS = {
-    "transformers": ["from transformers import {cls}", 'model = {cls}.from_pretrained("{folder}"{eager})'],
-    "ml-aim": ["from safetensors.torch import load_file",
-               'model.load_state_dict(load_file("{folder}/model.safetensors"))  # apple/ml-aim\'s AIMv2'],
+    "transformers": [
+        "from transformers import {cls}",
+        'model = {cls}.from_pretrained("{folder}"{eager})',
+    ],
+    "ml-aim": [
+        "from safetensors.torch import load_file",
+        'model.load_state_dict(load_file("{folder}/model.safetensors"))  # apple/ml-aim\'s AIMv2',
+    ],
     "mlx": ["import aimv2_mlx", 'model = aimv2_mlx.load("{folder}")'],
 }
 
@@ -33,7 +44,10 @@ def licence_of(config: ModelConfig) -> tuple[str, str]:
             return RESEARCH_ONLY
         if size == "large":
             return SAMPLE_CODE
-        return "other", f"the licence on the source's model card, https://huggingface.co/apple/{name}"
+        return (
+            "other",
+            f"the licence on the source's model card, https://huggingface.co/apple/{name}",
+        )
     if origin == "aimv2 pretrain" and not source.get("init_from"):
         return OURS
     return "other", f"the licence of the source, `{origin or 'unknown'}`: check it before sharing"
@@ -46,51 +60,67 @@ def how_made(config: ModelConfig) -> str:
         samples = f", {source['samples_seen']:,} samples" if source.get("samples_seen") else ""
         data = f" on `{source['data']}`" if source.get("data") else ""
         objective = f", objective {source['objective']}" if source.get("objective") else ""
-        start = f"from `{source['init_from']}`" if source.get("init_from") else "from random initialisation"
-        return (f"Pre-trained {start} with `aimv2 pretrain` (aimv2-mlx) for {source['step']} steps"
-                f"{samples}{data}{objective} (AIMv2 recipe, arXiv 2411.14402).")
+        start = (
+            f"from `{source['init_from']}`"
+            if source.get("init_from")
+            else "from random initialisation"
+        )
+        return (
+            f"Pre-trained {start} with `aimv2 pretrain` (aimv2-mlx) for {source['step']} steps"
+            f"{samples}{data}{objective} (AIMv2 recipe, arXiv 2411.14402)."
+        )
     if source.get("layout"):
         revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
-        return (f"Converted by `aimv2 convert` from `{source.get('origin')}`{revision} "
-                f"({source['layout']} layout); the weights are the released ones, unchanged.")
+        return (
+            f"Converted by `aimv2 convert` from `{source.get('origin')}`{revision} "
+            f"({source['layout']} layout); the weights are the released ones, unchanged."
+        )
     details = ", ".join(f"{k}: {v}" for k, v in source.items())
-    return f"Made with aimv2-mlx; its config records {details}." if details else \
-        "Made with aimv2-mlx; its config records nothing of the weights' history."
+    return (
+        f"Made with aimv2-mlx; its config records {details}."
+        if details
+        else "Made with aimv2-mlx; its config records nothing of the weights' history."
+    )
 
 
 def model_card(config: ModelConfig, fmt: str, folder_name: str) -> str:
     licence_id, licence = licence_of(config)
     kind = "LiT (image + text) model" if config.is_lit else "vision encoder"
     cls = "Aimv2Model" if config.is_lit else "Aimv2VisionModel"
-    layout = {"transformers": f"transformers' `{cls}`", "ml-aim": "apple/ml-aim's PyTorch",
-              "mlx": "aimv2-mlx's MLX"}[fmt]
+    layout = {
+        "transformers": f"transformers' `{cls}`",
+        "ml-aim": "apple/ml-aim's PyTorch",
+        "mlx": "aimv2-mlx's MLX",
+    }[fmt]
     # Eager attention for LiT: transformers' SDPA path drops an all-ones attention_mask and the
     # text tower then attends both ways (modeling_aimv2.py, Aimv2TextModel).
     eager = ', attn_implementation="eager"' if config.is_lit else ""
     code = [line.format(cls=cls, folder=folder_name, eager=eager) for line in LOADERS[fmt]]
-    return "\n".join([
-        "---",
-        f"license: {licence_id}",
-        f"library_name: {'transformers' if fmt == 'transformers' else fmt}",
-        "tags: [aimv2, vision, aimv2-mlx]",
-        "---",
-        f"# {config.name}",
-        "",
-        f"AIMv2 {kind} in {layout} layout, exported by aimv2-mlx {__version__} (`aimv2 export "
-        f"--format {fmt}`).",
-        "",
-        "## How the weights were made",
-        "",
-        how_made(config),
-        "",
-        "## Licence",
-        "",
-        f"The weights are under {licence}.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        *code,
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            f"license: {licence_id}",
+            f"library_name: {'transformers' if fmt == 'transformers' else fmt}",
+            "tags: [aimv2, vision, aimv2-mlx]",
+            "---",
+            f"# {config.name}",
+            "",
+            f"AIMv2 {kind} in {layout} layout, exported by aimv2-mlx {__version__} "
+            + f"(`aimv2 export --format {fmt}`).",
+            "",
+            "## How the weights were made",
+            "",
+            how_made(config),
+            "",
+            "## Licence",
+            "",
+            f"The weights are under {licence}.",
+            "",
+            "## Use",
+            "",
+            "```python",
+            *code,
+            "```",
+            "",
+        ]
+    )

@@ -19,16 +19,29 @@ from pathlib import Path
 import mlx.core as mx
 
 from aimv2_mlx.config import ModelConfig
-from aimv2_mlx.weights import (_BLOCK_RULES, _TRANSFORMERS_QKV, _TRANSFORMERS_TOWERS, ML_AIM_TORCH,
-                               TRANSFORMERS, CheckpointError, Recipe, ours_for_transformers_key,
-                               plan)
+from aimv2_mlx.weights import (
+    _BLOCK_RULES,
+    _TRANSFORMERS_QKV,
+    _TRANSFORMERS_TOWERS,
+    ML_AIM_TORCH,
+    TRANSFORMERS,
+    CheckpointError,
+    Recipe,
+    ours_for_transformers_key,
+    plan,
+)
 
 from .checkpoint import Checkpoint
 from .safetensors_io import write_streaming
 
 FORMATS = ("transformers", "ml-aim")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 _GROUP = re.compile(r"\(([^()]*)\)")
 
 
@@ -52,8 +65,9 @@ def transformers_names(ours: list[str]) -> dict[str, tuple[str, ...]]:
             continue
         slot = found.setdefault(key, {})
         if slot.get(part or 0, candidate) != candidate:
-            raise CheckpointError(f"{key!r}: two transformers names map onto it "
-                                  f"({slot[part or 0]!r}, {candidate!r})")
+            raise CheckpointError(
+                f"{key!r}: two transformers names map onto it ({slot[part or 0]!r}, {candidate!r})"
+            )
         slot[part or 0] = candidate
     missing = [key for key in ours if key not in found]
     if missing:
@@ -107,8 +121,11 @@ def foreign_plan(checkpoint: Checkpoint, fmt: str) -> list[Foreign]:
     recipes = plan(shapes, layout)
     if recipes.keys() != ours.keys() or any(r.shape(shapes) != ours[k] for k, r in recipes.items()):
         raise CheckpointError(f"{checkpoint.path}: the {fmt} names do not map back onto this model")
-    return [Foreign(name, shapes[name], key, recipes[key]) for key in sorted(ours)
-            for name in recipes[key].sources]
+    return [
+        Foreign(name, shapes[name], key, recipes[key])
+        for key in sorted(ours)
+        for name in recipes[key].sources
+    ]
 
 
 def _their_shape(key: str, shape: tuple[int, ...], parts: int, fmt: str) -> tuple[int, ...]:
@@ -136,7 +153,7 @@ def write_tensors(checkpoint: Checkpoint, foreign: list[Foreign], path: Path) ->
         if item.recipe.op == "qkv":
             index = item.recipe.sources.index(name)
             rows = item.shape[0]
-            value = value[index * rows:(index + 1) * rows]
+            value = value[index * rows : (index + 1) * rows]
         elif item.recipe.op == "conv":
             value = value.transpose(0, 3, 1, 2)
         return value.reshape(item.shape)
@@ -150,37 +167,72 @@ def transformers_config(config: ModelConfig, dtype: str) -> dict:
     """`config.json` for `Aimv2VisionModel` (or `Aimv2Model` with the text tower): the fields of
     transformers' `Aimv2VisionConfig` / `Aimv2TextConfig` / `Aimv2Config`."""
     v = config.vision
-    vision = {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-              "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
-              "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
-              "rms_norm_eps": v.rms_norm_eps, "hidden_act": "silu", "qkv_bias": False,
-              "mlp_bias": False, "use_head": v.use_head, "is_native": v.is_native}
+    vision = {
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_hidden_layers,
+        "num_attention_heads": v.num_attention_heads,
+        "num_channels": v.num_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "rms_norm_eps": v.rms_norm_eps,
+        "hidden_act": "silu",
+        "qkv_bias": False,
+        "mlp_bias": False,
+        "use_head": v.use_head,
+        "is_native": v.is_native,
+    }
     if not config.is_lit:
-        return {"architectures": ["Aimv2VisionModel"], "model_type": "aimv2_vision_model", **vision,
-                "dtype": dtype}
+        return {
+            "architectures": ["Aimv2VisionModel"],
+            "model_type": "aimv2_vision_model",
+            **vision,
+            "dtype": dtype,
+        }
     t = config.text
-    text = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "max_position_embeddings": t.max_position_embeddings, "eos_token_id": t.eos_token_id,
-            "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu", "qkv_bias": False, "mlp_bias": False}
-    return {"architectures": ["Aimv2Model"], "model_type": "aimv2",
-            "vision_config": {"model_type": "aimv2_vision_model", **vision},
-            "text_config": {"model_type": "aimv2_text_model", **text},
-            "projection_dim": config.projection_dim, "max_logit_scale": config.max_logit_scale,
-            "dtype": dtype}
+    text = {
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "max_position_embeddings": t.max_position_embeddings,
+        "eos_token_id": t.eos_token_id,
+        "rms_norm_eps": t.rms_norm_eps,
+        "hidden_act": "silu",
+        "qkv_bias": False,
+        "mlp_bias": False,
+    }
+    return {
+        "architectures": ["Aimv2Model"],
+        "model_type": "aimv2",
+        "vision_config": {"model_type": "aimv2_vision_model", **vision},
+        "text_config": {"model_type": "aimv2_text_model", **text},
+        "projection_dim": config.projection_dim,
+        "max_logit_scale": config.max_logit_scale,
+        "dtype": dtype,
+    }
 
 
 def write_format(checkpoint: Checkpoint, config: ModelConfig, folder: Path, fmt: str) -> int:
     """The weights, configs and (LiT) tokenizer files of `fmt` into `folder`; bytes of tensors."""
     foreign = foreign_plan(checkpoint, fmt)
-    tokenizer = [n for n in TOKENIZER_FILES if (checkpoint.folder / n).is_file()] if config.is_lit else []
-    if config.is_lit and not ("tokenizer.json" in tokenizer or {"vocab.json", "merges.txt"} <= set(tokenizer)):
-        raise CheckpointError(f"{checkpoint.folder}: a LiT model is exported with its tokenizer files "
-                              "(tokenizer.json, or vocab.json + merges.txt), and this folder has none")
+    tokenizer = (
+        [n for n in TOKENIZER_FILES if (checkpoint.folder / n).is_file()] if config.is_lit else []
+    )
+    if config.is_lit and not (
+        "tokenizer.json" in tokenizer or {"vocab.json", "merges.txt"} <= set(tokenizer)
+    ):
+        raise CheckpointError(
+            f"{checkpoint.folder}: a LiT model is exported with its tokenizer files "
+            "(tokenizer.json, or vocab.json + merges.txt), and this folder has none"
+        )
     total = write_tensors(checkpoint, foreign, folder / "model.safetensors")
     hub_config = transformers_config(config, checkpoint.tensors[foreign[0].ours].dtype)
     if fmt == "ml-aim":  # ml-aim builds by model name; the sizes are for readers like ours
-        hub_config = {k: v for k, v in hub_config.items() if k not in ("architectures", "model_type")}
+        hub_config = {
+            k: v for k, v in hub_config.items() if k not in ("architectures", "model_type")
+        }
     _write_json(folder / "config.json", hub_config)
     _write_json(folder / "preprocessor_config.json", config.preprocess.to_hub())
     for name in tokenizer:

@@ -13,7 +13,6 @@ import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
@@ -59,10 +58,24 @@ def _pretrained_run(root: Path, encoder: EncoderConfig, decoder_depth: int, batc
 
     source = load_captioned(write_shapes(root / "data", 2 * batch, size=encoder.image_size))
     tokenizer = train_tokenizer(source.captions(), 64, 10)
-    decoder = DecoderConfig(encoder.hidden_size, decoder_depth, encoder.num_attention_heads,
-                            encoder.intermediate_size, tokenizer.vocab_size, 10)
-    config = PretrainConfig(encoder=encoder, decoder=decoder, batch_size=batch, steps=2, warmup_steps=1,
-                            log_every=1, checkpoint_every=1000, compile=False)
+    decoder = DecoderConfig(
+        encoder.hidden_size,
+        decoder_depth,
+        encoder.num_attention_heads,
+        encoder.intermediate_size,
+        tokenizer.vocab_size,
+        10,
+    )
+    config = PretrainConfig(
+        encoder=encoder,
+        decoder=decoder,
+        batch_size=batch,
+        steps=2,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=1000,
+        compile=False,
+    )
     pretrain(source, root / "run", config, tokenizer, echo=lambda *_: None)
     return root / "run"
 
@@ -74,7 +87,7 @@ def _check_transformers_export(run: Path, out: Path) -> None:
     result = run_cli("export", run, out, "--format", "transformers")
     assert result.exit_code == 0, result.output
     reference = _load_strictly(Aimv2VisionModel, out)
-    ours = aimv2_mlx.load(sorted((run / "checkpoints").glob("step-*[0-9]"))[-1] / "encoder")
+    ours = aimv2_mlx.load(max((run / "checkpoints").glob("step-*[0-9]")) / "encoder")
     pixels = _hub_pixels(out, _photos())
     with torch.inference_mode():
         expected = reference(torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state.numpy()
@@ -86,17 +99,21 @@ def _check_transformers_export(run: Path, out: Path) -> None:
 
 
 def test_a_tiny_pretrained_model_exported_for_transformers_loads_strictly_and_matches_on_photos(
-        tmp_path, transformers_reference):
-    run = _pretrained_run(tmp_path, EncoderConfig(32, 2, 2, 64, image_size=28), decoder_depth=1, batch=4)
+    tmp_path, transformers_reference
+):
+    run = _pretrained_run(
+        tmp_path, EncoderConfig(32, 2, 2, 64, image_size=28), decoder_depth=1, batch=4
+    )
     _check_transformers_export(run, tmp_path / "hf")
 
 
 @pytest.mark.slow
 def test_a_pretrained_aimv2_large_exported_for_transformers_loads_strictly_and_matches_on_photos(
-        tmp_path, transformers_reference):
-    """Full AIMv2-L encoder (random init + 2 steps at batch 2; a 1-block decoder, which stays behind)."""
+    tmp_path, transformers_reference
+):
+    """Full AIMv2-L encoder: random init + 2 steps at batch 2 (1-block decoder, left behind)."""
     run = _pretrained_run(tmp_path, EncoderConfig(), decoder_depth=1, batch=2)
-    encoder = open_checkpoint(sorted((run / "checkpoints").glob("step-*[0-9]"))[-1] / "encoder")
+    encoder = open_checkpoint(max((run / "checkpoints").glob("step-*[0-9]")) / "encoder")
     assert sum(int(np.prod(t.shape)) for t in encoder.tensors.values()) == 309_197_824
     _check_transformers_export(run, tmp_path / "hf")
     gc.collect()
@@ -106,20 +123,32 @@ def test_a_pretrained_aimv2_large_exported_for_transformers_loads_strictly_and_m
 
 
 def _tiny_lit(folder: Path) -> mx.array:
-    """Our LiT with random weights everywhere (positions and logit scale too) and a CLIP vocabulary."""
+    """Our LiT, random everywhere (positions and logit scale too), with a CLIP vocabulary."""
     vocab = write_vocab(folder)
     config = ModelConfig(
         name="tiny-lit",
         vision=EncoderConfig(64, 2, 2, 128, image_size=56, use_head=True),
-        text=TextConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=16, eos_token_id=len(vocab) - 1),
+        text=TextConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=16,
+            eos_token_id=len(vocab) - 1,
+        ),
         projection_dim=32,
         preprocess=PreprocessConfig.for_mode("clip", 56),
     )
     mx.random.seed(0)
     model = aimv2_mlx.build(config)
-    model.load_weights([("text_encoder.preprocessor.positional_embedding", 0.02 * mx.random.normal((16, 64))),
-                        ("log_logit_scale", mx.array(2.5))], strict=False)
+    model.load_weights(
+        [
+            ("text_encoder.preprocessor.positional_embedding", 0.02 * mx.random.normal((16, 64))),
+            ("log_logit_scale", mx.array(2.5)),
+        ],
+        strict=False,
+    )
     aimv2_mlx.save(model, folder)
     return model
 
@@ -132,16 +161,26 @@ def test_a_lit_model_exported_for_transformers_gives_our_logits(tmp_path, transf
 
     _tiny_lit(tmp_path / "lit")
     export(tmp_path / "lit", tmp_path / "hf", "transformers")
-    for name in ("vocab.json", "merges.txt", "preprocessor_config.json", "config.json", "README.md"):
+    for name in (
+        "vocab.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "config.json",
+        "README.md",
+    ):
         assert (tmp_path / "hf" / name).is_file(), name
     reference = _load_strictly(Aimv2Model, tmp_path / "hf", attn_implementation="eager")
     ours = aimv2_mlx.load(tmp_path / "lit")
     pixels = _hub_pixels(tmp_path / "hf", _photos())
     ids = ClipTokenizer.from_folder(tmp_path / "hf")(
-        ["a photo of a cat.", "a rocket", "coffee", "an astronaut in space"], context_length=16)
+        ["a photo of a cat.", "a rocket", "coffee", "an astronaut in space"], context_length=16
+    )
     with torch.inference_mode():
-        expected = reference(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
-                             attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits_per_image.numpy()
+        expected = reference(
+            input_ids=torch.from_numpy(ids),
+            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+        ).logits_per_image.numpy()
     per_image, _ = ours.logits(mx.array(pixels), mx.array(ids))
     assert expected.std() > 0.1  # the comparison could see a wrong image or caption order
     assert np.abs(np.array(per_image) - expected).max() <= TOL
@@ -156,15 +195,25 @@ def test_a_lit_model_without_tokenizer_files_is_refused_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lit"]  # nothing half-written left
 
 
-# --- ml-aim and the round trip ---------------------------------------------------------------------
+# --- ml-aim and the round trip ---------------------------------------------------------------
 
 
-def test_ml_aim_export_equals_the_convert_tests_hand_written_rewrite(tmp_path, transformers_reference):
-    _hf_vision(tmp_path / "hf", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-               image_size=56)
+def test_ml_aim_export_equals_the_convert_tests_hand_written_rewrite(
+    tmp_path, transformers_reference
+):
+    _hf_vision(
+        tmp_path / "hf",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=56,
+    )
     convert(tmp_path / "hf", tmp_path / "ours")
     export(tmp_path / "ours", tmp_path / "ml-aim", "ml-aim")
-    expected = _ml_aim_state(_read_safetensors(tmp_path / "hf" / "model.safetensors"), channels_last=False)
+    expected = _ml_aim_state(
+        _read_safetensors(tmp_path / "hf" / "model.safetensors"), channels_last=False
+    )
     got = _read_safetensors(tmp_path / "ml-aim" / "model.safetensors")
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -175,7 +224,10 @@ def test_ml_aim_export_equals_the_convert_tests_hand_written_rewrite(tmp_path, t
 def _round_trip(source: Path, fmt: str, root: Path) -> None:
     export(source, root / fmt, fmt)
     convert(root / fmt, root / f"{fmt}-back")
-    assert aimv2_mlx.load(root / f"{fmt}-back").model_config.vision == aimv2_mlx.load(source).model_config.vision
+    assert (
+        aimv2_mlx.load(root / f"{fmt}-back").model_config.vision
+        == aimv2_mlx.load(source).model_config.vision
+    )
     before = mx.load(str(source / "model.safetensors"))
     after = mx.load(str(root / f"{fmt}-back" / "model.safetensors"))
     assert before.keys() == after.keys()
@@ -202,7 +254,9 @@ def test_the_writer_reads_each_of_our_tensors_once_even_when_it_splits_it(tmp_pa
     checkpoint = open_checkpoint(tmp_path / "src")
     reads = dict.fromkeys(checkpoint.tensors, 0)
     for key, ref in checkpoint.tensors.items():
-        ref.read = lambda key=key, read=ref.read: (reads.__setitem__(key, reads[key] + 1), read())[1]
+        ref.read = lambda key=key, read=ref.read: (reads.__setitem__(key, reads[key] + 1), read())[
+            1
+        ]
     foreign = foreign_plan(checkpoint, "transformers")
     assert sum(item.recipe.op == "qkv" for item in foreign) == 3 * 2  # q, k, v of 2 blocks
     write_tensors(checkpoint, foreign, tmp_path / "model.safetensors")
@@ -214,31 +268,42 @@ def test_the_writer_reads_each_of_our_tensors_once_even_when_it_splits_it(tmp_pa
 
 def test_an_unknown_format_or_a_foreign_folder_is_refused_in_one_line(tmp_path):
     aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "src")
-    one_line_error(run_cli("export", tmp_path / "src", tmp_path / "out", "--format", "onnx"),
-                   "--format onnx", "transformers")
+    one_line_error(
+        run_cli("export", tmp_path / "src", tmp_path / "out", "--format", "onnx"),
+        "--format onnx",
+        "transformers",
+    )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "aimv2"}))
-    one_line_error(run_cli("export", tmp_path / "other", tmp_path / "out", "--format", "ml-aim"),
-                   str(tmp_path / "other"), "aimv2 convert")
+    one_line_error(
+        run_cli("export", tmp_path / "other", tmp_path / "out", "--format", "ml-aim"),
+        str(tmp_path / "other"),
+        "aimv2 convert",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_a_quantized_model_is_refused_for_pytorch_formats(tmp_path):
     aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "q8", q_bits=8, q_group_size=32)
-    one_line_error(run_cli("export", tmp_path / "q8", tmp_path / "out", "--format", "transformers"),
-                   "quantized")
+    one_line_error(
+        run_cli("export", tmp_path / "q8", tmp_path / "out", "--format", "transformers"),
+        "quantized",
+    )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("origin, licence", [
-    ("hf://apple/aimv2-3B-patch14-448", "apple-amlr"),
-    ("hf://apple/aimv2-1B-patch14-224", "apple-amlr"),
-    ("hf://apple/aimv2-large-patch14-224-lit", "apple-amlr"),
-    ("hf://apple/aimv2-large-patch14-336", "apple-ascl"),
-    ("aimv2 pretrain", "mit"),
-    ("/some/folder", "other"),
-])
+@pytest.mark.parametrize(
+    "origin, licence",
+    [
+        ("hf://apple/aimv2-3B-patch14-448", "apple-amlr"),
+        ("hf://apple/aimv2-1B-patch14-224", "apple-amlr"),
+        ("hf://apple/aimv2-large-patch14-224-lit", "apple-amlr"),
+        ("hf://apple/aimv2-large-patch14-336", "apple-ascl"),
+        ("aimv2 pretrain", "mit"),
+        ("/some/folder", "other"),
+    ],
+)
 def test_the_card_states_the_licence_of_where_the_weights_came_from(origin, licence):
     config = tiny_config()
     config.source = {"origin": origin}
@@ -257,10 +322,14 @@ def test_upload_sends_the_exported_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "src")
-    result = export(tmp_path / "src", tmp_path / "out", "transformers", upload_repo="someone/aimv2-tiny")
+    result = export(
+        tmp_path / "src", tmp_path / "out", "transformers", upload_repo="someone/aimv2-tiny"
+    )
     assert result.uploaded_to == "someone/aimv2-tiny"
-    assert calls == [("create_repo", "someone/aimv2-tiny"),
-                     ("upload_folder", "someone/aimv2-tiny", str(tmp_path / "out"))]
+    assert calls == [
+        ("create_repo", "someone/aimv2-tiny"),
+        ("upload_folder", "someone/aimv2-tiny", str(tmp_path / "out")),
+    ]
 
 
 def test_the_readme_pytorch_lines_load_an_export(tmp_path, transformers_reference, monkeypatch):

@@ -60,8 +60,14 @@ def run_source(path: Path) -> Source | None:
         return None
     checkpoint = find_checkpoint(path)
     state = json.loads((checkpoint / "state.json").read_text())
-    return Source(checkpoint / "encoder", {"checkpoint": str(checkpoint.resolve()), "step": state["step"],
-                                           "samples_seen": state.get("samples_seen")})
+    return Source(
+        checkpoint / "encoder",
+        {
+            "checkpoint": str(checkpoint.resolve()),
+            "step": state["step"],
+            "samples_seen": state.get("samples_seen"),
+        },
+    )
 
 
 def model_folder_source(path: Path) -> Source | None:
@@ -84,12 +90,19 @@ def find_source(path: str | os.PathLike) -> Source:
         found = recognise(path)
         if found is not None:
             return found
-    raise FileNotFoundError(f"{path}: not a training run, checkpoint or aimv2-mlx model folder "
-                            "(convert other checkpoints with `aimv2 convert` first)")
+    raise FileNotFoundError(
+        f"{path}: not a training run, checkpoint or aimv2-mlx model folder "
+        "(convert other checkpoints with `aimv2 convert` first)"
+    )
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "mlx", name: str | None = None,
-           upload_repo: str | None = None) -> Export:
+def export(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "mlx",
+    name: str | None = None,
+    upload_repo: str | None = None,
+) -> Export:
     """Write `source` (a run, checkpoint or model folder) into the new folder `out` as `fmt`.
 
     mlx: config.json + model.safetensors in our layout. transformers: what
@@ -144,8 +157,12 @@ def _export_mlx(found: Source, out: Path, name: str | None) -> ModelConfig:
     return config
 
 
-def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None,
-                   extra: dict | None = None) -> Path:
+def export_encoder(
+    run_or_checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str | None = None,
+    extra: dict | None = None,
+) -> Path:
     """A run's (or checkpoint's) encoder as an MLX model folder; `extra` (e.g. probe scores) is
     added to its config's `source`, beside the run, step and samples seen."""
     found = run_source(Path(run_or_checkpoint).expanduser())
