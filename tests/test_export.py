@@ -119,6 +119,28 @@ def test_a_pretrained_aimv2_large_exported_for_transformers_loads_strictly_and_m
     gc.collect()
 
 
+@pytest.mark.parametrize("native, head", [(True, False), (False, True)])
+def test_native_and_head_variants_load_strictly_in_transformers_and_match(
+    tmp_path, transformers_reference, rng, native, head
+):
+    import torch
+    from transformers import Aimv2VisionModel
+
+    mx.random.seed(2)
+    model = aimv2_mlx.build(tiny_config(native=native, head=head))
+    aimv2_mlx.save(model, tmp_path / "src")
+    export(tmp_path / "src", tmp_path / "hf", "transformers")
+    reference = _load_strictly(Aimv2VisionModel, tmp_path / "hf")
+    pixels = rng.standard_normal((1, 56, 84 if native else 56, 3)).astype(np.float32)
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    tokens = expected.last_hidden_state.numpy()
+    assert np.abs(np.array(model(mx.array(pixels))) - tokens).max() <= TOL
+    if head:  # the attention-pooling head: transformers' pooler_output
+        pooled = np.array(model.pool(mx.array(pixels)))
+        assert np.abs(pooled - expected.pooler_output.numpy()).max() <= TOL
+
+
 # --- LiT ---------------------------------------------------------------------------------------
 
 
