@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -139,6 +141,39 @@ def test_native_and_head_variants_load_strictly_in_transformers_and_match(
     if head:  # the attention-pooling head: transformers' pooler_output
         pooled = np.array(model.pool(mx.array(pixels)))
         assert np.abs(pooled - expected.pooler_output.numpy()).max() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["transformers", "ml-aim"])
+def test_exporting_aimv2_large_streams_in_a_fraction_of_its_size(tmp_path, fmt):
+    """Peak memory of an export in a fresh process, above that of the imports alone."""
+    mx.random.seed(0)
+    model = aimv2_mlx.build(aimv2_mlx.preset("aimv2-large-patch14-224"))
+    aimv2_mlx.save(model, tmp_path / "L")
+    del model
+    gc.collect()
+    size = (tmp_path / "L" / "model.safetensors").stat().st_size
+    # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's)
+    status = "open('/proc/self/status').read()"
+    peak = f"import re; print(int(re.search(r'VmHWM:\\s+(\\d+)', {status})[1]) * 1024)"
+    imports = "from aimv2_mlx.train.export import export\n"
+    work = f"export({str(tmp_path / 'L')!r}, {str(tmp_path / 'out')!r}, {fmt!r})\n"
+    base, used = (
+        int(
+            subprocess.run(
+                [sys.executable, "-c", imports + code + peak],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for code in ("", work)
+    )
+    print(
+        f"\n{fmt}: {size / 1e6:.0f} MB model; peak {used / 1e6:.0f} MB, imports {base / 1e6:.0f} MB"
+    )
+    assert abs((tmp_path / "out" / "model.safetensors").stat().st_size - size) < 10**5
+    assert used - base < size / 8
 
 
 # --- LiT ---------------------------------------------------------------------------------------
