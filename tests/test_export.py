@@ -340,7 +340,7 @@ def test_an_unknown_format_or_a_foreign_folder_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_quantized_model_is_refused_for_pytorch_formats(tmp_path):
+def test_a_quantized_model_is_refused_for_pytorch_formats_and_kept_quantized_for_mlx(tmp_path):
     aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "q8", q_bits=8, q_group_size=32)
     one_line_error(
@@ -348,6 +348,12 @@ def test_a_quantized_model_is_refused_for_pytorch_formats(tmp_path):
         "quantized",
     )
     assert not (tmp_path / "out").exists()
+    export(tmp_path / "q8", tmp_path / "mlx")
+    before = mx.load(str(tmp_path / "q8" / "model.safetensors"))
+    after = mx.load(str(tmp_path / "mlx" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
+    assert aimv2_mlx.load(tmp_path / "mlx").model_config.quantization["bits"] == 8
 
 
 @pytest.mark.parametrize(

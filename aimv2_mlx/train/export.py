@@ -144,7 +144,7 @@ def _export_mlx(found: Source, out: Path, name: str | None) -> ModelConfig:
     from ..convert.export_card import model_card
     from ..convert.export_formats import TOKENIZER_FILES
 
-    model = load(found.folder)
+    model = load(found.folder, dequantize=False)  # a quantized model stays as it is
     config = model.model_config
     config.name = name or config.name
     config.source = {**config.source, **found.provenance}
