@@ -20,6 +20,7 @@ OURS = (
     "MIT, as aimv2-mlx itself: the weights were pre-trained from random initialisation here",
 )
 
+RESTRICTIVENESS = ("mit", "apple-ascl", "other", "apple-amlr")  # least to most
 LOADERS = {
     "transformers": [
         "from transformers import {cls}",
@@ -34,23 +35,40 @@ LOADERS = {
 
 
 def licence_of(config: ModelConfig) -> tuple[str, str]:
-    """(hub licence id, sentence) of the weights, judged by where they came from."""
+    """(hub licence id, sentence) of the weights, judged by where they came from.
+
+    Every official AIMv2 name recorded anywhere in the config's `source` counts (a LiT tower
+    or a run's starting weights carry their origin's licence); the most restrictive one wins.
+    """
     source = config.source
+    names = {official_name(text.removeprefix("hf://")) for text in _strings(source)} - {None}
+    if names:
+        licences = [_official_licence(name) for name in sorted(names)]
+        return max(licences, key=lambda licence: RESTRICTIVENESS.index(licence[0]))
     origin = str(source.get("origin", ""))
-    name = official_name(origin.removeprefix("hf://"))
-    if name:
-        size = name.split("-")[1]
-        if size in ("1B", "3B") or name.endswith("-lit"):
-            return RESEARCH_ONLY
-        if size == "large":
-            return SAMPLE_CODE
-        return (
-            "other",
-            f"the licence on the source's model card, https://huggingface.co/apple/{name}",
-        )
     if origin == "aimv2 pretrain" and not source.get("init_from"):
         return OURS
     return "other", f"the licence of the source, `{origin or 'unknown'}`: check it before sharing"
+
+
+def _official_licence(name: str) -> tuple[str, str]:
+    size = name.split("-")[1]
+    if size in ("1B", "3B") or name.endswith("-lit"):
+        return RESEARCH_ONLY
+    if size == "large":
+        return SAMPLE_CODE
+    return "other", f"the licence on the source's model card, https://huggingface.co/apple/{name}"
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def how_made(config: ModelConfig) -> str:

@@ -368,6 +368,19 @@ def test_the_card_states_the_licence_of_where_the_weights_came_from(origin, lice
     assert licence_of(config)[0] == licence
 
 
+def test_a_model_tuned_from_apple_weights_keeps_their_licence():
+    config = tiny_config()
+    config.source = {
+        "origin": "aimv2 lit",
+        "image_tower": {"origin": "hf://apple/aimv2-large-patch14-224"},
+    }
+    assert licence_of(config)[0] == "apple-ascl"
+    config.source["text_tower"] = ["hf://apple/aimv2-3B-patch14-224"]
+    assert licence_of(config)[0] == "apple-amlr"  # the most restrictive of its sources
+    config.source = {"origin": "aimv2 pretrain", "init_from": "/cluster/ml-l3m/checkpoint.pt"}
+    assert licence_of(config)[0] == "other"
+
+
 def test_upload_sends_the_exported_folder(tmp_path, monkeypatch):
     calls = []
 
