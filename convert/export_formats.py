@@ -27,6 +27,7 @@ from aimv2_mlx.weights import (
     TRANSFORMERS,
     CheckpointError,
     Recipe,
+    detect_layout,
     ours_for_transformers_key,
     plan,
 )
@@ -118,6 +119,11 @@ def foreign_plan(checkpoint: Checkpoint, fmt: str) -> list[Foreign]:
     for key, theirs in names.items():
         for name in theirs:
             shapes[name] = _their_shape(key, ours[key], len(theirs), fmt)
+    if detect_layout(shapes) != layout:  # as `aimv2 convert` would judge the file
+        raise CheckpointError(
+            f"{checkpoint.path}: a {fmt} file of this model would not be read "
+            f"back as {fmt} (its patch shape is ambiguous)"
+        )
     recipes = plan(shapes, layout)
     if recipes.keys() != ours.keys() or any(r.shape(shapes) != ours[k] for k, r in recipes.items()):
         raise CheckpointError(f"{checkpoint.path}: the {fmt} names do not map back onto this model")

@@ -335,6 +335,17 @@ def test_an_unknown_format_or_a_foreign_folder_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_ml_aim_file_convert_would_misread_is_refused(tmp_path):
+    """Patch 2 with 3 channels: (O, 3, 2, 2) reads as channels-last, so it is not written."""
+    config = tiny_config()
+    config.vision = EncoderConfig(32, 1, 2, 64, patch_size=2, image_size=8)
+    aimv2_mlx.save(aimv2_mlx.build(config), tmp_path / "src")
+    result = run_cli("export", tmp_path / "src", tmp_path / "out", "--format", "ml-aim")
+    one_line_error(result, str(tmp_path / "src"), "would not be read back")
+    assert not (tmp_path / "out").exists()
+    _round_trip(tmp_path / "src", "transformers", tmp_path)  # unambiguous there
+
+
 def test_a_quantized_model_is_refused_for_pytorch_formats_and_kept_quantized_for_mlx(tmp_path):
     aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "q8", q_bits=8, q_group_size=32)
