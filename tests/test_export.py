@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,13 @@ def _load_strictly(cls, folder: Path, **kwargs):
     model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys, no errors
     return model.eval()
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A tmp_path emptied after the test: an AIMv2-L run and its exports take gigabytes."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _pretrained_run(root: Path, encoder: EncoderConfig, decoder_depth: int, batch: int) -> Path:
@@ -111,13 +119,13 @@ def test_a_tiny_pretrained_model_exported_for_transformers_loads_strictly_and_ma
 
 @pytest.mark.slow
 def test_a_pretrained_aimv2_large_exported_for_transformers_loads_strictly_and_matches_on_photos(
-    tmp_path, transformers_reference
+    scratch, transformers_reference
 ):
     """Full AIMv2-L encoder: random init + 2 steps at batch 2 (1-block decoder, left behind)."""
-    run = _pretrained_run(tmp_path, EncoderConfig(), decoder_depth=1, batch=2)
+    run = _pretrained_run(scratch, EncoderConfig(), decoder_depth=1, batch=2)
     encoder = open_checkpoint(max((run / "checkpoints").glob("step-*[0-9]")) / "encoder")
     assert sum(int(np.prod(t.shape)) for t in encoder.tensors.values()) == 309_197_824
-    _check_transformers_export(run, tmp_path / "hf")
+    _check_transformers_export(run, scratch / "hf")
     gc.collect()
 
 
@@ -145,19 +153,19 @@ def test_native_and_head_variants_load_strictly_in_transformers_and_match(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["transformers", "ml-aim"])
-def test_exporting_aimv2_large_streams_in_a_fraction_of_its_size(tmp_path, fmt):
+def test_exporting_aimv2_large_streams_in_a_fraction_of_its_size(scratch, fmt):
     """Peak memory of an export in a fresh process, above that of the imports alone."""
     mx.random.seed(0)
     model = aimv2_mlx.build(aimv2_mlx.preset("aimv2-large-patch14-224"))
-    aimv2_mlx.save(model, tmp_path / "L")
+    aimv2_mlx.save(model, scratch / "L")
     del model
     gc.collect()
-    size = (tmp_path / "L" / "model.safetensors").stat().st_size
+    size = (scratch / "L" / "model.safetensors").stat().st_size
     # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's)
     status = "open('/proc/self/status').read()"
     peak = f"import re; print(int(re.search(r'VmHWM:\\s+(\\d+)', {status})[1]) * 1024)"
     imports = "from aimv2_mlx.train.export import export\n"
-    work = f"export({str(tmp_path / 'L')!r}, {str(tmp_path / 'out')!r}, {fmt!r})\n"
+    work = f"export({str(scratch / 'L')!r}, {str(scratch / 'out')!r}, {fmt!r})\n"
     base, used = (
         int(
             subprocess.run(
@@ -172,7 +180,7 @@ def test_exporting_aimv2_large_streams_in_a_fraction_of_its_size(tmp_path, fmt):
     print(
         f"\n{fmt}: {size / 1e6:.0f} MB model; peak {used / 1e6:.0f} MB, imports {base / 1e6:.0f} MB"
     )
-    assert abs((tmp_path / "out" / "model.safetensors").stat().st_size - size) < 10**5
+    assert abs((scratch / "out" / "model.safetensors").stat().st_size - size) < 10**5
     assert used - base < size / 8
 
 
