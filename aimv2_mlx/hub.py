@@ -48,3 +48,14 @@ def reachable(url: str, timeout: float = REACH_TIMEOUT_S) -> bool:
     threading.Thread(target=connect, daemon=True).start()
     done.wait(timeout)
     return bool(opened)
+
+
+def upload(folder: Path, repo_id: str) -> str:
+    """Create (if needed) the hub model repo and upload a model folder to it."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                      commit_message="Upload AIMv2 weights written by aimv2-mlx")
+    return repo_id

@@ -1,4 +1,4 @@
-"""`aimv2 export RUN OUT`: the trained encoder alone, as a model folder embed/probe can load."""
+"""`aimv2 export SRC OUT`: a run's encoder or a model folder, for MLX, transformers or ml-aim."""
 
 from __future__ import annotations
 
@@ -6,20 +6,33 @@ from pathlib import Path
 
 import typer
 
-from aimv2_mlx.lit_tuning import export_lit, is_lit_run
-from aimv2_mlx.train.export import export_encoder
+from aimv2_mlx.train.export import FORMATS, export as export_model
 
 from .errors import one_line_errors
-from .options import new_folder
+from .options import new_folder, one_of
 
 
 def export(
-    run: Path = typer.Argument(..., help="Training or LiT run folder (its latest checkpoint) or a checkpoint folder."),
+    source: Path = typer.Argument(
+        ...,
+        help="Training run folder (its latest checkpoint), a checkpoint folder, "
+        "or an aimv2-mlx model folder (LiT included).",
+    ),
     out: Path = typer.Argument(..., help="Output model folder (must not exist)."),
-    name: str = typer.Option(None, help="Model name recorded in config.json."),
+    fmt: str = typer.Option(
+        "mlx", "--format", help="mlx | transformers | ml-aim (PyTorch layouts, safetensors)."
+    ),
+    name: str = typer.Option(None, help="Model name recorded in config.json and the model card."),
+    upload_repo: str = typer.Option(None, help="Upload the result to this Hugging Face repo."),
 ) -> None:
-    """Export the encoder of a pre-training checkpoint (the decoder is dropped), or a LiT run."""
+    """Export a model (a pre-training run's encoder: the decoder is dropped) for MLX or PyTorch."""
     with one_line_errors():
+        one_of("--format", fmt, FORMATS)
         new_folder(out)
-        path = export_lit(run, out, name) if is_lit_run(run) else export_encoder(run, out, name)
-    typer.echo(f"wrote {path}")
+        result = export_model(source, out, fmt, name, upload_repo)
+    typer.echo(
+        f"wrote {result.path} ({result.name}, {result.format} layout, "
+        f"{result.tensor_bytes / 1e6:,.1f} MB)"
+    )
+    if result.uploaded_to:
+        typer.echo(f"uploaded to https://huggingface.co/{result.uploaded_to}")

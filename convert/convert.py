@@ -24,6 +24,7 @@ from aimv2_mlx.checkpoint_io import INDEX, open_checkpoint
 from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.folders import atomic_folder
+from aimv2_mlx.hub import upload
 from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.safetensors_io import NUMPY_OF, write_streaming
@@ -220,14 +221,3 @@ def _model_card(config, folder_name: str) -> str:
         "```",
         "",
     ])
-
-
-def upload(folder: Path, repo_id: str) -> str:
-    """Create (if needed) the hub model repo and upload the converted folder to it."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload AIMv2 weights converted by aimv2-mlx")
-    return repo_id

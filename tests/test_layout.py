@@ -22,6 +22,7 @@ LAZY = {
     ("cpu/blas.py", "numpy"): "cpu.blas loads the system OpenBLAS before NumPy is first imported",
     ("cpu/blas.py", "aimv2_mlx.cpu.settings"): "it imports MLX, which must wait for the BLAS",
     ("model.py", "huggingface_hub"): "its download stack (~0.1 s) waits for a hub id to resolve",
+    ("hub.py", "huggingface_hub"): "its upload client (~0.1 s) waits for an upload",
     ("probe/metrics.py", "matplotlib"): "the Agg backend is chosen before pyplot is imported",
     ("probe/metrics.py", "matplotlib.pyplot"): "pyplot (~0.4 s) is paid only when a plot is drawn",
     ("train/logs.py", "matplotlib"): "the Agg backend is chosen before pyplot is imported",

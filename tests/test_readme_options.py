@@ -26,7 +26,7 @@ HOME = {
     "probe": ("`aimv2 probe`",),
     "classify": ("`aimv2 probe`", "Zero-shot classification"),
     "pretrain": ("Pre-training", "`aimv2 pretrain`", "What each command owns"),
-    "export": ("Pre-training", "`aimv2 pretrain`"),
+    "export": ("Pre-training", "`aimv2 pretrain`", "Use it in PyTorch"),
     "data shapes": ("Pre-training", "`aimv2 pretrain`"),
     "tokenizer train": ("Pre-training", "`aimv2 pretrain`"),
     "lit": ("LiT-tuning", "`aimv2 lit`"),

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..folders import atomic_folder
 from ..model import load, save
 from ..train.checkpoint import resume_point
 from .config import KIND
@@ -77,11 +78,9 @@ def export_lit(
         "trained": "text tower, attention-pool head, projections, logit scale",
         **(extra or {}),
     }
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
-    for file in TOKENIZER_FILES:
-        if (run / TOKENIZER / file).is_file():
-            shutil.copyfile(run / TOKENIZER / file, tmp / file)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        save(model, tmp)
+        for file in TOKENIZER_FILES:
+            if (run / TOKENIZER / file).is_file():
+                shutil.copyfile(run / TOKENIZER / file, tmp / file)
     return out
