@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import EncoderConfig, ModelConfig, PreprocessConfig
+from .errors import SettingError
 
 POOLS = ("mean", "tokens", "head")
 
@@ -73,7 +74,7 @@ class Model(nn.Module):
         of the post-trunk-normed tokens (AIMv1 style, arXiv 2401.08541).
         """
         if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}: use {', '.join(POOLS)}")
+            raise SettingError(f"unknown pool {pool!r}: use {', '.join(POOLS)}")
         if pool == "head":
             return self.encode_image(pixels)
         if blocks:

@@ -33,6 +33,7 @@ from .weights import (
 )
 
 from .checkpoint_io import Checkpoint
+from .errors import SettingError
 from .safetensors_io import write_streaming
 
 FORMATS = ("transformers", "ml-aim")
@@ -114,7 +115,7 @@ def foreign_plan(checkpoint: Checkpoint, fmt: str) -> list[Foreign]:
     elif fmt == "ml-aim":
         names, layout = {key: (key,) for key in ours}, ML_AIM_TORCH
     else:
-        raise ValueError(f"--format {fmt!r}: use one of mlx, {', '.join(FORMATS)}")
+        raise SettingError(f"--format {fmt!r}: use one of mlx, {', '.join(FORMATS)}")
     shapes = {}
     for key, theirs in names.items():
         for name in theirs:

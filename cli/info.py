@@ -10,6 +10,7 @@ import typer
 from aimv2_mlx.cpu import blas as backend
 from aimv2_mlx.describe import describe_model
 from aimv2_mlx.lit_tuning import is_lit_run
+from aimv2_mlx.errors import SettingError
 
 from .errors import one_line_errors
 
@@ -25,7 +26,7 @@ def info(
     """Show a model's config, parameter count and quantization, and which device and BLAS MLX uses."""
     with one_line_errors():
         if is_lit_run(model):
-            raise ValueError(f"{model}: a LiT-tuning run; `aimv2 export {model} OUT` writes its LiT "
+            raise SettingError(f"{model}: a LiT-tuning run; `aimv2 export {model} OUT` writes its LiT "
                              "model folder, which `aimv2 info OUT` describes")
         summary = describe_model(model, revision)
     summary["backend"] = backend.describe()

@@ -122,7 +122,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     group = mx.distributed.init() if distributed else None
     rank = group.rank() if group is not None else 0
     if changes and not resume:
-        raise ValueError("changes apply to a resumed run only; a new run takes them in its config")
+        raise SettingError("changes apply to a resumed run only; a new run takes them in its config")
     unknown = sorted(set(changes or ()) - set(RESUMABLE))
     if unknown:
         raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
