@@ -10,7 +10,7 @@ from .encoder import VisionEncoder  # noqa: E402
 from .errors import Aimv2Error, SettingError, UnusableFileError  # noqa: E402
 from .images import open_image, preprocess  # noqa: E402
 from .lit import LiT  # noqa: E402
-from .shards import read_embeddings  # noqa: E402
+from .index import read_embeddings  # noqa: E402
 from .model import (  # noqa: E402
     HubUnreachableError, ModelNotFoundError, build, load, load_default, parameter_count, save)
 from .weights import CheckpointError  # noqa: E402

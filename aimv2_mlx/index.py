@@ -39,7 +39,7 @@ from .data.sources import Item, discover, display
 from .embed import embed_batches, model_identity
 from .folders import is_empty, locked
 from .images import DEFAULT_MAX_MEGAPIXELS
-from .shards import METADATA, atomic_write
+from .shards import METADATA, atomic_write, read_shards
 from .errors import Aimv2Error, SettingError
 
 DATABASE = "index.sqlite"
@@ -607,6 +607,13 @@ def open_index(folder: str | os.PathLike) -> Index:
     except ValueError as exc:
         raise IndexFolderError(f"{folder / DATABASE}: not a readable index ({exc})") from None
     return Index(folder, vectors, [r.path for r in records], records, settings, generation)
+
+
+def read_embeddings(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
+    """All rows of a finished embedding folder (`aimv2 embed`) or search index (`aimv2 index`):
+    (vectors, metadata table), in row order."""
+    folder = Path(folder).expanduser()
+    return read_index(folder) if is_index(folder) else read_shards(folder)
 
 
 def read_index(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_flatten
 
 from . import cpu, hub
@@ -79,7 +80,6 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     if revision is None and official:
         revision = ML_AIM_REVISIONS[official]
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
 
     patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
     download = dict(revision=revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORE)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .embed import embed, model_identity
+from .ann import ann_search
 from .index import Index, IndexFolderError, index_pool, open_index
+from .model import load
+from .zeroshot import ZeroShotClassifier
 from .errors import SettingError
 
 BLOCK = 1 << 16  # rows scored at a time
@@ -52,8 +55,6 @@ def search(
     model = index_model(index, model)
     query = query_vector(index, model, text, image)
     if backend == "ann":
-        from .ann import ann_search
-
         rows, scores = ann_search(index, query, k)
     else:
         rows, scores = exact_top_k(index.vectors, query, k)
@@ -64,8 +65,6 @@ def index_model(index: Index, model=None):
     """The index's own model: `model` if it is that one, else loaded from the recorded location."""
     recorded = index.model
     if model is None:
-        from .model import load
-
         if not recorded.get("path"):
             raise IndexFolderError(
                 f"{index.folder}: records no model location; pass the model (-m)"
@@ -103,8 +102,6 @@ def query_vector(index: Index, model, text: str | None, image) -> np.ndarray:
 def text_vector(model, text: str, index: Index | None = None) -> np.ndarray:
     """A text query's unit vector from the LiT text tower: the zero-shot class embedding of the
     text itself (one template, "{}"), so search and `classify --zero-shot` share one path."""
-    from .zeroshot import ZeroShotClassifier
-
     config = model.config
     if not config.is_lit:
         where = f"{index.folder}: " if index is not None else ""

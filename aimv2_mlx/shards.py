@@ -63,13 +63,9 @@ def read_marker(folder: Path, index: int) -> dict | None:
         return None
 
 
-def read_embeddings(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
-    """All rows of a finished embedding folder or search index: (vectors, metadata table), in row order."""
+def read_shards(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
+    """All rows of a finished embedding folder: (vectors, metadata table), in row order."""
     folder = Path(folder).expanduser()
-    from .index import is_index, read_index  # the index imports this module
-
-    if is_index(folder):
-        return read_index(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     fmt, row_shape = manifest["format"], tuple(manifest["row_shape"] or ())
     vectors, tables = [], []

@@ -191,8 +191,6 @@ class CaptionTokenizer:
         """A `tokenizer.json` that says what this one does: its post-processor appends EOS and its
         padding uses the pad id, so `load_tokenizer` (and transformers'
         `PreTrainedTokenizerFast`) find the same ids again."""
-        from .shards import atomic_write
-
         path = Path(path).expanduser()
         described = Tokenizer.from_str(self.tokenizer.to_str())
         eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))

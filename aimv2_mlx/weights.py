@@ -79,8 +79,6 @@ def shape_of(value) -> tuple[int, ...]:
 
 def detect_layout(weights: Mapping) -> str:
     """Which layout a state dict is in, judged by its keys and shapes only (values or shapes)."""
-    from .l3m_keys import ML_L3M, is_l3m
-
     if is_l3m(weights):
         return ML_L3M
     for key, value in weights.items():
@@ -135,10 +133,8 @@ class Recipe:
 def plan(weights: Mapping, layout: str | None = None) -> dict[str, Recipe]:
     """Our key -> how to make it, for a state dict (values or shapes) of any supported layout."""
     layout = layout or detect_layout(weights)
-    from .l3m_keys import ML_L3M, encoder_plan
-
     if layout == ML_L3M:
-        return encoder_plan(weights)
+        return l3m_encoder_plan(weights)
     recipes: dict[str, Recipe] = {}
     qkv_parts: dict[str, dict[str, str]] = {}
     for key in weights:
@@ -379,3 +375,89 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+# apple/ml-l3m's parameter names (configs/aimv2/001_aimv2_hfdata.yaml) mapped onto ours.
+#
+# The model is `InSeriesMetaModels` of an image encoder and a text decoder
+# (src/l3m/model/meta_models.py), so every name starts `models.image_encoder.` or
+# `models.text_decoder.`. Against ml-aim's layout (ours) the encoder differs in three ways: the
+# preprocessor is a `MultiBlock` (`preprocessor.blocks.0.`), the patch conv is in torch layout,
+# and attention keeps q, k and v as separate Linears (src/l3m/model/layers/attention.py
+# `GenericAttention`), fused here in that order. The decoder's parts are renamed onto our
+# `MultimodalDecoder`; its trunk is the encoder's kind of trunk. Both plans are made from names
+# and shapes alone, before any tensor is read.
+ML_L3M = "ml-l3m"
+L3M_ENCODER = "models.image_encoder."
+L3M_DECODER = "models.text_decoder."
+L3M_MARKER = L3M_ENCODER + "preprocessor.blocks.0.patchifier.proj.weight"
+
+_L3M_QKV = re.compile(r"(trunk\.blocks\.\d+\.attn)\.([qkv])_proj\.weight")
+_L3M_TRUNK = re.compile(
+    r"trunk\.(blocks\.\d+\.(norm_1|norm_2|attn\.proj|mlp\.fc[123])|post_trunk_norm)\.weight"
+)
+_L3M_ENCODER_PARTS = {
+    "preprocessor.blocks.0.pos_embed": "preprocessor.pos_embed",
+    "preprocessor.blocks.0.patchifier.proj.weight": "preprocessor.patchifier.proj.weight",
+    "preprocessor.blocks.0.patchifier.proj.bias": "preprocessor.patchifier.proj.bias",
+    "preprocessor.blocks.0.patchifier.norm.weight": "preprocessor.patchifier.norm.weight",
+}
+# src/l3m/model/preprocessors/multimodal.py `VisionAndTextPreprocessor`, .../vision.py
+# `TextPreprocessor`; the head is a MultiBlock of two LinearClassifiers, text first.
+_L3M_DECODER_PARTS = {
+    "preprocessor.vision_preprocessor.module.weight": "image_projector.weight",
+    "preprocessor.vision_preprocessor.module.bias": "image_projector.bias",
+    "preprocessor.text_preprocessor.positional_embedding": "text_pos_embed",
+    "preprocessor.text_preprocessor.cls_token": "cls",
+    "preprocessor.text_preprocessor.text_embedding.weight": "text_embedding.weight",
+    "head.blocks.0.linear.weight": "text_head.weight",
+    "head.blocks.1.linear.weight": "pixel_head.weight",
+}
+
+
+def is_l3m(weights: Mapping) -> bool:
+    return L3M_MARKER in weights
+
+
+def _l3m_tower_plan(weights: Mapping, prefix: str, parts: dict[str, str]) -> dict[str, Recipe]:
+    recipes: dict[str, Recipe] = {}
+    qkv: dict[str, dict[str, str]] = {}
+    for key in weights:
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        match = _L3M_QKV.fullmatch(rest)
+        if match:
+            qkv.setdefault(f"{match[1]}.qkv.weight", {})[match[2]] = key
+        elif rest in parts:
+            recipes[parts[rest]] = Recipe(
+                (key,), "conv" if rest.endswith("patchifier.proj.weight") else "copy"
+            )
+        elif _L3M_TRUNK.fullmatch(rest):
+            recipes[rest] = Recipe((key,))
+        else:
+            raise CheckpointError(f"unexpected tensor {key!r} in an {ML_L3M} checkpoint")
+    for target, found in qkv.items():
+        missing = {"q", "k", "v"} - found.keys()
+        if missing:
+            raise CheckpointError(f"{prefix}{target}: missing {sorted(missing)} projection(s)")
+        recipes[target] = Recipe((found["q"], found["k"], found["v"]), "qkv")
+    return recipes
+
+
+def l3m_encoder_plan(weights: Mapping) -> dict[str, Recipe]:
+    """Our encoder key -> how to make it; decoder tensors are left out, any other refused."""
+    strays = [k for k in weights if not k.startswith((L3M_ENCODER, L3M_DECODER))]
+    if strays:
+        raise CheckpointError(f"unexpected tensor {strays[0]!r} in an {ML_L3M} checkpoint")
+    return _l3m_tower_plan(weights, L3M_ENCODER, _L3M_ENCODER_PARTS)
+
+
+def l3m_decoder_plan(weights: Mapping) -> dict[str, Recipe]:
+    """Our `MultimodalDecoder` key -> how to make it from the checkpoint's text decoder."""
+    recipes = _l3m_tower_plan(weights, L3M_DECODER, _L3M_DECODER_PARTS)
+    if not recipes:
+        raise CheckpointError(
+            f"no text decoder (no {L3M_DECODER}* tensors) in this {ML_L3M} checkpoint"
+        )
+    return recipes

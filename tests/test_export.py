@@ -147,7 +147,7 @@ def test_native_and_head_variants_load_strictly_in_transformers_and_match(
     tokens = expected.last_hidden_state.numpy()
     assert np.abs(np.array(model(mx.array(pixels))) - tokens).max() <= TOL
     if head:  # the attention-pooling head: transformers' pooler_output
-        pooled = np.array(model.pool(mx.array(pixels)))
+        pooled = np.array(model.encode_image(mx.array(pixels)))
         assert np.abs(pooled - expected.pooler_output.numpy()).max() <= TOL
 
 
@@ -285,8 +285,8 @@ def _round_trip(source: Path, fmt: str, root: Path) -> None:
     export(source, root / fmt, fmt)
     convert(root / fmt, root / f"{fmt}-back")
     assert (
-        aimv2_mlx.load(root / f"{fmt}-back").model_config.vision
-        == aimv2_mlx.load(source).model_config.vision
+        aimv2_mlx.load(root / f"{fmt}-back").config.vision
+        == aimv2_mlx.load(source).config.vision
     )
     before = mx.load(str(source / "model.safetensors"))
     after = mx.load(str(root / f"{fmt}-back" / "model.safetensors"))
@@ -367,7 +367,7 @@ def test_a_quantized_model_is_refused_for_pytorch_formats_and_kept_quantized_for
     after = mx.load(str(tmp_path / "mlx" / "model.safetensors"))
     assert before.keys() == after.keys()
     assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
-    assert aimv2_mlx.load(tmp_path / "mlx").model_config.quantization["bits"] == 8
+    assert aimv2_mlx.load(tmp_path / "mlx").config.quantization["bits"] == 8
 
 
 @pytest.mark.parametrize(

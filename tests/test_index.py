@@ -103,7 +103,8 @@ def test_read_embeddings_reads_an_index_like_an_embed_folder(tmp_path, bundled):
     make_folder(photos, 6)
     update_index(photos, tmp_path / "index", bundled)
     vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / "index")
-    embedded = aimv2_mlx.embed(sorted(photos.rglob("*.png")), bundled, normalize=True)
+    # the bundled model is a LiT: its index holds the projected image embedding (pool "head")
+    embedded = aimv2_mlx.embed(sorted(photos.rglob("*.png")), bundled, pool="head", normalize=True)
     assert metadata.column("path").to_pylist() == [str(p) for p in sorted(photos.rglob("*.png"))]
     assert np.abs(vectors - embedded).max() <= 1e-5
     assert metadata.column("width").to_pylist() == [8] * 6

@@ -23,6 +23,8 @@ LAZY = {
     ("cpu/blas.py", "aimv2_mlx.cpu.settings"): "it imports MLX, which must wait for the BLAS",
     ("model.py", "huggingface_hub"): "its download stack (~0.1 s) waits for a hub id to resolve",
     ("hub.py", "huggingface_hub"): "its upload client (~0.1 s) waits for an upload",
+    ("ann.py", "usearch.index"): "usearch is the optional `ann` extra",
+    ("search.py", "usearch.index"): "usearch is the optional `ann` extra (float16 brute force)",
     ("probe/metrics.py", "matplotlib"): "the Agg backend is chosen before pyplot is imported",
     ("probe/metrics.py", "matplotlib.pyplot"): "pyplot (~0.4 s) is paid only when a plot is drawn",
     ("train/logs.py", "matplotlib"): "the Agg backend is chosen before pyplot is imported",
@@ -121,4 +123,4 @@ def test_the_library_loads_the_bundled_model_from_a_plain_copy_of_its_folder(tmp
     assert result.returncode == 0, result.stderr
     file, name, kind, outside = result.stdout.split(maxsplit=3)
     assert Path(file) == tmp_path / "aimv2_mlx" / "__init__.py"
-    assert (name, kind, outside.strip()) == ("aimv2-tiny-patch14-56-shapes", "VisionEncoder", "[]")
+    assert (name, kind, outside.strip()) == ("aimv2-tiny-patch14-56-shapes", "LiT", "[]")

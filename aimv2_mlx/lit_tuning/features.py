@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.captioned import CaptionedImages
 from ..embed import embed_folder
-from ..shards import atomic_write, read_embeddings
+from ..shards import atomic_write, read_shards
 from ..errors import SettingError, UnusableFileError
 
 FEATURES = "features"
@@ -71,7 +71,7 @@ def cache_features(
         batch_size=batch_size,
         progress=progress,
     )
-    vectors, table = read_embeddings(run / FEATURES)
+    vectors, table = read_shards(run / FEATURES)
     row = {key: i for i, key in enumerate(table.column("path").to_pylist())}
     usable = [i for i, key in enumerate(keys) if key in row]
     if len(usable) < 2:

@@ -8,12 +8,12 @@ that rebuild it (recorded in `probe.json`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .settings import ProbeSettings
+from .settings import ProbeSettings
+
 
 Split = tuple[np.ndarray, np.ndarray]  # (features, integer labels)
 

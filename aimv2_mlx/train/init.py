@@ -36,9 +36,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import SettingError
+from ..checkpoint_io import TensorRef
 from ..config import DecoderConfig, EncoderConfig, check_tower, default_heads
-from ..weights import CheckpointError, _count_blocks, check_tensors, shape_of
+from ..decoder import MultimodalDecoder
+from ..encoder import VisionEncoder
+from ..errors import SettingError
+from ..l3m import open_training_checkpoint
+from ..model import expected_parameters
+from ..weights import (ML_L3M, CheckpointError, _count_blocks, check_tensors, is_l3m,
+                       l3m_decoder_plan, l3m_encoder_plan, shape_of)
+from .step import PretrainModel
 
 # timm/layers/weight_init.py `variance_scaling_`: the std of a standard normal truncated to
 # (-2, 2); dividing by it makes the truncated samples' std √(scale / fan_in).
@@ -134,9 +141,6 @@ class L3mStart:
     """
 
     def __init__(self, path: str | os.PathLike, with_optimizer: bool = True):
-        from ..l3m import open_training_checkpoint
-        from ..l3m_keys import ML_L3M, decoder_plan, encoder_plan, is_l3m
-
         self.path = Path(path).expanduser()
         checkpoint = open_training_checkpoint(self.path)
         if not is_l3m(checkpoint.model):
@@ -147,8 +151,8 @@ class L3mStart:
         self.refused = checkpoint.refused
         try:
             self.recipes = {
-                **{"encoder." + k: r for k, r in encoder_plan(self.tensors).items()},
-                **{"decoder." + k: r for k, r in decoder_plan(self.tensors).items()},
+                **{"encoder." + k: r for k, r in l3m_encoder_plan(self.tensors).items()},
+                **{"decoder." + k: r for k, r in l3m_decoder_plan(self.tensors).items()},
             }
         except CheckpointError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
@@ -229,11 +233,6 @@ class L3mStart:
     def check(self, config, steps: int | None = None) -> None:
         """Refuse a run config (a PretrainConfig) the file does not fit, or a run too short to
         continue from its step; the model is built only lazily (nothing allocated)."""
-        from ..decoder import MultimodalDecoder
-        from ..encoder import VisionEncoder
-        from ..model import expected_parameters
-        from .step import PretrainModel
-
         enc = config.encoder
         model = PretrainModel(
             VisionEncoder(enc),
@@ -251,8 +250,6 @@ class L3mStart:
 
     def apply(self, model: nn.Module, optimizer) -> str:
         """Weights (and moments) into `model`/`optimizer` (initialised); returns what was taken."""
-        from ..model import expected_parameters
-
         check_tensors(expected_parameters(model), self.shapes, self.path)
 
         def read(moment: int | None):
@@ -292,6 +289,4 @@ class L3mStart:
 
 
 def _load(tensor, path: Path) -> mx.array:
-    from ..checkpoint_io import TensorRef
-
     return TensorRef(tensor.shape, tensor.dtype, path, tensor.numpy).load()
