@@ -348,6 +348,13 @@ def model_identity(model) -> dict:
             "weights_sha256": digest.hexdigest()[:16]}
 
 
+def same_model(identity: dict, recorded: dict) -> bool:
+    """Whether two `model_identity` records name the same model: name and weights, wherever it
+    was loaded from."""
+    return (identity["name"], identity["weights_sha256"]) == (
+        recorded.get("name"), recorded.get("weights_sha256"))
+
+
 def _fingerprint(shard: list) -> str:
     """What a shard was made from: keys, sizes and mtimes of its inputs."""
     text = "".join(f"{item.key}\0{item.size}\0{item.mtime!r}\n" for item in shard)

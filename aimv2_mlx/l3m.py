@@ -29,12 +29,13 @@ from pathlib import Path
 from .weights import CheckpointError
 
 from .torch_pickle import (
-    _MAX_PICKLE_BYTES,
+    MAX_PICKLE_BYTES,
     TorchTensor,
-    _check_plausible,
-    _check_storage_use,
-    _Refused,
-    _RestrictedUnpickler,
+    check_plausible,
+    check_storage_use,
+    Refused,
+    RestrictedUnpickler,
+    pickle_errors,
 )
 
 CONSOLIDATE = (
@@ -68,7 +69,7 @@ class Opaque:
 _MAX_REFUSED = 1000
 
 
-class _TolerantUnpickler(_RestrictedUnpickler):
+class _TolerantUnpickler(RestrictedUnpickler):
     """The restricted unpickler, with each refused global an `Opaque` class of that name."""
 
     def __init__(self, *args):
@@ -86,7 +87,7 @@ class _TolerantUnpickler(_RestrictedUnpickler):
             refused = f"{module}.{name}"
             if refused not in self.stand_ins:
                 if len(self.stand_ins) >= _MAX_REFUSED:
-                    raise _Refused(f"the pickle asks for more than {_MAX_REFUSED} globals "
+                    raise Refused(f"the pickle asks for more than {_MAX_REFUSED} globals "
                                    "that are not needed to rebuild tensors") from None
                 self.stand_ins[refused] = type(f"Opaque[{refused}]", (Opaque,), {"refused": refused})
             return self.stand_ins[refused]
@@ -127,9 +128,9 @@ def _unpickle(path: Path):
                 f"{path}: expected one data.pkl in the archive, found {len(pickles)}"
             )
         info = archive.getinfo(pickles[0])
-        _check_plausible(pickles[0], info, os.path.getsize(path))
-        if info.file_size > _MAX_PICKLE_BYTES:
-            raise _Refused(
+        check_plausible(pickles[0], info, os.path.getsize(path))
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise Refused(
                 f"{pickles[0]!r} is {info.file_size:,} bytes; a checkpoint's pickle is a few MB"
             )
         with archive.open(pickles[0]) as handle:
@@ -142,7 +143,7 @@ def _model_part(state, path: Path) -> dict:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             return state[wrapper]
     if isinstance(state, Opaque):
-        raise _Refused(
+        raise Refused(
             f"the pickle asks for global {state.refused}, which is not needed to rebuild tensors "
             "(nothing was executed)"
         )
@@ -156,7 +157,7 @@ def _model_part(state, path: Path) -> dict:
 def _tensors_only(part: dict, path: Path) -> dict[str, TorchTensor]:
     for key, value in part.items():
         if isinstance(value, Opaque):
-            raise _Refused(
+            raise Refused(
                 f"entry {key!r} asks for global {value.refused}, which is not needed to rebuild "
                 "tensors (nothing was executed)"
             )
@@ -187,7 +188,7 @@ def open_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
         raise CheckpointError(
             f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)"
         )
-    try:
+    with pickle_errors(path):
         state, refused = _unpickle(path)
         model = _tensors_only(_model_part(state, path), path)
         optimizer = _optimizer_part(state)
@@ -198,12 +199,6 @@ def open_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
             for value in entry.values()
             if isinstance(value, TorchTensor)
         ]
-        _check_storage_use([*model.values(), *moments])
-    except CheckpointError:
-        raise
-    except _Refused as exc:
-        raise CheckpointError(f"{path}: refused to load: {exc}") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
+        check_storage_use([*model.values(), *moments])
     entries = [str(key) for key in state] if isinstance(state, dict) and model is not state else []
     return TrainingCheckpoint(path, model, optimizer, refused, entries)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .embed import embed, model_identity
+from .embed import embed, model_identity, same_model
 from .ann import ann_search
 from .index import Index, IndexFolderError, index_pool, open_index
 from .model import load
@@ -71,10 +71,7 @@ def index_model(index: Index, model=None):
             )
         model = load(recorded["path"])
     identity = model_identity(model)
-    if (identity["name"], identity["weights_sha256"]) != (
-        recorded.get("name"),
-        recorded.get("weights_sha256"),
-    ):
+    if not same_model(identity, recorded):
         raise IndexFolderError(
             f"{index.folder}: indexed with {recorded.get('name')} (weights "
             f"{recorded.get('weights_sha256')}), not {identity['name']} (weights "

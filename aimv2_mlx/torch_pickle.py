@@ -14,6 +14,7 @@ read, and no opcode can change the reader's own objects.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -48,10 +49,10 @@ _MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 _MAX_COMPRESSION_RATIO = 32
 _MAX_UNUSED_RATIO = 8
 _SLACK_BYTES = 1 << 20
-_MAX_PICKLE_BYTES = 1 << 28
+MAX_PICKLE_BYTES = 1 << 28
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A reason to refuse the file, raised where the file's name is not at hand."""
 
 
@@ -64,7 +65,7 @@ class _Sealed:
     """
 
     def __setstate__(self, state):
-        raise _Refused(f"the pickle tries to change a {type(self).__name__.lstrip('_')} (BUILD opcode), "
+        raise Refused(f"the pickle tries to change a {type(self).__name__.lstrip('_')} (BUILD opcode), "
                        "which no torch checkpoint does")
 
 
@@ -146,19 +147,19 @@ def _whole(value) -> bool:
 
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     if not isinstance(storage, _Storage):
-        raise _Refused(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+        raise Refused(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
     if not (_whole(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
             and all(map(_whole, size)) and all(map(_whole, stride))):
-        raise _Refused(f"a tensor of {storage.entry!r} has a malformed offset, size or stride")
+        raise Refused(f"a tensor of {storage.entry!r} has a malformed offset, size or stride")
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or len(size) > _MAX_DIMS:
-        raise _Refused(f"a tensor of {storage.entry!r} has {len(size)} sizes and {len(stride)} strides")
+        raise Refused(f"a tensor of {storage.entry!r} has {len(size)} sizes and {len(stride)} strides")
     if offset < 0 or min(size + stride, default=0) < 0:
-        raise _Refused(f"a tensor of {storage.entry!r} has a negative offset, size or stride "
+        raise Refused(f"a tensor of {storage.entry!r} has a negative offset, size or stride "
                        f"(offset {offset}, size {size}, stride {stride})")
     tensor = TorchTensor(storage, offset, size, stride)
     if tensor.end > storage.numel or tensor.numel > storage.numel:
-        raise _Refused(
+        raise Refused(
             f"tensor of shape {size} (offset {offset}, stride {stride}) reaches beyond its storage "
             f"{storage.entry!r} of {storage.numel} {storage.dtype} elements (corrupt file)"
         )
@@ -180,7 +181,7 @@ _ALLOWED = {
 _ALLOWED.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, handle, archive: zipfile.ZipFile, prefix: str, source: Path):
         super().__init__(handle)
         self.archive, self.prefix, self.source = archive, prefix, source
@@ -205,30 +206,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
         dtype, numpy_dtype = _STORAGE_DTYPES[storage_type.name]
         if key in self.storages:
             if self.storages[key].dtype != dtype:
-                raise _Refused(f"storage {key!r} is named with two dtypes ({self.storages[key].dtype}, {dtype})")
+                raise Refused(f"storage {key!r} is named with two dtypes ({self.storages[key].dtype}, {dtype})")
             return self.storages[key]
         entry = f"{self.prefix}data/{key}"
         try:
             info = self.archive.getinfo(entry)
         except KeyError:
             raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
-        _check_plausible(entry, info, self.archive_bytes)
+        check_plausible(entry, info, self.archive_bytes)
         self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
 
 
-def _check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> None:
+def check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> None:
     """Refuse an archive member whose claimed size the archive cannot hold (a zip bomb)."""
     if info.header_offset + info.compress_size > archive_bytes:
-        raise _Refused(f"{entry!r} claims {info.compress_size} bytes past the end of the file")
+        raise Refused(f"{entry!r} claims {info.compress_size} bytes past the end of the file")
     stored = info.compress_type == zipfile.ZIP_STORED
     if (stored and info.file_size != info.compress_size) or (
             info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES):
-        raise _Refused(f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
+        raise Refused(f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
                        "(a zip bomb: torch.save does not compress)")
 
 
-def _check_storage_use(tensors) -> None:
+def check_storage_use(tensors) -> None:
     """Refuse a storage far larger than the tensors made from it span."""
     storages, ends = {}, {}
     for tensor in tensors:
@@ -238,8 +239,22 @@ def _check_storage_use(tensors) -> None:
         end = ends[key]
         used = end * storage.numpy_dtype.itemsize
         if storage.nbytes > _MAX_UNUSED_RATIO * used + _SLACK_BYTES:
-            raise _Refused(f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
+            raise Refused(f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
                            f"use only {used:,}")
+
+
+@contextlib.contextmanager
+def pickle_errors(path: Path):
+    """Whatever goes wrong while unpickling `path` (a hostile or damaged file) as one
+    `CheckpointError` naming it; our own refusals keep their reason."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Refused as exc:
+        raise CheckpointError(f"{path}: refused to load: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
 
 
 def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
@@ -247,18 +262,18 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
     path = Path(path).expanduser()
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)")
-    try:
+    with pickle_errors(path):
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
             if len(pickles) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
             prefix = pickles[0][: -len("data.pkl")]
             info = archive.getinfo(pickles[0])
-            _check_plausible(pickles[0], info, os.path.getsize(path))
-            if info.file_size > _MAX_PICKLE_BYTES:
-                raise _Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB")
+            check_plausible(pickles[0], info, os.path.getsize(path))
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB")
             with archive.open(pickles[0]) as handle:
-                state = _RestrictedUnpickler(handle, archive, prefix, path).load()
+                state = RestrictedUnpickler(handle, archive, prefix, path).load()
         for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -268,13 +283,7 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
         for key, value in state.items():
             if not isinstance(value, TorchTensor):
                 raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        _check_storage_use(state.values())
-    except CheckpointError:
-        raise
-    except _Refused as exc:
-        raise CheckpointError(f"{path}: refused to load: {exc}") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
+        check_storage_use(state.values())
     return {str(key): value for key, value in state.items()}
 
 

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import distributed as ranks
 from ..data.captioned import load_captioned
-from ..embed import model_identity
+from ..embed import model_identity, same_model
 from ..folders import locked, naming_full_disk
 from ..model import load, parameter_count
 from ..text_embed import trim_padding
@@ -36,9 +36,10 @@ from ..train import logs
 from ..train.checkpoint import resume_point, write_checkpoint
 from ..train.loop import (
     TrainingInterrupted,
-    _changed,
-    _check_data,
-    _stop_now,
+    changed_config,
+    check_changes,
+    check_data,
+    stop_now,
     caught_signals,
     check_new_run,
     data_identity,
@@ -81,14 +82,7 @@ def lit_tune(
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank = group.rank() if group is not None else 0
-    if changes and not resume:
-        raise SettingError("changes apply to a resumed run only; a new run takes them in its config")
-    unknown = sorted(set(changes or ()) - set(RESUMABLE))
-    if unknown:
-        raise SettingError(
-            f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-            f"only {', '.join(RESUMABLE)} can change"
-        )
+    check_changes(changes, resume, RESUMABLE)
     if resume and not (out / "config.json").is_file():
         raise FileNotFoundError(f"{out}: no run to resume (no config.json)")
     if not resume and config is None:
@@ -112,10 +106,7 @@ def read_config(run: Path) -> LitConfig:
 def check_encoder(config: LitConfig, encoder) -> None:
     """The encoder loaded for a run must be the one it locked (name and weights fingerprint)."""
     found, recorded = model_identity(encoder), config.encoder_identity
-    if (found["name"], found["weights_sha256"]) != (
-        recorded.get("name"),
-        recorded.get("weights_sha256"),
-    ):
+    if not same_model(found, recorded):
         raise SettingError(
             f"{config.encoder}: not the encoder this run locked ({recorded.get('name')}, weights "
             f"{recorded.get('weights_sha256')}; found {found['name']}, {found['weights_sha256']})"
@@ -162,7 +153,7 @@ class _Run:
             tok = self._new_run(config, tokenizer, encoder)
         identity = data_identity(self.source)
         if resume:
-            _check_data(out, identity, allow_data_change, self.echo)
+            check_data(out, identity, allow_data_change, self.echo)
         if rank == 0:
             with naming_full_disk(out / "data.json"):
                 (out / "data.json").write_text(json.dumps(identity, indent=2) + "\n")
@@ -186,7 +177,7 @@ class _Run:
         optimizer.init(model.trainable_parameters())
         start = self._resume(model, optimizer) if resume else 0
         if resume:
-            config = _changed(recorded, changes, start, self.echo)
+            config = changed_config(recorded, changes, start, self.echo)
             if rank == 0 and config != recorded:
                 with naming_full_disk(out / "config.json"):
                     config.save(out / "config.json")
@@ -282,7 +273,7 @@ class _Run:
                     "pairs_per_s": global_batch / (time.perf_counter() - began),
                     "samples_seen": done * global_batch,
                 }
-                stop = _stop_now(caught, all_sum)
+                stop = stop_now(caught, all_sum)
                 if rank == 0:
                     if done % config.log_every == 0 or done == end:
                         logs.append(out / "log.jsonl", record)

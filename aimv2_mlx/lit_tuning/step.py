@@ -10,12 +10,12 @@ applies to the whole batch and which therefore collects W times its gradient; it
 
 from __future__ import annotations
 
-from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from ..train.step import gradients_and_update
 from .loss import clip_loss
 
 PAD_MULTIPLE = 8  # trimmed caption batches are a multiple of this long: few compiled shapes
@@ -42,19 +42,7 @@ class LitStep:
                 )
             return clip_loss(image, text, model.logit_scale())
 
-        grads = mx.value_and_grad(loss)
-        self._grads = mx.compile(grads) if config.compile else grads
-        state = [model.state, optimizer.state]
-        clip = config.grad_clip
-
-        def apply(gradients):
-            gradients, norm = optim.clip_grad_norm(gradients, clip)
-            optimizer.update(model, gradients)
-            return norm
-
-        self._apply = (
-            partial(mx.compile, inputs=state, outputs=state)(apply) if config.compile else apply
-        )
+        self._grads, self._apply = gradients_and_update(model, optimizer, loss, config)
 
     def _gathered(self, tokens: mx.array, input_ids: mx.array) -> tuple[mx.array, ...]:
         """Every rank's embeddings of its block, gathered (no gradient); () on one process."""

@@ -121,12 +121,7 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     out = Path(out).expanduser()
     group = mx.distributed.init() if distributed else None
     rank = group.rank() if group is not None else 0
-    if changes and not resume:
-        raise SettingError("changes apply to a resumed run only; a new run takes them in its config")
-    unknown = sorted(set(changes or ()) - set(RESUMABLE))
-    if unknown:
-        raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-                           f"only {', '.join(RESUMABLE)} can change")
+    check_changes(changes, resume, RESUMABLE)
     if config is not None and not resume:
         config.check()  # before the run folder (and its lock) exists
     if init_from is not None and resume:
@@ -142,6 +137,16 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
         return _run(data, out, config, tokenizer, resume=resume, until=until, group=group, echo=echo,
                     strict=strict, allow_data_change=allow_data_change, changes=changes or {},
                     start_from=start_from)
+
+
+def check_changes(changes: dict | None, resume: bool, resumable: tuple[str, ...]) -> None:
+    """Refuse `changes` to a new run (its config holds them) or to a setting a run keeps."""
+    if changes and not resume:
+        raise SettingError("changes apply to a resumed run only; a new run takes them in its config")
+    unknown = sorted(set(changes or ()) - set(resumable))
+    if unknown:
+        raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+                           f"only {', '.join(resumable)} can change")
 
 
 def check_new_run(out: Path) -> None:
@@ -173,7 +178,7 @@ def data_identity(source) -> dict:
     return {"origin": str(getattr(source, "origin", "")), "samples": len(source), "sha256": digest}
 
 
-def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
+def check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     """Refuse (or, allowed, announce) resuming on data other than the run's."""
     path = out / DATA
     try:
@@ -196,7 +201,7 @@ def _check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
     echo(f"warning: {what}; continuing on the new data")
 
 
-def _changed(config: PretrainConfig, changes: dict, start: int, echo) -> PretrainConfig:
+def changed_config(config: PretrainConfig, changes: dict, start: int, echo) -> PretrainConfig:
     """The resumed run's config with `changes`; a new length is refused when it is behind the
     checkpoint, and otherwise announced with the learning rate it moves to at `start`."""
     new = dataclasses.replace(config, **changes)
@@ -235,7 +240,7 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
                 item.save(out / name)
     identity = data_identity(source)
     if resume:
-        _check_data(out, identity, allow_data_change, echo)
+        check_data(out, identity, allow_data_change, echo)
 
     model = build_pretrain_model(config, str(getattr(source, "origin", "")))
     optimizer = build_optimizer(config)
@@ -252,7 +257,7 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
         start = start_from.step
         model.encoder.config.source["init_from"] = str(start_from.path)
     if resume:
-        config = _changed(recorded, changes, start, echo)
+        config = changed_config(recorded, changes, start, echo)
         if rank == 0 and config != recorded:
             with naming_full_disk(out / "config.json"):
                 config.save(out / "config.json")
@@ -284,7 +289,7 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
             done = step + 1
             record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
                       "img_per_s": plan.global_batch / seconds, "samples_seen": plan.samples_seen(done)}
-            stop = _stop_now(caught, all_sum)
+            stop = stop_now(caught, all_sum)
             if rank == 0:
                 _report(record, batch, failed, out, config, end, echo, loop_started, start)
                 if config.sample_every and done % config.sample_every == 0:
@@ -305,7 +310,7 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
     return record
 
 
-def _stop_now(caught: list[int], all_sum) -> bool:
+def stop_now(caught: list[int], all_sum) -> bool:
     """Whether a signal arrived; with several ranks, on any of them (all stop at the same step)."""
     if all_sum is None:
         return bool(caught)

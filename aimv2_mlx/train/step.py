@@ -29,6 +29,23 @@ class PretrainModel(nn.Module):
         self.decoder = decoder
 
 
+def gradients_and_update(model: nn.Module, optimizer: optim.Optimizer, loss, config):
+    """(`mx.value_and_grad(loss)`, the global-norm-clipped optimizer update returning the pre-clip
+    norm), each compiled when `config.compile`: the update over the model's and optimizer's state.
+    Pre-training and LiT-tuning share it."""
+    grads = mx.value_and_grad(loss)
+
+    def apply(gradients):
+        gradients, norm = optim.clip_grad_norm(gradients, config.grad_clip)
+        optimizer.update(model, gradients)
+        return norm
+
+    if not config.compile:
+        return grads, apply
+    state = [model.state, optimizer.state]
+    return mx.compile(grads), partial(mx.compile, inputs=state, outputs=state)(apply)
+
+
 class TrainStep:
     def __init__(self, model: PretrainModel, optimizer: optim.Optimizer, config, ignore_ids: tuple[int, ...],
                  all_sum=None):
@@ -44,17 +61,7 @@ class TrainStep:
             total, l_pixel, l_text = combine(ps, ts, pixel_n, text_n, weights)
             return total, l_pixel, l_text
 
-        grads = mx.value_and_grad(loss)
-        self._grads = mx.compile(grads) if config.compile else grads
-        state = [model.state, optimizer.state]
-        clip = config.grad_clip
-
-        def apply(gradients):
-            gradients, norm = optim.clip_grad_norm(gradients, clip)
-            optimizer.update(model, gradients)
-            return norm
-
-        self._apply = partial(mx.compile, inputs=state, outputs=state)(apply) if config.compile else apply
+        self._grads, self._apply = gradients_and_update(model, optimizer, loss, config)
 
     def __call__(self, batch) -> dict:
         """Train on one `StepBatch`; returns the step's losses and the pre-clip gradient norm."""
