@@ -4,17 +4,24 @@ A system OpenBLAS is loaded (Linux) before MLX is imported; see `cpu.blas`.
 """
 
 from . import cpu  # noqa: F401  (first: loads the BLAS before MLX)
-from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, preset  # noqa: E402
-from .embed import embed, embed_folder  # noqa: E402
-from .encoder import VisionEncoder  # noqa: E402
-from .errors import Aimv2Error, SettingError, UnusableFileError  # noqa: E402
-from .images import open_image, preprocess  # noqa: E402
-from .lit import LiT  # noqa: E402
-from .index import read_embeddings  # noqa: E402
-from .model import (  # noqa: E402
-    HubUnreachableError, ModelNotFoundError, build, load, load_default, parameter_count, save)
-from .weights import CheckpointError  # noqa: E402
-from .zeroshot import zero_shot  # noqa: E402
+from .config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig, preset
+from .embed import embed, embed_folder
+from .encoder import VisionEncoder
+from .errors import Aimv2Error, SettingError, UnusableFileError
+from .images import open_image, preprocess
+from .index import read_embeddings
+from .lit import LiT
+from .model import (
+    HubUnreachableError,
+    ModelNotFoundError,
+    build,
+    load,
+    load_default,
+    parameter_count,
+    save,
+)
+from .weights import CheckpointError
+from .zeroshot import zero_shot
 
 __version__ = "0.1.0"
 __all__ = [

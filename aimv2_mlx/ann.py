@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .folders import atomic_write
 from .index import Index
-from .shards import atomic_write
 
 CONNECTIVITY = 16  # graph degree (HNSW's M)
 EXPANSION_ADD = 64  # candidates kept while inserting (efConstruction)

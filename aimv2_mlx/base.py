@@ -44,8 +44,9 @@ def encoder_only_config(vision: EncoderConfig) -> ModelConfig:
     preprocessing (the hub's `CLIPImageProcessor`) at its image size, or native resolution."""
     mode = "native" if vision.is_native else "clip"
     name = f"aimv2-encoder-patch{vision.patch_size}-{vision.image_size}"
-    return ModelConfig(name=name, vision=vision,
-                       preprocess=PreprocessConfig.for_mode(mode, vision.image_size))
+    return ModelConfig(
+        name=name, vision=vision, preprocess=PreprocessConfig.for_mode(mode, vision.image_size)
+    )
 
 
 class Model(nn.Module):
@@ -63,8 +64,9 @@ class Model(nn.Module):
         self.config = config
         self.location = location
 
-    def image_features(self, pixels: mx.array, pool: str = "mean",
-                       blocks: tuple[int, ...] | None = None) -> mx.array:
+    def image_features(
+        self, pixels: mx.array, pool: str = "mean", blocks: tuple[int, ...] | None = None
+    ) -> mx.array:
         """Features of preprocessed pixels (B, H, W, 3): (B, D) for "mean" and "head", (B, N, D)
         for "tokens".
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .l3m import is_dcp_folder, open_training_checkpoint, refuse_dcp_folder
 from .safetensors_io import read_header, read_tensor
-from .torch_pickle import open_torch_checkpoint
 from .weights import PICKLE_PATTERNS, CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -68,7 +67,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, candidates[0], _open_file(candidates[0]))
     found = f"found {', '.join(p.name for p in candidates)}" if candidates else "found none"
     raise CheckpointError(
-        f"{path}: expected one model.safetensors, a sharded {INDEX} or one PyTorch checkpoint ({found})"
+        f"{path}: expected one model.safetensors, a sharded {INDEX} or one PyTorch checkpoint "
+        f"({found})"
     )
 
 
@@ -79,14 +79,18 @@ def _open_file(path: Path) -> dict[str, TensorRef]:
         start = handle.read(9)
     # huggingface/safetensors format: an 8-byte length, then a JSON header that begins with {
     if start[8:] != b"{":
-        raise CheckpointError(f"{path}: not a checkpoint: give a .safetensors file, a PyTorch .bin/.pth/.pt "
-                              f"(zip) file, or a folder holding one")
+        raise CheckpointError(
+            f"{path}: not a checkpoint: give a .safetensors file, a PyTorch .bin/.pth/.pt "
+            f"(zip) file, or a folder holding one"
+        )
     return _open_safetensors(path)
 
 
 def _open_safetensors(path: Path) -> dict[str, TensorRef]:
     return {
-        key: TensorRef(entry.shape, entry.dtype, path, lambda path=path, entry=entry: read_tensor(path, entry))
+        key: TensorRef(
+            entry.shape, entry.dtype, path, lambda path=path, entry=entry: read_tensor(path, entry)
+        )
         for key, entry in read_header(path).items()
     }
 
@@ -101,9 +105,13 @@ def _open_index(index: Path) -> dict[str, TensorRef]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{index}: not a safetensors index ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a safetensors index (weight_map is not names to shard files)")
+        raise CheckpointError(
+            f"{index}: not a safetensors index (weight_map is not names to shard files)"
+        )
     shards: dict[str, dict[str, TensorRef]] = {}
     tensors = {}
     for key, shard in weight_map.items():

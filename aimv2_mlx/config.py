@@ -63,7 +63,7 @@ class PreprocessConfig:
     crop_fraction: float = 1.0
 
     @classmethod
-    def for_mode(cls, mode: str, size: int) -> "PreprocessConfig":
+    def for_mode(cls, mode: str, size: int) -> PreprocessConfig:
         if mode == "clip":
             return cls("clip", size, CLIP_MEAN, CLIP_STD, 1.0)
         if mode == "ml-aim":
@@ -113,7 +113,7 @@ class ModelConfig:
         return {"format": FORMAT, "format_version": 1, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SettingError("not an aimv2-mlx config (no 'format': 'aimv2-mlx')")
         text = data.get("text")
@@ -136,7 +136,7 @@ class ModelConfig:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ModelConfig":
+    def load(cls, folder: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(folder, "config.json").read_text()))
 
 
@@ -185,50 +185,77 @@ def check_config(config: ModelConfig) -> None:
     vision = config.vision
     for flag in ("is_native", "use_head"):
         if not isinstance(getattr(vision, flag), bool):
-            raise SettingError(f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}")
+            raise SettingError(
+                f"config field 'vision.{flag}' must be true or false, not {getattr(vision, flag)!r}"
+            )
     if vision.image_size % vision.patch_size:
-        raise SettingError(f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
-                           f"'vision.patch_size' ({vision.patch_size})")
+        raise SettingError(
+            f"config field 'vision.image_size' ({vision.image_size}) is not a multiple of "
+            f"'vision.patch_size' ({vision.patch_size})"
+        )
     if vision.is_native and vision.hidden_size % 4:
-        raise SettingError(f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
-                           "for the native model's 2-D sin-cos positions")
+        raise SettingError(
+            f"config field 'vision.hidden_size' ({vision.hidden_size}) must be a multiple of 4 "
+            "for the native model's 2-D sin-cos positions"
+        )
     if config.text is not None:
         check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
         eos = config.text.eos_token_id
         if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
-            raise SettingError(f"config field 'text.eos_token_id' must be a token id below "
-                               f"{config.text.vocab_size}, not {eos!r}")
+            raise SettingError(
+                f"config field 'text.eos_token_id' must be a token id below "
+                f"{config.text.vocab_size}, not {eos!r}"
+            )
         _check_size("projection_dim", config.projection_dim)
     elif config.projection_dim is not None:
         _check_size("projection_dim", config.projection_dim)
     _check_float("max_logit_scale", config.max_logit_scale, 0, math.inf)
     _check_preprocess(config.preprocess)
     quant = config.quantization
-    if quant is not None and not (isinstance(quant, dict) and quant.get("bits") in (4, 8)
-                                  and quant.get("group_size") in (32, 64, 128)):
-        raise SettingError(f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
-                           f"not {quant!r}")
+    if quant is not None and not (
+        isinstance(quant, dict)
+        and quant.get("bits") in (4, 8)
+        and quant.get("group_size") in (32, 64, 128)
+    ):
+        raise SettingError(
+            f"config field 'quantization' must give bits 4 or 8 and group_size 32, 64 or 128, "
+            f"not {quant!r}"
+        )
 
 
 def check_tower(section: str, tower, extra: tuple[str, ...] = ()) -> None:
-    """One transformer's sizes (`hidden_size`, depth, heads, SwiGLU hidden, eps and `extra` fields)."""
-    for field_name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", *extra):
+    """One transformer's sizes (`hidden_size`, depth, heads, SwiGLU hidden, eps and `extra`
+    fields).
+    """
+    for field_name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        *extra,
+    ):
         _check_size(f"{section}.{field_name}", getattr(tower, field_name))
     if tower.hidden_size % tower.num_attention_heads:
-        raise SettingError(f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
-                           f"'{section}.num_attention_heads' ({tower.num_attention_heads})")
+        raise SettingError(
+            f"config field '{section}.hidden_size' ({tower.hidden_size}) is not divisible by "
+            f"'{section}.num_attention_heads' ({tower.num_attention_heads})"
+        )
     _check_float(f"{section}.rms_norm_eps", tower.rms_norm_eps, 0, 1)
 
 
 def _check_preprocess(pre: PreprocessConfig) -> None:
     if pre.mode not in ("clip", "ml-aim", "native"):
-        raise SettingError(f"config field 'preprocess.mode' must be clip, ml-aim or native, not {pre.mode!r}")
+        raise SettingError(
+            f"config field 'preprocess.mode' must be clip, ml-aim or native, not {pre.mode!r}"
+        )
     _check_size("preprocess.size", pre.size)
     _check_float("preprocess.crop_fraction", pre.crop_fraction, 0, 1, closed_top=True)
     for key in ("mean", "std"):
         values = getattr(pre, key)
         if not isinstance(values, (tuple, list)) or len(values) != 3:
-            raise SettingError(f"config field 'preprocess.{key}' must be three numbers, not {values!r}")
+            raise SettingError(
+                f"config field 'preprocess.{key}' must be three numbers, not {values!r}"
+            )
         for value in values:
             _check_float(f"preprocess.{key}", value, -math.inf if key == "mean" else 0, math.inf)
 
@@ -240,12 +267,19 @@ def _whole(value) -> bool:
 def _check_size(name: str, value) -> None:
     limit = LIMITS[name.rpartition(".")[2]]
     if not _whole(value) or not 1 <= value <= limit:
-        raise SettingError(f"config field {name!r} must be a whole number from 1 to {limit}, not {value!r}")
+        raise SettingError(
+            f"config field {name!r} must be a whole number from 1 to {limit}, not {value!r}"
+        )
 
 
 def _check_float(name: str, value, low: float, high: float, closed_top: bool = False) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and low < value and (value <= high if closed_top else value < high)):
+    if not (
+        number
+        and math.isfinite(value)
+        and low < value
+        and (value <= high if closed_top else value < high)
+    ):
         raise SettingError(f"config field {name!r} is out of range: {value!r}")
 
 
@@ -286,7 +320,9 @@ def official_name(repo_or_name: str) -> str | None:
 
 
 def family_of(vision: EncoderConfig) -> str | None:
-    """"large", "huge", "1B" or "3B" when the encoder has that family's width and MLP; else None."""
+    """ "large", "huge", "1B" or "3B" when the encoder has that family's width and MLP; else
+    None.
+    """
     for family, (width, _, _, hidden) in _SIZES.items():
         if (vision.hidden_size, vision.intermediate_size) == (width, hidden):
             return family
@@ -357,11 +393,22 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-5
 
     @classmethod
-    def for_encoder(cls, vision: EncoderConfig, vocab_size: int = 32000, context_length: int = 77) -> "DecoderConfig":
-        """The default decoder for an encoder: same width, heads and MLP, half the depth (L: 12 blocks)."""
-        return cls(vision.hidden_size, max(1, vision.num_hidden_layers // 2), vision.num_attention_heads,
-                   vision.intermediate_size, vocab_size, context_length, vision.rms_norm_eps)
+    def for_encoder(
+        cls, vision: EncoderConfig, vocab_size: int = 32000, context_length: int = 77
+    ) -> DecoderConfig:
+        """The default decoder for an encoder: same width, heads and MLP, half the depth (L: 12
+        blocks).
+        """
+        return cls(
+            vision.hidden_size,
+            max(1, vision.num_hidden_layers // 2),
+            vision.num_attention_heads,
+            vision.intermediate_size,
+            vocab_size,
+            context_length,
+            vision.rms_norm_eps,
+        )
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DecoderConfig":
+    def from_dict(cls, values: dict) -> DecoderConfig:
         return _build(cls, values)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from .folders import atomic_write
 from .images import ImageError, open_image
 from .index import Index
 from .search import Result
-from .shards import atomic_write
 
 THUMBNAIL = 192  # longest side, pixels
 

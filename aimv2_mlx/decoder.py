@@ -30,8 +30,9 @@ class MultimodalDecoder(nn.Module):
         self.pixel_head = nn.Linear(d, patch_dims, bias=False)
         self.text_head = nn.Linear(d, config.vocab_size, bias=False)
 
-    def __call__(self, image_tokens: mx.array, input_ids: mx.array | None = None
-                 ) -> tuple[mx.array, mx.array | None]:
+    def __call__(
+        self, image_tokens: mx.array, input_ids: mx.array | None = None
+    ) -> tuple[mx.array, mx.array | None]:
         """(B, N, patch_dims) pixel predictions and (B, T + 1, V) text logits (None without text).
 
         Pixel output i predicts patch i + 1; text output 0 (the start vector) predicts token 0

@@ -20,7 +20,8 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
     checkpoint = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
     if (run / "checkpoints").is_dir() and checkpoint is None:
         raise ModelNotFoundError(
-            f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)")
+            f"{run}: a pre-training run with no checkpoint yet (see --checkpoint-every)"
+        )
     model = load(checkpoint / "encoder" if checkpoint else path_or_id, revision)
     config = model.config
     summary = {
@@ -28,18 +29,22 @@ def describe_model(path_or_id: str | os.PathLike, revision: str | None = None) -
         "origin": config.source.get("origin", str(path_or_id)),
         "kind": model.kind,
         # quantized weights are packed, 32/bits to a stored value: count the unquantized model's
-        "parameters": parameter_count(build(dataclasses.replace(config, quantization=None))
-                                      if config.quantization else model),
+        "parameters": parameter_count(
+            build(dataclasses.replace(config, quantization=None)) if config.quantization else model
+        ),
         "quantization": _quantization(config.quantization),
         "label": config.source.get("label"),
         "trained": _training_summary(config.source),
         "config": config.to_dict(),
     }
     if checkpoint:
-        summary["kind"] = (f"pre-training run, latest checkpoint {checkpoint.name} "
-                           f"({summary['kind']})")
-        summary["run"] = {"checkpoint": str(checkpoint),
-                          "export": f"aimv2 export {run} MODEL_FOLDER"}
+        summary["kind"] = (
+            f"pre-training run, latest checkpoint {checkpoint.name} ({summary['kind']})"
+        )
+        summary["run"] = {
+            "checkpoint": str(checkpoint),
+            "export": f"aimv2 export {run} MODEL_FOLDER",
+        }
     return summary
 
 
@@ -57,8 +62,10 @@ def _training_summary(source: dict) -> str | None:
     probe = source.get("probe_scores")
     if probe:
         scores = ", ".join(f"{k} {v:.1f}" for k, v in probe["pretrained"].items())
-        text += (f"; probe ({probe['what']}): {scores}"
-                 f" (random init: mean {probe['random_init']['mean']:.1f})")
+        text += (
+            f"; probe ({probe['what']}): {scores}"
+            f" (random init: mean {probe['random_init']['mean']:.1f})"
+        )
     lit = source.get("lit")
     if lit:
         text += f"; text tower: LiT-tuned {lit['step']} steps on {lit.get('data')}"
@@ -67,9 +74,13 @@ def _training_summary(source: dict) -> str | None:
             scores = [(a, zero_shot[a]) for a in ("color", "shape") if a in zero_shot]
             text += f"; zero-shot ({zero_shot['what']}): " + ", ".join(
                 f"{a} {s['zero_shot']:.1f} ({s.get('prompts', 'default')} prompts; "
-                f"linear probe {s['linear_probe']:.1f})" for a, s in scores)
+                f"linear probe {s['linear_probe']:.1f})"
+                for a, s in scores
+            )
         retrieval = lit.get("retrieval")
         if retrieval:
-            text += (f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "
-                     f"(random text tower {retrieval['random_text_tower']['recall@5']:.1f})")
+            text += (
+                f"; {retrieval['what']}: recall@5 {retrieval['lit']['recall@5']:.1f} "
+                f"(random text tower {retrieval['random_text_tower']['recall@5']:.1f})"
+            )
     return text

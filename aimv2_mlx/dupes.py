@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 
+from .errors import SettingError
 from .index import Index, open_index
 from .search import BLOCK, Result, scores_of
-from .errors import SettingError
 
 DEFAULT_THRESHOLD = 0.95
 PAIR_BLOCK = 1024  # query rows per block of the pairwise scan
@@ -48,7 +48,9 @@ def find_duplicates(
     found = []
     for rows in (g for g in groups.values() if len(g) > 1):
         scores = scores_of(vectors[rows], np.asarray(vectors[rows[0]], np.float32))
-        found.append([Result(index.paths[r], float(s), r) for r, s in zip(rows, scores)])
+        found.append(
+            [Result(index.paths[r], float(s), r) for r, s in zip(rows, scores, strict=True)]
+        )
     return sorted(found, key=lambda g: (-len(g), g[0].path))
 
 
@@ -62,5 +64,5 @@ def _similar_pairs(
         i, j = np.nonzero(block @ right.T >= threshold)
         i, j = i + start, j + other
         keep = j > i
-        pairs += zip(i[keep].tolist(), j[keep].tolist())
+        pairs += zip(i[keep].tolist(), j[keep].tolist(), strict=True)
     return pairs

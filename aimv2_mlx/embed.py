@@ -14,10 +14,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -28,23 +28,38 @@ from .base import POOLS
 from .data.pipeline import batches, decode_image, map_in_order, name_of
 from .data.sources import discover
 from .errors import SettingError
-from .folders import TEMPORARY, is_empty, locked
+from .folders import TEMPORARY, atomic_write, is_empty, locked, write_json
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageError, ImageInput, check_megapixel_limit
 from .model import load_default
-from .shards import FORMATS, atomic_write, marker_path, read_marker, shard_name, write_json, write_shard
+from .shards import FORMATS, marker_path, read_marker, shard_name, write_shard
 from .vectors import l2_normalize
 
 DTYPES = ("float32", "float16")
 # What a resumed run must share with the outputs already there.
-SETTINGS = ("model", "preprocess", "max_megapixels", "pool", "normalize", "dtype", "format", "shard_size")
+SETTINGS = (
+    "model",
+    "preprocess",
+    "max_megapixels",
+    "pool",
+    "normalize",
+    "dtype",
+    "format",
+    "shard_size",
+)
 TOOL = "aimv2 embed"
 # The only names an embedding folder's files have; nothing else there is ever deleted.
 OWNED = re.compile(r"shard-\d{5}\.(npy|safetensors|parquet|done\.json)|failures\.jsonl")
 
 
-def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: str = "mean",
-          normalize: bool = False, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-          workers: int = 0) -> np.ndarray:
+def embed(
+    images: Iterable[ImageInput],
+    model=None,
+    batch_size: int = 8,
+    pool: str = "mean",
+    normalize: bool = False,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    workers: int = 0,
+) -> np.ndarray:
     """Embed paths or PIL images; returns float32 (N, D) (or (N, T, D) for tokens).
 
     Images are decoded on `workers` threads while the model runs. An unusable image raises
@@ -53,9 +68,15 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
     if model is None:
         model = load_default()
     outputs = []
-    for good, vectors, failed in embed_batches(list(images), model, batch_size=batch_size, pool=pool,
-                                               normalize=normalize, max_megapixels=max_megapixels,
-                                               workers=workers):
+    for _good, vectors, failed in embed_batches(
+        list(images),
+        model,
+        batch_size=batch_size,
+        pool=pool,
+        normalize=normalize,
+        max_megapixels=max_megapixels,
+        workers=workers,
+    ):
         if failed:
             raise ImageError(f"{name_of(failed[0].source)}: {failed[0].error}")
         outputs.append(vectors)
@@ -64,17 +85,28 @@ def embed(images: Iterable[ImageInput], model=None, batch_size: int = 8, pool: s
     return np.concatenate(outputs)
 
 
-def embed_batches(sources: Iterable, model, *, batch_size: int = 8, pool: str = "mean",
-                  normalize: bool = False, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-                  workers: int = 0):
+def embed_batches(
+    sources: Iterable,
+    model,
+    *,
+    batch_size: int = 8,
+    pool: str = "mean",
+    normalize: bool = False,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    workers: int = 0,
+):
     """Yield (good, vectors, failed) per batch: the decoding, batching and pooling of `embed`,
     for callers (the search index) that keep their own per-file records. Failures are yielded,
     never raised; `vectors` is float32 with one row per `good` entry."""
     _check_choice("pool", pool, POOLS)
     check_megapixel_limit(max_megapixels)
     config = model.config
-    work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
-                   max_megapixels=max_megapixels)
+    work = partial(
+        decode_image,
+        config=config.preprocess,
+        patch_size=config.vision.patch_size,
+        max_megapixels=max_megapixels,
+    )
     stream = map_in_order(sources, work, workers)
     with contextlib.closing(stream):
         for good, pixels, failed in batches(stream, _batch_size(model, batch_size)):
@@ -104,11 +136,22 @@ class EmbedSummary:
         return {**asdict(self), "images_per_s": round(self.images_per_s, 3)}
 
 
-def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 8, shard_size: int = 1000,
-                 pool: str = "mean", normalize: bool = False, dtype: str = "float32", format: str = "npy",
-                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, workers: int = 0,
-                 overwrite: bool = False,
-                 progress: Callable[[int, int, int], None] | None = None) -> EmbedSummary:
+def embed_folder(
+    inputs,
+    output: str | os.PathLike,
+    model,
+    *,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    pool: str = "mean",
+    normalize: bool = False,
+    dtype: str = "float32",
+    format: str = "npy",
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> EmbedSummary:
     """Embed every image of `inputs` (folders, file lists, WebDataset tars) into `output`.
 
     Writes `shard-NNNNN.{npy|safetensors}` + `shard-NNNNN.parquet` (metadata: path, size,
@@ -128,9 +171,13 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     if shard_size < 1 or batch_size < 1:
         raise SettingError("--shard-size and --batch-size must be at least 1")
     if pool == "tokens" and model.config.preprocess.mode == "native":
-        raise SettingError("--pool tokens needs a fixed-resolution model: native-resolution token counts vary")
+        raise SettingError(
+            "--pool tokens needs a fixed-resolution model: native-resolution token counts vary"
+        )
     if pool == "head" and not (model.config.vision.use_head or model.config.is_lit):
-        raise SettingError(f"{model.config.name} has no attention-pooling head: use --pool mean or tokens")
+        raise SettingError(
+            f"{model.config.name} has no attention-pooling head: use --pool mean or tokens"
+        )
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover(inputs)
     if not items:
@@ -150,7 +197,7 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back from JSON
     world = distributed.group()
     rank, size = distributed.rank_and_size(world)
-    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    shards = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     _check_ours(output, items)  # every rank, so all fail alike before waiting
     if not overwrite:
         _check_compatible(output, settings)
@@ -163,34 +210,72 @@ def embed_folder(inputs, output: str | os.PathLike, model, *, batch_size: int = 
         fingerprints = [_fingerprint(shard) for shard in shards]
         mine = distributed.my_range(len(shards), rank, size)
         todo = [i for i in mine if (read_marker(output, i) or {}).get("inputs") != fingerprints[i]]
-        _embed_shards(model, output, shards, todo, fingerprints, batch_size=_batch_size(model, batch_size),
-                      pool=pool, normalize=normalize, dtype=dtype, fmt=format, max_megapixels=max_megapixels,
-                      workers=workers, progress=progress)
+        _embed_shards(
+            model,
+            output,
+            shards,
+            todo,
+            fingerprints,
+            batch_size=_batch_size(model, batch_size),
+            pool=pool,
+            normalize=normalize,
+            dtype=dtype,
+            fmt=format,
+            max_megapixels=max_megapixels,
+            workers=workers,
+            progress=progress,
+        )
         distributed.barrier(world)
         if rank == 0:
             _finish(output, settings, shards, _batch_size(model, batch_size), _compute_dtype(model))
         distributed.barrier(world)
     manifest = json.loads((output / "manifest.json").read_text())
     return EmbedSummary(
-        output=str(output), model=config.name, images=len(items), embedded=manifest["counts"]["embedded"],
-        failed=manifest["counts"]["failed"], shards=len(shards), shards_reused=len(mine) - len(todo),
-        processed=sum(len(shards[i]) for i in todo), seconds=time.perf_counter() - start,
+        output=str(output),
+        model=config.name,
+        images=len(items),
+        embedded=manifest["counts"]["embedded"],
+        failed=manifest["counts"]["failed"],
+        shards=len(shards),
+        shards_reused=len(mine) - len(todo),
+        processed=sum(len(shards[i]) for i in todo),
+        seconds=time.perf_counter() - start,
     )
 
 
-def _embed_shards(model, output: Path, shards: list, todo: list, fingerprints: list, *, batch_size: int,
-                  pool: str, normalize: bool, dtype: str, fmt: str, max_megapixels, workers: int, progress) -> None:
+def _embed_shards(
+    model,
+    output: Path,
+    shards: list,
+    todo: list,
+    fingerprints: list,
+    *,
+    batch_size: int,
+    pool: str,
+    normalize: bool,
+    dtype: str,
+    fmt: str,
+    max_megapixels,
+    workers: int,
+    progress,
+) -> None:
     """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
     config = model.config
-    work = partial(decode_image, config=config.preprocess, patch_size=config.vision.patch_size,
-                   max_megapixels=max_megapixels)
+    work = partial(
+        decode_image,
+        config=config.preprocess,
+        patch_size=config.vision.patch_size,
+        max_megapixels=max_megapixels,
+    )
     stream = map_in_order((item for i in todo for item in shards[i]), work, workers)
     total = sum(len(shards[i]) for i in todo)
     done = failed_so_far = 0
     with contextlib.closing(stream):
         for index in todo:
             vectors, rows, failures = [], [], []
-            for good, pixels, failed in batches(itertools.islice(stream, len(shards[index])), batch_size):
+            for good, pixels, failed in batches(
+                itertools.islice(stream, len(shards[index])), batch_size
+            ):
                 failures += [{"path": r.source.key, "reason": r.error} for r in failed]
                 if good:
                     vectors.append(_vectors(model, pixels, pool, normalize)[: len(good)])
@@ -209,8 +294,16 @@ def _vectors(model, pixels: np.ndarray, pool: str, normalize: bool) -> np.ndarra
     return np.array(out)
 
 
-def _write_shard(output: Path, index: int, vectors: list, rows: list, failures: list, fingerprint: str,
-                 dtype: str, fmt: str) -> None:
+def _write_shard(
+    output: Path,
+    index: int,
+    vectors: list,
+    rows: list,
+    failures: list,
+    fingerprint: str,
+    dtype: str,
+    fmt: str,
+) -> None:
     array = np.concatenate(vectors).astype(dtype) if vectors else np.zeros((0,), dtype)
     metadata = {
         "path": [r.source.key for r in rows],
@@ -220,16 +313,25 @@ def _write_shard(output: Path, index: int, vectors: list, rows: list, failures: 
         "height": np.array([r.height for r in rows], np.int32),
     }
     files = write_shard(output, index, array, metadata, fmt)
-    write_json(marker_path(output, index), {
-        "shard": shard_name(index), "rows": len(rows), "row_shape": list(array.shape[1:]) if vectors else None,
-        "files": files, "inputs": fingerprint, "failures": failures,
-    })
+    write_json(
+        marker_path(output, index),
+        {
+            "shard": shard_name(index),
+            "rows": len(rows),
+            "row_shape": list(array.shape[1:]) if vectors else None,
+            "files": files,
+            "inputs": fingerprint,
+            "failures": failures,
+        },
+    )
 
 
 def _planned(count: int, fmt: str) -> list[str]:
     """Every file name a run of `count` shards in `fmt` writes (besides manifest.json)."""
     suffixes = (".parquet", ".done.json") + (() if fmt == "parquet" else (f".{fmt}",))
-    return [shard_name(i) + suffix for i in range(count) for suffix in suffixes] + ["failures.jsonl"]
+    return [shard_name(i) + suffix for i in range(count) for suffix in suffixes] + [
+        "failures.jsonl"
+    ]
 
 
 def _owned(output: Path) -> set[str]:
@@ -251,13 +353,23 @@ def _prepare(output: Path, settings: dict, planned: list[str], overwrite: bool) 
     owned = _owned(output)
     for path in output.iterdir():
         temporary = TEMPORARY.fullmatch(path.name)
-        if (temporary and (OWNED.fullmatch(temporary["name"]) or temporary["name"] == "manifest.json")) or (
-                overwrite and path.name in owned):
+        if (
+            temporary
+            and (OWNED.fullmatch(temporary["name"]) or temporary["name"] == "manifest.json")
+        ) or (overwrite and path.name in owned):
             path.unlink()
     manifest = output / "manifest.json"
     if overwrite or not manifest.exists():
-        write_json(manifest, {"format_version": 1, "tool": TOOL, "complete": False, **settings,
-                              "files": sorted(planned)})
+        write_json(
+            manifest,
+            {
+                "format_version": 1,
+                "tool": TOOL,
+                "complete": False,
+                **settings,
+                "files": sorted(planned),
+            },
+        )
     else:
         existing = json.loads(manifest.read_text())
         existing["files"] = sorted(owned | set(planned))
@@ -270,18 +382,27 @@ def _check_ours(output: Path, items: list) -> None:
         return
     try:
         manifest = json.loads((output / "manifest.json").read_text())
-        ours = isinstance(manifest, dict) and all(key in manifest for key in ("format_version", *SETTINGS))
+        ours = isinstance(manifest, dict) and all(
+            key in manifest for key in ("format_version", *SETTINGS)
+        )
     except (OSError, ValueError):
         ours = False
     if not ours:
-        raise FileExistsError(f"{output}: not empty and not an aimv2 embed output folder (no manifest.json of "
-                              "ours); choose a new or empty output folder")
+        raise FileExistsError(
+            f"{output}: not empty and not an aimv2 embed output folder (no manifest.json of "
+            "ours); choose a new or empty output folder"
+        )
     owned, here = _owned(output) | {"manifest.json"}, output.resolve()
-    inside = sorted(item.key for item in items
-                    if os.path.basename(item.path) in owned and Path(item.path).parent.resolve() == here)
+    inside = sorted(
+        item.key
+        for item in items
+        if os.path.basename(item.path) in owned and Path(item.path).parent.resolve() == here
+    )
     if inside:
-        raise FileExistsError(f"{output}: input {inside[0]} has the name of one of this folder's outputs; "
-                              "choose another output folder")
+        raise FileExistsError(
+            f"{output}: input {inside[0]} has the name of one of this folder's outputs; "
+            "choose another output folder"
+        )
 
 
 def _check_compatible(output: Path, settings: dict) -> None:
@@ -289,7 +410,11 @@ def _check_compatible(output: Path, settings: dict) -> None:
         existing = json.loads((output / "manifest.json").read_text())
     except FileNotFoundError:
         return
-    changed = [key for key in SETTINGS if _comparable(key, existing.get(key)) != _comparable(key, settings[key])]
+    changed = [
+        key
+        for key in SETTINGS
+        if _comparable(key, existing.get(key)) != _comparable(key, settings[key])
+    ]
     if changed:
         raise FileExistsError(
             f"{output}: holds embeddings made with a different {', '.join(changed)}; "
@@ -298,13 +423,17 @@ def _check_compatible(output: Path, settings: dict) -> None:
 
 
 def _comparable(key: str, value):
-    """Settings as compared on resume: a model is its name and weights, wherever it was loaded from."""
+    """Settings as compared on resume: a model is its name and weights, wherever it was loaded
+    from.
+    """
     if key == "model" and isinstance(value, dict):
         return value.get("name"), value.get("weights_sha256")
     return value
 
 
-def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute_dtype: str) -> None:
+def _finish(
+    output: Path, settings: dict, shards: list, batch_size: int, compute_dtype: str
+) -> None:
     """Gather every shard's marker into failures.jsonl and the final manifest."""
     markers = [read_marker(output, i) for i in range(len(shards))]
     missing = [shard_name(i) for i, m in enumerate(markers) if m is None]
@@ -317,42 +446,64 @@ def _finish(output: Path, settings: dict, shards: list, batch_size: int, compute
         index = int(stale.name[6:11]) if OWNED.fullmatch(stale.name) else -1
         if index >= len(shards):
             files = (read_marker(output, index) or {}).get("files") or []
-            for name in [n for n in files if isinstance(n, str) and n.startswith(shard_name(index) + ".")
-                         and OWNED.fullmatch(n)] + [stale.name]:
+            for name in [
+                n
+                for n in files
+                if isinstance(n, str)
+                and n.startswith(shard_name(index) + ".")
+                and OWNED.fullmatch(n)
+            ] + [stale.name]:
                 (output / name).unlink(missing_ok=True)
     row_shape = next((m["row_shape"] for m in markers if m["row_shape"]), None)
     previous = json.loads((output / "manifest.json").read_text())
-    write_json(output / "manifest.json", {
-        "format_version": 1,
-        "tool": TOOL,
-        "complete": True,
-        **settings,
-        "compute_dtype": compute_dtype,
-        "batch_size": batch_size,
-        "row_shape": row_shape,
-        "counts": {"images": sum(map(len, shards)), "embedded": sum(m["rows"] for m in markers),
-                   "failed": len(failures), "shards": len(shards)},
-        "shards": [{"name": m["shard"], "rows": m["rows"], "files": m["files"]} for m in markers],
-        "files": previous.get("files") or [],
-    })
+    write_json(
+        output / "manifest.json",
+        {
+            "format_version": 1,
+            "tool": TOOL,
+            "complete": True,
+            **settings,
+            "compute_dtype": compute_dtype,
+            "batch_size": batch_size,
+            "row_shape": row_shape,
+            "counts": {
+                "images": sum(map(len, shards)),
+                "embedded": sum(m["rows"] for m in markers),
+                "failed": len(failures),
+                "shards": len(shards),
+            },
+            "shards": [
+                {"name": m["shard"], "rows": m["rows"], "files": m["files"]} for m in markers
+            ],
+            "files": previous.get("files") or [],
+        },
+    )
 
 
 def model_identity(model) -> dict:
-    """Name, origin and a fingerprint of the weights (their first values), to refuse mixing models."""
+    """Name, origin and a fingerprint of the weights (their first values), to refuse mixing
+    models.
+    """
     config = model.config
     digest = hashlib.sha256()
     for key, value in sorted(tree_flatten(model.parameters())):
         head = np.array(value.reshape(-1)[:1024].astype(mx.float32))
         digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode() + head.tobytes())
-    return {"name": config.name, "origin": config.source.get("origin"), "revision": config.source.get("revision"),
-            "weights_sha256": digest.hexdigest()[:16]}
+    return {
+        "name": config.name,
+        "origin": config.source.get("origin"),
+        "revision": config.source.get("revision"),
+        "weights_sha256": digest.hexdigest()[:16],
+    }
 
 
 def same_model(identity: dict, recorded: dict) -> bool:
     """Whether two `model_identity` records name the same model: name and weights, wherever it
     was loaded from."""
     return (identity["name"], identity["weights_sha256"]) == (
-        recorded.get("name"), recorded.get("weights_sha256"))
+        recorded.get("name"),
+        recorded.get("weights_sha256"),
+    )
 
 
 def _fingerprint(shard: list) -> str:
@@ -372,4 +523,3 @@ def _batch_size(model, batch_size: int) -> int:
 def _check_choice(what: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise SettingError(f"unknown {what} {value!r}: use {', '.join(choices)}")
-

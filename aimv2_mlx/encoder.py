@@ -18,7 +18,9 @@ def sincos_positions(grid_h: int, grid_w: int, dims: int) -> np.ndarray:
     """2-D sin-cos table (grid_h*grid_w, dims), laid out [sin_w | cos_w | sin_h | cos_h]."""
     quarter = dims // 4
     omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    h, w = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+    h, w = np.meshgrid(
+        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+    )
     emb_h = h.reshape(-1, 1) * omega
     emb_w = w.reshape(-1, 1) * omega
     table = np.concatenate([np.sin(emb_w), np.cos(emb_w), np.sin(emb_h), np.cos(emb_h)], axis=1)
@@ -116,7 +118,7 @@ class VisionEncoder(Model):
             self.head = AttentionPoolHead(vision.hidden_size, vision.num_attention_heads)
 
     @property
-    def image_encoder(self) -> "VisionEncoder":
+    def image_encoder(self) -> VisionEncoder:
         """The tower that makes the image tokens: this model itself."""
         return self
 
@@ -131,7 +133,9 @@ class VisionEncoder(Model):
         feature_blocks: tuple[int, ...] = (),
         prefix_lengths: mx.array | None = None,
     ) -> tuple[mx.array, list[mx.array]]:
-        """Tokens plus the raw outputs of the chosen blocks (negative indices count from the end)."""
+        """Tokens plus the raw outputs of the chosen blocks (negative indices count from the
+        end).
+        """
         x = self.preprocessor(pixels.astype(self.preprocessor.patchifier.proj.weight.dtype))
         mask: Mask = None if prefix_lengths is None else prefix_mask(prefix_lengths, x.shape[1])
         return self.trunk(x, mask, tuple(feature_blocks))

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .checkpoint_io import Checkpoint
 from .config import ModelConfig
+from .errors import SettingError
+from .safetensors_io import write_streaming
 from .weights import (
     _BLOCK_RULES,
     _TRANSFORMERS_QKV,
@@ -31,10 +34,6 @@ from .weights import (
     ours_for_transformers_key,
     plan,
 )
-
-from .checkpoint_io import Checkpoint
-from .errors import SettingError
-from .safetensors_io import write_streaming
 
 FORMATS = ("transformers", "ml-aim")
 TOKENIZER_FILES = (

@@ -56,7 +56,9 @@ def locked(folder: Path):
         except BlockingIOError:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise FolderInUseError(f"{folder}: in use by PID {holder} (another aimv2 run writes there)") from None
+            raise FolderInUseError(
+                f"{folder}: in use by PID {holder} (another aimv2 run writes there)"
+            ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -137,17 +139,24 @@ def atomic_folder(path: Path):
 
 def _disk_full(path: Path, number: int) -> DiskFullError:
     reason = os.strerror(number)
-    return DiskFullError(f"{path}: cannot write, the disk is full ({reason[0].lower()}{reason[1:]})")
+    return DiskFullError(
+        f"{path}: cannot write, the disk is full ({reason[0].lower()}{reason[1:]})"
+    )
 
 
 def open_regular(path: str | os.PathLike):
-    """Open a file for reading only if it is a regular file (a FIFO or device would block or never end)."""
+    """Open a file for reading only if it is a regular file (a FIFO or device would block or
+    never end).
+    """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise IsADirectoryError(errno.EISDIR, "is a folder", os.fspath(path)) if stat.S_ISDIR(mode) else \
-                OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+            raise (
+                IsADirectoryError(errno.EISDIR, "is a folder", os.fspath(path))
+                if stat.S_ISDIR(mode)
+                else OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+            )
         os.set_blocking(fd, True)
         # named by its path, as open() names it
         return open(path, "rb", opener=lambda _path, _flags: fd)

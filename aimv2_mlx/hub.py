@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from huggingface_hub import constants
@@ -56,6 +57,10 @@ def upload(folder: Path, repo_id: str) -> str:
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload AIMv2 weights written by aimv2-mlx")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload AIMv2 weights written by aimv2-mlx",
+    )
     return repo_id

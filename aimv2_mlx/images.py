@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import BinaryIO, Iterable
+from collections.abc import Iterable
+from typing import BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -52,14 +53,20 @@ def check_megapixel_limit(max_megapixels: float | None, name: str = "max_megapix
     if max_megapixels is not None and not max_megapixels > 0:
         raise SettingError(f"{name} {max_megapixels:g}: must be greater than 0")
     if max_megapixels is not None and ceiling is not None and max_megapixels > ceiling:
-        raise SettingError(f"{name} {max_megapixels:g}: above Pillow's decompression-bomb limit of "
-                           f"{ceiling:g} megapixels (2 x PIL.Image.MAX_IMAGE_PIXELS), which would "
-                           "refuse larger images first")
+        raise SettingError(
+            f"{name} {max_megapixels:g}: above Pillow's decompression-bomb limit of "
+            f"{ceiling:g} megapixels (2 x PIL.Image.MAX_IMAGE_PIXELS), which would "
+            "refuse larger images first"
+        )
 
 
-def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-               name: str | None = None) -> Image.Image:
-    """Open a file, a binary file object (or take a PIL image) and return an upright 8-bit RGB image.
+def open_image(
+    source: ImageInput,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Open a file, a binary file object (or take a PIL image) and return an upright 8-bit RGB
+    image.
 
     Files are decoded fully and closed before returning. Any failure (missing, not an image,
     truncated, too large) raises `ImageError` with `name` (default: the file's) in the message.
@@ -67,7 +74,11 @@ def open_image(source: ImageInput, max_megapixels: float | None = DEFAULT_MAX_ME
     if isinstance(source, Image.Image):
         return _upright_rgb(source, name or "<PIL image>", max_megapixels)
     if name is None:
-        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
+        name = (
+            os.fspath(source)
+            if isinstance(source, (str, os.PathLike))
+            else getattr(source, "name", "<stream>")
+        )
     if isinstance(source, (str, os.PathLike)):
         try:
             handle = open_regular(os.path.expanduser(source))
@@ -118,8 +129,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
     if mode == "La":  # premultiplied: Pillow has no La -> RGBA conversion
         image, mode = image.convert("LA"), "LA"
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info or (
-        mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa")
+        or "transparency" in image.info
+        or (mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
@@ -192,12 +206,16 @@ def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14
     if config.mode == "clip":
         image = resize_then_crop(image, config.size, config.size, "floor")
     elif config.mode == "ml-aim":
-        image = resize_then_crop(image, math.ceil(config.size / config.crop_fraction), config.size, "round")
+        image = resize_then_crop(
+            image, math.ceil(config.size / config.crop_fraction), config.size, "round"
+        )
     elif config.mode == "native":
         width, height = native_size(*image.size, config.size, patch_size)
-        if width * height > NATIVE_MAX_AREA * config.size ** 2:
-            raise ImageError(f"{image.width}x{image.height} is too elongated for native resolution "
-                             f"({width}x{height} pixels, over {NATIVE_MAX_AREA}x the {config.size}-pixel square)")
+        if width * height > NATIVE_MAX_AREA * config.size**2:
+            raise ImageError(
+                f"{image.width}x{image.height} is too elongated for native resolution "
+                f"({width}x{height} pixels, over {NATIVE_MAX_AREA}x the {config.size}-pixel square)"
+            )
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     else:
         raise SettingError(f"unknown preprocessing mode {config.mode!r}")
@@ -207,8 +225,12 @@ def to_pixels(image: Image.Image, config: PreprocessConfig, patch_size: int = 14
     return (pixels - mean) / std
 
 
-def preprocess(images: ImageInput | Iterable[ImageInput], model=None, mode: str | None = None,
-               config: PreprocessConfig | None = None):
+def preprocess(
+    images: ImageInput | Iterable[ImageInput],
+    model=None,
+    mode: str | None = None,
+    config: PreprocessConfig | None = None,
+):
     """Paths or PIL images to model-ready channels-last float32 pixels, as an `mx.array`.
 
     The preprocessing is the model's own (`model.config.preprocess`) unless `mode`

@@ -27,20 +27,20 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from .data.sources import Item, discover, display
 from .embed import embed_batches, model_identity
-from .folders import is_empty, locked
-from .images import DEFAULT_MAX_MEGAPIXELS
-from .shards import METADATA, atomic_write, read_shards
 from .errors import Aimv2Error, SettingError
+from .folders import atomic_write, is_empty, locked
+from .images import DEFAULT_MAX_MEGAPIXELS
+from .shards import METADATA, read_shards
 
 DATABASE = "index.sqlite"
 TOOL = "aimv2 index"
@@ -374,7 +374,7 @@ def _plan(
     with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
         hashes = list(pool.map(_hash_or_reason, (r.item() for r in unknown)))
     todo = []
-    for record, (sha, reason) in zip(unknown, hashes):
+    for record, (sha, reason) in zip(unknown, hashes, strict=True):
         record.sha256, record.reason = sha, reason
         if reason:
             continue
@@ -457,7 +457,7 @@ def _embed(
         ):
             for result in bad:
                 by_item[id(result.source)].reason = result.error
-            for result, vector in zip(good, vectors if vectors is not None else []):
+            for result, vector in zip(good, vectors if vectors is not None else [], strict=True):
                 record = by_item[id(result.source)]
                 record.vector, record.width, record.height = vector, result.width, result.height
                 waiting.append(record)

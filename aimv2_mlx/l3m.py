@@ -26,17 +26,16 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .weights import CheckpointError
-
 from .torch_pickle import (
     MAX_PICKLE_BYTES,
+    Refused,
+    RestrictedUnpickler,
     TorchTensor,
     check_plausible,
     check_storage_use,
-    Refused,
-    RestrictedUnpickler,
     pickle_errors,
 )
+from .weights import CheckpointError
 
 CONSOLIDATE = (
     "python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save {folder} {folder}.pth"
@@ -87,9 +86,13 @@ class _TolerantUnpickler(RestrictedUnpickler):
             refused = f"{module}.{name}"
             if refused not in self.stand_ins:
                 if len(self.stand_ins) >= _MAX_REFUSED:
-                    raise Refused(f"the pickle asks for more than {_MAX_REFUSED} globals "
-                                   "that are not needed to rebuild tensors") from None
-                self.stand_ins[refused] = type(f"Opaque[{refused}]", (Opaque,), {"refused": refused})
+                    raise Refused(
+                        f"the pickle asks for more than {_MAX_REFUSED} globals "
+                        "that are not needed to rebuild tensors"
+                    ) from None
+                self.stand_ins[refused] = type(
+                    f"Opaque[{refused}]", (Opaque,), {"refused": refused}
+                )
             return self.stand_ins[refused]
 
 

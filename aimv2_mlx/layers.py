@@ -36,10 +36,14 @@ def block_indices(feature_blocks: tuple[int, ...], depth: int) -> list[int]:
     wanted = []
     for i in feature_blocks:
         if isinstance(i, bool) or not hasattr(i, "__index__"):
-            raise SettingError(f"block {i!r} is not a block number: give integers such as 0, 3 or -1")
+            raise SettingError(
+                f"block {i!r} is not a block number: give integers such as 0, 3 or -1"
+            )
         if not -depth <= i < depth:
-            raise SettingError(f"block {i!r} is out of range: the model has {depth} blocks "
-                               f"(use 0..{depth - 1}, or -{depth}..-1 from the end)")
+            raise SettingError(
+                f"block {i!r} is out of range: the model has {depth} blocks "
+                f"(use 0..{depth - 1}, or -{depth}..-1 from the end)"
+            )
         wanted.append(int(i) % depth)
     return wanted
 
@@ -66,7 +70,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Mask = None) -> mx.array:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x)
+            .reshape(B, N, 3, self.num_heads, D // self.num_heads)
+            .transpose(2, 0, 3, 1, 4)
+        )
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
 
@@ -103,10 +111,15 @@ class Transformer(nn.Module):
     """The trunk: a stack of blocks and the post-trunk RMSNorm."""
 
     @classmethod
-    def from_config(cls, config) -> "Transformer":
+    def from_config(cls, config) -> Transformer:
         """A trunk sized by any config with transformers-style field names (vision or text)."""
-        return cls(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                   config.intermediate_size, config.rms_norm_eps)
+        return cls(
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.rms_norm_eps,
+        )
 
     def __init__(self, dims: int, depth: int, num_heads: int, hidden: int, eps: float):
         super().__init__()

@@ -87,4 +87,3 @@ class LiT(Model):
         text = l2_normalize(self.encode_text(input_ids))
         per_text = self.logit_scale() * text @ image.T
         return per_text.T, per_text
-

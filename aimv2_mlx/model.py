@@ -14,14 +14,23 @@ from mlx.utils import tree_flatten
 from . import cpu, hub
 from .base import Location, Model
 from .checkpoint_io import Checkpoint, open_checkpoint
-from .cpu import on_cpu
 from .config import FORMAT, ML_AIM_REVISIONS, ModelConfig, check_config, family_of, official_name
+from .cpu import on_cpu
 from .encoder import VisionEncoder
 from .errors import Aimv2Error
 from .lit import LiT
 from .quantize import dequantize_model, quantize_model
-from .weights import (PICKLE_PATTERNS, CheckpointError, Recipe, check_config_matches, check_tensors,
-                      detect_layout, infer_config, plan, read_json)
+from .weights import (
+    PICKLE_PATTERNS,
+    CheckpointError,
+    Recipe,
+    check_config_matches,
+    check_tensors,
+    detect_layout,
+    infer_config,
+    plan,
+    read_json,
+)
 
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 BUNDLED_DIR = Path(__file__).parent / "assets" / "aimv2-tiny-shapes"
@@ -40,9 +49,11 @@ class HubUnreachableError(ModelNotFoundError):
 
     def __init__(self, repo: str, url: str):
         self.repo, self.url = repo, url
-        super().__init__(f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; work "
-                         "offline with the bundled model (-m bundled) or a local model folder, and set "
-                         "HF_HUB_OFFLINE=1 to skip the hub")
+        super().__init__(
+            f"{repo}: not in the Hugging Face cache and the hub ({url}) cannot be reached; work "
+            "offline with the bundled model (-m bundled) or a local model folder, and set "
+            "HF_HUB_OFFLINE=1 to skip the hub"
+        )
 
 
 def build(config: ModelConfig, location: Location | None = None) -> Model:
@@ -61,8 +72,11 @@ def parameter_count(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pickle: bool = False) -> Location:
-    """A local folder or file holding the checkpoint, fetched from the hub (or its cache) for hub ids.
+def resolve(
+    path_or_id: str | os.PathLike, revision: str | None = None, allow_pickle: bool = False
+) -> Location:
+    """A local folder or file holding the checkpoint, fetched from the hub (or its cache) for hub
+    ids.
 
     Official names (`apple/aimv2-…` or bare `aimv2-…`) default to ml-aim's pinned revision.
     """
@@ -76,7 +90,9 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     official = official_name(str(path_or_id))
     repo = f"apple/{official}" if official else str(path_or_id)
     if "/" not in repo:
-        raise ModelNotFoundError(f"{path_or_id}: no such folder, and not a hub id (owner/name) or an official AIMv2 name")
+        raise ModelNotFoundError(
+            f"{path_or_id}: no such folder, and not a hub id (owner/name) or an official AIMv2 name"
+        )
     if revision is None and official:
         revision = ML_AIM_REVISIONS[official]
     from huggingface_hub import snapshot_download
@@ -87,10 +103,13 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
         folder = snapshot_download(repo, local_files_only=True, **download)
     except HFValidationError as exc:
         raise ModelNotFoundError(
-            f"{path_or_id}: no such folder, and not a valid hub id ({exc})") from None
+            f"{path_or_id}: no such folder, and not a valid hub id ({exc})"
+        ) from None
     except OSError:  # not in the cache: LocalEntryNotFoundError
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-            raise ModelNotFoundError(f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+            raise ModelNotFoundError(
+                f"{repo}: not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+            ) from None
         if not hub.reachable(hub.endpoint()):
             raise HubUnreachableError(repo, hub.endpoint()) from None
         try:
@@ -103,13 +122,18 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, allow_pi
     return Location(Path(folder), f"hf://{repo}", revision)
 
 
-def conversion_plan(checkpoint: Checkpoint, location: Location) -> tuple[ModelConfig, dict[str, Recipe]]:
+def conversion_plan(
+    checkpoint: Checkpoint, location: Location
+) -> tuple[ModelConfig, dict[str, Recipe]]:
     """Our config and how to make each of our tensors, from names, shapes and any config.json.
 
     The config is checked field by field and against the checkpoint's tensor shapes before any
     model is built, so a config claiming 10^7 blocks or a 0-head attention is refused at once.
     """
-    config_file, pre_file = checkpoint.folder / "config.json", checkpoint.folder / "preprocessor_config.json"
+    config_file, pre_file = (
+        checkpoint.folder / "config.json",
+        checkpoint.folder / "preprocessor_config.json",
+    )
     config_json = read_json(config_file)
     if config_json is not None and not isinstance(config_json, dict):
         raise CheckpointError(f"{config_file}: not a JSON object")
@@ -124,7 +148,10 @@ def conversion_plan(checkpoint: Checkpoint, location: Location) -> tuple[ModelCo
 
     try:
         if ours:
-            config, recipes = ModelConfig.from_dict(config_json), {key: Recipe((key,)) for key in checkpoint.tensors}
+            config, recipes = (
+                ModelConfig.from_dict(config_json),
+                {key: Recipe((key,)) for key in checkpoint.tensors},
+            )
         else:
             layout = detect_layout(checkpoint.tensors)
             recipes = plan(checkpoint.tensors, layout)
@@ -158,8 +185,11 @@ def expected_parameters(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
 
 
-def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None,
-         dequantize: bool | None = None) -> Model:
+def load(
+    path_or_id: str | os.PathLike = DEFAULT_MODEL,
+    revision: str | None = None,
+    dequantize: bool | None = None,
+) -> Model:
     """Load a model from a local folder or file, or a hub id; PyTorch layouts are mapped in memory.
 
     Quantized models are dequantized into float32 linears on the CPU (`dequantize=None`), where
@@ -170,9 +200,17 @@ def load(path_or_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = N
     checkpoint = open_checkpoint(location.path)
     config, recipes = conversion_plan(checkpoint, location)
     model = build(config, location)  # the location: to load it again, and its tokenizer files
-    check_tensors(expected_parameters(model), {k: r.shape(checkpoint.tensors) for k, r in recipes.items()},
-                  checkpoint.path)
-    model.load_weights([(key, recipe.build(lambda k: checkpoint.tensors[k].load())) for key, recipe in recipes.items()])
+    check_tensors(
+        expected_parameters(model),
+        {k: r.shape(checkpoint.tensors) for k, r in recipes.items()},
+        checkpoint.path,
+    )
+    model.load_weights(
+        [
+            (key, recipe.build(lambda k: checkpoint.tensors[k].load()))
+            for key, recipe in recipes.items()
+        ]
+    )
     mx.eval(model.parameters())
     if config.quantization and (on_cpu() if dequantize is None else dequantize):
         dequantize_model(model)
@@ -186,13 +224,18 @@ def save(model: Model, folder: str | os.PathLike) -> Path:
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(folder / "model.safetensors"),
+        dict(tree_flatten(model.parameters())),
+        metadata={"format": "mlx"},
+    )
     return folder
 
 
 def load_default(verbose: bool = True) -> Model:
-    """The official AIMv2-L when it can be had, else the small checkpoint bundled for offline use."""
+    """The official AIMv2-L when it can be had, else the small checkpoint bundled for offline
+    use.
+    """
     try:
         return load(DEFAULT_MODEL)
     except HubUnreachableError as exc:
@@ -200,8 +243,13 @@ def load_default(verbose: bool = True) -> Model:
     except ModelNotFoundError as exc:
         reason = str(exc)
     if verbose:
-        print(f"{reason}; using the bundled offline model {BUNDLED_DIR.name} (choose it with -m bundled; "
-              "HF_HUB_OFFLINE=1 skips the hub)", file=sys.stderr, flush=True)
+        print(
+            f"{reason}; using the bundled offline model {BUNDLED_DIR.name} (choose it with -m "
+            "bundled; "
+            "HF_HUB_OFFLINE=1 skips the hub)",
+            file=sys.stderr,
+            flush=True,
+        )
     return load(BUNDLED_DIR)
 
 

@@ -47,7 +47,9 @@ def patchify(pixels: mx.array, patch_size: int) -> mx.array:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(patches: mx.array, patch_size: int, grid: tuple[int, int], channels: int = 3) -> mx.array:
+def unpatchify(
+    patches: mx.array, patch_size: int, grid: tuple[int, int], channels: int = 3
+) -> mx.array:
     """Inverse of `patchify`: (B, N, p·p·C) -> (B, H, W, C)."""
     B = patches.shape[0]
     gh, gw = grid
@@ -105,8 +107,15 @@ def text_count(input_ids, ignore_ids: tuple[int, ...]) -> int:
     return int((~np.isin(ids, np.asarray(ignore_ids))).sum())
 
 
-def loss_sums(encoder, decoder, pixels: mx.array, input_ids: mx.array, prefix_lengths: mx.array,
-              objective: str, ignore_ids: tuple[int, ...]) -> tuple[mx.array, mx.array]:
+def loss_sums(
+    encoder,
+    decoder,
+    pixels: mx.array,
+    input_ids: mx.array,
+    prefix_lengths: mx.array,
+    objective: str,
+    ignore_ids: tuple[int, ...],
+) -> tuple[mx.array, mx.array]:
     """(pixel loss sum, text loss sum) of one batch; the unused one is 0 for single objectives.
 
     "multimodal" and "image" run the encoder with the prefix mask; "caption" (the paper's
@@ -120,13 +129,16 @@ def loss_sums(encoder, decoder, pixels: mx.array, input_ids: mx.array, prefix_le
     zero = mx.array(0.0, dtype=mx.float32)
     pixel = zero
     if objective != "caption":
-        pixel = pixel_loss_sum(predicted, pixel_targets(pixels, encoder.config.vision.patch_size), prefix_lengths)
+        pixel = pixel_loss_sum(
+            predicted, pixel_targets(pixels, encoder.config.vision.patch_size), prefix_lengths
+        )
     text = zero if objective == "image" else text_loss_sum(logits, input_ids, ignore_ids)
     return pixel, text
 
 
-def combine(pixel_sum: mx.array, text_sum: mx.array, pixel_n, text_n, weights: LossWeights
-            ) -> tuple[mx.array, mx.array, mx.array]:
+def combine(
+    pixel_sum: mx.array, text_sum: mx.array, pixel_n, text_n, weights: LossWeights
+) -> tuple[mx.array, mx.array, mx.array]:
     """(total, L_pixel, L_text) from sums and counts (ints or arrays); a zero count gives 0."""
     l_pixel = pixel_sum / mx.maximum(mx.array(pixel_n, dtype=mx.float32), 1.0)
     l_text = text_sum / mx.maximum(mx.array(text_n, dtype=mx.float32), 1.0)

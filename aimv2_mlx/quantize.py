@@ -29,7 +29,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int) -> None:
     for path, module in model.named_modules():
         if is_quantizable(path, module) and module.weight.shape[1] % group_size:
             raise SettingError(
-                f"--q-group-size {group_size} does not divide the input width {module.weight.shape[1]} of {path}"
+                f"--q-group-size {group_size} does not divide the input width "
+                f"{module.weight.shape[1]} of {path}"
             )
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=is_quantizable)
 
@@ -45,8 +46,13 @@ def dequantize_model(model: nn.Module) -> None:
     swaps = []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
-            weight = mx.dequantize(module.weight, module.scales, module.biases,
-                                   group_size=module.group_size, bits=module.bits)
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                group_size=module.group_size,
+                bits=module.bits,
+            )
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
             linear.weight = weight
             if "bias" in module:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -63,21 +63,29 @@ def read_header(path: Path) -> dict[str, Entry]:
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise CheckpointError(
+                f"{path}: not a safetensors file (shorter than its 8-byte header length)"
+            )
         header_len = int.from_bytes(prefix, "little")
         if header_len > min(size - 8, MAX_HEADER_BYTES):
             raise CheckpointError(
-                f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
+                f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file "
+                f"of {size})"
             )
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {exc})") from None
+            raise CheckpointError(
+                f"{path}: not a safetensors file (unreadable header: {exc})"
+            ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_start, data_size = 8 + header_len, size - 8 - header_len
-    entries = {key: _entry(path, key, info, data_start, data_size) for key, info in header.items()
-               if key != "__metadata__"}
+    entries = {
+        key: _entry(path, key, info, data_start, data_size)
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
     previous_end, previous = 0, None
     for key, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].nbytes)):
         if entry.start - data_start < previous_end:
@@ -91,9 +99,13 @@ def _whole(value) -> bool:
 
 
 def _entry(path: Path, key: str, info, data_start: int, data_size: int) -> Entry:
-    """One header field, checked: dtype known, shape non-negative ints, offsets fitting the shape."""
+    """One header field, checked: dtype known, shape non-negative ints, offsets fitting the
+    shape.
+    """
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise CheckpointError(f"{path}: malformed header entry for tensor {key!r} (needs dtype, shape, data_offsets)")
+        raise CheckpointError(
+            f"{path}: malformed header entry for tensor {key!r} (needs dtype, shape, data_offsets)"
+        )
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in CODES:
         raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code!r}")
@@ -105,10 +117,13 @@ def _entry(path: Path, key: str, info, data_start: int, data_size: int) -> Entry
     begin, end = offsets
     nbytes = math.prod(shape) * NUMPY_OF[dtype].itemsize
     if begin < 0 or end - begin != nbytes:
-        raise CheckpointError(f"{path}: tensor {key!r}: byte range {begin}..{end} does not fit shape {tuple(shape)}")
+        raise CheckpointError(
+            f"{path}: tensor {key!r}: byte range {begin}..{end} does not fit shape {tuple(shape)}"
+        )
     if end > data_size:
         raise CheckpointError(
-            f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, the file holds {data_size}"
+            f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, the file holds "
+            f"{data_size}"
         )
     return Entry(tuple(shape), dtype, data_start + begin, nbytes)
 
@@ -144,7 +159,11 @@ def write_streaming(
     offset = 0
     for name, shape, dtype in specs:
         nbytes = math.prod(shape) * NUMPY_OF[dtype].itemsize
-        header[name] = {"dtype": _CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _CODE_OF[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -155,7 +174,9 @@ def write_streaming(
             for name, shape, dtype in specs:
                 value = produce(name)
                 if tuple(value.shape) != tuple(shape) or dtype_name(value.dtype) != dtype:
-                    raise AssertionError(f"{name}: produced {value.shape} {value.dtype}, planned {shape} {dtype}")
+                    raise AssertionError(
+                        f"{name}: produced {value.shape} {value.dtype}, planned {shape} {dtype}"
+                    )
                 if value.dtype == mx.bfloat16:
                     value = value.view(mx.uint16)
                 handle.write(memoryview(np.ascontiguousarray(np.array(value))).cast("B"))

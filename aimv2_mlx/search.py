@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .embed import embed, model_identity, same_model
 from .ann import ann_search
+from .embed import embed, model_identity, same_model
+from .errors import SettingError
 from .index import Index, IndexFolderError, index_pool, open_index
 from .model import load
 from .zeroshot import ZeroShotClassifier
-from .errors import SettingError
 
 BLOCK = 1 << 16  # rows scored at a time
 BACKENDS = ("exact", "ann")
@@ -58,7 +58,10 @@ def search(
         rows, scores = ann_search(index, query, k)
     else:
         rows, scores = exact_top_k(index.vectors, query, k)
-    return [Result(index.paths[row], float(score), int(row)) for row, score in zip(rows, scores)]
+    return [
+        Result(index.paths[row], float(score), int(row))
+        for row, score in zip(rows, scores, strict=True)
+    ]
 
 
 def index_model(index: Index, model=None):

@@ -17,30 +17,46 @@ import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
 from .errors import SettingError
-from .folders import atomic_write, naming_full_disk, write_json  # noqa: F401  (shard writers take both from here)
+from .folders import atomic_write
 
 FORMATS = ("npy", "safetensors", "parquet")
-METADATA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                      ("width", pa.int32()), ("height", pa.int32())])
+METADATA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_shard(folder: Path, index: int, vectors: np.ndarray, metadata: dict, fmt: str) -> list[str]:
-    """Write one shard's embeddings (.npy, .safetensors or inside the parquet) and metadata parquet."""
+def write_shard(
+    folder: Path, index: int, vectors: np.ndarray, metadata: dict, fmt: str
+) -> list[str]:
+    """Write one shard's embeddings (.npy, .safetensors or inside the parquet) and metadata
+    parquet.
+    """
     name = shard_name(index)
     table = pa.table(metadata, schema=METADATA)
     files = []
     if fmt == "npy":
+
         def save_npy(tmp):
             with open(tmp, "wb") as fh:
                 np.save(fh, vectors)
+
         atomic_write(folder / f"{name}.npy", save_npy)
         files.append(f"{name}.npy")
     elif fmt == "safetensors":
-        atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file({"embeddings": np.ascontiguousarray(vectors)}, str(tmp)))
+        atomic_write(
+            folder / f"{name}.safetensors",
+            lambda tmp: save_file({"embeddings": np.ascontiguousarray(vectors)}, str(tmp)),
+        )
         files.append(f"{name}.safetensors")
     elif fmt == "parquet":
         width = int(np.prod(vectors.shape[1:])) if vectors.ndim > 1 else 1
@@ -74,7 +90,11 @@ def read_shards(folder: str | os.PathLike) -> tuple[np.ndarray, pa.Table]:
         if fmt == "npy":
             vectors.append(np.load(folder / f"{shard['name']}.npy").reshape((-1,) + row_shape))
         elif fmt == "safetensors":
-            vectors.append(load_file(folder / f"{shard['name']}.safetensors")["embeddings"].reshape((-1,) + row_shape))
+            vectors.append(
+                load_file(folder / f"{shard['name']}.safetensors")["embeddings"].reshape(
+                    (-1,) + row_shape
+                )
+            )
         else:
             flat = table.column("embedding").combine_chunks().flatten().to_numpy()
             vectors.append(flat.reshape((table.num_rows,) + row_shape))

@@ -8,14 +8,14 @@ the full context — then encoded, projected and L2-normalised.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .errors import SettingError
 from .lit import l2_normalize
 from .tokenizer import ClipTokenizer
-from .errors import SettingError
 
 TEXT_BATCH = 64
 
@@ -31,21 +31,30 @@ def model_tokenizer(model) -> ClipTokenizer:
     """The CLIP BPE shipped in the folder the model was loaded from."""
     location = model.location
     if location is None:
-        raise SettingError(f"{model.config.name}: not loaded from a folder, so no tokenizer "
-                         "files; pass tokenizer=ClipTokenizer.from_folder(…)")
+        raise SettingError(
+            f"{model.config.name}: not loaded from a folder, so no tokenizer "
+            "files; pass tokenizer=ClipTokenizer.from_folder(…)"
+        )
     return ClipTokenizer.from_folder(location.folder)
 
 
-def embed_texts(model, texts: Sequence[str], tokenizer: ClipTokenizer | None = None,
-                batch_size: int = TEXT_BATCH) -> mx.array:
+def embed_texts(
+    model,
+    texts: Sequence[str],
+    tokenizer: ClipTokenizer | None = None,
+    batch_size: int = TEXT_BATCH,
+) -> mx.array:
     """(N, projection_dim) unit-length text embeddings of `texts` (a LiT model)."""
     if not model.config.is_lit:
         raise SettingError(f"{model.config.name}: not a LiT model (no text tower)")
     tokenizer = tokenizer or model_tokenizer(model)
     ids = tokenizer(list(texts), context_length=model.config.text.max_position_embeddings)
-    chunks = [l2_normalize(model.encode_text(mx.array(trim_padding(ids[i:i + batch_size],
-                                                                   tokenizer.end_id))))
-              for i in range(0, len(ids), batch_size)]
+    chunks = [
+        l2_normalize(
+            model.encode_text(mx.array(trim_padding(ids[i : i + batch_size], tokenizer.end_id)))
+        )
+        for i in range(0, len(ids), batch_size)
+    ]
     out = mx.concatenate(chunks)
     mx.eval(out)
     return out

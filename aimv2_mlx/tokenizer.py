@@ -16,13 +16,22 @@ import json
 import os
 import re
 import string
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import ftfy
 import numpy as np
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                        processors, trainers)
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tokenizers.models import BPE
 
 from .errors import SettingError, UnusableFileError
@@ -43,11 +52,14 @@ CLIP_SPLIT = (
 def clip_pipeline(backend: Tokenizer) -> Tokenizer:
     """`backend` with CLIP's normalizer and pre-tokenizer (what its BPE is applied to)."""
     backend.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     return backend
 
 
@@ -60,42 +72,60 @@ class ClipTokenizer:
         self.backend.no_truncation()
         ids = [backend.token_to_id(token) for token in (START_TOKEN, END_TOKEN)]
         if None in ids:
-            raise UnusableFileError(f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
+            raise UnusableFileError(
+                f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
+            )
         self.start_id, self.end_id = ids
 
     @classmethod
-    def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "ClipTokenizer":
+    def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> ClipTokenizer:
         """CLIP's configuration around a `vocab.json` and a `merges.txt`."""
         try:
-            model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN, end_of_word_suffix="</w>",
-                                  continuing_subword_prefix="", fuse_unk=False)
+            model = BPE.from_file(
+                str(vocab),
+                str(merges),
+                unk_token=END_TOKEN,
+                end_of_word_suffix="</w>",
+                continuing_subword_prefix="",
+                fuse_unk=False,
+            )
         except Exception as exc:
             raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
         if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
-            raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
+            raise UnusableFileError(
+                f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
+            )
         backend = clip_pipeline(Tokenizer(model))
         # Written literally in a text, the special tokens stay single ids, as in CLIP.
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)])
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)]
+        )
         return cls(backend)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "ClipTokenizer":
+    def from_folder(cls, folder: str | os.PathLike) -> ClipTokenizer:
         """The tokenizer shipped in a checkpoint folder: `tokenizer.json`, else vocab + merges."""
         folder = Path(folder).expanduser()
         if (folder / "tokenizer.json").is_file():
             try:
                 return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
             except Exception as exc:
-                raise UnusableFileError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
+                raise UnusableFileError(
+                    f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})"
+                ) from None
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_files(folder / "vocab.json", folder / "merges.txt")
-        raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
+        )
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without start and end tokens or truncation."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def __call__(self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+    def __call__(
+        self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH
+    ) -> np.ndarray:
         """int32 (B, context_length): start, tokens cut to fit, end, then zeros (as OpenAI's CLIP).
 
         The LiT text tower reads up to its first end token, so the padding value never matters.
@@ -145,8 +175,13 @@ class CaptionTokenizer:
     `eos_id` and `pad_id` default to what `special_ids` finds in the tokenizer (pad: EOS).
     """
 
-    def __init__(self, tokenizer, context_length: int = 77, eos_id: int | None = None,
-                 pad_id: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        context_length: int = 77,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
         if context_length < 2:
             raise SettingError(f"context length {context_length}: a caption needs a token and EOS")
         self.tokenizer = tokenizer
@@ -161,8 +196,9 @@ class CaptionTokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
         for name, value in (("EOS", self.eos_id), ("pad", self.pad_id)):
             if not 0 <= value < self.vocab_size:
-                raise SettingError(f"{name} id {value} is outside the vocabulary "
-                                 f"of {self.vocab_size} tokens")
+                raise SettingError(
+                    f"{name} id {value} is outside the vocabulary of {self.vocab_size} tokens"
+                )
 
     @property
     def ignore_ids(self) -> tuple[int, ...]:
@@ -195,7 +231,8 @@ class CaptionTokenizer:
         described = Tokenizer.from_str(self.tokenizer.to_str())
         eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))
         described.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", special_tokens=[(eos, self.eos_id)])
+            single=f"$A {eos}", special_tokens=[(eos, self.eos_id)]
+        )
         described.enable_padding(pad_id=self.pad_id, pad_token=pad)
         atomic_write(path, lambda tmp: described.save(str(tmp)))
         return path
@@ -229,9 +266,11 @@ def special_ids(tokenizer, config: dict | None = None) -> tuple[int, int | None]
         known = [tokenizer.token_to_id(t) for t in END_TOKENS]
         eos = next((i for i in known if i is not None), None)
     if eos is None:
-        raise ValueError("no end-of-sequence token: the tokenizer names none (tokenizer_config"
-                         ".json eos_token, or a post-processor appending one) and has none of "
-                         + ", ".join(END_TOKENS))
+        raise ValueError(
+            "no end-of-sequence token: the tokenizer names none (tokenizer_config"
+            ".json eos_token, or a post-processor appending one) and has none of "
+            + ", ".join(END_TOKENS)
+        )
     pad = named("pad_token")
     if pad is None and isinstance(described.get("padding"), dict):
         pad = described["padding"].get("pad_id")
@@ -254,13 +293,15 @@ def _appended_special(processor, tokenizer) -> int | None:
         single = processor.get("single") or []
         after = [item for item in single if isinstance(item, dict)]
         sequence = next((i for i, item in enumerate(after) if "Sequence" in item), None)
-        for item in after[sequence + 1:] if sequence is not None else []:
+        for item in after[sequence + 1 :] if sequence is not None else []:
             if "SpecialToken" in item:
                 return tokenizer.token_to_id(item["SpecialToken"]["id"])
     return None
 
 
-def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[str], int]:
+def bounded_captions(
+    captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS
+) -> tuple[list[str], int]:
     """Captions cut to `max_chars` characters, and how many were cut.
 
     BPE training time grows with the square of a word's length (every merge rescans it), so one
@@ -275,19 +316,31 @@ def bounded_captions(captions: Iterable[str], max_chars: int = MAX_CAPTION_CHARS
     return kept, cut
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int = 4096, context_length: int = 77,
-                    min_frequency: int = 2, report: Callable[[str], None] | None = None) -> CaptionTokenizer:
+def train_tokenizer(
+    captions: Iterable[str],
+    vocab_size: int = 4096,
+    context_length: int = 77,
+    min_frequency: int = 2,
+    report: Callable[[str], None] | None = None,
+) -> CaptionTokenizer:
     """A BPE over the captions (ids 0 and 1 are EOS and UNK); `report` hears how many were cut."""
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
-        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), "")])
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), "")]
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, UNK],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS, UNK],
+        show_progress=False,
+    )
     captions, cut = bounded_captions(captions)
     if cut and report is not None:
-        report(f"cut {cut} captions to {MAX_CAPTION_CHARS} characters before training the tokenizer")
+        report(
+            f"cut {cut} captions to {MAX_CAPTION_CHARS} characters before training the tokenizer"
+        )
     tok.train_from_iterator([normalize_caption(caption) for caption in captions], trainer)
     return CaptionTokenizer(tok, context_length)
 

@@ -65,8 +65,10 @@ class _Sealed:
     """
 
     def __setstate__(self, state):
-        raise Refused(f"the pickle tries to change a {type(self).__name__.lstrip('_')} (BUILD opcode), "
-                       "which no torch checkpoint does")
+        raise Refused(
+            f"the pickle tries to change a {type(self).__name__.lstrip('_')} (BUILD opcode), "
+            "which no torch checkpoint does"
+        )
 
 
 class _StorageType(_Sealed):
@@ -88,7 +90,12 @@ class _Storage(_Sealed):
     """Where a storage's bytes live in the archive; nothing is read yet."""
 
     def __init__(self, path: Path, entry: str, dtype: str, numpy_dtype, nbytes: int):
-        self.path, self.entry, self.dtype, self.numpy_dtype = path, entry, dtype, np.dtype(numpy_dtype)
+        self.path, self.entry, self.dtype, self.numpy_dtype = (
+            path,
+            entry,
+            dtype,
+            np.dtype(numpy_dtype),
+        )
         self.nbytes = nbytes
         self.numel = nbytes // self.numpy_dtype.itemsize
 
@@ -102,12 +109,18 @@ class TorchTensor(_Sealed):
     (torch/_utils.py `_rebuild_tensor_v2` -> `Tensor.set_`, which checks the same bounds).
     """
 
-    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
+    def __init__(
+        self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+    ):
         self.storage, self.offset, self.stride = storage, offset, stride
         self.shape = size
         self.dtype = storage.dtype
         self.numel = math.prod(size)
-        self.end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1 if self.numel else offset
+        self.end = (
+            offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+            if self.numel
+            else offset
+        )
 
     def numpy(self) -> np.ndarray:
         """The values (bfloat16 as uint16 bit patterns: NumPy has no bfloat16)."""
@@ -115,7 +128,10 @@ class TorchTensor(_Sealed):
         count = self.end - self.offset
         where = f"{self.storage.path}: storage {self.storage.entry!r}"
         try:
-            with zipfile.ZipFile(self.storage.path) as archive, archive.open(self.storage.entry) as handle:
+            with (
+                zipfile.ZipFile(self.storage.path) as archive,
+                archive.open(self.storage.entry) as handle,
+            ):
                 handle.seek(self.offset * itemsize)
                 raw = handle.read(count * itemsize)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
@@ -148,15 +164,24 @@ def _whole(value) -> bool:
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     if not isinstance(storage, _Storage):
         raise Refused(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
-    if not (_whole(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
-            and all(map(_whole, size)) and all(map(_whole, stride))):
+    if not (
+        _whole(offset)
+        and isinstance(size, (tuple, list))
+        and isinstance(stride, (tuple, list))
+        and all(map(_whole, size))
+        and all(map(_whole, stride))
+    ):
         raise Refused(f"a tensor of {storage.entry!r} has a malformed offset, size or stride")
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or len(size) > _MAX_DIMS:
-        raise Refused(f"a tensor of {storage.entry!r} has {len(size)} sizes and {len(stride)} strides")
+        raise Refused(
+            f"a tensor of {storage.entry!r} has {len(size)} sizes and {len(stride)} strides"
+        )
     if offset < 0 or min(size + stride, default=0) < 0:
-        raise Refused(f"a tensor of {storage.entry!r} has a negative offset, size or stride "
-                       f"(offset {offset}, size {size}, stride {stride})")
+        raise Refused(
+            f"a tensor of {storage.entry!r} has a negative offset, size or stride "
+            f"(offset {offset}, size {size}, stride {stride})"
+        )
     tensor = TorchTensor(storage, offset, size, stride)
     if tensor.end > storage.numel or tensor.numel > storage.numel:
         raise Refused(
@@ -206,13 +231,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         dtype, numpy_dtype = _STORAGE_DTYPES[storage_type.name]
         if key in self.storages:
             if self.storages[key].dtype != dtype:
-                raise Refused(f"storage {key!r} is named with two dtypes ({self.storages[key].dtype}, {dtype})")
+                raise Refused(
+                    f"storage {key!r} is named with two dtypes ({self.storages[key].dtype}, "
+                    f"{dtype})"
+                )
             return self.storages[key]
         entry = f"{self.prefix}data/{key}"
         try:
             info = self.archive.getinfo(entry)
         except KeyError:
-            raise CheckpointError(f"{self.source}: storage {entry!r} is missing from the archive") from None
+            raise CheckpointError(
+                f"{self.source}: storage {entry!r} is missing from the archive"
+            ) from None
         check_plausible(entry, info, self.archive_bytes)
         self.storages[key] = _Storage(self.source, entry, dtype, numpy_dtype, info.file_size)
         return self.storages[key]
@@ -224,9 +254,12 @@ def check_plausible(entry: str, info: zipfile.ZipInfo, archive_bytes: int) -> No
         raise Refused(f"{entry!r} claims {info.compress_size} bytes past the end of the file")
     stored = info.compress_type == zipfile.ZIP_STORED
     if (stored and info.file_size != info.compress_size) or (
-            info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES):
-        raise Refused(f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
-                       "(a zip bomb: torch.save does not compress)")
+        info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + _SLACK_BYTES
+    ):
+        raise Refused(
+            f"{entry!r} claims {info.file_size:,} bytes from {info.compress_size:,} in the file "
+            "(a zip bomb: torch.save does not compress)"
+        )
 
 
 def check_storage_use(tensors) -> None:
@@ -239,8 +272,10 @@ def check_storage_use(tensors) -> None:
         end = ends[key]
         used = end * storage.numpy_dtype.itemsize
         if storage.nbytes > _MAX_UNUSED_RATIO * used + _SLACK_BYTES:
-            raise Refused(f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
-                           f"use only {used:,}")
+            raise Refused(
+                f"storage {storage.entry!r} holds {storage.nbytes:,} bytes but its tensors "
+                f"use only {used:,}"
+            )
 
 
 @contextlib.contextmanager
@@ -261,17 +296,23 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
     """A torch-saved state dict as {name: TorchTensor}, without importing torch or reading data."""
     path = Path(path).expanduser()
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)")
+        raise CheckpointError(
+            f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)"
+        )
     with pickle_errors(path):
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
             if len(pickles) != 1:
-                raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+                raise CheckpointError(
+                    f"{path}: expected one data.pkl in the archive, found {len(pickles)}"
+                )
             prefix = pickles[0][: -len("data.pkl")]
             info = archive.getinfo(pickles[0])
             check_plausible(pickles[0], info, os.path.getsize(path))
             if info.file_size > MAX_PICKLE_BYTES:
-                raise Refused(f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB")
+                raise Refused(
+                    f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB"
+                )
             with archive.open(pickles[0]) as handle:
                 state = RestrictedUnpickler(handle, archive, prefix, path).load()
         for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
@@ -279,10 +320,14 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
                 state = state[wrapper]
                 break
         if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+            raise CheckpointError(
+                f"{path}: the pickle holds a {type(state).__name__}, not a state dict"
+            )
         for key, value in state.items():
             if not isinstance(value, TorchTensor):
-                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+                raise CheckpointError(
+                    f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor"
+                )
         check_storage_use(state.values())
     return {str(key): value for key, value in state.items()}
 
@@ -293,4 +338,3 @@ def read_torch_checkpoint(path: str | Path) -> dict:
         key: Bfloat16Array(t.numpy()) if t.dtype == "bfloat16" else t.numpy()
         for key, t in open_torch_checkpoint(path).items()
     }
-

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import mlx.core as mx
 
@@ -36,7 +36,10 @@ _BLOCK_RULES = {
         (r"embeddings\.token_embedding\.weight", "preprocessor.text_embedding.weight"),
         (r"encoder\.layers\.(\d+)\.rms_norm1\.weight", r"trunk.blocks.\1.norm_1.weight"),
         (r"encoder\.layers\.(\d+)\.rms_norm2\.weight", r"trunk.blocks.\1.norm_2.weight"),
-        (r"encoder\.layers\.(\d+)\.attention\.out_proj\.weight", r"trunk.blocks.\1.attn.proj.weight"),
+        (
+            r"encoder\.layers\.(\d+)\.attention\.out_proj\.weight",
+            r"trunk.blocks.\1.attn.proj.weight",
+        ),
         (r"encoder\.layers\.(\d+)\.ffn\.gate_proj\.weight", r"trunk.blocks.\1.mlp.fc1.weight"),
         (r"encoder\.layers\.(\d+)\.ffn\.up_proj\.weight", r"trunk.blocks.\1.mlp.fc3.weight"),
         (r"encoder\.layers\.(\d+)\.ffn\.down_proj\.weight", r"trunk.blocks.\1.mlp.fc2.weight"),
@@ -195,8 +198,8 @@ def _rename_transformers(key: str) -> str | None:
     for theirs, ours in _TRANSFORMERS_TOWERS.items():
         if key.startswith(theirs):
             if theirs.endswith("projection."):
-                return ours + key[len(theirs):]
-            rest = key[len(theirs):]
+                return ours + key[len(theirs) :]
+            rest = key[len(theirs) :]
             if theirs == "text_model." and rest == "embeddings.position_embedding.weight":
                 return ours + "preprocessor.positional_embedding"
             mapped = _apply_rules(_BLOCK_RULES[TRANSFORMERS], rest)
@@ -222,7 +225,8 @@ def check_tensors(expected: Mapping, found: Mapping, origin) -> None:
     for key, value in found.items():
         if shape_of(value) != shape_of(expected[key]):
             raise CheckpointError(
-                f"{origin}: tensor {key!r} has shape {shape_of(value)}, expected {shape_of(expected[key])}"
+                f"{origin}: tensor {key!r} has shape {shape_of(value)}, expected "
+                f"{shape_of(expected[key])}"
             )
 
 
@@ -288,7 +292,9 @@ def _text_config(weights: dict, cfg: dict) -> TextConfig:
         num_hidden_layers=_count_blocks(weights, "text_encoder.trunk.blocks."),
         num_attention_heads=cfg.get("num_attention_heads", default_heads(hidden)),
         intermediate_size=shape_of(weights["text_encoder.trunk.blocks.0.mlp.fc1.weight"])[0],
-        max_position_embeddings=shape_of(weights["text_encoder.preprocessor.positional_embedding"])[0],
+        max_position_embeddings=shape_of(weights["text_encoder.preprocessor.positional_embedding"])[
+            0
+        ],
         eos_token_id=cfg.get("eos_token_id", vocab - 1),  # CLIP: <|endoftext|> is the last id
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
     )
@@ -306,7 +312,7 @@ def _count_blocks(weights: Mapping, prefix: str) -> int:
     found = set()
     for key in weights:
         if key.startswith(prefix):
-            index = key[len(prefix):].split(".")[0]
+            index = key[len(prefix) :].split(".")[0]
             if not index.isdigit() or not index.isascii():
                 raise CheckpointError(f"tensor {key!r} has no block number")
             found.add(int(index))
@@ -314,12 +320,15 @@ def _count_blocks(weights: Mapping, prefix: str) -> int:
         raise CheckpointError(f"no transformer blocks under {prefix!r}")
     if max(found) + 1 != len(found):
         missing = next(i for i in range(len(found) + 1) if i not in found)
-        raise CheckpointError(f"block {missing} of {max(found) + 1} under {prefix!r} has no tensors")
+        raise CheckpointError(
+            f"block {missing} of {max(found) + 1} under {prefix!r} has no tensors"
+        )
     return len(found)
 
 
 def check_config_matches(config: ModelConfig, shapes: Mapping, origin) -> None:
-    """Refuse a config that disagrees with the checkpoint on depth or width, before any model is built.
+    """Refuse a config that disagrees with the checkpoint on depth or width, before any model is
+    built.
 
     Building follows the config; these few shapes bound everything a build allocates (blocks,
     widths, positions), and `check_tensors` then checks every tensor against the built model.
@@ -331,17 +340,33 @@ def check_config_matches(config: ModelConfig, shapes: Mapping, origin) -> None:
         for prefix, tower in towers:
             blocks = _count_blocks(shapes, prefix + "trunk.blocks.")
             if blocks != tower.num_hidden_layers:
-                raise CheckpointError(f"config has {tower.num_hidden_layers} blocks, the checkpoint {blocks}")
+                raise CheckpointError(
+                    f"config has {tower.num_hidden_layers} blocks, the checkpoint {blocks}"
+                )
         vision, prefix = config.vision, towers[0][0]
-        _expect(shapes, prefix + "preprocessor.patchifier.proj.weight",
-                (vision.hidden_size, vision.patch_size, vision.patch_size, vision.num_channels))
+        _expect(
+            shapes,
+            prefix + "preprocessor.patchifier.proj.weight",
+            (vision.hidden_size, vision.patch_size, vision.patch_size, vision.num_channels),
+        )
         if not vision.is_native:
-            _expect(shapes, prefix + "preprocessor.pos_embed", (1, vision.num_patches, vision.hidden_size))
+            _expect(
+                shapes,
+                prefix + "preprocessor.pos_embed",
+                (1, vision.num_patches, vision.hidden_size),
+            )
         if config.is_lit:
             text = config.text
-            _expect(shapes, "text_encoder.preprocessor.text_embedding.weight", (text.vocab_size, text.hidden_size))
-            _expect(shapes, "text_encoder.preprocessor.positional_embedding",
-                    (text.max_position_embeddings, text.hidden_size))
+            _expect(
+                shapes,
+                "text_encoder.preprocessor.text_embedding.weight",
+                (text.vocab_size, text.hidden_size),
+            )
+            _expect(
+                shapes,
+                "text_encoder.preprocessor.positional_embedding",
+                (text.max_position_embeddings, text.hidden_size),
+            )
     except CheckpointError as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
 
@@ -350,7 +375,9 @@ def _expect(shapes: Mapping, key: str, shape: tuple[int, ...]) -> None:
     if key not in shapes:
         raise CheckpointError(f"missing tensor {key!r}")
     if shape_of(shapes[key]) != shape:
-        raise CheckpointError(f"tensor {key!r} has shape {shape_of(shapes[key])}, the config needs {shape}")
+        raise CheckpointError(
+            f"tensor {key!r} has shape {shape_of(shapes[key])}, the config needs {shape}"
+        )
 
 
 def _preprocess_from_hub(pre: dict, default: PreprocessConfig) -> PreprocessConfig:

@@ -8,17 +8,15 @@ logits are `logit_scale · image @ classᵀ` on normalised embeddings; probabili
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import SettingError, UnusableFileError
-
 from .images import ImageInput, open_image, to_pixels
 from .text_embed import embed_texts, model_tokenizer
-from .vectors import l2_normalize
 from .tokenizer import ClipTokenizer
 from .vectors import l2_normalize, softmax
 
@@ -54,12 +52,19 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 class ZeroShotClassifier:
     """A LiT model with its class embeddings computed once; call it on images for probabilities."""
 
-    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] | None = None,
-                 tokenizer: ClipTokenizer | None = None):
+    def __init__(
+        self,
+        model,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        tokenizer: ClipTokenizer | None = None,
+    ):
         config = model.config
         if not config.is_lit:
-            raise SettingError(f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
-                               "apple/aimv2-large-patch14-224-lit")
+            raise SettingError(
+                f"{config.name}: not a LiT model (no text tower); zero-shot needs one such as "
+                "apple/aimv2-large-patch14-224-lit"
+            )
         self.model = model
         self.labels = _check_labels(labels)
         chosen = templates if templates is not None else model_templates(model)
@@ -78,12 +83,16 @@ class ZeroShotClassifier:
     def logits(self, pixels: mx.array) -> np.ndarray:
         """float32 (B, C) logits for preprocessed pixels (B, H, W, 3)."""
         image = l2_normalize(self.model.encode_image(pixels))
-        return np.array(self.model.logit_scale() * image @ self.class_embeddings.T, dtype=np.float32)
+        return np.array(
+            self.model.logit_scale() * image @ self.class_embeddings.T, dtype=np.float32
+        )
 
     def __call__(self, images: Iterable[ImageInput] | mx.array, batch_size: int = 8) -> np.ndarray:
-        """float32 (N, C) class probabilities for image paths, PIL images, or preprocessed pixels."""
+        """float32 (N, C) class probabilities for image paths, PIL images, or preprocessed
+        pixels.
+        """
         if isinstance(images, mx.array):
-            batches = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+            batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
         else:
             batches = _pixel_batches(list(images), self.model, batch_size)
         logits = [self.logits(batch) for batch in batches]
@@ -92,9 +101,14 @@ class ZeroShotClassifier:
         return softmax(np.concatenate(logits))
 
 
-def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[str],
-              templates: Sequence[str] | None = None, tokenizer: ClipTokenizer | None = None,
-              batch_size: int = 8) -> np.ndarray:
+def zero_shot(
+    images: Iterable[ImageInput] | mx.array,
+    model,
+    labels: Sequence[str],
+    templates: Sequence[str] | None = None,
+    tokenizer: ClipTokenizer | None = None,
+    batch_size: int = 8,
+) -> np.ndarray:
     """float32 (N, C) probabilities of each label for each image; the templates default to the
     model folder's `templates.txt` or CLIP's, the tokenizer to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)
@@ -103,7 +117,7 @@ def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[s
 def _pixel_batches(images: list, model, batch_size: int):
     config, patch = model.config.preprocess, model.config.vision.patch_size
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         yield mx.array(np.stack([to_pixels(open_image(img), config, patch) for img in chunk]))
 
 
@@ -135,6 +149,8 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
         except (ValueError, IndexError, KeyError):
             ok = False
         if not ok:
-            raise SettingError(f"template {template!r}: needs exactly one {{}} where the label goes "
-                               "(other braces doubled)")
+            raise SettingError(
+                f"template {template!r}: needs exactly one {{}} where the label goes "
+                "(other braces doubled)"
+            )
     return templates

@@ -40,15 +40,17 @@ def transformers_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
     }
     for i in range(blocks):
         block = f"encoder.layers.{i}."
-        shapes.update({
-            block + "rms_norm1.weight": (WIDTH,),
-            block + "rms_norm2.weight": (WIDTH,),
-            **{block + f"attention.{p}_proj.weight": (WIDTH, WIDTH) for p in "qkv"},
-            block + "attention.out_proj.weight": (WIDTH, WIDTH),
-            block + "ffn.gate_proj.weight": (HIDDEN, WIDTH),
-            block + "ffn.up_proj.weight": (HIDDEN, WIDTH),
-            block + "ffn.down_proj.weight": (WIDTH, HIDDEN),
-        })
+        shapes.update(
+            {
+                block + "rms_norm1.weight": (WIDTH,),
+                block + "rms_norm2.weight": (WIDTH,),
+                **{block + f"attention.{p}_proj.weight": (WIDTH, WIDTH) for p in "qkv"},
+                block + "attention.out_proj.weight": (WIDTH, WIDTH),
+                block + "ffn.gate_proj.weight": (HIDDEN, WIDTH),
+                block + "ffn.up_proj.weight": (HIDDEN, WIDTH),
+                block + "ffn.down_proj.weight": (WIDTH, HIDDEN),
+            }
+        )
     return shapes
 
 
@@ -75,20 +77,33 @@ def write_checkpoint(folder: Path, blocks: int, shard_bytes: int) -> list[Path]:
         weight_map.update({k: name for k in keys})
         paths.append(folder / name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    config = {"model_type": "aimv2_vision_model", "hidden_size": WIDTH, "intermediate_size": HIDDEN,
-              "num_hidden_layers": blocks, "num_attention_heads": HEADS, "image_size": GRID * PATCH,
-              "patch_size": PATCH, "use_head": False}
+    config = {
+        "model_type": "aimv2_vision_model",
+        "hidden_size": WIDTH,
+        "intermediate_size": HIDDEN,
+        "num_hidden_layers": blocks,
+        "num_attention_heads": HEADS,
+        "image_size": GRID * PATCH,
+        "patch_size": PATCH,
+        "use_head": False,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return paths
 
 
 def spot_check(source: Path, output: Path) -> None:
-    """The last block's fused qkv is q, k, v stacked, and the patch projection went channels-last."""
+    """The last block's fused qkv is q, k, v stacked, and the patch projection went
+    channels-last.
+    """
     from safetensors import safe_open
 
     def tensor(folder: Path, key: str) -> np.ndarray:
         index = folder / "model.safetensors.index.json"
-        shard = json.loads(index.read_text())["weight_map"][key] if index.exists() else "model.safetensors"
+        shard = (
+            json.loads(index.read_text())["weight_map"][key]
+            if index.exists()
+            else "model.safetensors"
+        )
         with safe_open(str(folder / shard), framework="numpy") as handle:
             return handle.get_tensor(key)
 
@@ -97,7 +112,9 @@ def spot_check(source: Path, output: Path) -> None:
     parts = [tensor(source, f"encoder.layers.{block}.attention.{p}_proj.weight") for p in "qkv"]
     assert np.array_equal(qkv, np.concatenate(parts)), "qkv is not q, k, v stacked"
     conv = tensor(output, "preprocessor.patchifier.proj.weight")
-    assert np.array_equal(conv, tensor(source, "embeddings.patch_embed.weight").transpose(0, 2, 3, 1))
+    assert np.array_equal(
+        conv, tensor(source, "embeddings.patch_embed.weight").transpose(0, 2, 3, 1)
+    )
 
 
 def peak_rss_of(command: list[str]) -> tuple[int, float]:
@@ -127,8 +144,19 @@ def main() -> None:
     try:
         source = work / "source"
         source.mkdir()
-        subprocess.run([sys.executable, __file__, "--write-only", str(source), "--blocks", str(args.blocks),
-                        "--shard-mb", str(args.shard_mb)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--write-only",
+                str(source),
+                "--blocks",
+                str(args.blocks),
+                "--shard-mb",
+                str(args.shard_mb),
+            ],
+            check=True,
+        )
         shards = sorted(source.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         largest = max(p.stat().st_size for p in shards)
@@ -138,10 +166,16 @@ def main() -> None:
         runs = {}
         for label, extra in (("float32", []), ("4-bit", ["-q", "4"])):
             out = work / f"out-{label}"
-            peak, seconds = peak_rss_of([python, "-m", "aimv2_mlx.cli", "convert", str(source), str(out), *extra])
+            peak, seconds = peak_rss_of(
+                [python, "-m", "aimv2_mlx.cli", "convert", str(source), str(out), *extra]
+            )
             written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-            runs[label] = {"peak_rss_bytes": peak, "ratio_to_largest_shard": peak / largest, "seconds": seconds,
-                           "output_bytes": written}
+            runs[label] = {
+                "peak_rss_bytes": peak,
+                "ratio_to_largest_shard": peak / largest,
+                "seconds": seconds,
+                "output_bytes": written,
+            }
         spot_check(source, work / "out-float32")  # after the measurements: this parent may grow now
         result = {
             "checkpoint": f"AIMv2-H shape, {args.blocks} blocks, float32, transformers layout",
@@ -152,17 +186,23 @@ def main() -> None:
             "measuring_parent_peak_rss_bytes": own_peak,
             "runs": runs,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+            f"Python {platform.python_version()}",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = 1e6
-    print(f"input {total / mb:,.0f} MB in {len(shards)} shards (largest {largest / mb:,.0f} MB); "
-          f"peak RSS of a child that only imports the CLI: {baseline / mb:,.0f} MB")
+    print(
+        f"input {total / mb:,.0f} MB in {len(shards)} shards (largest {largest / mb:,.0f} MB); "
+        f"peak RSS of a child that only imports the CLI: {baseline / mb:,.0f} MB"
+    )
     for label, run in runs.items():
-        print(f"{label}: output {run['output_bytes'] / mb:,.0f} MB in {run['seconds']:.1f} s, peak RSS "
-              f"{run['peak_rss_bytes'] / mb:,.0f} MB = {run['ratio_to_largest_shard']:.2f} x the largest shard "
-              "(claim: < 1.5)")
+        print(
+            f"{label}: output {run['output_bytes'] / mb:,.0f} MB in {run['seconds']:.1f} s, peak "
+            "RSS "
+            f"{run['peak_rss_bytes'] / mb:,.0f} MB = {run['ratio_to_largest_shard']:.2f} x the "
+            "largest shard "
+            "(claim: < 1.5)"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

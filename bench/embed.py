@@ -53,13 +53,25 @@ def mode_prepare(args) -> None:
     import aimv2_mlx
 
     vision = aimv2_mlx.preset(PRESET).vision
-    config = Aimv2VisionConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                               num_hidden_layers=vision.num_hidden_layers,
-                               num_attention_heads=vision.num_attention_heads, image_size=vision.image_size,
-                               patch_size=vision.patch_size, rms_norm_eps=vision.rms_norm_eps, use_head=False)
+    config = Aimv2VisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        rms_norm_eps=vision.rms_norm_eps,
+        use_head=False,
+    )
     torch.manual_seed(0)
     Aimv2VisionModel(config).eval().save_pretrained(Path(args.dir) / "model")
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    photos = [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.immunohistochemistry(),
+    ]
     rng = np.random.default_rng(0)
     folder = Path(args.dir) / "images"
     total = 0
@@ -78,8 +90,9 @@ def mode_prepare(args) -> None:
 
 def mode_encoder(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import aimv2_mlx
     import mlx.core as mx
+
+    import aimv2_mlx
 
     model = aimv2_mlx.load(Path(args.dir) / "model")
     files = sorted((Path(args.dir) / "images").rglob("*.jpg"))[: args.batch]
@@ -91,20 +104,44 @@ def mode_encoder(args) -> None:
     for _ in range(args.encoder_batches):
         mx.eval(model.embed(pixels))
     seconds = time.perf_counter() - start
-    host.emit({"img_per_s": args.batch * args.encoder_batches / seconds, "seconds": seconds,
-                "images": args.batch * args.encoder_batches})
+    host.emit(
+        {
+            "img_per_s": args.batch * args.encoder_batches / seconds,
+            "seconds": seconds,
+            "images": args.batch * args.encoder_batches,
+        }
+    )
 
 
 def mode_embed(args) -> None:
     out = Path(args.dir) / "out-mlx"
-    cmd = [sys.executable, "-m", "aimv2_mlx.cli", "embed", str(Path(args.dir) / "images"), "-o", str(out),
-           "-m", str(Path(args.dir) / "model"), "--batch-size", str(args.batch), "--json", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aimv2_mlx.cli",
+        "embed",
+        str(Path(args.dir) / "images"),
+        "-o",
+        str(out),
+        "-m",
+        str(Path(args.dir) / "model"),
+        "--batch-size",
+        str(args.batch),
+        "--json",
+        "--overwrite",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     summary = json.loads(proc.stdout)
-    host.emit({"img_per_s": summary["images_per_s"], "seconds": summary["seconds"], "images": summary["processed"],
-                "command": " ".join(cmd[1:])})
+    host.emit(
+        {
+            "img_per_s": summary["images_per_s"],
+            "seconds": summary["seconds"],
+            "images": summary["processed"],
+            "command": " ".join(cmd[1:]),
+        }
+    )
 
 
 def mode_torch(args) -> None:
@@ -129,8 +166,13 @@ def mode_torch(args) -> None:
 
     torch.set_num_threads(args.threads)
     model = Aimv2VisionModel.from_pretrained(Path(args.dir) / "model").eval()
-    files = sorted((Path(args.dir) / "images").rglob("*.jpg"), key=lambda p: p.relative_to(Path(args.dir) / "images").as_posix())
-    loader = torch.utils.data.DataLoader(Photos(files), batch_size=args.batch, num_workers=args.loader_workers)
+    files = sorted(
+        (Path(args.dir) / "images").rglob("*.jpg"),
+        key=lambda p: p.relative_to(Path(args.dir) / "images").as_posix(),
+    )
+    loader = torch.utils.data.DataLoader(
+        Photos(files), batch_size=args.batch, num_workers=args.loader_workers
+    )
     outputs = []
     start = time.perf_counter()
     with torch.inference_mode():
@@ -138,8 +180,15 @@ def mode_torch(args) -> None:
             outputs.append(model(pixel_values=pixels).last_hidden_state.mean(dim=1).numpy())
     seconds = time.perf_counter() - start
     np.save(Path(args.dir) / "torch.npy", np.concatenate(outputs))
-    host.emit({"img_per_s": len(files) / seconds, "seconds": seconds, "images": len(files),
-                "loader_workers": args.loader_workers, "threads": torch.get_num_threads()})
+    host.emit(
+        {
+            "img_per_s": len(files) / seconds,
+            "seconds": seconds,
+            "images": len(files),
+            "loader_workers": args.loader_workers,
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 def _child(mode: str, env: dict | None = None, **options) -> dict:
@@ -153,10 +202,16 @@ def drive(args) -> dict:
     import numpy as np
 
     machine = host.collect_in_subprocess()
-    print(f"machine: {machine.get('cpu')} ({machine.get('cores')} CPUs), versions {machine['versions']}", flush=True)
+    print(
+        f"machine: {machine.get('cpu')} ({machine.get('cores')} CPUs), versions "
+        f"{machine['versions']}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="aimv2-bench-embed-") as folder:
         prep = _child("prepare", dir=folder, images=args.images)
-        print(f"prepared AIMv2-L and {prep['images']} JPEGs ({prep['megabytes']:.0f} MB)", flush=True)
+        print(
+            f"prepared AIMv2-L and {prep['images']} JPEGs ({prep['megabytes']:.0f} MB)", flush=True
+        )
         common = dict(dir=folder, batch=args.batch)
         results = {}
         encoder_opts = dict(warmup=args.warmup, encoder_batches=args.encoder_batches)
@@ -164,16 +219,24 @@ def drive(args) -> dict:
         for name, opts, env in (
             ("encoder", encoder_opts, None),
             ("embed", {}, None),
-            ("torch", dict(threads=args.threads, loader_workers=args.loader_workers), {"AIMV2_MLX_NO_OPENBLAS": "1"}),
+            (
+                "torch",
+                dict(threads=args.threads, loader_workers=args.loader_workers),
+                {"AIMV2_MLX_NO_OPENBLAS": "1"},
+            ),
             ("encoder", encoder_opts, None),  # again after: the better of the two is the ceiling
         ):
             r = _child(name, env=env, **common, **opts)
             runs.append({"mode": name, **r})
             if name not in results or r["img_per_s"] > results[name]["img_per_s"]:
                 results[name] = r
-            print(f"{name:8s}: {r['img_per_s']:.3f} img/s ({r['images']} images in {r['seconds']:.0f} s; "
-                  f"others used {r['others_cpu']:.2f} CPU)", flush=True)
-        import aimv2_mlx  # noqa: F401  (only to read the output back)
+            print(
+                f"{name:8s}: {r['img_per_s']:.3f} img/s ({r['images']} images in "
+                f"{r['seconds']:.0f} s; "
+                f"others used {r['others_cpu']:.2f} CPU)",
+                flush=True,
+            )
+        import aimv2_mlx
 
         ours, _ = aimv2_mlx.read_embeddings(Path(folder) / "out-mlx")
         diff = float(np.abs(ours - np.load(Path(folder) / "torch.npy")).max())
@@ -185,8 +248,8 @@ def drive(args) -> dict:
         "results": results,
         "runs": runs,
         "embed_over_encoder": results["embed"]["img_per_s"] / results["encoder"]["img_per_s"],
-        "embed_over_encoder_mean": results["embed"]["img_per_s"] / float(np.mean(
-            [r["img_per_s"] for r in runs if r["mode"] == "encoder"])),
+        "embed_over_encoder_mean": results["embed"]["img_per_s"]
+        / float(np.mean([r["img_per_s"] for r in runs if r["mode"] == "encoder"])),
         "embed_over_torch": results["embed"]["img_per_s"] / results["torch"]["img_per_s"],
         "max_abs_diff_vs_torch": diff,
     }
@@ -194,29 +257,40 @@ def drive(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="drive", choices=["drive", "prepare", "encoder", "embed", "torch"])
+    parser.add_argument(
+        "--mode", default="drive", choices=["drive", "prepare", "encoder", "embed", "torch"]
+    )
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--encoder-batches", type=int, default=16, help="timed encoder-only batches")
+    parser.add_argument(
+        "--encoder-batches", type=int, default=16, help="timed encoder-only batches"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--loader-workers", type=int, default=2, help="torch DataLoader workers")
     parser.add_argument("--json", help="also write the full report as JSON here")
     args = parser.parse_args()
     if args.mode != "drive":
-        {"prepare": mode_prepare, "encoder": mode_encoder, "embed": mode_embed, "torch": mode_torch}[args.mode](args)
+        {
+            "prepare": mode_prepare,
+            "encoder": mode_encoder,
+            "embed": mode_embed,
+            "torch": mode_torch,
+        }[args.mode](args)
         return
     start = time.perf_counter()
     report = drive(args)
     report["total_s"] = time.perf_counter() - start
     r = report["results"]
-    print(f"\nembed / encoder-only: {report['embed_over_encoder']:.3f} against the faster run, "
-          f"{report['embed_over_encoder_mean']:.3f} against their mean (target >= 0.90); "
-          f"embed / PyTorch loop: {report['embed_over_torch']:.3f} (target >= 1.2); "
-          f"max |MLX - torch| {report['max_abs_diff_vs_torch']:.1e}; "
-          f"encoder {r['encoder']['img_per_s']:.3f}, embed {r['embed']['img_per_s']:.3f}, "
-          f"torch {r['torch']['img_per_s']:.3f} img/s; total {report['total_s'] / 60:.1f} min")
+    print(
+        f"\nembed / encoder-only: {report['embed_over_encoder']:.3f} against the faster run, "
+        f"{report['embed_over_encoder_mean']:.3f} against their mean (target >= 0.90); "
+        f"embed / PyTorch loop: {report['embed_over_torch']:.3f} (target >= 1.2); "
+        f"max |MLX - torch| {report['max_abs_diff_vs_torch']:.1e}; "
+        f"encoder {r['encoder']['img_per_s']:.3f}, embed {r['embed']['img_per_s']:.3f}, "
+        f"torch {r['torch']['img_per_s']:.3f} img/s; total {report['total_s'] / 60:.1f} min"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -1,4 +1,5 @@
-"""AIMv2-L embedding throughput: our MLX encoder vs transformers' PyTorch model, plus the GEMM roofline.
+"""AIMv2-L embedding throughput: our MLX encoder vs transformers' PyTorch model, plus the GEMM
+roofline.
 
     python bench/encoder.py                 # the full run (~6 minutes on 2 cores)
     python bench/encoder.py --json out.json # also write every figure as JSON
@@ -85,10 +86,21 @@ def mode_prepare(args) -> None:
     )
     torch.manual_seed(0)
     Aimv2VisionModel(config).eval().save_pretrained(args.dir)
-    pixels = np.random.default_rng(0).standard_normal((args.batch, vision.image_size, vision.image_size, 3))
+    pixels = np.random.default_rng(0).standard_normal(
+        (args.batch, vision.image_size, vision.image_size, 3)
+    )
     np.save(Path(args.dir) / "pixels.npy", pixels.astype(np.float32))
-    host.emit({"flops_per_image": flops_per_image(vision.image_size, vision.patch_size, vision.hidden_size,
-                                                   vision.num_hidden_layers, vision.intermediate_size)})
+    host.emit(
+        {
+            "flops_per_image": flops_per_image(
+                vision.image_size,
+                vision.patch_size,
+                vision.hidden_size,
+                vision.num_hidden_layers,
+                vision.intermediate_size,
+            )
+        }
+    )
 
 
 def _best_gflops(run, size, repeats) -> float:
@@ -103,23 +115,28 @@ def _best_gflops(run, size, repeats) -> float:
 
 def mode_roofline_mlx(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import aimv2_mlx
     import mlx.core as mx
 
+    import aimv2_mlx
     from aimv2_mlx.cpu import blas as backend
 
     n = args.size
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b)
     single = _best_gflops(lambda: mx.eval(a @ b), n, args.repeats)
-    result = {"mlx_gemm_gflops": single, "blas": backend.library_path() or backend.load_reason(),
-              "blas_kernel": backend.kernel_in_use() or "n/a", "isa": str(backend.cpu_isa())}
+    result = {
+        "mlx_gemm_gflops": single,
+        "blas": backend.library_path() or backend.load_reason(),
+        "blas_kernel": backend.kernel_in_use() or "n/a",
+        "isa": str(backend.cpu_isa()),
+    }
     # For reference: the configuration the encoder uses on CPU (one OpenBLAS thread, one
     # matmul per core on its own stream, run concurrently).
     from aimv2_mlx.cpu import settings
 
     streams = settings.tune()
     if len(streams) > 1:
+
         def concurrent():
             outs = []
             for s in streams:
@@ -146,9 +163,10 @@ def mode_roofline_torch(args) -> None:
 
 def mode_mlx(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import aimv2_mlx  # OpenBLAS before MLX
     import mlx.core as mx
     import numpy as np
+
+    import aimv2_mlx  # OpenBLAS before MLX
 
     model = aimv2_mlx.load(args.dir)
     dtype = getattr(mx, args.dtype)
@@ -175,7 +193,11 @@ def mode_torch(args) -> None:
 
     torch.set_num_threads(args.threads)
     model = Aimv2VisionModel.from_pretrained(args.dir).eval()
-    pixels = torch.from_numpy(np.load(Path(args.dir) / "pixels.npy")[: args.batch]).permute(0, 3, 1, 2).contiguous()
+    pixels = (
+        torch.from_numpy(np.load(Path(args.dir) / "pixels.npy")[: args.batch])
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
     times = []
     with torch.inference_mode():
         for i in range(args.warmup + args.iters):
@@ -185,8 +207,15 @@ def mode_torch(args) -> None:
                 times.append(time.perf_counter() - start)
     out = Path(args.dir) / "embedding-torch.npy"
     np.save(out, embedding.numpy())
-    host.emit({"times": times, "batch": args.batch, "threads": torch.get_num_threads(),
-                "attn_implementation": model.config._attn_implementation, "embedding": str(out)})
+    host.emit(
+        {
+            "times": times,
+            "batch": args.batch,
+            "threads": torch.get_num_threads(),
+            "attn_implementation": model.config._attn_implementation,
+            "embedding": str(out),
+        }
+    )
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -210,9 +239,15 @@ def _row(name, dtype, batch, times, flops, roofline, others):
     ips = batch / per_batch
     gflops = flops * ips / 1e9
     return {
-        "framework": name, "dtype": dtype, "batch": batch, "runs": len(times),
-        "s_per_batch": per_batch, "img_per_s": ips, "gflops": gflops,
-        "roofline_fraction": gflops / roofline, "max_others_cpu": max(others) if others else None,
+        "framework": name,
+        "dtype": dtype,
+        "batch": batch,
+        "runs": len(times),
+        "s_per_batch": per_batch,
+        "img_per_s": ips,
+        "gflops": gflops,
+        "roofline_fraction": gflops / roofline,
+        "max_others_cpu": max(others) if others else None,
         "times": times,
     }
 
@@ -224,17 +259,33 @@ def drive(args) -> dict:
         t0 = time.perf_counter()
         prep = _child("prepare", dir=folder, batch=args.batch)
         flops = prep["flops_per_image"]
-        print(f"prepared AIMv2-L weights ({flops / 1e9:.1f} GFLOP/image) in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"prepared AIMv2-L weights ({flops / 1e9:.1f} GFLOP/image) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
         roofs = []
 
         def roofline():
             mlx_r = _child("roofline-mlx", size=4096, repeats=args.gemm_repeats)
-            torch_r = _child("roofline-torch", size=4096, repeats=args.gemm_repeats, threads=args.threads)
-            roofs.append({**mlx_r, **torch_r, "others_cpu": max(mlx_r["others_cpu"], torch_r["others_cpu"])})
-            print(f"roofline: MLX {mlx_r['mlx_gemm_gflops']:.0f} GFLOP/s, torch {torch_r['torch_gemm_gflops']:.0f} GFLOP/s"
-                  + (f", MLX {mlx_r['streams']} streams x 1 BLAS thread {mlx_r['mlx_gemm_gflops_streams']:.0f}"
-                     if "streams" in mlx_r else ""), flush=True)
+            torch_r = _child(
+                "roofline-torch", size=4096, repeats=args.gemm_repeats, threads=args.threads
+            )
+            roofs.append(
+                {**mlx_r, **torch_r, "others_cpu": max(mlx_r["others_cpu"], torch_r["others_cpu"])}
+            )
+            print(
+                f"roofline: MLX {mlx_r['mlx_gemm_gflops']:.0f} GFLOP/s, torch "
+                f"{torch_r['torch_gemm_gflops']:.0f} GFLOP/s"
+                + (
+                    f", MLX {mlx_r['streams']} streams x 1 BLAS thread "
+                    f"{mlx_r['mlx_gemm_gflops_streams']:.0f}"
+                    if "streams" in mlx_r
+                    else ""
+                ),
+                flush=True,
+            )
 
         roofline()
         runs = {"mlx": [], "torch": []}
@@ -246,25 +297,55 @@ def drive(args) -> dict:
                 else:
                     result = _child("torch", threads=args.threads, **opts)
                 runs[name].append(result)
-                print(f"round {r + 1} {name:5s}: " + ", ".join(f"{t:.2f}" for t in result["times"])
-                      + f" s/batch (others used {result.get('others_cpu', 0):.2f} CPU)", flush=True)
+                print(
+                    f"round {r + 1} {name:5s}: "
+                    + ", ".join(f"{t:.2f}" for t in result["times"])
+                    + f" s/batch (others used {result.get('others_cpu', 0):.2f} CPU)",
+                    flush=True,
+                )
         roofline()
         roof = max(max(x["mlx_gemm_gflops"], x["torch_gemm_gflops"]) for x in roofs)
 
         import numpy as np
 
-        diff = float(np.abs(np.load(runs["mlx"][-1]["embedding"]) - np.load(runs["torch"][-1]["embedding"])).max())
+        diff = float(
+            np.abs(
+                np.load(runs["mlx"][-1]["embedding"]) - np.load(runs["torch"][-1]["embedding"])
+            ).max()
+        )
 
         rows = []
         for name, label in (("mlx", "MLX (aimv2-mlx)"), ("torch", "PyTorch (transformers)")):
             times = [t for run in runs[name] for t in run["times"]]
-            rows.append(_row(label, "float32", args.batch, times, flops, roof,
-                             [run.get("others_cpu", 0.0) for run in runs[name]]))
+            rows.append(
+                _row(
+                    label,
+                    "float32",
+                    args.batch,
+                    times,
+                    flops,
+                    roof,
+                    [run.get("others_cpu", 0.0) for run in runs[name]],
+                )
+            )
         for dtype in args.half_dtypes:
-            result = _child("mlx", dir=folder, dtype=dtype, batch=args.half_batch, warmup=0, iters=1)
-            print(f"MLX {dtype}: {result['times'][0]:.1f} s for batch {args.half_batch}", flush=True)
-            rows.append(_row("MLX (aimv2-mlx)", dtype, args.half_batch, result["times"], flops, roof,
-                             [result.get("others_cpu", 0.0)]))
+            result = _child(
+                "mlx", dir=folder, dtype=dtype, batch=args.half_batch, warmup=0, iters=1
+            )
+            print(
+                f"MLX {dtype}: {result['times'][0]:.1f} s for batch {args.half_batch}", flush=True
+            )
+            rows.append(
+                _row(
+                    "MLX (aimv2-mlx)",
+                    dtype,
+                    args.half_batch,
+                    result["times"],
+                    flops,
+                    roof,
+                    [result.get("others_cpu", 0.0)],
+                )
+            )
 
     ratio = rows[0]["img_per_s"] / rows[1]["img_per_s"]
     report = {
@@ -290,12 +371,14 @@ def markdown(report: dict) -> str:
         f"Roofline (best fp32 4096² GEMM): {report['roofline_gflops']:.0f} GFLOP/s; "
         f"forward = {report['flops_per_image'] / 1e9:.1f} GFLOP/image",
         "",
-        "| framework | dtype | batch | img/s | s/batch (median) | GFLOP/s | % of roofline | timed runs |",
+        "| framework | dtype | batch | img/s | s/batch (median) | GFLOP/s | % of roofline | timed "
+        "runs |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['framework']} | {r['dtype']} | {r['batch']} | {r['img_per_s']:.3f} | {r['s_per_batch']:.2f} "
+            f"| {r['framework']} | {r['dtype']} | {r['batch']} | {r['img_per_s']:.3f} | "
+            f"{r['s_per_batch']:.2f} "
             f"| {r['gflops']:.0f} | {100 * r['roofline_fraction']:.0f}% | {r['runs']} |"
         )
     lines += [
@@ -305,18 +388,26 @@ def markdown(report: dict) -> str:
     ]
     busy = [r for r in report["rows"] if (r.get("max_others_cpu") or 0) > 0.1]
     if busy:
-        lines.append("WARNING: other processes used > 10% of a CPU during: "
-                     + ", ".join(f"{r['framework']} {r['dtype']}" for r in busy) + " (figures may be low)")
+        lines.append(
+            "WARNING: other processes used > 10% of a CPU during: "
+            + ", ".join(f"{r['framework']} {r['dtype']}" for r in busy)
+            + " (figures may be low)"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="drive",
-                        choices=["drive", "prepare", "roofline-mlx", "roofline-torch", "mlx", "torch"])
+    parser.add_argument(
+        "--mode",
+        default="drive",
+        choices=["drive", "prepare", "roofline-mlx", "roofline-torch", "mlx", "torch"],
+    )
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="MLX/PyTorch alternations (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="MLX/PyTorch alternations (default 2)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3, help="timed forwards per process")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -329,8 +420,13 @@ def main() -> None:
     parser.add_argument("--json", help="also write the full report as JSON here")
     args = parser.parse_args()
     if args.mode != "drive":
-        {"prepare": mode_prepare, "roofline-mlx": mode_roofline_mlx, "roofline-torch": mode_roofline_torch,
-         "mlx": mode_mlx, "torch": mode_torch}[args.mode](args)
+        {
+            "prepare": mode_prepare,
+            "roofline-mlx": mode_roofline_mlx,
+            "roofline-torch": mode_roofline_torch,
+            "mlx": mode_mlx,
+            "torch": mode_torch,
+        }[args.mode](args)
         return
     start = time.perf_counter()
     report = drive(args)

@@ -11,7 +11,18 @@ import numpy as np
 from PIL import Image
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
+CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
 
 
 def available(folder: Path = DEBIAN_FOLDER) -> bool:
@@ -29,11 +40,13 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as handle:
         data = handle.read()
     dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_image_folder(images: np.ndarray, labels: np.ndarray, root: Path, prefix: str = "") -> Path:
+def write_image_folder(
+    images: np.ndarray, labels: np.ndarray, root: Path, prefix: str = ""
+) -> Path:
     """PNG files under root/<class name>/, one per image."""
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "AIMV2_MLX_OPENBLAS")
-X86_ISA = ("sse2", "avx", "fma", "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+X86_ISA = (
+    "sse2",
+    "avx",
+    "fma",
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+)
 ARM_ISA = ("asimd", "asimdhp", "sve", "sve2", "bf16", "sme")
 VERSIONS = ("mlx", "torch", "transformers", "numpy")
 
@@ -47,8 +57,15 @@ def parse_cpuinfo(text: str) -> dict:
 
 def vector_isa(flags: set[str]) -> str:
     """The widest fp32 vector unit the flags name: amx, avx512, avx2+fma, avx, sse2, sve, asimd."""
-    for name, needs in (("amx", {"amx_tile"}), ("avx512", {"avx512f"}), ("avx2+fma", {"avx2", "fma"}),
-                        ("avx", {"avx"}), ("sse2", {"sse2"}), ("sve", {"sve"}), ("asimd", {"asimd"})):
+    for name, needs in (
+        ("amx", {"amx_tile"}),
+        ("avx512", {"avx512f"}),
+        ("avx2+fma", {"avx2", "fma"}),
+        ("avx", {"avx"}),
+        ("sse2", {"sse2"}),
+        ("sve", {"sve"}),
+        ("asimd", {"asimd"}),
+    ):
         if needs <= flags:
             return name
     return "scalar"
@@ -71,8 +88,12 @@ def cpu_facts(cpuinfo: str) -> dict:
 
 
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
 
 
 def blas_facts() -> dict:
@@ -80,18 +101,28 @@ def blas_facts() -> dict:
     try:
         sgemm = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p)
     except AttributeError:
-        return {"blas": "MLX's bundled BLAS (no cblas_sgemm in the global scope)", "blas_kernel": None}
+        return {
+            "blas": "MLX's bundled BLAS (no cblas_sgemm in the global scope)",
+            "blas_kernel": None,
+        }
     info = _DlInfo()
     libc = ctypes.CDLL(None)
     libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-    path = info.dli_fname.decode() if libc.dladdr(sgemm, ctypes.byref(info)) and info.dli_fname else "unknown"
+    path = (
+        info.dli_fname.decode()
+        if libc.dladdr(sgemm, ctypes.byref(info)) and info.dli_fname
+        else "unknown"
+    )
     facts = {"blas": path, "blas_kernel": None}
     try:
         lib = ctypes.CDLL(path)
         lib.openblas_get_corename.restype = ctypes.c_char_p
         lib.openblas_get_config.restype = ctypes.c_char_p
-        facts.update(blas_kernel=lib.openblas_get_corename().decode(), blas_config=lib.openblas_get_config().decode(),
-                     blas_threads=lib.openblas_get_num_threads())
+        facts.update(
+            blas_kernel=lib.openblas_get_corename().decode(),
+            blas_config=lib.openblas_get_config().decode(),
+            blas_threads=lib.openblas_get_num_threads(),
+        )
     except (OSError, AttributeError):
         pass  # not an OpenBLAS (MKL, BLIS, …): the path says what it is
     return facts
@@ -110,7 +141,10 @@ def _caches() -> dict:
     found = {}
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
-            level, size = (index / "level").read_text().strip(), (index / "size").read_text().strip()
+            level, size = (
+                (index / "level").read_text().strip(),
+                (index / "size").read_text().strip(),
+            )
         except OSError:
             continue
         if level in ("2", "3"):
@@ -151,8 +185,9 @@ def collect() -> dict:
 
 def collect_in_subprocess() -> dict:
     """`collect()` in a fresh process that imported aimv2_mlx and MLX, as the bench workers do."""
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve())], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -168,7 +203,7 @@ class OthersCpu:
     kept busy on average meanwhile (this process and its children excluded; None off Linux), so a
     bench can flag runs a shared machine disturbed."""
 
-    def __enter__(self) -> "OthersCpu":
+    def __enter__(self) -> OthersCpu:
         self.cpus = None
         self._linux = sys.platform == "linux"
         self._busy = _busy_cpu_seconds() if self._linux else 0.0
@@ -184,8 +219,13 @@ class OthersCpu:
 
     @staticmethod
     def _own_seconds() -> float:
-        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+        return sum(
+            u.ru_utime + u.ru_stime
+            for u in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+        )
 
 
 def emit(result: dict) -> None:
@@ -199,25 +239,30 @@ def run_worker(cmd: list[str], what: str, env: dict | None = None) -> dict:
     output on stderr."""
     start = time.perf_counter()
     with OthersCpu() as others:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
     wall = time.perf_counter() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{what} failed (exit {proc.returncode})")
-    return {**json.loads(lines[-1][len("RESULT "):]), "others_cpu": others.cpus, "wall_s": wall}
+    return {**json.loads(lines[-1][len("RESULT ") :]), "others_cpu": others.cpus, "wall_s": wall}
 
 
 def summary(facts: dict) -> str:
     """One line for a report header."""
-    return (f"{facts['cpu']} (family/model {facts['cpu_family_model']}, {facts['vector_isa']}, "
-            f"{facts['cores']} cores); BLAS {facts['blas']} kernel {facts.get('blas_kernel')}; "
-            + ", ".join(f"{k}={v}" for k, v in facts["env"].items() if v is not None))
+    return (
+        f"{facts['cpu']} (family/model {facts['cpu_family_model']}, {facts['vector_isa']}, "
+        f"{facts['cores']} cores); BLAS {facts['blas']} kernel {facts.get('blas_kernel')}; "
+        + ", ".join(f"{k}={v}" for k, v in facts["env"].items() if v is not None)
+    )
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    import aimv2_mlx  # noqa: F401  (loads the BLAS MLX will call, then MLX)
     import mlx.core  # noqa: F401
+
+    import aimv2_mlx  # noqa: F401  (loads the BLAS MLX will call, then MLX)
 
     print(json.dumps(collect(), indent=2))

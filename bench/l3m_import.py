@@ -47,11 +47,13 @@ def write_l3m_file(path: Path) -> int:
         prefix = "models.image_encoder." if tower == "encoder" else "models.text_decoder."
         array = np.array(value)
         count += array.size
-        rest = renames.get(key, rest.replace("preprocessor.patchifier", "preprocessor.blocks.0.patchifier"))
+        rest = renames.get(
+            key, rest.replace("preprocessor.patchifier", "preprocessor.blocks.0.patchifier")
+        )
         if rest.endswith("patchifier.proj.weight"):
             array = array.transpose(0, 3, 1, 2)
         if rest.endswith("attn.qkv.weight"):
-            for part, block in zip("qkv", np.split(array, 3)):
+            for part, block in zip("qkv", np.split(array, 3), strict=True):
                 state[prefix + rest.replace("qkv", f"{part}_proj")] = torch.from_numpy(block.copy())
         else:
             state[prefix + rest] = torch.from_numpy(np.ascontiguousarray(array))
@@ -96,7 +98,9 @@ def measured(command: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--write", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
+    parser.add_argument(
+        "--write", type=Path, default=None, help=argparse.SUPPRESS
+    )  # the child's job
     args = parser.parse_args()
     if args.write:
         print(write_l3m_file(args.write))
@@ -105,8 +109,16 @@ def main() -> None:
         source = Path(tmp) / "checkpoint_50000.pth"
         parameters = int(measured([sys.executable, __file__, "--write", str(source)])[2])
         convert_s, convert_peak, _ = measured(
-            [sys.executable, "-m", "aimv2_mlx.cli", "convert", str(source), str(Path(tmp) / "converted")])
-        init_s, init_peak, out = measured([sys.executable, "-c", INIT_FROM, str(source)])
+            [
+                sys.executable,
+                "-m",
+                "aimv2_mlx.cli",
+                "convert",
+                str(source),
+                str(Path(tmp) / "converted"),
+            ]
+        )
+        _, init_peak, out = measured([sys.executable, "-c", INIT_FROM, str(source)])
         result = {
             "parameters": parameters,
             "file_gb": round(source.stat().st_size / 1e9, 2),

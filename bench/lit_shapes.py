@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
+import aimv2_mlx
 from aimv2_mlx.data.shapes import ATTRIBUTES, COLORS, SHAPES, read_labels, write_shapes
 from aimv2_mlx.lit import l2_normalize
 from aimv2_mlx.lit_tuning import LitConfig, export_lit, lit_tune

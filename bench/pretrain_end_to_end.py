@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import host
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 AIMV2 = [sys.executable, "-c", "from aimv2_mlx.cli.app import main; main()"]
@@ -58,8 +57,11 @@ def bare_step(run: Path, steps: int, warmup: int) -> list[float]:
         pixels = rng.standard_normal((b, size, size, 3), dtype=np.float32)
         ids = rng.integers(1, vocab, size=(b, context)).astype(np.int32)
         prefix = sample_prefix_lengths(rng, b, n)
-        batch = StepBatch([MicroBatch(pixels, ids, prefix, np.arange(b))], pixel_count(prefix, n),
-                          text_count(ids, (0,)))
+        batch = StepBatch(
+            [MicroBatch(pixels, ids, prefix, np.arange(b))],
+            pixel_count(prefix, n),
+            text_count(ids, (0,)),
+        )
         began = time.perf_counter()
         step(batch)
         if i >= warmup:
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens there)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps (compilation happens there)"
+    )
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
@@ -84,30 +88,89 @@ def main() -> None:
     sizes = {"tiny": 112, "small": 224, "base": 224, "large": 224}
     with tempfile.TemporaryDirectory(prefix="aimv2-e2e-") as tmp:
         data, run = Path(tmp) / "shapes", Path(tmp) / "run"
-        subprocess.run(AIMV2 + ["data", "shapes", str(data), "--n", str(args.images),
-                                "--size", str(sizes[args.preset])], check=True, capture_output=True)
+        subprocess.run(
+            AIMV2
+            + [
+                "data",
+                "shapes",
+                str(data),
+                "--n",
+                str(args.images),
+                "--size",
+                str(sizes[args.preset]),
+            ],
+            check=True,
+            capture_output=True,
+        )
         total = args.warmup + args.steps
         with host.OthersCpu() as e2e_others:
-            subprocess.run(AIMV2 + ["pretrain", str(data), "-o", str(run), "--preset", args.preset,
-                                    "-b", str(args.batch), "--steps", str(total), "--warmup-steps", "5",
-                                    "--log-every", "1", "--checkpoint-every", str(10 * total)],
-                           check=True, capture_output=True)
-        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+            subprocess.run(
+                AIMV2
+                + [
+                    "pretrain",
+                    str(data),
+                    "-o",
+                    str(run),
+                    "--preset",
+                    args.preset,
+                    "-b",
+                    str(args.batch),
+                    "--steps",
+                    str(total),
+                    "--warmup-steps",
+                    "5",
+                    "--log-every",
+                    "1",
+                    "--checkpoint-every",
+                    str(10 * total),
+                ],
+                check=True,
+                capture_output=True,
+            )
+        log = [
+            json.loads(line)
+            for line in (run / "log.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         end_to_end = [r["img_per_s"] for r in log if r["step"] > args.warmup]
         with host.OthersCpu() as bare_others:
-            proc = subprocess.run([sys.executable, __file__, "--bare-worker", str(run), "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup)], check=True, capture_output=True, text=True)
-        bare = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--bare-worker",
+                    str(run),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        bare = json.loads(
+            next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]
+        )
     report = {
-        "host": facts, "preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-        "aimv2_pretrain_img_per_s": statistics.median(end_to_end), "bare_step_img_per_s": statistics.median(bare),
+        "host": facts,
+        "preset": args.preset,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "aimv2_pretrain_img_per_s": statistics.median(end_to_end),
+        "bare_step_img_per_s": statistics.median(bare),
         "others_cpu": {"pretrain": e2e_others.cpus, "bare": bare_others.cpus},
     }
     report["ratio"] = report["aimv2_pretrain_img_per_s"] / report["bare_step_img_per_s"]
     print(f"host: {host.summary(facts)}")
-    print(f"{args.preset}, batch {args.batch}: aimv2 pretrain {report['aimv2_pretrain_img_per_s']:.2f} img/s, "
-          f"bare compiled step {report['bare_step_img_per_s']:.2f} img/s, ratio {report['ratio']:.2f} "
-          f"(others used {e2e_others.cpus:.2f} / {bare_others.cpus:.2f} CPU)")
+    print(
+        f"{args.preset}, batch {args.batch}: aimv2 pretrain "
+        f"{report['aimv2_pretrain_img_per_s']:.2f} img/s, "
+        f"bare compiled step {report['bare_step_img_per_s']:.2f} img/s, ratio "
+        f"{report['ratio']:.2f} "
+        f"(others used {e2e_others.cpus:.2f} / {bare_others.cpus:.2f} CPU)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

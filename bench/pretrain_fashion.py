@@ -17,18 +17,17 @@ import shutil
 import time
 from pathlib import Path
 
+import fashion_mnist  # bench/fashion_mnist.py, beside this script
+import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
-import mlx.core as mx
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.probe.linear import train_linear
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
-
-import fashion_mnist  # bench/fashion_mnist.py, beside this script
 
 SIZE = 56
 
@@ -53,8 +52,16 @@ class CaptionedArrays:
 def features(encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        pixels = np.stack([normalize(Image.fromarray(im).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-                           for im in images[i:i + batch]])
+        pixels = np.stack(
+            [
+                normalize(
+                    Image.fromarray(im)
+                    .convert("RGB")
+                    .resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+                )
+                for im in images[i : i + batch]
+            ]
+        )
         out.append(np.array(encoder.embed(mx.array(pixels))))
     return np.concatenate(out)
 
@@ -83,16 +90,28 @@ def main() -> None:
     probe_images, probe_labels = images[-6000:], labels[-6000:]
     test_images, test_labels = test_images[: args.n_test], test_labels[: args.n_test]
     tokenizer = train_tokenizer(source.captions(), 64, 8, min_frequency=1)
-    base = dict(batch_size=args.batch, steps=args.steps, warmup_steps=max(1, args.steps // 20),
-                checkpoint_every=args.steps, log_every=10)
+    base = dict(
+        batch_size=args.batch,
+        steps=args.steps,
+        warmup_steps=max(1, args.steps // 20),
+        checkpoint_every=args.steps,
+        log_every=10,
+    )
 
     def config(objective: str) -> PretrainConfig:
-        cfg = PretrainConfig.from_preset("tiny", tokenizer.vocab_size, 8, objective=objective, **base)
+        cfg = PretrainConfig.from_preset(
+            "tiny", tokenizer.vocab_size, 8, objective=objective, **base
+        )
         cfg.encoder.image_size = SIZE
         return cfg
 
     def score(encoder) -> float:
-        return probe(features(encoder, probe_images), probe_labels, features(encoder, test_images), test_labels)
+        return probe(
+            features(encoder, probe_images),
+            probe_labels,
+            features(encoder, test_images),
+            test_labels,
+        )
 
     results = {"random init": score(build_pretrain_model(config("multimodal")).encoder)}
     runs = {}
@@ -103,14 +122,27 @@ def main() -> None:
         record = pretrain(source, run, config(objective), tokenizer)
         runs[objective] = {"final": record, "minutes": (time.time() - began) / 60}
         model = build_pretrain_model(config(objective))
-        model.encoder.load_weights(str(sorted((run / "checkpoints").glob("step-*[0-9]"))[-1] / "encoder" / "model.safetensors"))
-        results["image + class-name captions" if objective == "multimodal" else "image only"] = score(model.encoder)
+        model.encoder.load_weights(
+            str(
+                sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
+                / "encoder"
+                / "model.safetensors"
+            )
+        )
+        results["image + class-name captions" if objective == "multimodal" else "image only"] = (
+            score(model.encoder)
+        )
         print(results, flush=True)
     table = "| features | linear probe top-1 (%) |\n|---|---|\n" + "\n".join(
-        f"| {k} | {v:.1f} |" for k, v in results.items())
+        f"| {k} | {v:.1f} |" for k, v in results.items()
+    )
     print(table)
-    (args.out / "results.json").write_text(json.dumps({"results": results, "runs": runs,
-                                                       "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"results": results, "runs": runs, "args": {k: str(v) for k, v in vars(args).items()}},
+            indent=2,
+        )
+    )
     (args.out / "results.md").write_text(table + "\n")
 
 

@@ -25,10 +25,10 @@ import shutil
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
-import mlx.core as mx
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import ATTRIBUTES, read_labels, write_shapes
@@ -45,20 +45,25 @@ from aimv2_mlx.train.loop import build_pretrain_model, pretrain
 def features(encoder, folder: Path, paths: list[str], batch: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(paths), batch):
-        pixels = np.stack([normalize(open_image(folder / p)) for p in paths[i:i + batch]])
+        pixels = np.stack([normalize(open_image(folder / p)) for p in paths[i : i + batch]])
         out.append(np.array(encoder.embed(mx.array(pixels))))
     return np.concatenate(out)
 
 
-def probe(feats: np.ndarray, labels: dict[str, np.ndarray], n_train: int, n_val: int) -> dict[str, float]:
+def probe(
+    feats: np.ndarray, labels: dict[str, np.ndarray], n_train: int, n_val: int
+) -> dict[str, float]:
     """Test accuracy (%) per attribute; features standardised with train statistics."""
     mean, std = feats[:n_train].mean(0), feats[:n_train].std(0) + 1e-6
     x = (feats - mean) / std
     scores = {}
     for attr, y in labels.items():
         classes = len(ATTRIBUTES[attr])
-        head, _ = train_linear((x[:n_train], y[:n_train]), (x[n_train:n_train + n_val], y[n_train:n_train + n_val]),
-                               classes)
+        head, _ = train_linear(
+            (x[:n_train], y[:n_train]),
+            (x[n_train : n_train + n_val], y[n_train : n_train + n_val]),
+            classes,
+        )
         test = slice(n_train + n_val, None)
         scores[attr] = 100.0 * float((head.scores(x[test]).argmax(1) == y[test]).mean())
     scores["mean"] = float(np.mean([scores[a] for a in labels]))
@@ -71,10 +76,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--n-train", type=int, default=4000, help="pre-training images")
-    parser.add_argument("--n-probe", type=int, default=1500, help="probe images: 60%% train, 13%% val, rest test")
+    parser.add_argument(
+        "--n-probe", type=int, default=1500, help="probe images: 60%% train, 13%% val, rest test"
+    )
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
-    parser.add_argument("--image-size", type=int, default=56,
-                        help="pre-training and probe resolution (the preset's 112 px costs 4x per image)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=56,
+        help="pre-training and probe resolution (the preset's 112 px costs 4x per image)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     args = parser.parse_args()
     out = args.out
@@ -91,8 +102,15 @@ def main() -> None:
     paths, labels = read_labels(probe_data)
     n_train, n_val = int(0.6 * len(paths)), int(0.13 * len(paths))
 
-    base = dict(batch_size=args.batch, steps=args.steps, warmup_steps=max(1, args.steps // 20), peak_lr=args.lr,
-                checkpoint_every=args.steps, log_every=5, sample_every=args.steps)
+    base = dict(
+        batch_size=args.batch,
+        steps=args.steps,
+        warmup_steps=max(1, args.steps // 20),
+        peak_lr=args.lr,
+        checkpoint_every=args.steps,
+        log_every=5,
+        sample_every=args.steps,
+    )
 
     def tiny(**values) -> PretrainConfig:
         config = PretrainConfig.from_preset("tiny", tokenizer.vocab_size, 24, **base, **values)
@@ -100,8 +118,14 @@ def main() -> None:
         return config
 
     config = tiny()
-    results = {"random init": probe(features(build_pretrain_model(config).encoder, probe_data, paths),
-                                    labels, n_train, n_val)}
+    results = {
+        "random init": probe(
+            features(build_pretrain_model(config).encoder, probe_data, paths),
+            labels,
+            n_train,
+            n_val,
+        )
+    }
     runs = {}
     for objective in args.objectives.split(","):
         run = out / f"run-{objective}"
@@ -112,7 +136,9 @@ def main() -> None:
         encoder_dir = out / f"encoder-{objective}"
         shutil.rmtree(encoder_dir, ignore_errors=True)
         export_encoder(run, encoder_dir)
-        results[objective] = probe(features(load(encoder_dir), probe_data, paths), labels, n_train, n_val)
+        results[objective] = probe(
+            features(load(encoder_dir), probe_data, paths), labels, n_train, n_val
+        )
         runs[objective] = {"final": record, "minutes": minutes}
         print(objective, results[objective], f"{minutes:.1f} min", flush=True)
     print("random init", results["random init"], flush=True)
@@ -120,12 +146,21 @@ def main() -> None:
     attrs = list(ATTRIBUTES)
     lines = ["| features | " + " | ".join(attrs) + " | mean |", "|---" * (len(attrs) + 2) + "|"]
     for name, scores in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[a]:.1f}" for a in attrs) + f" | {scores['mean']:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{scores[a]:.1f}" for a in attrs)
+            + f" | {scores['mean']:.1f} |"
+        )
     table = "\n".join(lines)
     print(table)
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "probe_split": [n_train, n_val, len(paths) - n_train - n_val],
-               "results": results, "runs": runs, "minutes": (time.time() - began) / 60,
-               "config": config.to_dict()}
+    summary = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "probe_split": [n_train, n_val, len(paths) - n_train - n_val],
+        "results": results,
+        "runs": runs,
+        "minutes": (time.time() - began) / 60,
+        "config": config.to_dict(),
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(table + "\n")
 

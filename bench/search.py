@@ -152,7 +152,7 @@ def bench_ann(rows: int, count: int) -> dict:
     for expansion in SWEEP:  # HNSW's speed/recall knob (ef), on the same graph
         graph.expansion_search = expansion
         recalls, times = [], []
-        for q, truth in zip(qs, exact):
+        for q, truth in zip(qs, exact, strict=True):
             start = time.perf_counter()
             rows, _ = graph_search(graph, vectors, q, 10)
             times.append(time.perf_counter() - start)

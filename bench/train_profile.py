@@ -109,7 +109,9 @@ def profile_step(preset: str, batch: int, plain: bool, repeats: int) -> dict:
 
     def loss(params, pixels, ids, prefix, pixel_n, text_n):
         model.update(params)
-        ps, ts = loss_sums(model.encoder, model.decoder, pixels, ids, prefix, config.objective, ignore)
+        ps, ts = loss_sums(
+            model.encoder, model.decoder, pixels, ids, prefix, config.objective, ignore
+        )
         return combine(ps, ts, pixel_n, text_n, weights)
 
     forward = mx.compile(loss)
@@ -131,17 +133,30 @@ def profile_step(preset: str, batch: int, plain: bool, repeats: int) -> dict:
         optimizer.update(model, gradients)
         return norm
 
-    optimizer_s = _median_seconds(lambda: mx.eval(apply(grads), model.parameters(), optimizer.state), repeats)
+    optimizer_s = _median_seconds(
+        lambda: mx.eval(apply(grads), model.parameters(), optimizer.state), repeats
+    )
     train_step = TrainStep(model, optimizer, config, ignore)
     step_s = _median_seconds(lambda: train_step(sample), repeats)
 
     flops = forward_flops(config) * batch
     gemm_s = 3 * flops / (peak * 1e9)
-    return {"preset": preset, "batch": batch, "roofline_gflops": peak, "data_pipeline_s": data_s,
-            "host_to_device_s": copy_s, "forward_s": forward_s, "forward_backward_s": fb_s,
-            "backward_s": fb_s - forward_s, "optimizer_s": optimizer_s, "train_step_s": step_s,
-            "gemm_estimate_forward_s": flops / (peak * 1e9), "gemm_estimate_s": gemm_s,
-            "non_gemm_s": fb_s - gemm_s, "non_gemm_forward_s": forward_s - flops / (peak * 1e9)}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "roofline_gflops": peak,
+        "data_pipeline_s": data_s,
+        "host_to_device_s": copy_s,
+        "forward_s": forward_s,
+        "forward_backward_s": fb_s,
+        "backward_s": fb_s - forward_s,
+        "optimizer_s": optimizer_s,
+        "train_step_s": step_s,
+        "gemm_estimate_forward_s": flops / (peak * 1e9),
+        "gemm_estimate_s": gemm_s,
+        "non_gemm_s": fb_s - gemm_s,
+        "non_gemm_forward_s": forward_s - flops / (peak * 1e9),
+    }
 
 
 def _piece(fn, args: list, repeats: int) -> dict:
@@ -179,66 +194,148 @@ def profile_pieces(preset: str, batch: int, plain: bool, repeats: int) -> list[d
     prefix = mx.array(sample_prefix_lengths(np.random.default_rng(0), batch, n))
     rows = []
     for where, tokens, width, heads, hidden, depth, mask in (
-            ("encoder", n, e.hidden_size, e.num_attention_heads, e.intermediate_size, e.num_hidden_layers,
-             prefix_mask(prefix, n)),
-            ("decoder", n + 1 + d.context_length, d.hidden_size, d.num_attention_heads, d.intermediate_size,
-             d.num_hidden_layers, "causal")):
-        gate, up = mx.random.normal((batch, tokens, hidden)), mx.random.normal((batch, tokens, hidden))
+        (
+            "encoder",
+            n,
+            e.hidden_size,
+            e.num_attention_heads,
+            e.intermediate_size,
+            e.num_hidden_layers,
+            prefix_mask(prefix, n),
+        ),
+        (
+            "decoder",
+            n + 1 + d.context_length,
+            d.hidden_size,
+            d.num_attention_heads,
+            d.intermediate_size,
+            d.num_hidden_layers,
+            "causal",
+        ),
+    ):
+        gate, up = (
+            mx.random.normal((batch, tokens, hidden)),
+            mx.random.normal((batch, tokens, hidden)),
+        )
         x, weight = mx.random.normal((batch, tokens, width)), mx.ones((width,))
         q, k, v = (mx.random.normal((batch, heads, tokens, width // heads)) for _ in range(3))
         scale = (width // heads) ** -0.5
-        pieces = [("SwiGLU nn.silu(g)*u", (batch, tokens, hidden), depth, lambda g, u: nn.silu(g) * u, [gate, up])]
+        pieces = [
+            (
+                "SwiGLU nn.silu(g)*u",
+                (batch, tokens, hidden),
+                depth,
+                lambda g, u: nn.silu(g) * u,
+                [gate, up],
+            )
+        ]
         if not plain:
-            pieces.append(("SwiGLU kernels.silu_mul", (batch, tokens, hidden), depth, kernels.silu_mul, [gate, up]))
+            pieces.append(
+                (
+                    "SwiGLU kernels.silu_mul",
+                    (batch, tokens, hidden),
+                    depth,
+                    kernels.silu_mul,
+                    [gate, up],
+                )
+            )
         label = "prefix" if where == "encoder" else "causal"
         qkv_shape = (batch, heads, tokens, width // heads)
-        pieces.append((f"attention mx.fast SDPA, {label} mask", qkv_shape, depth,
-                       lambda q, k, v, m=mask, s=scale: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask=m),
-                       [q, k, v]))
+        pieces.append(
+            (
+                f"attention mx.fast SDPA, {label} mask",
+                qkv_shape,
+                depth,
+                lambda q, k, v, m=mask, s=scale: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=s, mask=m
+                ),
+                [q, k, v],
+            )
+        )
         if not plain:
-            allowed = mask if where == "encoder" else mx.arange(tokens)[None, :] <= mx.arange(tokens)[:, None]
+            allowed = (
+                mask
+                if where == "encoder"
+                else mx.arange(tokens)[None, :] <= mx.arange(tokens)[:, None]
+            )
             additive = mx.where(allowed, 0.0, -float("inf"))
-            pieces.append((f"attention kernels.attention, {label} mask", qkv_shape, depth,
-                           lambda q, k, v, m=additive, s=scale: kernels.attention(q, k, v, s, m), [q, k, v]))
+            pieces.append(
+                (
+                    f"attention kernels.attention, {label} mask",
+                    qkv_shape,
+                    depth,
+                    lambda q, k, v, m=additive, s=scale: kernels.attention(q, k, v, s, m),
+                    [q, k, v],
+                )
+            )
         pieces += [
-            ("RMSNorm mx.fast.rms_norm", (batch, tokens, width), 2 * depth + (2 if where == "encoder" else 1),
-             lambda x, w: mx.fast.rms_norm(x, w, e.rms_norm_eps), [x, weight]),
+            (
+                "RMSNorm mx.fast.rms_norm",
+                (batch, tokens, width),
+                2 * depth + (2 if where == "encoder" else 1),
+                lambda x, w: mx.fast.rms_norm(x, w, e.rms_norm_eps),
+                [x, weight],
+            ),
         ]
         for name, shape, calls, fn, args in pieces:
             timing = _piece(fn, args, repeats)
-            rows.append({"piece": name, "where": where, "shape": list(shape), "calls_per_step": calls, **timing})
+            rows.append(
+                {
+                    "piece": name,
+                    "where": where,
+                    "shape": list(shape),
+                    "calls_per_step": calls,
+                    **timing,
+                }
+            )
     return rows
 
 
 def worker(args) -> dict:
-    return {"step": profile_step(args.preset, args.batch, args.plain, args.repeats),
-            "pieces": profile_pieces(args.preset, args.batch, args.plain, args.repeats)}
+    return {
+        "step": profile_step(args.preset, args.batch, args.plain, args.repeats),
+        "pieces": profile_pieces(args.preset, args.batch, args.plain, args.repeats),
+    }
 
 
 def markdown(result: dict) -> str:
     s = result["step"]
     step = s["train_step_s"]
-    lines = [f"### {s['preset']}, batch {s['batch']} (roofline {s['roofline_gflops']:.0f} GFLOP/s)", "",
-             "| part | s / step | % of TrainStep |", "|---|---|---|"]
-    for label, key in (("data pipeline (BatchPlan.step; prefetched during the previous step)", "data_pipeline_s"),
-                       ("host→device copies (mx.array of the batch)", "host_to_device_s"),
-                       ("forward (loss, compiled)", "forward_s"),
-                       ("backward (forward + backward − forward)", "backward_s"),
-                       ("forward + backward (value_and_grad, compiled)", "forward_backward_s"),
-                       ("optimizer (clip + AdamW, compiled)", "optimizer_s"),
-                       ("whole TrainStep", "train_step_s"),
-                       ("GEMM estimate of forward + backward (FLOPs / roofline)", "gemm_estimate_s"),
-                       ("non-GEMM = forward + backward − GEMM estimate", "non_gemm_s"),
-                       ("non-GEMM of the forward alone", "non_gemm_forward_s")):
+    lines = [
+        f"### {s['preset']}, batch {s['batch']} (roofline {s['roofline_gflops']:.0f} GFLOP/s)",
+        "",
+        "| part | s / step | % of TrainStep |",
+        "|---|---|---|",
+    ]
+    for label, key in (
+        ("data pipeline (BatchPlan.step; prefetched during the previous step)", "data_pipeline_s"),
+        ("host→device copies (mx.array of the batch)", "host_to_device_s"),
+        ("forward (loss, compiled)", "forward_s"),
+        ("backward (forward + backward − forward)", "backward_s"),
+        ("forward + backward (value_and_grad, compiled)", "forward_backward_s"),
+        ("optimizer (clip + AdamW, compiled)", "optimizer_s"),
+        ("whole TrainStep", "train_step_s"),
+        ("GEMM estimate of forward + backward (FLOPs / roofline)", "gemm_estimate_s"),
+        ("non-GEMM = forward + backward − GEMM estimate", "non_gemm_s"),
+        ("non-GEMM of the forward alone", "non_gemm_forward_s"),
+    ):
         lines.append(f"| {label} | {s[key]:.3f} | {100 * s[key] / step:.0f}% |")
-    lines += ["", "| piece | where | shape | calls / step | fwd ms / call | fwd+bwd ms / call | fwd+bwd × calls, "
-              "s / step |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| piece | where | shape | calls / step | fwd ms / call | fwd+bwd ms / call | fwd+bwd × "
+        "calls, "
+        "s / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in result["pieces"]:
         fb = p["forward_backward_s"]
         fb_text = f"{1e3 * fb:.2f}" if fb is not None else f"no vjp ({p.get('backward_error', '')})"
         total = f"{fb * p['calls_per_step']:.3f}" if fb is not None else "–"
-        lines.append(f"| {p['piece']} | {p['where']} | {'×'.join(map(str, p['shape']))} | {p['calls_per_step']} "
-                     f"| {1e3 * p['forward_s']:.2f} | {fb_text} | {total} |")
+        lines.append(
+            f"| {p['piece']} | {p['where']} | {'×'.join(map(str, p['shape']))} | "
+            f"{p['calls_per_step']} "
+            f"| {1e3 * p['forward_s']:.2f} | {fb_text} | {total} |"
+        )
     return "\n".join(lines)
 
 
@@ -247,7 +344,9 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small,base")
     parser.add_argument("--batch", type=int, default=0, help="0: 64 for tiny, 8 for small and base")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per piece (median)")
-    parser.add_argument("--plain", action="store_true", help="MLX without the CPU backend (plain MLX layers)")
+    parser.add_argument(
+        "--plain", action="store_true", help="MLX without the CPU backend (plain MLX layers)"
+    )
     parser.add_argument("--json", help="also write every figure as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -259,14 +358,30 @@ def main() -> None:
         host.emit(worker(args))
         return
     facts = host.collect_in_subprocess()
-    print(f"host: {host.summary(facts)}; MLX side: {'plain MLX layers' if args.plain else 'CPU backend'}\n",
-          flush=True)
-    report = {"command": "python bench/train_profile.py " + " ".join(sys.argv[1:]), "host": facts,
-              "mlx_backend": "plain MLX layers" if args.plain else "CPU backend", "presets": []}
+    print(
+        f"host: {host.summary(facts)}; MLX side: "
+        f"{'plain MLX layers' if args.plain else 'CPU backend'}\n",
+        flush=True,
+    )
+    report = {
+        "command": "python bench/train_profile.py " + " ".join(sys.argv[1:]),
+        "host": facts,
+        "mlx_backend": "plain MLX layers" if args.plain else "CPU backend",
+        "presets": [],
+    }
     for preset in args.presets.split(","):
         batch = args.batch or BATCHES.get(preset, 8)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", preset, "--batch", str(batch),
-               "--repeats", str(args.repeats)] + (["--plain"] if args.plain else [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--preset",
+            preset,
+            "--batch",
+            str(batch),
+            "--repeats",
+            str(args.repeats),
+        ] + (["--plain"] if args.plain else [])
         report["presets"].append(host.run_worker(cmd, f"train_profile {preset}"))
         print(markdown(report["presets"][-1]) + "\n", flush=True)
     if args.json:

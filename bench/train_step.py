@@ -45,9 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import host
+import numpy as np
 from pretrain_throughput import CONTEXT, VOCAB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +81,14 @@ def _mlx_config(preset: str, batch: int, depth: int = 0, warmup_steps: int = 100
     from aimv2_mlx.config import DecoderConfig
     from aimv2_mlx.train.config import PretrainConfig
 
-    config = PretrainConfig.from_preset(preset, VOCAB, CONTEXT, batch_size=batch, steps=1000,
-                                        warmup_steps=warmup_steps)
+    config = PretrainConfig.from_preset(
+        preset, VOCAB, CONTEXT, batch_size=batch, steps=1000, warmup_steps=warmup_steps
+    )
     if depth and depth < config.encoder.num_hidden_layers:
         encoder = dataclasses.replace(config.encoder, num_hidden_layers=depth)
-        config = dataclasses.replace(config, encoder=encoder,
-                                     decoder=DecoderConfig.for_encoder(encoder, VOCAB, CONTEXT))
+        config = dataclasses.replace(
+            config, encoder=encoder, decoder=DecoderConfig.for_encoder(encoder, VOCAB, CONTEXT)
+        )
     return config
 
 
@@ -114,23 +115,40 @@ def worker_spec(args) -> dict:
     """The model and step as plain numbers, so the torch process needs no MLX."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
+    from pretrain_throughput import forward_flops
 
     from aimv2_mlx.train.loop import build_pretrain_model
     from aimv2_mlx.train.optimizer import decays, schedule
-    from pretrain_throughput import forward_flops
 
     config = _mlx_config(args.preset, args.batch, args.depth, args.warmup_steps)
     e, d = config.encoder, config.decoder
-    parameters = tree_flatten(build_pretrain_model(config, cpu_backend=not args.plain).trainable_parameters())
+    parameters = tree_flatten(
+        build_pretrain_model(config, cpu_backend=not args.plain).trainable_parameters()
+    )
     return {
-        "preset": args.preset, "batch": args.batch, "image_size": e.image_size, "patch_size": e.patch_size,
-        "channels": e.num_channels, "width": e.hidden_size, "depth": e.num_hidden_layers,
-        "heads": e.num_attention_heads, "hidden": e.intermediate_size, "eps": e.rms_norm_eps,
-        "dec_width": d.hidden_size, "dec_depth": d.num_hidden_layers, "dec_heads": d.num_attention_heads,
-        "dec_hidden": d.intermediate_size, "vocab": d.vocab_size, "context": d.context_length,
-        "pixel_weight": config.pixel_weight, "text_weight": config.text_weight,
-        "lr": float(schedule(config)(mx.array(0)).item()), "betas": list(config.betas), "adam_eps": config.eps,
-        "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
+        "preset": args.preset,
+        "batch": args.batch,
+        "image_size": e.image_size,
+        "patch_size": e.patch_size,
+        "channels": e.num_channels,
+        "width": e.hidden_size,
+        "depth": e.num_hidden_layers,
+        "heads": e.num_attention_heads,
+        "hidden": e.intermediate_size,
+        "eps": e.rms_norm_eps,
+        "dec_width": d.hidden_size,
+        "dec_depth": d.num_hidden_layers,
+        "dec_heads": d.num_attention_heads,
+        "dec_hidden": d.intermediate_size,
+        "vocab": d.vocab_size,
+        "context": d.context_length,
+        "pixel_weight": config.pixel_weight,
+        "text_weight": config.text_weight,
+        "lr": float(schedule(config)(mx.array(0)).item()),
+        "betas": list(config.betas),
+        "adam_eps": config.eps,
+        "weight_decay": config.weight_decay,
+        "grad_clip": config.grad_clip,
         "decayed": [path for path, value in parameters if decays(path, value)],
         "gflop_per_image": 3 * forward_flops(config) / 1e9,
     }
@@ -160,7 +178,11 @@ def worker_mlx_check(args) -> dict:
     stats = step(_step_batch(0, config))
     mx.eval(model.parameters())
     after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    np.savez(args.out, **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()})
+    np.savez(
+        args.out,
+        **{f"before/{k}": v for k, v in before.items()},
+        **{f"after/{k}": v for k, v in after.items()},
+    )
     return {"stats": stats}
 
 
@@ -270,7 +292,9 @@ def torch_model(spec: dict):
 
         def forward(self, pixels, prefix):
             idx = torch.arange(n)
-            mask = (idx[None, :] <= idx[:, None])[None] | (idx[None, None, :] < prefix.view(-1, 1, 1))
+            mask = (idx[None, :] <= idx[:, None])[None] | (
+                idx[None, None, :] < prefix.view(-1, 1, 1)
+            )
             return self.trunk(self.preprocessor(pixels), mask[:, None])
 
     class Decoder(nn.Module):
@@ -287,7 +311,10 @@ def torch_model(spec: dict):
 
         def forward(self, tokens, ids):
             B, T = ids.shape
-            text = torch.cat([self.cls.expand(B, 1, -1), self.text_embedding(ids)], dim=1) + self.text_pos_embed[:T + 1]
+            text = (
+                torch.cat([self.cls.expand(B, 1, -1), self.text_embedding(ids)], dim=1)
+                + self.text_pos_embed[: T + 1]
+            )
             h = self.trunk(torch.cat([self.image_projector(tokens), text], dim=1), None)
             return self.pixel_head(h[:, :n]), self.text_head(h[:, n:])
 
@@ -301,11 +328,15 @@ def torch_model(spec: dict):
             predicted, logits = self.decoder(self.encoder(pixels, prefix), ids)
             patches = patchify(pixels)
             mean = patches.mean(dim=-1, keepdim=True)
-            targets = (patches - mean) / torch.sqrt(patches.var(dim=-1, keepdim=True, correction=1) + 1e-6)
+            targets = (patches - mean) / torch.sqrt(
+                patches.var(dim=-1, keepdim=True, correction=1) + 1e-6
+            )
             mse = (predicted[:, :-1] - targets[:, 1:]).square().mean(dim=-1)
             counted = torch.arange(1, n)[None, :] >= prefix[:, None]
             l_pixel = (mse * counted).sum() / max(pixel_n, 1)
-            ce = F.cross_entropy(logits[:, :-1].reshape(-1, spec["vocab"]), ids.reshape(-1).long(), reduction="none")
+            ce = F.cross_entropy(
+                logits[:, :-1].reshape(-1, spec["vocab"]), ids.reshape(-1).long(), reduction="none"
+            )
             l_text = (ce * (ids.reshape(-1) != PAD)).sum() / max(text_n, 1)
             return spec["pixel_weight"] * l_pixel + spec["text_weight"] * l_text, l_pixel, l_text
 
@@ -330,20 +361,35 @@ def torch_setup(spec: dict, threads: int, weights: dict | None = None):
     decayed = set(spec["decayed"])  # our optimizer's own rule, applied in the MLX process
     decay = [p for k, p in model.named_parameters() if k in decayed]
     rest = [p for k, p in model.named_parameters() if k not in decayed]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
-                                   {"params": rest, "weight_decay": 0.0}],
-                                  lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["adam_eps"])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": spec["weight_decay"]},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=spec["lr"],
+        betas=tuple(spec["betas"]),
+        eps=spec["adam_eps"],
+    )
     params = list(model.parameters())
 
     def step(pixels, ids, prefix, pixel_n, text_n) -> dict:
-        total, l_pixel, l_text = model(torch.from_numpy(pixels), torch.from_numpy(ids), torch.from_numpy(prefix),
-                                       pixel_n, text_n)
+        total, l_pixel, l_text = model(
+            torch.from_numpy(pixels),
+            torch.from_numpy(ids),
+            torch.from_numpy(prefix),
+            pixel_n,
+            text_n,
+        )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, spec["grad_clip"])
         optimizer.step()
-        return {"loss": total.item(), "loss_pixel": l_pixel.item(), "loss_text": l_text.item(),
-                "grad_norm": norm.item()}
+        return {
+            "loss": total.item(),
+            "loss_pixel": l_pixel.item(),
+            "loss_text": l_text.item(),
+            "grad_norm": norm.item(),
+        }
 
     return model, step
 
@@ -372,40 +418,71 @@ def worker_torch_check(args) -> dict:
     """Our MLX weights into the torch model, one step, and how far every figure is from MLX's."""
     spec = json.loads(Path(args.spec).read_text())
     saved = np.load(args.out)
-    before = {k[len("before/"):]: saved[k] for k in saved.files if k.startswith("before/")}
+    before = {k[len("before/") :]: saved[k] for k in saved.files if k.startswith("before/")}
     model, step = torch_setup(spec, args.threads, before)
     names = {k for k, _ in model.named_parameters()}
     if names != set(before):
-        raise SystemExit(f"parameter names differ: torch only {sorted(names - set(before))}, "
-                         f"MLX only {sorted(set(before) - names)}")
+        raise SystemExit(
+            f"parameter names differ: torch only {sorted(names - set(before))}, "
+            f"MLX only {sorted(set(before) - names)}"
+        )
     n = (spec["image_size"] // spec["patch_size"]) ** 2
     stats = step(*synthetic_batch(0, spec["batch"], spec["image_size"], n))
-    weights = {k: _relative(p.detach().numpy().reshape(saved[f"after/{k}"].shape), saved[f"after/{k}"])
-               for k, p in model.named_parameters()}
-    update = {k: _relative(p.detach().numpy().reshape(before[k].shape) - before[k], saved[f"after/{k}"] - before[k])
-              for k, p in model.named_parameters()}
+    weights = {
+        k: _relative(p.detach().numpy().reshape(saved[f"after/{k}"].shape), saved[f"after/{k}"])
+        for k, p in model.named_parameters()
+    }
+    update = {
+        k: _relative(
+            p.detach().numpy().reshape(before[k].shape) - before[k], saved[f"after/{k}"] - before[k]
+        )
+        for k, p in model.named_parameters()
+    }
     worst, worst_update = max(weights, key=weights.get), max(update, key=update.get)
-    return {"stats": stats, "weights_max_relative": weights[worst], "worst_weight": worst,
-            "update_max_relative": update[worst_update], "worst_update": worst_update}
+    return {
+        "stats": stats,
+        "weights_max_relative": weights[worst],
+        "worst_weight": worst,
+        "update_max_relative": update[worst_update],
+        "worst_update": worst_update,
+    }
 
 
 MLX_WORKERS = ("spec", "mlx", "mlx-check", "roofline")
-WORKERS = {"spec": worker_spec, "mlx": worker_mlx, "mlx-check": worker_mlx_check, "roofline": worker_roofline,
-           "torch": worker_torch, "torch-check": worker_torch_check}
+WORKERS = {
+    "spec": worker_spec,
+    "mlx": worker_mlx,
+    "mlx-check": worker_mlx_check,
+    "roofline": worker_roofline,
+    "torch": worker_torch,
+    "torch-check": worker_torch_check,
+}
 
 
 # --- driver ----------------------------------------------------------------------------------
 
 
 def _run(worker: str, args, **options) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--threads", str(args.threads),
-           "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--plain"] if args.plain else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        worker,
+        "--threads",
+        str(args.threads),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ] + (["--plain"] if args.plain else [])
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     return host.run_worker(cmd, f"train_step worker {worker} {options}")
 
 
-def _spec_file(folder: Path, args, preset: str, batch: int, depth: int = 0, warmup_steps: int = 100) -> tuple:
+def _spec_file(
+    folder: Path, args, preset: str, batch: int, depth: int = 0, warmup_steps: int = 100
+) -> tuple:
     spec = _run("spec", args, preset=preset, batch=batch, depth=depth, warmup_steps=warmup_steps)
     path = folder / f"spec-{preset}-{batch}-{depth}-{warmup_steps}.json"
     path.write_text(json.dumps(spec))
@@ -414,28 +491,49 @@ def _spec_file(folder: Path, args, preset: str, batch: int, depth: int = 0, warm
 
 def compare(ours: dict, ref: dict) -> dict:
     """Relative differences of the MLX step's figures (`ours`) and the torch check's (`ref`)."""
-    relative = {k: abs(ours[k] - ref["stats"][k]) / max(abs(ref["stats"][k]), 1e-30)
-                for k in ("loss", "loss_pixel", "loss_text", "grad_norm")}
-    return {"mlx": ours, "torch": ref["stats"], "relative": relative,
-            **{k: ref[k] for k in ("weights_max_relative", "worst_weight", "update_max_relative", "worst_update")}}
+    relative = {
+        k: abs(ours[k] - ref["stats"][k]) / max(abs(ref["stats"][k]), 1e-30)
+        for k in ("loss", "loss_pixel", "loss_text", "grad_norm")
+    }
+    return {
+        "mlx": ours,
+        "torch": ref["stats"],
+        "relative": relative,
+        **{
+            k: ref[k]
+            for k in ("weights_max_relative", "worst_weight", "update_max_relative", "worst_update")
+        },
+    }
 
 
 def failures(figures: dict) -> list[str]:
     """Which figures are past their tolerance (empty: the reference took the same step)."""
     relative = figures["relative"]
-    bad = [f"{k} {relative[k]:.1e} > {TOLERANCE:g}" for k in ("loss", "loss_pixel", "loss_text")
-           if relative[k] > TOLERANCE]
+    bad = [
+        f"{k} {relative[k]:.1e} > {TOLERANCE:g}"
+        for k in ("loss", "loss_pixel", "loss_text")
+        if relative[k] > TOLERANCE
+    ]
     if relative["grad_norm"] > NORM_TOLERANCE:
         bad.append(f"gradient norm {relative['grad_norm']:.1e} > {NORM_TOLERANCE:g}")
     if figures["weights_max_relative"] > TOLERANCE:
-        bad.append(f"weights {figures['weights_max_relative']:.1e} ({figures['worst_weight']}) > {TOLERANCE:g}")
+        bad.append(
+            f"weights {figures['weights_max_relative']:.1e} ({figures['worst_weight']}) > "
+            f"{TOLERANCE:g}"
+        )
     if figures["update_max_relative"] > UPDATE_TOLERANCE:
-        bad.append(f"update {figures['update_max_relative']:.1e} ({figures['worst_update']}) > {UPDATE_TOLERANCE:g}")
+        bad.append(
+            f"update {figures['update_max_relative']:.1e} ({figures['worst_update']}) > "
+            f"{UPDATE_TOLERANCE:g}"
+        )
     return bad
 
 
-def run_check(folder: Path, args, preset: str, batch: int, depth: int, spec_path: Path | None = None) -> dict:
-    """Our step and the torch reference from the same initial weights and batch; `compare`'s figures.
+def run_check(
+    folder: Path, args, preset: str, batch: int, depth: int, spec_path: Path | None = None
+) -> dict:
+    """Our step and the torch reference from the same initial weights and batch; `compare`'s
+    figures.
 
     warmup_steps 0 makes the first step's learning rate the peak (1e-3), so the AdamW update is
     large enough (a few % of a weight) that a wrong step shows far above the tolerance.
@@ -444,7 +542,9 @@ def run_check(folder: Path, args, preset: str, batch: int, depth: int, spec_path
     if spec_path is None:
         _, spec_path = _spec_file(folder, args, preset, batch, depth, 0)
     out = folder / f"check-{preset}.npz"
-    ours = _run("mlx-check", args, preset=preset, batch=batch, depth=depth, warmup_steps=0, out=out)["stats"]
+    ours = _run(
+        "mlx-check", args, preset=preset, batch=batch, depth=depth, warmup_steps=0, out=out
+    )["stats"]
     ref = _run("torch-check", args, spec=spec_path, out=out)
     out.unlink()
     return {"preset": preset, "batch": batch, "depth": depth or "full", **compare(ours, ref)}
@@ -454,13 +554,20 @@ def check(folder: Path, args, preset: str, batch: int, depth: int) -> dict:
     """`run_check`, printed; raises SystemExit when the reference is not the same step."""
     figures = run_check(folder, args, preset, batch, depth)
     r = figures["relative"]
-    print(f"check {preset}: loss rel {r['loss']:.1e} (pixel {r['loss_pixel']:.1e}, text {r['loss_text']:.1e}), "
-          f"grad norm rel {r['grad_norm']:.1e}, weights after one step rel {figures['weights_max_relative']:.1e} "
-          f"({figures['worst_weight']}), update rel {figures['update_max_relative']:.1e} ({figures['worst_update']})",
-          flush=True)
+    print(
+        f"check {preset}: loss rel {r['loss']:.1e} (pixel {r['loss_pixel']:.1e}, text "
+        f"{r['loss_text']:.1e}), "
+        f"grad norm rel {r['grad_norm']:.1e}, weights after one step rel "
+        f"{figures['weights_max_relative']:.1e} "
+        f"({figures['worst_weight']}), update rel {figures['update_max_relative']:.1e} "
+        f"({figures['worst_update']})",
+        flush=True,
+    )
     bad = failures(figures)
     if bad:
-        raise SystemExit(f"check {preset}: the PyTorch reference is not the same step as ours: " + "; ".join(bad))
+        raise SystemExit(
+            f"check {preset}: the PyTorch reference is not the same step as ours: " + "; ".join(bad)
+        )
     return figures
 
 
@@ -468,15 +575,27 @@ def drive(args) -> dict:
     facts = host.collect_in_subprocess()
     print(f"host: {host.summary(facts)}", flush=True)
     presets = args.presets.split(",")
-    report = {"command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "host": facts,
-              "mlx_backend": "plain MLX layers" if args.plain else "CPU backend", "checks": [], "rows": [],
-              "roofline_runs": []}
+    report = {
+        "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
+        "host": facts,
+        "mlx_backend": "plain MLX layers" if args.plain else "CPU backend",
+        "checks": [],
+        "rows": [],
+        "roofline_runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="aimv2-train-step-") as tmp:
         folder = Path(tmp)
         for preset in presets:
             batch = args.batch or BATCHES.get(preset, 8)
-            report["checks"].append(check(folder, args, preset, args.check_batch if not args.check else batch,
-                                          0 if args.check else args.check_depth))
+            report["checks"].append(
+                check(
+                    folder,
+                    args,
+                    preset,
+                    args.check_batch if not args.check else batch,
+                    0 if args.check else args.check_depth,
+                )
+            )
         if args.check:
             return report
         report["roofline_runs"].append(_run("roofline", args)["gflops"])
@@ -487,49 +606,85 @@ def drive(args) -> dict:
             times, others = {"mlx": [], "torch": []}, {"mlx": [], "torch": []}
             for r in range(args.rounds):
                 for name in ("mlx", "torch"):
-                    options = {"preset": preset, "batch": batch} if name == "mlx" else {"spec": spec_path}
+                    options = (
+                        {"preset": preset, "batch": batch} if name == "mlx" else {"spec": spec_path}
+                    )
                     run = _run(name, args, **options)
                     times[name].append(run["times"])
                     others[name].append(run["others_cpu"] or 0.0)
-                    print(f"{preset} round {r + 1} {name:5s}: " + ", ".join(f"{t:.3f}" for t in run["times"])
-                          + f" s/step (others used {others[name][-1]:.2f} CPU)", flush=True)
+                    print(
+                        f"{preset} round {r + 1} {name:5s}: "
+                        + ", ".join(f"{t:.3f}" for t in run["times"])
+                        + f" s/step (others used {others[name][-1]:.2f} CPU)",
+                        flush=True,
+                    )
             for name in ("mlx", "torch"):
                 seconds = statistics.median([t for run in times[name] for t in run])
-                report["rows"].append({"preset": preset, "framework": name, "batch": batch,
-                                       "s_per_step": seconds, "img_per_s": batch / seconds,
-                                       "gflop_per_image": spec["gflop_per_image"],
-                                       "gflop_per_s": spec["gflop_per_image"] * batch / seconds,
-                                       "round_medians": [statistics.median(run) for run in times[name]],
-                                       "max_others_cpu": max(others[name]),
-                                       "times": times[name]})
+                report["rows"].append(
+                    {
+                        "preset": preset,
+                        "framework": name,
+                        "batch": batch,
+                        "s_per_step": seconds,
+                        "img_per_s": batch / seconds,
+                        "gflop_per_image": spec["gflop_per_image"],
+                        "gflop_per_s": spec["gflop_per_image"] * batch / seconds,
+                        "round_medians": [statistics.median(run) for run in times[name]],
+                        "max_others_cpu": max(others[name]),
+                        "times": times[name],
+                    }
+                )
         report["roofline_runs"].append(_run("roofline", args)["gflops"])
     roof = report["roofline_gflops"] = max(report["roofline_runs"])
     for row in report["rows"]:
         row["roofline_fraction"] = row["gflop_per_s"] / roof
     report["mlx_over_torch"] = {
-        preset: next(r["img_per_s"] for r in report["rows"] if r["preset"] == preset and r["framework"] == "mlx")
-        / next(r["img_per_s"] for r in report["rows"] if r["preset"] == preset and r["framework"] == "torch")
-        for preset in presets}
+        preset: next(
+            r["img_per_s"]
+            for r in report["rows"]
+            if r["preset"] == preset and r["framework"] == "mlx"
+        )
+        / next(
+            r["img_per_s"]
+            for r in report["rows"]
+            if r["preset"] == preset and r["framework"] == "torch"
+        )
+        for preset in presets
+    }
     return report
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Host: {host.summary(report['host'])}",
-             f"MLX side: {report['mlx_backend']}; roofline (best fp32 4096² MLX GEMM, before/after): "
-             f"{report['roofline_gflops']:.0f} GFLOP/s", "",
-             "| preset | framework | batch | s / step | img/s | GFLOP/s | % of roofline | MLX / torch "
-             "| round medians |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Host: {host.summary(report['host'])}",
+        f"MLX side: {report['mlx_backend']}; roofline (best fp32 4096² MLX GEMM, before/after): "
+        f"{report['roofline_gflops']:.0f} GFLOP/s",
+        "",
+        "| preset | framework | batch | s / step | img/s | GFLOP/s | % of roofline | MLX / torch "
+        "| round medians |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        ratio = f"**{report['mlx_over_torch'][r['preset']]:.2f}×**" if r["framework"] == "mlx" else ""
-        name = "MLX (aimv2_mlx, compiled)" if r["framework"] == "mlx" else "PyTorch (eager, reference)"
-        lines.append(f"| {r['preset']} | {name} | {r['batch']} | {r['s_per_step']:.3f} | {r['img_per_s']:.1f} | "
-                     f"{r['gflop_per_s']:.0f} | {100 * r['roofline_fraction']:.0f}% | {ratio} | "
-                     + ", ".join(f"{m:.3f}" for m in r["round_medians"]) + " |")
+        ratio = (
+            f"**{report['mlx_over_torch'][r['preset']]:.2f}×**" if r["framework"] == "mlx" else ""
+        )
+        name = (
+            "MLX (aimv2_mlx, compiled)" if r["framework"] == "mlx" else "PyTorch (eager, reference)"
+        )
+        lines.append(
+            f"| {r['preset']} | {name} | {r['batch']} | {r['s_per_step']:.3f} | "
+            f"{r['img_per_s']:.1f} | "
+            f"{r['gflop_per_s']:.0f} | {100 * r['roofline_fraction']:.0f}% | {ratio} | "
+            + ", ".join(f"{m:.3f}" for m in r["round_medians"])
+            + " |"
+        )
     busy = [f"{r['preset']} {r['framework']}" for r in report["rows"] if r["max_others_cpu"] > 0.1]
     if busy:
-        lines.append("\nWARNING: other processes used > 10% of a CPU during " + ", ".join(busy)
-                     + " (figures may be low)")
+        lines.append(
+            "\nWARNING: other processes used > 10% of a CPU during "
+            + ", ".join(busy)
+            + " (figures may be low)"
+        )
     return "\n".join(lines)
 
 
@@ -538,13 +693,21 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small,base")
     parser.add_argument("--batch", type=int, default=0, help="0: 64 for tiny, 8 for small and base")
     parser.add_argument("--rounds", type=int, default=2, help="MLX/torch alternations (default 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (MLX compiles there)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per process (MLX compiles there)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--plain", action="store_true", help="MLX without the CPU backend (plain MLX layers)")
-    parser.add_argument("--check", action="store_true", help="only the reference check, at full preset depth")
+    parser.add_argument(
+        "--plain", action="store_true", help="MLX without the CPU backend (plain MLX layers)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only the reference check, at full preset depth"
+    )
     parser.add_argument("--check-batch", type=int, default=2, help="batch of the automatic check")
-    parser.add_argument("--check-depth", type=int, default=2, help="encoder blocks of the automatic check")
+    parser.add_argument(
+        "--check-depth", type=int, default=2, help="encoder blocks of the automatic check"
+    )
     parser.add_argument("--json", help="also write the full report as JSON here")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for name in ("preset", "spec", "out"):

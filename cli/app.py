@@ -5,13 +5,29 @@ from __future__ import annotations
 import click
 import typer
 
-import aimv2_mlx  # noqa: F401  (loads the fast BLAS before anything imports MLX)
+import aimv2_mlx
 
-from . import (classify, convert, data, dupes, embed, export, index, info, lit, pretrain, probe,
-               search, tokenizer)
+from . import (
+    classify,
+    convert,
+    data,
+    dupes,
+    embed,
+    export,
+    index,
+    info,
+    lit,
+    pretrain,
+    probe,
+    search,
+    tokenizer,
+)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.",
+)
 
 
 def _version(value: bool) -> None:
@@ -22,8 +38,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="Print the version and exit.")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the version and exit."
+    ),
+) -> None:
     """Options of `aimv2` itself, given before a command."""
 
 
@@ -42,7 +61,13 @@ app.add_typer(data.app, name="data")
 app.add_typer(tokenizer.app, name="tokenizer")
 
 
-METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH", "list[Path]": "PATH..."}
+METAVARS = {
+    "int": "INTEGER",
+    "float": "NUMBER",
+    "str": "TEXT",
+    "path": "PATH",
+    "list[Path]": "PATH...",
+}
 
 
 def command() -> click.Command:

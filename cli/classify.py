@@ -28,22 +28,39 @@ DEFAULT_LIT = "apple/aimv2-large-patch14-224-lit"
 
 def classify(
     images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
-    zero_shot: str = typer.Option(None, "--zero-shot", help='Comma-separated class names: "cat,dog,car".'),
+    zero_shot: str = typer.Option(
+        None, "--zero-shot", help='Comma-separated class names: "cat,dog,car".'
+    ),
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line."),
-    templates: Path = typer.Option(None, "--templates",
-                                   help="Prompt templates, one per line, '{}' where the label goes "
-                                        f"(default: the model folder's templates.txt, else "
-                                        f"{len(DEFAULT_TEMPLATES)} CLIP prompts)."),
-    probe: Path = typer.Option(None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."),
-    head: str = typer.Option(None, "--head", help="With --probe: linear | knn | attentive (default: the saved "
-                                                   "head with the best validation accuracy)."),
-    model: str = typer.Option(None, "-m", "--model",
-                              help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; "
-                              "--probe: the probe's own)."),
+    templates: Path = typer.Option(
+        None,
+        "--templates",
+        help="Prompt templates, one per line, '{}' where the label goes "
+        f"(default: the model folder's templates.txt, else "
+        f"{len(DEFAULT_TEMPLATES)} CLIP prompts).",
+    ),
+    probe: Path = typer.Option(
+        None, "--probe", help="A folder written by `aimv2 probe`: classify with its head."
+    ),
+    head: str = typer.Option(
+        None,
+        "--head",
+        help="With --probe: linear | knn | attentive (default: the saved "
+        "head with the best validation accuracy).",
+    ),
+    model: str = typer.Option(
+        None,
+        "-m",
+        "--model",
+        help=f"Model folder or hub id (zero-shot default: {DEFAULT_LIT}; "
+        "--probe: the probe's own).",
+    ),
     top_k: int = typer.Option(5, "--top-k", help="Labels shown per image."),
     batch_size: int = typer.Option(8, "-b", "--batch-size", help="Images per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    output: Path = typer.Option(None, "-o", "--output", help="Also write image,rank,label,probability rows to a CSV."),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Also write image,rank,label,probability rows to a CSV."
+    ),
 ) -> None:
     """Classify images; prints each image's top-k labels with their probabilities."""
     images, output = [expand(path) for path in images], expand(output)
@@ -60,13 +77,25 @@ def classify(
             write_csv(output, results)
     head = head_summary(classifier)
     if as_json:
-        typer.echo(json.dumps({"model": classifier.model.config.name, **head, "labels": classifier.labels,
-                               "results": results, "skipped": skipped}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": classifier.model.config.name,
+                    **head,
+                    "labels": classifier.labels,
+                    "results": results,
+                    "skipped": skipped,
+                },
+                indent=2,
+            )
+        )
         return
     if head:
         accuracy = head["head_val_accuracy"]
-        typer.echo(f"probe head: {head['head']}"
-                   + (f" (validation accuracy {accuracy:.3f})" if accuracy is not None else ""))
+        typer.echo(
+            f"probe head: {head['head']}"
+            + (f" (validation accuracy {accuracy:.3f})" if accuracy is not None else "")
+        )
     for result in results:
         typer.echo(result["image"])
         for entry in result["top"]:
@@ -87,16 +116,26 @@ def head_summary(classifier) -> dict:
     """Which probe head classified, and its validation accuracy (empty for zero-shot)."""
     if not isinstance(classifier, ProbeClassifier):
         return {}
-    return {"head": classifier.head,
-            "head_val_accuracy": classifier.probe.record["heads"][classifier.head].get("val_accuracy")}
+    return {
+        "head": classifier.head,
+        "head_val_accuracy": classifier.probe.record["heads"][classifier.head].get("val_accuracy"),
+    }
 
 
-def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path | None, templates: Path | None,
-                     probe: Path | None = None, head: str | None = None):
+def build_classifier(
+    model: str | None,
+    zero_shot: str | None,
+    labels_file: Path | None,
+    templates: Path | None,
+    probe: Path | None = None,
+    head: str | None = None,
+):
     """The classifier the options ask for: a trained probe, or zero-shot from class names."""
     if probe is not None:
         if zero_shot is not None or labels_file is not None:
-            raise SettingError("--probe classifies with the probe's own classes: drop --zero-shot/--labels-file")
+            raise SettingError(
+                "--probe classifies with the probe's own classes: drop --zero-shot/--labels-file"
+            )
         return ProbeClassifier(probe, model=load(model) if model else None, head=head)
     if head is not None:
         raise SettingError("--head applies only with --probe")
@@ -115,27 +154,37 @@ def build_classifier(model: str | None, zero_shot: str | None, labels_file: Path
         lit = load(model or DEFAULT_LIT)
     except ModelNotFoundError as exc:
         if model is None:  # offline: the bundled LiT toy, as `load_default` falls back to it
-            reason = (f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
-                      if isinstance(exc, HubUnreachableError) else str(exc))
-            typer.echo(f"{reason}; using the bundled offline LiT model, a toy trained on "
-                       "`aimv2 data shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips "
-                       "the hub)", err=True)
+            reason = (
+                f"{exc.repo}: not cached and the hub ({exc.url}) cannot be reached"
+                if isinstance(exc, HubUnreachableError)
+                else str(exc)
+            )
+            typer.echo(
+                f"{reason}; using the bundled offline LiT model, a toy trained on "
+                "`aimv2 data shapes` (choose it with -m bundled; HF_HUB_OFFLINE=1 skips "
+                "the hub)",
+                err=True,
+            )
             return ZeroShotClassifier(load("bundled"), labels, prompts)
         if not isinstance(exc, HubUnreachableError):
             raise
         raise ModelNotFoundError(
-            f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; zero-shot needs "
+            f"{exc.repo}: not in the Hugging Face cache and the hub ({exc.url}) cannot be reached; "
+            "zero-shot needs "
             "a LiT model: download it once online, or pass -m a local LiT folder (or -m bundled, a "
-            "toy), and set HF_HUB_OFFLINE=1 to skip the hub") from None
+            "toy), and set HF_HUB_OFFLINE=1 to skip the hub"
+        ) from None
     return ZeroShotClassifier(lit, labels, prompts)
 
 
-def classify_files(files: list[Path], classifier, batch_size: int, top_k: int) -> tuple[list[dict], list[dict]]:
+def classify_files(
+    files: list[Path], classifier, batch_size: int, top_k: int
+) -> tuple[list[dict], list[dict]]:
     """Top-k labels per readable image; unreadable ones are reported on stderr and skipped."""
     results, skipped = [], []
     for start in range(0, len(files), batch_size):
         decoded = []
-        for path in files[start:start + batch_size]:
+        for path in files[start : start + batch_size]:
             try:
                 decoded.append((path, open_image(path)))
             except ImageError as exc:
@@ -146,8 +195,14 @@ def classify_files(files: list[Path], classifier, batch_size: int, top_k: int) -
         probabilities = classifier([image for _, image in decoded], batch_size)
         for (path, _), row in zip(decoded, probabilities, strict=True):
             order = row.argsort()[::-1][:top_k]
-            results.append({"image": str(path),
-                            "top": [{"label": classifier.labels[i], "probability": float(row[i])} for i in order]})
+            results.append(
+                {
+                    "image": str(path),
+                    "top": [
+                        {"label": classifier.labels[i], "probability": float(row[i])} for i in order
+                    ],
+                }
+            )
     return results, skipped
 
 
@@ -157,4 +212,6 @@ def write_csv(path: Path, results: list[dict]) -> None:
         writer.writerow(["image", "rank", "label", "probability"])
         for result in results:
             for rank, entry in enumerate(result["top"], start=1):
-                writer.writerow([result["image"], rank, entry["label"], f"{entry['probability']:.6f}"])
+                writer.writerow(
+                    [result["image"], rank, entry["label"], f"{entry['probability']:.6f}"]
+                )

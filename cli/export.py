@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from aimv2_mlx.train.export import FORMATS, export as export_model
+from aimv2_mlx.train.export import FORMATS
+from aimv2_mlx.train.export import export as export_model
 
 from .errors import one_line_errors
 from .options import new_folder, one_of

@@ -9,8 +9,8 @@ import typer
 
 from aimv2_mlx.cpu import blas as backend
 from aimv2_mlx.describe import describe_model
-from aimv2_mlx.lit_tuning import is_lit_run
 from aimv2_mlx.errors import SettingError
+from aimv2_mlx.lit_tuning import is_lit_run
 
 from .errors import one_line_errors
 
@@ -18,24 +18,37 @@ WIDTH = 100
 
 
 def info(
-    model: str = typer.Argument("bundled", help="Model folder, hub id (apple/aimv2-…), 'bundled', or a "
-                                                "pre-training run folder (its latest checkpoint)."),
+    model: str = typer.Argument(
+        "bundled",
+        help="Model folder, hub id (apple/aimv2-…), 'bundled', or a "
+        "pre-training run folder (its latest checkpoint).",
+    ),
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show a model's config, parameter count and quantization, and which device and BLAS MLX uses."""
+    """Show a model's config, parameter count and quantization, and which device and BLAS MLX
+    uses.
+    """
     with one_line_errors():
         if is_lit_run(model):
-            raise SettingError(f"{model}: a LiT-tuning run; `aimv2 export {model} OUT` writes its LiT "
-                             "model folder, which `aimv2 info OUT` describes")
+            raise SettingError(
+                f"{model}: a LiT-tuning run; `aimv2 export {model} OUT` writes its LiT "
+                "model folder, which `aimv2 info OUT` describes"
+            )
         summary = describe_model(model, revision)
     summary["backend"] = backend.describe()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    rows = {"name": summary["name"], "origin": summary["origin"], "kind": summary["kind"],
-            "parameters": f"{summary['parameters']:,}", "quantization": summary["quantization"] or "none",
-            "label": summary["label"], "trained": summary["trained"]}
+    rows = {
+        "name": summary["name"],
+        "origin": summary["origin"],
+        "kind": summary["kind"],
+        "parameters": f"{summary['parameters']:,}",
+        "quantization": summary["quantization"] or "none",
+        "label": summary["label"],
+        "trained": summary["trained"],
+    }
     for key, value in rows.items():
         if value is not None:
             echo_row(key, value, 12)
@@ -47,8 +60,11 @@ def info(
         if key != "warning":
             typer.echo(f"{key:>{width}}: {value}")
     if "run" in summary:
-        typer.echo(f"this is a training run: `{summary['run']['export']}` writes its encoder as a model folder "
-                   "for embed, probe and classify")
+        typer.echo(
+            f"this is a training run: `{summary['run']['export']}` writes its encoder as a model "
+            "folder "
+            "for embed, probe and classify"
+        )
     if "warning" in summary["backend"]:
         typer.echo(f"warning: {summary['backend']['warning']}", err=True)
 
@@ -75,7 +91,9 @@ def _compact(value) -> str:
 
 
 def echo_row(key: str, value: str, indent: int) -> None:
-    """`key: value`, the key right-aligned in `indent` columns, long values wrapped under the value."""
+    """`key: value`, the key right-aligned in `indent` columns, long values wrapped under the
+    value.
+    """
     lines = textwrap.wrap(str(value), WIDTH - indent - 2, break_on_hyphens=False) or [""]
     typer.echo(f"{key:>{indent}}: {lines[0]}")
     for line in lines[1:]:

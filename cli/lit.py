@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from aimv2_mlx.errors import SettingError
 from aimv2_mlx.lit_tuning import LitConfig, lit_tune
 from aimv2_mlx.lit_tuning.config import RESUMABLE
 from aimv2_mlx.model import load
@@ -14,7 +15,6 @@ from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, output_folder
-from aimv2_mlx.errors import SettingError
 
 # Options that say how to run a resumed run rather than what the run is.
 WITH_RESUME = ("data", "out", "resume", "distributed", "allow_data_change", "encoder")

@@ -1,4 +1,6 @@
-"""Option values checked before any work, so a typo costs one line, not a run (or a folder to clean up)."""
+"""Option values checked before any work, so a typo costs one line, not a run (or a folder to
+clean up).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from aimv2_mlx.errors import SettingError
 
 
 def at_least(minimum: float, **flags: float | None) -> None:
-    """Refuse the first option below `minimum`; keyword names are flags with `_` for `-` (None: not given)."""
+    """Refuse the first option below `minimum`; keyword names are flags with `_` for `-` (None:
+    not given).
+    """
     for name, value in flags.items():
         if value is not None and value < minimum:
             raise SettingError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
@@ -26,7 +30,9 @@ def fraction(**flags: float) -> None:
     """Refuse the first option outside the open interval (0, 1)."""
     for name, value in flags.items():
         if not 0 < value < 1:
-            raise SettingError(f"--{name.replace('_', '-')} {value}: must be a fraction between 0 and 1")
+            raise SettingError(
+                f"--{name.replace('_', '-')} {value}: must be a fraction between 0 and 1"
+            )
 
 
 def one_of(flag: str, value, choices: tuple) -> None:
@@ -42,8 +48,10 @@ def block_list(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise SettingError(f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
-                           f"(negative ones count from the last block, which is -1)") from None
+        raise SettingError(
+            f"--blocks {text!r}: give comma-separated block numbers, e.g. '-6,-1' "
+            f"(negative ones count from the last block, which is -1)"
+        ) from None
 
 
 def expand(path: Path | None) -> Path | None:
@@ -52,9 +60,13 @@ def expand(path: Path | None) -> Path | None:
 
 
 def output_folder(path: Path, flag: str = "--output") -> Path:
-    """A folder to write into, checked before any work: it may be missing (it is made), never a file."""
+    """A folder to write into, checked before any work: it may be missing (it is made), never a
+    file.
+    """
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: exists and is a file, not a folder; choose a folder")
+        raise NotADirectoryError(
+            f"{flag} {path}: exists and is a file, not a folder; choose a folder"
+        )
     _writable(path, flag)
     return path
 
@@ -72,7 +84,9 @@ def output_file(path: Path, flag: str = "--output") -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path}: is a folder; give a file name inside it")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+        raise FileNotFoundError(
+            f"{flag} {path}: the folder {path.parent} does not exist; create it first"
+        )
     _writable(path, flag)
     return path
 

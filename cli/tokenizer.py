@@ -17,9 +17,15 @@ app = typer.Typer(no_args_is_help=True, help="Caption tokenizers.")
 
 @app.command("train")
 def train(
-    data: Path = typer.Argument(..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."),
-    output: Path = typer.Option(Path("tokenizer.json"), "-o", "--output", help="The tokenizer.json to write."),
-    vocab_size: int = typer.Option(4096, help="Largest vocabulary (smaller when the captions allow no more merges)."),
+    data: Path = typer.Argument(
+        ..., help="Captioned data: folder with .txt sidecars, .jsonl/.csv, or .tar shards."
+    ),
+    output: Path = typer.Option(
+        Path("tokenizer.json"), "-o", "--output", help="The tokenizer.json to write."
+    ),
+    vocab_size: int = typer.Option(
+        4096, help="Largest vocabulary (smaller when the captions allow no more merges)."
+    ),
 ) -> None:
     """Train a lower-cased, punctuation-free BPE (EOS pads and is ignored by the loss)."""
     output = expand(output)

@@ -34,8 +34,14 @@ from .verify import verify_conversion
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-COPIED = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-          "special_tokens_map.json")
+COPIED = (
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
 @dataclass
@@ -83,7 +89,9 @@ def convert(
     checkpoint = open_checkpoint(location.path)
     config, recipes = conversion_plan(checkpoint, location)
     if config.quantization:
-        raise CheckpointError(f"{checkpoint.path}: already quantized; convert from the unquantized checkpoint")
+        raise CheckpointError(
+            f"{checkpoint.path}: already quantized; convert from the unquantized checkpoint"
+        )
     _override(config, name, num_heads, text_num_heads, image_size, preprocess)
     try:
         check_config(config)
@@ -93,23 +101,39 @@ def convert(
     # before building: the flags may change sizes
     check_config_matches(config, shapes, checkpoint.path)
     check_tensors(expected_parameters(build(config)), shapes, checkpoint.path)
-    options = {"dtype": dtype or "as stored", "q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
-    config.source = {**config.source, "converter": f"aimv2-mlx {__version__}", "conversion": options}
+    options = {
+        "dtype": dtype or "as stored",
+        "q_bits": q_bits,
+        "q_group_size": q_group_size if q_bits else None,
+    }
+    config.source = {
+        **config.source,
+        "converter": f"aimv2-mlx {__version__}",
+        "conversion": options,
+    }
     if q_bits:
-        config.quantization = {"bits": q_bits, "group_size": q_group_size, "mode": "affine",
-                               "modules": QUANTIZED_MODULES}
+        config.quantization = {
+            "bits": q_bits,
+            "group_size": q_group_size,
+            "mode": "affine",
+            "modules": QUANTIZED_MODULES,
+        }
     out_model = build(config)
     specs = _output_specs(out_model, recipes, checkpoint, dtype)
 
     with atomic_folder(output) as tmp:
         dtypes = {key: dtype for key, _, dtype in specs}
-        shards, total = _write_shards(tmp, specs, _producer(out_model, recipes, checkpoint, dtypes), max_shard_bytes)
+        shards, total = _write_shards(
+            tmp, specs, _producer(out_model, recipes, checkpoint, dtypes), max_shard_bytes
+        )
         config.save(tmp)
         for copied in COPIED:
             if (checkpoint.folder / copied).is_file():
                 shutil.copy2(checkpoint.folder / copied, tmp / copied)
         if not (tmp / "preprocessor_config.json").exists():
-            (tmp / "preprocessor_config.json").write_text(json.dumps(config.preprocess.to_hub(), indent=2) + "\n")
+            (tmp / "preprocessor_config.json").write_text(
+                json.dumps(config.preprocess.to_hub(), indent=2) + "\n"
+            )
         (tmp / "README.md").write_text(_model_card(config, output.name))
     result = Conversion(output, config, shards, total)
     if verify:
@@ -126,7 +150,9 @@ def _override(config, name, num_heads, text_num_heads, image_size, preprocess) -
         config.vision.num_attention_heads = num_heads
     if text_num_heads is not None:
         if not config.is_lit:
-            raise SettingError("--text-num-heads applies only to LiT checkpoints (this one has no text tower)")
+            raise SettingError(
+                "--text-num-heads applies only to LiT checkpoints (this one has no text tower)"
+            )
         config.text.num_attention_heads = text_num_heads
     if image_size is not None:
         config.vision.image_size = image_size
@@ -135,7 +161,9 @@ def _override(config, name, num_heads, text_num_heads, image_size, preprocess) -
         config.preprocess = PreprocessConfig.for_mode(preprocess, config.vision.image_size)
 
 
-def _output_specs(model, recipes, checkpoint, dtype: str | None) -> list[tuple[str, tuple[int, ...], str]]:
+def _output_specs(
+    model, recipes, checkpoint, dtype: str | None
+) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, dtype) of every tensor to write, in key order."""
     specs = []
     for key, param in sorted(expected_parameters(model).items()):
@@ -168,8 +196,14 @@ def _producer(model, recipes, checkpoint, dtypes: dict[str, str]):
         if module not in quantized:
             return recipes[key].build(read).astype(getattr(mx, dtypes[key]))
         if module not in pending:
-            weight = recipes[module + ".weight"].build(read).astype(getattr(mx, dtypes[module + ".scales"]))
-            pending[module] = quantize_weight(weight, quantized[module].bits, quantized[module].group_size)
+            weight = (
+                recipes[module + ".weight"]
+                .build(read)
+                .astype(getattr(mx, dtypes[module + ".scales"]))
+            )
+            pending[module] = quantize_weight(
+                weight, quantized[module].bits, quantized[module].group_size
+            )
         value = pending[module].pop(part)
         if not pending[module]:
             del pending[module]
@@ -189,13 +223,18 @@ def _write_shards(folder: Path, specs, produce, max_shard_bytes: int) -> tuple[l
             size = 0
         groups[-1].append(spec)
         size += nbytes
-    names = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     total = 0
     for shard, group in zip(names, groups, strict=True):
         total += write_streaming(folder / shard, group, produce, metadata={"format": "mlx"})
     if len(names) > 1:
-        weight_map = {key: shard for shard, group in zip(names, groups, strict=True) for key, _, _ in group}
+        weight_map = {
+            key: shard for shard, group in zip(names, groups, strict=True) for key, _, _ in group
+        }
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names, total
@@ -205,19 +244,25 @@ def _model_card(config, folder_name: str) -> str:
     source, quant = config.source, config.quantization
     kind = "LiT (image + text) model" if config.is_lit else "vision encoder"
     revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
-    bits = f"{quant['bits']}-bit, group size {quant['group_size']} ({quant['modules']})" if quant else "none"
-    return "\n".join([
-        f"# {config.name} (aimv2-mlx)",
-        "",
-        f"AIMv2 {kind} converted to MLX by aimv2-mlx from `{source.get('origin')}`{revision}.",
-        "",
-        f"- converted from the {source.get('layout', 'aimv2-mlx')} layout",
-        f"- dtype: {source['conversion']['dtype']}",
-        f"- quantization: {bits}",
-        "",
-        "```python",
-        "import aimv2_mlx",
-        f'model = aimv2_mlx.load("{folder_name}")',
-        "```",
-        "",
-    ])
+    bits = (
+        f"{quant['bits']}-bit, group size {quant['group_size']} ({quant['modules']})"
+        if quant
+        else "none"
+    )
+    return "\n".join(
+        [
+            f"# {config.name} (aimv2-mlx)",
+            "",
+            f"AIMv2 {kind} converted to MLX by aimv2-mlx from `{source.get('origin')}`{revision}.",
+            "",
+            f"- converted from the {source.get('layout', 'aimv2-mlx')} layout",
+            f"- dtype: {source['conversion']['dtype']}",
+            f"- quantization: {bits}",
+            "",
+            "```python",
+            "import aimv2_mlx",
+            f'model = aimv2_mlx.load("{folder_name}")',
+            "```",
+            "",
+        ]
+    )

@@ -25,11 +25,15 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
         import torch
         import transformers  # noqa: F401
     except ImportError:
-        return {"skipped": "torch and transformers are not installed (pip install 'aimv2-mlx[test]')"}
+        return {
+            "skipped": "torch and transformers are not installed (pip install 'aimv2-mlx[test]')"
+        }
     model = load(folder)
     config = model.config
-    source = {key: np.array(recipe.build(lambda k: checkpoint.tensors[k].load()).astype(mx.float32))
-              for key, recipe in recipes.items()}
+    source = {
+        key: np.array(recipe.build(lambda k: checkpoint.tensors[k].load()).astype(mx.float32))
+        for key, recipe in recipes.items()
+    }
     reference = _reference(config, source)
     rng = np.random.default_rng(SEED)
     size = config.vision.image_size
@@ -38,10 +42,16 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
         torch_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         if config.is_lit:
             ids = _fixed_ids(rng, config.text)
-            out = reference(input_ids=torch.from_numpy(ids), pixel_values=torch_pixels,
-                            attention_mask=torch.ones(ids.shape, dtype=torch.long))
+            out = reference(
+                input_ids=torch.from_numpy(ids),
+                pixel_values=torch_pixels,
+                attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            )
             expected = [out.image_embeds.numpy(), out.text_embeds.numpy()]
-            got = [_normalized(model.encode_image(mx.array(pixels))), _normalized(model.encode_text(mx.array(ids)))]
+            got = [
+                _normalized(model.encode_image(mx.array(pixels))),
+                _normalized(model.encode_text(mx.array(ids))),
+            ]
             compared = "normalised image and text embeddings"
         else:
             expected = [reference(torch_pixels).last_hidden_state.numpy()]
@@ -49,8 +59,12 @@ def verify_conversion(folder, checkpoint, recipes) -> dict:
             compared = "post-trunk patch tokens"
     diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
     cosine = min(_min_cosine(g, e) for g, e in zip(got, expected, strict=True))
-    return {"max_abs_diff": diff, "cosine": cosine, "compared": compared,
-            "reference": f"transformers {type(reference).__name__} (PyTorch, float32)"}
+    return {
+        "max_abs_diff": diff,
+        "cosine": cosine,
+        "compared": compared,
+        "reference": f"transformers {type(reference).__name__} (PyTorch, float32)",
+    }
 
 
 def _reference(config, source: dict[str, np.ndarray]):
@@ -58,18 +72,36 @@ def _reference(config, source: dict[str, np.ndarray]):
     from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
 
     v = config.vision
-    vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                  num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
-                  rms_norm_eps=v.rms_norm_eps, use_head=v.use_head, is_native=v.is_native)
+    vision = dict(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        num_channels=v.num_channels,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        rms_norm_eps=v.rms_norm_eps,
+        use_head=v.use_head,
+        is_native=v.is_native,
+    )
     if config.is_lit:
         t = config.text
-        text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                    num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
-                    max_position_embeddings=t.max_position_embeddings, eos_token_id=t.eos_token_id,
-                    rms_norm_eps=t.rms_norm_eps)
-        hf_config = Aimv2Config(vision_config=vision, text_config=text, projection_dim=config.projection_dim,
-                                max_logit_scale=config.max_logit_scale)
+        text = dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            eos_token_id=t.eos_token_id,
+            rms_norm_eps=t.rms_norm_eps,
+        )
+        hf_config = Aimv2Config(
+            vision_config=vision,
+            text_config=text,
+            projection_dim=config.projection_dim,
+            max_logit_scale=config.max_logit_scale,
+        )
         # eager attention: under SDPA transformers drops an all-ones mask and the text tower
         # stops being causal (see tests/test_parity.py)
         reference = Aimv2Model._from_config(hf_config, attn_implementation="eager")
@@ -102,7 +134,7 @@ def _fixed_ids(rng, text) -> np.ndarray:
     ids = rng.integers(1, text.eos_token_id, size=(2, text.max_position_embeddings))
     for row, eos_at in enumerate((7, text.max_position_embeddings - 1)):
         ids[row, eos_at] = text.eos_token_id
-        ids[row, eos_at + 1:] = 0
+        ids[row, eos_at + 1 :] = 0
     return ids
 
 

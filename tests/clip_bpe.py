@@ -19,7 +19,8 @@ import regex
 START, END = "<|startoftext|>", "<|endoftext|>"
 PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE)
+    regex.IGNORECASE,
+)
 
 CORPUS = """
 A photo of a cat. A photo of a dog. A bad photo of the cat; art of the dog, itap of a bird!
@@ -34,7 +35,11 @@ Zero-shot classification labels: cat, dog, car, coffee, rocket, astronaut, tree,
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -54,7 +59,9 @@ def clean(text: str) -> str:
 
 def pieces(text: str) -> list[str]:
     """Pre-tokenized, byte-encoded words."""
-    return ["".join(BYTE_ENCODER[b] for b in p.encode("utf-8")) for p in PATTERN.findall(clean(text))]
+    return [
+        "".join(BYTE_ENCODER[b] for b in p.encode("utf-8")) for p in PATTERN.findall(clean(text))
+    ]
 
 
 def learn_merges(text: str, count: int) -> list[tuple[str, str]]:
@@ -98,7 +105,9 @@ def write_vocab(folder: Path, merges_count: int = 300) -> dict[str, int]:
     assert len(encoder) == len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     return encoder
 
 

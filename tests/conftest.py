@@ -17,40 +17,55 @@ def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> Mod
     """A small encoder config for logic tests (2 blocks, 64 wide, 2 heads)."""
     return ModelConfig(
         name="tiny-test",
-        vision=EncoderConfig(hidden_size=64, num_hidden_layers=depth, num_attention_heads=2,
-                             intermediate_size=128, image_size=56, is_native=native, use_head=head),
+        vision=EncoderConfig(
+            hidden_size=64,
+            num_hidden_layers=depth,
+            num_attention_heads=2,
+            intermediate_size=128,
+            image_size=56,
+            is_native=native,
+            use_head=head,
+        ),
         preprocess=PreprocessConfig.for_mode("native" if native else "clip", 56),
     )
 
 
 def png_bomb(path: Path, side: int = 20_000) -> None:
     """A valid 1-bit PNG of side x side zeros (~50 KB on disk, 400 megapixels decoded)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     packer = zlib.compressobj(9)
     row = bytes(1 + side // 8)
     data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
 def timm_key(ml_aim_key: str) -> str:
     """An ml-aim key rewritten by hand into timm's `aimv2_*` name, not by our key map."""
-    return (ml_aim_key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
-            .replace("preprocessor.patchifier.norm", "patch_embed.norm")
-            .replace("preprocessor.pos_embed", "pos_embed")
-            .replace("trunk.post_trunk_norm", "norm")
-            .replace("trunk.blocks", "blocks")
-            .replace("norm_1", "norm1").replace("norm_2", "norm2")
-            .replace("mlp.fc1.", "mlp.fc1_g.").replace("mlp.fc3.", "mlp.fc1_x."))
+    return (
+        ml_aim_key.replace("preprocessor.patchifier.proj", "patch_embed.proj")
+        .replace("preprocessor.patchifier.norm", "patch_embed.norm")
+        .replace("preprocessor.pos_embed", "pos_embed")
+        .replace("trunk.post_trunk_norm", "norm")
+        .replace("trunk.blocks", "blocks")
+        .replace("norm_1", "norm1")
+        .replace("norm_2", "norm2")
+        .replace("mlp.fc1.", "mlp.fc1_g.")
+        .replace("mlp.fc3.", "mlp.fc1_x.")
+    )
 
 
 def run_cli(*args):
     """`aimv2 ARGS` in this process, through the click command the console script runs."""
-    from click.testing import CliRunner
-
     from aimv2_mlx.cli.app import command
+    from click.testing import CliRunner
 
     return CliRunner().invoke(command(), [str(a) for a in args])
 
@@ -74,8 +89,12 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def transformers_reference():
     """transformers + torch, or a skip that says why."""
-    pytest.importorskip("torch", reason="parity tests need the test extra: pip install -e '.[test]'")
-    return pytest.importorskip("transformers", reason="parity tests need transformers>=5 (test extra)")
+    pytest.importorskip(
+        "torch", reason="parity tests need the test extra: pip install -e '.[test]'"
+    )
+    return pytest.importorskip(
+        "transformers", reason="parity tests need transformers>=5 (test extra)"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,12 @@ flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512_bf16
 processor\t: 1
 vendor_id\t: SomethingElse
 """
-SAPPHIRE = ZEN5.replace("AuthenticAMD", "GenuineIntel").replace(": 26", ": 6").replace(": 2\n", ": 143\n").replace(
-    "avx512_bf16", "avx512_bf16 amx_tile amx_bf16")
+SAPPHIRE = (
+    ZEN5.replace("AuthenticAMD", "GenuineIntel")
+    .replace(": 26", ": 6")
+    .replace(": 2\n", ": 143\n")
+    .replace("avx512_bf16", "avx512_bf16 amx_tile amx_bf16")
+)
 HASWELL = ZEN5.replace(" avx512f avx512_bf16", "")
 GRAVITON = """processor\t: 0
 BogoMIPS\t: 243.75
@@ -40,7 +44,11 @@ CPU part\t: 0xd4f
 
 def test_the_first_processor_gives_the_family_model_and_widest_vector_unit():
     facts = host.cpu_facts(ZEN5)
-    assert (facts["vendor"], facts["cpu_family_model"], facts["vector_isa"]) == ("AuthenticAMD", "26/2", "avx512")
+    assert (facts["vendor"], facts["cpu_family_model"], facts["vector_isa"]) == (
+        "AuthenticAMD",
+        "26/2",
+        "avx512",
+    )
     assert facts["isa_flags"] == ["sse2", "avx", "fma", "avx2", "avx512f", "avx512_bf16"]
 
 
@@ -62,8 +70,13 @@ def test_the_kernel_reported_is_the_one_the_loaded_openblas_runs():
         pytest.skip("needs Debian's x86-64 system OpenBLAS (DYNAMIC_ARCH)")
     # only in the child: the parent's stays as set
     env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott"}
-    out = subprocess.run([sys.executable, str(BENCH / "host.py")], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "host.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     facts = json.loads(out.stdout)
     assert facts["blas"].endswith("libopenblas.so.0")
     assert facts["blas_kernel"] == "Prescott"
@@ -72,7 +85,12 @@ def test_the_kernel_reported_is_the_one_the_loaded_openblas_runs():
 
 def test_without_the_system_openblas_the_bundled_blas_is_named():
     env = {**os.environ, "AIMV2_MLX_NO_OPENBLAS": "1"}
-    out = subprocess.run([sys.executable, str(BENCH / "host.py")], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "host.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     facts = json.loads(out.stdout)
     assert "bundled" in facts["blas"] and facts["blas_kernel"] is None

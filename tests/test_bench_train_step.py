@@ -16,7 +16,9 @@ ARGS = argparse.Namespace(threads=2, warmup=0, steps=1, plain=False)
 
 @pytest.fixture
 def train_step(monkeypatch):
-    pytest.importorskip("torch", reason="the reference needs the test extra: pip install -e '.[test]'")
+    pytest.importorskip(
+        "torch", reason="the reference needs the test extra: pip install -e '.[test]'"
+    )
     # the bench imports its siblings (host, pretrain_throughput)
     monkeypatch.syspath_prepend(str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_train_step", BENCH / "train_step.py")

@@ -1,4 +1,6 @@
-"""The system BLAS: loaded on Linux with the kernel that suits the CPU, reported, results unchanged."""
+"""The system BLAS: loaded on Linux with the kernel that suits the CPU, reported, results
+unchanged.
+"""
 
 from __future__ import annotations
 
@@ -45,35 +47,49 @@ _GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp sve\nCPU 
 
 
 def _loaded_kernel_script() -> str:
-    return ("import aimv2_mlx, json; from aimv2_mlx.cpu import blas; "
-            "print(json.dumps({'kernel': blas.kernel_in_use(), **blas.kernel_choice()}))")
+    return (
+        "import aimv2_mlx, json; from aimv2_mlx.cpu import blas; "
+        "print(json.dumps({'kernel': blas.kernel_in_use(), **blas.kernel_choice()}))"
+    )
 
 
 def _env(tmp_path, **changes) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in (blas.CORETYPE_ENV, blas.CHOSEN_ENV, blas.DISABLE_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (blas.CORETYPE_ENV, blas.CHOSEN_ENV, blas.DISABLE_ENV)
+    }
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     env.update(changes)
     return env
 
 
 def _python(code: str, env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    )
 
 
 # -- the ISA, from /proc/cpuinfo text --
 
-@pytest.mark.parametrize("cpuinfo, machine, expected", [
-    (_SAPPHIRE_RAPIDS, "x86_64", Isa("x86_64", "avx512", ("avx512_bf16", "amx"))),
-    (_KNIGHTS_LANDING, "x86_64", Isa("x86_64", "avx2")),
-    ("flags\t: sse sse2 avx avx2 fma\n", "x86_64", Isa("x86_64", "avx2")),
-    ("flags\t: sse sse2 avx avx2\n", "x86_64", Isa("x86_64", "avx")),
-    ("flags\t: sse sse2 sse3\n", "x86_64", Isa("x86_64", "sse")),
-    (_GRAVITON3, "aarch64", Isa("aarch64", "sve", ("asimddp",), "0xd40")),
-    ("Features\t: fp asimd\nCPU part\t: 0xd07\n", "aarch64", Isa("aarch64", "neon", (), "0xd07")),
-    ("", "ppc64le", Isa("ppc64le", "unknown")),
-])
+
+@pytest.mark.parametrize(
+    "cpuinfo, machine, expected",
+    [
+        (_SAPPHIRE_RAPIDS, "x86_64", Isa("x86_64", "avx512", ("avx512_bf16", "amx"))),
+        (_KNIGHTS_LANDING, "x86_64", Isa("x86_64", "avx2")),
+        ("flags\t: sse sse2 avx avx2 fma\n", "x86_64", Isa("x86_64", "avx2")),
+        ("flags\t: sse sse2 avx avx2\n", "x86_64", Isa("x86_64", "avx")),
+        ("flags\t: sse sse2 sse3\n", "x86_64", Isa("x86_64", "sse")),
+        (_GRAVITON3, "aarch64", Isa("aarch64", "sve", ("asimddp",), "0xd40")),
+        (
+            "Features\t: fp asimd\nCPU part\t: 0xd07\n",
+            "aarch64",
+            Isa("aarch64", "neon", (), "0xd07"),
+        ),
+        ("", "ppc64le", Isa("ppc64le", "unknown")),
+    ],
+)
 def test_the_vector_isa_is_read_from_the_first_processor_block(cpuinfo, machine, expected):
     assert blas.parse_isa(cpuinfo, machine) == expected
 
@@ -84,46 +100,56 @@ def test_this_hosts_isa_matches_its_cpu_flags():
     if platform.machine() == "x86_64":
         with open("/proc/cpuinfo") as f:
             flags = next(line for line in f if line.startswith("flags")).split()
-        assert (isa.level == "avx512") == all(f"avx512{x}" in flags for x in ("f", "bw", "dq", "vl", "cd"))
+        assert (isa.level == "avx512") == all(
+            f"avx512{x}" in flags for x in ("f", "bw", "dq", "vl", "cd")
+        )
 
 
 # -- the choice: a pure function of (ISA, the library's kernel, the environment) --
 
-@pytest.mark.parametrize("isa, library_kernel, expected", [
-    (AVX512_BF16, "Prescott", "SkylakeX"),
-    (AVX512, "Prescott", "SkylakeX"),
-    (AVX512, "Nehalem", "SkylakeX"),
-    (AVX512, "Sandybridge", "SkylakeX"),
-    (AVX512, "Haswell", None),
-    (AVX512, "Zen", None),
-    (AVX512_BF16, "Cooperlake", None),
-    (AVX512, "SapphireRapids", None),
-    (AVX512, "SomeFutureLake", None),
-    (AVX512, None, None),
-    (AVX2, "Prescott", "Haswell"),
-    (AVX2, "Core2", "Haswell"),
-    (AVX2, "Barcelona", "Haswell"),
-    (AVX2, "Bulldozer", "Haswell"),
-    (AVX2, "Haswell", None),
-    (AVX2, "Zen", None),
-    (AVX, "Sandybridge", None),
-    (AVX, "Prescott", None),
-    (SSE, "Prescott", None),
-    (NEON_DP, "armv8", "NEOVERSEN1"),
-    (NEON, "ARMV8", "CORTEXA57"),
-    (SVE2, "armv8", "NEOVERSEN1"),
-    (NEON_DP, "neoversen1", None),
-    (SVE2, "neoversev1", None),
-    (POWER, "POWER8", None),
-])
+
+@pytest.mark.parametrize(
+    "isa, library_kernel, expected",
+    [
+        (AVX512_BF16, "Prescott", "SkylakeX"),
+        (AVX512, "Prescott", "SkylakeX"),
+        (AVX512, "Nehalem", "SkylakeX"),
+        (AVX512, "Sandybridge", "SkylakeX"),
+        (AVX512, "Haswell", None),
+        (AVX512, "Zen", None),
+        (AVX512_BF16, "Cooperlake", None),
+        (AVX512, "SapphireRapids", None),
+        (AVX512, "SomeFutureLake", None),
+        (AVX512, None, None),
+        (AVX2, "Prescott", "Haswell"),
+        (AVX2, "Core2", "Haswell"),
+        (AVX2, "Barcelona", "Haswell"),
+        (AVX2, "Bulldozer", "Haswell"),
+        (AVX2, "Haswell", None),
+        (AVX2, "Zen", None),
+        (AVX, "Sandybridge", None),
+        (AVX, "Prescott", None),
+        (SSE, "Prescott", None),
+        (NEON_DP, "armv8", "NEOVERSEN1"),
+        (NEON, "ARMV8", "CORTEXA57"),
+        (SVE2, "armv8", "NEOVERSEN1"),
+        (NEON_DP, "neoversen1", None),
+        (SVE2, "neoversev1", None),
+        (POWER, "POWER8", None),
+    ],
+)
 def test_a_generic_kernel_is_replaced_and_a_good_one_left_alone(isa, library_kernel, expected):
     choice = blas.choose_coretype(isa, library_kernel, {})
     assert choice.coretype == expected
-    assert choice.reason.startswith("chosen by aimv2-mlx" if expected else "the library's own choice")
+    assert choice.reason.startswith(
+        "chosen by aimv2-mlx" if expected else "the library's own choice"
+    )
 
 
 @pytest.mark.parametrize("value", ["Prescott", "Haswell", "", "nonsense"])
-@pytest.mark.parametrize("isa, library_kernel", [(AVX512_BF16, "Prescott"), (AVX2, "Core2"), (NEON, "armv8")])
+@pytest.mark.parametrize(
+    "isa, library_kernel", [(AVX512_BF16, "Prescott"), (AVX2, "Core2"), (NEON, "armv8")]
+)
 def test_a_coretype_the_user_set_is_never_overridden(isa, library_kernel, value):
     choice = blas.choose_coretype(isa, library_kernel, {blas.CORETYPE_ENV: value, "HOME": "/x"})
     assert choice.coretype is None
@@ -144,7 +170,9 @@ def test_the_loader_leaves_a_user_coretype_in_place_without_probing(monkeypatch)
     monkeypatch.setattr(blas, "probe_library_kernel", lambda path: pytest.fail("probed"))
     blas._decide("/usr/lib/libopenblas.so.0")
     assert os.environ[blas.CORETYPE_ENV] == ""
-    assert blas.kernel_choice()["chosen"] is None and "set by the user" in blas.kernel_choice()["why"]
+    assert (
+        blas.kernel_choice()["chosen"] is None and "set by the user" in blas.kernel_choice()["why"]
+    )
 
 
 def test_the_loader_sets_the_chosen_coretype_before_loading(monkeypatch):
@@ -155,8 +183,11 @@ def test_the_loader_sets_the_chosen_coretype_before_loading(monkeypatch):
     monkeypatch.setattr(blas, "probe_library_kernel", lambda path: "Prescott")
     blas._decide("/usr/lib/libopenblas.so.0")
     assert os.environ[blas.CORETYPE_ENV] == "SkylakeX" == os.environ[blas.CHOSEN_ENV]
-    assert blas.kernel_choice() == {"library_kernel": "Prescott", "chosen": "SkylakeX",
-                                    "why": blas.choose_coretype(AVX512, "Prescott", {}).reason}
+    assert blas.kernel_choice() == {
+        "library_kernel": "Prescott",
+        "chosen": "SkylakeX",
+        "why": blas.choose_coretype(AVX512, "Prescott", {}).reason,
+    }
 
 
 def test_no_library_means_no_change(monkeypatch):
@@ -173,6 +204,7 @@ def test_no_library_means_no_change(monkeypatch):
 
 
 # -- the probe and its cache --
+
 
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
@@ -199,8 +231,12 @@ def test_the_probe_names_the_librarys_own_kernel_and_is_cached(cache_home, monke
     first = blas.probe_library_kernel(path)
     second = blas.probe_library_kernel(path)
     assert isinstance(first, str) and first == second and len(calls) == 1
-    reference = subprocess.run([sys.executable, "-c", blas._PROBE, path], capture_output=True, text=True,
-                               env={k: v for k, v in os.environ.items() if k != blas.CORETYPE_ENV})
+    reference = subprocess.run(
+        [sys.executable, "-c", blas._PROBE, path],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != blas.CORETYPE_ENV},
+    )
     assert json.loads(reference.stdout)["kernel"] == first
     assert next(iter(json.loads(cache_home.read_text()).values()))["kernel"] == first
 
@@ -230,8 +266,13 @@ def test_a_failed_probe_changes_nothing_and_is_not_cached(cache_home, monkeypatc
     fake.write_bytes(b"not a shared library")
     assert blas.probe_library_kernel(str(fake)) is None
     assert not cache_home.exists()
-    monkeypatch.setattr(blas.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(
-        subprocess.TimeoutExpired("probe", blas.PROBE_TIMEOUT_S)))
+    monkeypatch.setattr(
+        blas.subprocess,
+        "run",
+        lambda *a, **k: (_ for _ in ()).throw(
+            subprocess.TimeoutExpired("probe", blas.PROBE_TIMEOUT_S)
+        ),
+    )
     assert blas.probe_library_kernel(str(fake)) is None
 
 
@@ -253,6 +294,7 @@ def test_the_cache_key_follows_the_library_file(tmp_path):
 
 
 # -- loading for real, in fresh processes --
+
 
 @linux_with_openblas
 def test_without_a_user_coretype_the_kernel_the_rules_choose_is_loaded(tmp_path):
@@ -305,15 +347,20 @@ def test_the_chosen_coretype_takes_effect_in_the_library(tmp_path):
 
 @linux_with_openblas
 def test_a_user_coretype_is_loaded_as_set(tmp_path):
-    report = json.loads(_python(_loaded_kernel_script(), _env(tmp_path, OPENBLAS_CORETYPE="Prescott")).stdout)
+    report = json.loads(
+        _python(_loaded_kernel_script(), _env(tmp_path, OPENBLAS_CORETYPE="Prescott")).stdout
+    )
     assert report["kernel"] == "Prescott" and report["chosen"] is None
     assert not (tmp_path / "cache").exists()
 
 
 @linux_with_openblas
 def test_importing_mlx_first_warns_exactly_once(tmp_path):
-    late = _python("import mlx.core, aimv2_mlx\nfrom aimv2_mlx.cpu import blas\nblas.load_openblas()\n"
-                   "import aimv2_mlx.cpu\nprint(blas.library_path())", _env(tmp_path))
+    late = _python(
+        "import mlx.core, aimv2_mlx\nfrom aimv2_mlx.cpu import blas\nblas.load_openblas()\n"
+        "import aimv2_mlx.cpu\nprint(blas.library_path())",
+        _env(tmp_path),
+    )
     assert late.stderr.count("imported before aimv2_mlx") == 1
     assert len(late.stderr.strip().splitlines()) == 1 and late.stdout.strip() == "None"
     first = _python("import aimv2_mlx, mlx.core", _env(tmp_path))
@@ -323,14 +370,18 @@ def test_importing_mlx_first_warns_exactly_once(tmp_path):
 @linux_with_openblas
 def test_a_blas_preloaded_before_mlx_is_used_without_a_warning(tmp_path):
     path = blas.candidate_paths()[0]
-    done = _python("import numpy, mlx.core, aimv2_mlx\nfrom aimv2_mlx.cpu import blas\n"
-                   "print(blas.library_path(), blas.kernel_in_use())", _env(tmp_path, LD_PRELOAD=path))
+    done = _python(
+        "import numpy, mlx.core, aimv2_mlx\nfrom aimv2_mlx.cpu import blas\n"
+        "print(blas.library_path(), blas.kernel_in_use())",
+        _env(tmp_path, LD_PRELOAD=path),
+    )
     preloaded, kernel = done.stdout.split()
     assert "imported before" not in done.stderr
     assert os.path.realpath(preloaded) == os.path.realpath(path) and kernel != "None"
 
 
 # -- after loading: threads, reports --
+
 
 @linux_with_openblas
 def test_blas_threads_can_be_read_set_and_restored():
@@ -347,8 +398,11 @@ def test_blas_threads_can_be_read_set_and_restored():
 def test_a_blas_that_is_not_openblas_reports_no_kernel(monkeypatch):
     import ctypes.util
 
-    monkeypatch.setattr(blas, "_state", {**blas._fresh_state(), "openblas": ctypes.util.find_library("m"),
-                                         "reason": "loaded"})
+    monkeypatch.setattr(
+        blas,
+        "_state",
+        {**blas._fresh_state(), "openblas": ctypes.util.find_library("m"), "reason": "loaded"},
+    )
     monkeypatch.setattr(blas, "compare_gemm", lambda size: (100.0, 100.0))
     assert blas.kernel_in_use() is None and blas.library_config() is None
     assert blas.get_blas_threads() is None and blas.set_blas_threads(1) is False
@@ -386,21 +440,30 @@ def test_info_says_when_the_library_ignored_the_chosen_coretype(monkeypatch):
 
 @linux_with_openblas
 def test_info_json_reports_isa_kernel_and_both_gemms(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "info", "--json"], capture_output=True,
-                          text=True, env={**os.environ, blas.DISABLE_ENV: "0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", "info", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, blas.DISABLE_ENV: "0"},
+    )
     report = json.loads(done.stdout)["backend"]
     assert report["isa"] == str(blas.cpu_isa())
     assert report["blas"].startswith("OpenBLAS") and report["blas_kernel"] == blas.kernel_in_use()
     assert report["mlx_gemm_gflops"] > blas.SLOW_GFLOPS and report["numpy_gemm_gflops"] > 1
-    assert report["mlx_vs_numpy"] == pytest.approx(report["mlx_gemm_gflops"] / report["numpy_gemm_gflops"],
-                                                   abs=0.01)
+    assert report["mlx_vs_numpy"] == pytest.approx(
+        report["mlx_gemm_gflops"] / report["numpy_gemm_gflops"], abs=0.01
+    )
     assert ("warning" in report) == (report["mlx_vs_numpy"] < blas.SLOW_RATIO)
 
 
 @linux_with_openblas
 def test_info_warns_when_the_reference_blas_is_live():
-    slow = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "info"], capture_output=True,
-                          text=True, env={**os.environ, blas.DISABLE_ENV: "1"})
+    slow = subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", "info"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, blas.DISABLE_ENV: "1"},
+    )
     assert slow.returncode == 0
     assert "bundled reference BLAS" in slow.stdout and "blas_kernel: n/a" in slow.stdout
     assert "warning" in slow.stderr and "slow reference BLAS" in slow.stderr
@@ -425,8 +488,9 @@ def _run(code: str, *args, disable: bool) -> subprocess.CompletedProcess:
     env.pop(blas.DISABLE_ENV, None)
     if disable:
         env[blas.DISABLE_ENV] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    )
 
 
 @linux_with_openblas
@@ -471,7 +535,9 @@ def test_info_measures_the_gemm_at_the_blas_threads_the_process_started_with(mon
 
     started = blas.get_blas_threads()
     seen = []
-    monkeypatch.setattr(blas, "compare_gemm", lambda size: (seen.append(blas.get_blas_threads()), (1.0, 1.0))[1])
+    monkeypatch.setattr(
+        blas, "compare_gemm", lambda size: (seen.append(blas.get_blas_threads()), (1.0, 1.0))[1]
+    )
     settings.tune()
     tuned = blas.get_blas_threads()
     blas.describe()

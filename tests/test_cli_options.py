@@ -11,10 +11,10 @@ import click
 import mlx.core as mx
 import numpy as np
 import pytest
+from aimv2_mlx.cli.app import command
 from click.testing import CliRunner
 
 import aimv2_mlx
-from aimv2_mlx.cli.app import command
 from aimv2_mlx.layers import block_indices
 from aimv2_mlx.probe import ProbeSettings
 
@@ -36,6 +36,7 @@ def labelled(tmp_path) -> Path:
 
 
 # item 4: block indices never wrap
+
 
 def test_block_indices_outside_the_depth_are_refused_naming_the_depth():
     assert block_indices((0, -1, -4, 3), 4) == [0, 3, 0, 3]
@@ -66,24 +67,28 @@ def test_probe_blocks_out_of_range_are_one_line_before_any_output(labelled, tmp_
 
 # item 5: numbers checked before any work
 
-@pytest.mark.parametrize("args, flag", [
-    (["data", "shapes", "{out}", "--n", "-5"], "--n -5"),
-    (["data", "shapes", "{out}", "--n", "0"], "--n 0"),
-    (["data", "shapes", "{out}", "--size", "5"], "--size 5"),
-    (["pretrain", "{data}", "-o", "{out}", "--steps", "0"], "--steps 0"),
-    (["pretrain", "{data}", "-o", "{out}", "-b", "0"], "--batch-size 0"),
-    (["pretrain", "{data}", "-o", "{out}", "--lr", "0"], "--lr 0"),
-    (["pretrain", "{data}", "-o", "{out}", "--context-length", "1"], "--context-length 1"),
-    (["embed", "{data}", "-o", "{out}", "--max-megapixels", "0"], "--max-megapixels 0"),
-    (["embed", "{data}", "-o", "{out}", "-b", "0"], "--batch-size 0"),
-    (["embed", "{data}", "-o", "{out}", "--workers", "-1"], "--workers -1"),
-    (["embed", "{data}", "-o", "{out}", "--shard-size", "0"], "--shard-size 0"),
-    (["probe", "{data}", "-o", "{out}", "--val-fraction", "1.5"], "--val-fraction 1.5"),
-    (["probe", "{data}", "-o", "{out}", "--epochs", "0"], "--epochs 0"),
-    (["classify", "{data}", "-o", "{out}", "--top-k", "0"], "--top-k 0"),
-    (["convert", "{data}", "{out}", "-q", "3"], "--q-bits 3"),
-    (["tokenizer", "train", "{data}", "-o", "{out}", "--vocab-size", "0"], "--vocab-size 0"),
-])
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["data", "shapes", "{out}", "--n", "-5"], "--n -5"),
+        (["data", "shapes", "{out}", "--n", "0"], "--n 0"),
+        (["data", "shapes", "{out}", "--size", "5"], "--size 5"),
+        (["pretrain", "{data}", "-o", "{out}", "--steps", "0"], "--steps 0"),
+        (["pretrain", "{data}", "-o", "{out}", "-b", "0"], "--batch-size 0"),
+        (["pretrain", "{data}", "-o", "{out}", "--lr", "0"], "--lr 0"),
+        (["pretrain", "{data}", "-o", "{out}", "--context-length", "1"], "--context-length 1"),
+        (["embed", "{data}", "-o", "{out}", "--max-megapixels", "0"], "--max-megapixels 0"),
+        (["embed", "{data}", "-o", "{out}", "-b", "0"], "--batch-size 0"),
+        (["embed", "{data}", "-o", "{out}", "--workers", "-1"], "--workers -1"),
+        (["embed", "{data}", "-o", "{out}", "--shard-size", "0"], "--shard-size 0"),
+        (["probe", "{data}", "-o", "{out}", "--val-fraction", "1.5"], "--val-fraction 1.5"),
+        (["probe", "{data}", "-o", "{out}", "--epochs", "0"], "--epochs 0"),
+        (["classify", "{data}", "-o", "{out}", "--top-k", "0"], "--top-k 0"),
+        (["convert", "{data}", "{out}", "-q", "3"], "--q-bits 3"),
+        (["tokenizer", "train", "{data}", "-o", "{out}", "--vocab-size", "0"], "--vocab-size 0"),
+    ],
+)
 def test_a_number_out_of_range_is_one_line_and_nothing_is_made(tmp_path, args, flag):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
@@ -103,6 +108,7 @@ def test_write_shapes_refuses_no_images_and_tiny_sides(tmp_path):
 
 # item 7: ordinary inputs and raw library messages
 
+
 def test_embed_takes_a_single_image_file_as_the_image_to_embed(tmp_path):
     out = tmp_path / "vectors"
     result = run_cli("embed", PHOTO, "-o", out, "-m", "bundled")
@@ -115,18 +121,24 @@ def test_embed_takes_a_single_image_file_as_the_image_to_embed(tmp_path):
 
 
 def test_probe_of_one_image_says_what_a_probe_needs_and_makes_no_folder(tmp_path):
-    one_line_error(run_cli("probe", PHOTO, "-o", tmp_path / "p", "-m", "bundled"), str(PHOTO), "path,label")
+    one_line_error(
+        run_cli("probe", PHOTO, "-o", tmp_path / "p", "-m", "bundled"), str(PHOTO), "path,label"
+    )
     assert not (tmp_path / "p").exists()
 
 
 def test_probe_of_a_binary_label_file_is_a_sentence_not_a_decode_error(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_bytes(PHOTO.read_bytes())
-    one_line_error(run_cli("probe", labels, "-o", tmp_path / "p", "-m", "bundled"), str(labels), "UTF-8")
+    one_line_error(
+        run_cli("probe", labels, "-o", tmp_path / "p", "-m", "bundled"), str(labels), "UTF-8"
+    )
 
 
 def test_blocks_that_are_not_numbers_are_a_sentence(labelled, tmp_path):
-    line = one_line_error(run_cli("probe", labelled, "-o", tmp_path / "p", "--blocks", "last"), "--blocks 'last'")
+    line = one_line_error(
+        run_cli("probe", labelled, "-o", tmp_path / "p", "--blocks", "last"), "--blocks 'last'"
+    )
     assert "invalid literal" not in line
 
 
@@ -137,6 +149,7 @@ def test_convert_of_an_image_says_it_is_not_a_checkpoint(tmp_path):
 
 
 # item 9: every path expands ~
+
 
 def test_probe_settings_take_a_str_cache_dir_with_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -151,9 +164,15 @@ def test_api_and_cli_paths_expand_tilde(tmp_path, monkeypatch):
     model = aimv2_mlx.load("bundled")
     summary = aimv2_mlx.embed_folder("~/photos", "~/out", model)
     vectors, _ = aimv2_mlx.read_embeddings("~/out")
-    assert summary.embedded == 1 and (tmp_path / "out" / "manifest.json").is_file() and vectors.shape[0] == 1
-    assert np.array_equal(np.asarray(aimv2_mlx.preprocess("~/photos/chelsea.jpg", model)),
-                          np.asarray(aimv2_mlx.preprocess(PHOTO, model)))
+    assert (
+        summary.embedded == 1
+        and (tmp_path / "out" / "manifest.json").is_file()
+        and vectors.shape[0] == 1
+    )
+    assert np.array_equal(
+        np.asarray(aimv2_mlx.preprocess("~/photos/chelsea.jpg", model)),
+        np.asarray(aimv2_mlx.preprocess(PHOTO, model)),
+    )
     result = run_cli("data", "shapes", "~/shapes", "--n", "2", "--size", "28")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "shapes" / "images").glob("*.png"))) == 2
@@ -163,6 +182,7 @@ def test_api_and_cli_paths_expand_tilde(tmp_path, monkeypatch):
 
 
 # item 16: help and version
+
 
 def _commands(group: click.Command, path: str = "aimv2"):
     yield path, group
@@ -175,7 +195,10 @@ def test_help_shows_no_python_types_and_every_option_has_help():
     for path, cmd in _commands(root):
         result = CliRunner().invoke(root, [*path.split()[1:], "--help"], terminal_width=200)
         assert result.exit_code == 0, (path, result.output)
-        assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>", result.output), (path, result.output)
+        assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>", result.output), (
+            path,
+            result.output,
+        )
         undocumented = [p.opts for p in cmd.params if p.param_type_name == "option" and not p.help]
         assert not undocumented, (path, undocumented)
 

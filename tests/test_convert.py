@@ -19,10 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from aimv2_mlx.convert import convert
 from mlx.utils import tree_flatten
 
 import aimv2_mlx
-from aimv2_mlx.convert import convert
 from aimv2_mlx.safetensors_io import read_header
 
 from .conftest import timm_key, tiny_config
@@ -47,13 +47,17 @@ def _ml_aim_state(hf: dict, channels_last: bool) -> dict:
             parts = [hf[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
             out[f"trunk.blocks.{block}.attn.qkv.weight"] = np.concatenate(parts, axis=0)
             continue
-        new = (key.replace("embeddings.patch_embed.", "preprocessor.patchifier.proj.")
-               .replace("embeddings.rms_norm.", "preprocessor.patchifier.norm.")
-               .replace("encoder.layers.", "trunk.blocks.")
-               .replace("rms_norm1", "norm_1").replace("rms_norm2", "norm_2")
-               .replace("attention.out_proj", "attn.proj")
-               .replace("ffn.gate_proj", "mlp.fc1").replace("ffn.up_proj", "mlp.fc3")
-               .replace("ffn.down_proj", "mlp.fc2"))
+        new = (
+            key.replace("embeddings.patch_embed.", "preprocessor.patchifier.proj.")
+            .replace("embeddings.rms_norm.", "preprocessor.patchifier.norm.")
+            .replace("encoder.layers.", "trunk.blocks.")
+            .replace("rms_norm1", "norm_1")
+            .replace("rms_norm2", "norm_2")
+            .replace("attention.out_proj", "attn.proj")
+            .replace("ffn.gate_proj", "mlp.fc1")
+            .replace("ffn.up_proj", "mlp.fc3")
+            .replace("ffn.down_proj", "mlp.fc2")
+        )
         if key == "rms_norm.weight":
             new = "trunk.post_trunk_norm.weight"
         if key == "embeddings.position_embedding.weight":
@@ -77,10 +81,15 @@ def _write_layouts(hf_folder: Path, root: Path) -> dict[str, Path]:
     save_file(ml_aim, folders["ml-aim-torch"] / "model.safetensors")
     folders["ml-aim-mlx"] = root / "ml-aim-mlx"
     folders["ml-aim-mlx"].mkdir()
-    save_file(_ml_aim_state(hf, channels_last=True), folders["ml-aim-mlx"] / "mlx_model.safetensors")
+    save_file(
+        _ml_aim_state(hf, channels_last=True), folders["ml-aim-mlx"] / "mlx_model.safetensors"
+    )
     folders["timm"] = root / "timm"
     folders["timm"].mkdir()
-    torch.save({timm_key(k): torch.from_numpy(v) for k, v in ml_aim.items()}, folders["timm"] / "pytorch_model.bin")
+    torch.save(
+        {timm_key(k): torch.from_numpy(v) for k, v in ml_aim.items()},
+        folders["timm"] / "pytorch_model.bin",
+    )
     return folders
 
 
@@ -119,8 +128,12 @@ def large(tmp_path_factory):
     expected = _torch_tokens(reference, pixels)
     del reference
     gc.collect()
-    yield {"folders": _write_layouts(root / "transformers", root), "pixels": pixels, "expected": expected,
-           "root": root}
+    yield {
+        "folders": _write_layouts(root / "transformers", root),
+        "pixels": pixels,
+        "expected": expected,
+        "root": root,
+    }
 
 
 @pytest.mark.slow
@@ -153,12 +166,21 @@ def test_quantized_large_keeps_photo_embeddings(large, tmp_path):
     sizes = {"fp32": _disk_bytes(full.path)}
     for bits, floor in ((8, 0.99), (4, 0.95)):
         quantized = convert(source, tmp_path / f"q{bits}", q_bits=bits)
-        assert json.loads((quantized.path / "config.json").read_text())["quantization"]["bits"] == bits
+        assert (
+            json.loads((quantized.path / "config.json").read_text())["quantization"]["bits"] == bits
+        )
         got = aimv2_mlx.embed(images, aimv2_mlx.load(quantized.path), batch_size=len(images))
-        cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+        cosine = (
+            (got * reference).sum(1)
+            / np.linalg.norm(got, axis=1)
+            / np.linalg.norm(reference, axis=1)
+        )
         sizes[f"q{bits}"] = _disk_bytes(quantized.path)
-        print(f"\n{bits}-bit: cosine over {len(images)} photos min {cosine.min():.5f} mean {cosine.mean():.5f}; "
-              f"on disk {sizes[f'q{bits}'] / 1e6:.1f} MB vs float32 {sizes['fp32'] / 1e6:.1f} MB")
+        print(
+            f"\n{bits}-bit: cosine over {len(images)} photos min {cosine.min():.5f} mean "
+            f"{cosine.mean():.5f}; "
+            f"on disk {sizes[f'q{bits}'] / 1e6:.1f} MB vs float32 {sizes['fp32'] / 1e6:.1f} MB"
+        )
         assert cosine.min() >= floor, f"{bits}-bit cosine {cosine.min()}"
     assert sizes["q4"] < sizes["q8"] < sizes["fp32"] / 3
 
@@ -182,12 +204,22 @@ def test_quantized_dequantized_cpu_path_equals_quantized_kernels(tmp_path, rng):
 @pytest.mark.slow
 def test_1b_shaped_checkpoint_is_recognised_from_shapes(tmp_path, rng, transformers_reference):
     """A 2-block copy of the AIMv2-1B config, with its config.json removed: all from shapes."""
-    reference = _hf_vision(tmp_path / "hf", hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-                           num_hidden_layers=2, image_size=336)
+    reference = _hf_vision(
+        tmp_path / "hf",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_attention_heads=16,
+        num_hidden_layers=2,
+        image_size=336,
+    )
     (tmp_path / "hf" / "config.json").unlink()
     result = convert(tmp_path / "hf", tmp_path / "out")
     vision = result.config.vision
-    assert (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) == (2048, 5632, 16)
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) == (
+        2048,
+        5632,
+        16,
+    )
     assert (vision.num_hidden_layers, vision.image_size, vision.is_native) == (2, 336, False)
     assert result.config.source["family"] == "1B"
     pixels = rng.standard_normal((1, 336, 336, 3)).astype(np.float32)
@@ -216,11 +248,25 @@ def _tiny_lit(folder: Path):
 
     torch.manual_seed(0)
     config = Aimv2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, use_head=True),
-        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=299),
-        projection_dim=32)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            eos_token_id=299,
+        ),
+        projection_dim=32,
+    )
     reference = Aimv2Model._from_config(config, attn_implementation="eager").eval()
     reference.save_pretrained(folder)
     (folder / "vocab.json").write_text("{}")
@@ -271,7 +317,9 @@ def test_sharded_output_has_an_index_and_loads(tmp_path, rng):
         assert (tmp_path / "out" / shard).stat().st_size <= 200_000 + 4096  # + header
     loaded = aimv2_mlx.load(tmp_path / "out")
     ours = dict(tree_flatten(loaded.parameters()))
-    assert all(np.array_equal(np.array(ours[k]), np.array(v)) for k, v in tree_flatten(model.parameters()))
+    assert all(
+        np.array_equal(np.array(ours[k]), np.array(v)) for k, v in tree_flatten(model.parameters())
+    )
     # load() adds the CPU kernels:
     x = mx.array(rng.standard_normal((1, 56, 56, 3)).astype(np.float32))
     np.testing.assert_allclose(np.array(loaded(x)), np.array(model(x)), rtol=1e-5, atol=1e-5)
@@ -281,10 +329,14 @@ def test_sharded_output_has_an_index_and_loads(tmp_path, rng):
 
 
 def _aimv2(*args, env_extra=None, prelude: str = "") -> subprocess.CompletedProcess:
-    code = (f"{prelude}\nfrom aimv2_mlx.cli.app import main\nimport sys\n"
-            "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()\n")
+    code = (
+        f"{prelude}\nfrom aimv2_mlx.cli.app import main\nimport sys\n"
+        "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env
+    )
 
 
 def _assert_clean_failure(result, tmp_path: Path, *needles: str) -> None:
@@ -294,7 +346,9 @@ def _assert_clean_failure(result, tmp_path: Path, *needles: str) -> None:
     for needle in needles:
         assert needle in line, line
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "temporary folder left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], (
+        "temporary folder left behind"
+    )
 
 
 def test_malicious_pth_is_refused_and_never_run(tmp_path):
@@ -306,13 +360,24 @@ def test_malicious_pth_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-def test_torch_saved_pth_converts_like_its_safetensors_twin_without_torch(tmp_path, transformers_reference):
+def test_torch_saved_pth_converts_like_its_safetensors_twin_without_torch(
+    tmp_path, transformers_reference
+):
     import torch
 
-    _hf_vision(tmp_path / "st", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=2, image_size=56)
+    _hf_vision(
+        tmp_path / "st",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+    )
     (tmp_path / "pth").mkdir()
-    state = {k: torch.from_numpy(v) for k, v in _read_safetensors(tmp_path / "st" / "model.safetensors").items()}
+    state = {
+        k: torch.from_numpy(v)
+        for k, v in _read_safetensors(tmp_path / "st" / "model.safetensors").items()
+    }
     torch.save(state, tmp_path / "pth" / "weights.pth")
     (tmp_path / "pth" / "config.json").write_bytes((tmp_path / "st" / "config.json").read_bytes())
     no_torch = "import sys; sys.modules['torch'] = None  # any import of torch now fails"
@@ -332,7 +397,9 @@ def _tiny_ml_aim(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
-@pytest.mark.parametrize("damage", ["missing", "extra", "shape", "truncated", "index-outside", "index-missing"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "extra", "shape", "truncated", "index-outside", "index-missing"]
+)
 def test_bad_checkpoint_fails_in_one_line_and_leaves_nothing(tmp_path, damage):
     src = tmp_path / "src"
     weights = _tiny_ml_aim(src)
@@ -352,7 +419,11 @@ def test_bad_checkpoint_fails_in_one_line_and_leaves_nothing(tmp_path, damage):
         (src / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
         needles = ["model.safetensors", "truncated"]
     else:
-        shard = "../elsewhere.safetensors" if damage == "index-outside" else "model-00002-of-00002.safetensors"
+        shard = (
+            "../elsewhere.safetensors"
+            if damage == "index-outside"
+            else "model-00002-of-00002.safetensors"
+        )
         weight_map = {k: "model.safetensors" for k in weights}
         weight_map[key] = shard
         (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -396,7 +467,10 @@ def test_official_name_converts_from_a_prefilled_cache(tmp_path, monkeypatch):
     result = convert(f"apple/{name}", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["name"] == name
-    assert config["source"]["origin"] == f"hf://apple/{name}" and config["source"]["revision"] == revision
+    assert (
+        config["source"]["origin"] == f"hf://apple/{name}"
+        and config["source"]["revision"] == revision
+    )
     assert result.config.source["layout"] == "ml-aim-mlx"
 
 
@@ -429,8 +503,14 @@ def test_verify_says_it_skips_without_torch(tmp_path):
 
 
 def test_verify_reports_difference_and_cosine(tmp_path, transformers_reference):
-    _hf_vision(tmp_path / "src", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=2, image_size=56)
+    _hf_vision(
+        tmp_path / "src",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+    )
     result = _aimv2("convert", tmp_path / "src", tmp_path / "out", "--verify", "-q", "8")
     assert result.returncode == 0, result.stderr
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("verify:"))
@@ -441,16 +521,33 @@ def test_verify_reports_difference_and_cosine(tmp_path, transformers_reference):
 
 
 def test_ml_aim_torch_lit_without_config_converts_with_head_overrides(tmp_path, rng):
-    """ml-aim's torch LiT layout (conv channels-first, no config.json): heads come from the flags."""
+    """ml-aim's torch LiT layout (conv channels-first, no config.json): heads come from the
+    flags.
+    """
     from aimv2_mlx.config import EncoderConfig, ModelConfig, TextConfig
 
     mx.random.seed(0)
     config = ModelConfig(
-        name="tiny-lit", projection_dim=32,
-        vision=EncoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                             image_size=56, use_head=True),
-        text=TextConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=16, eos_token_id=99))
+        name="tiny-lit",
+        projection_dim=32,
+        vision=EncoderConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            image_size=56,
+            use_head=True,
+        ),
+        text=TextConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=16,
+            eos_token_id=99,
+        ),
+    )
     model = aimv2_mlx.build(config)
     weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     key = "image_encoder.preprocessor.patchifier.proj.weight"
@@ -459,8 +556,13 @@ def test_ml_aim_torch_lit_without_config_converts_with_head_overrides(tmp_path, 
     (tmp_path / "src").mkdir()
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp_path / "src" / "model.safetensors")
-    result = convert(tmp_path / "src", tmp_path / "out", num_heads=2, text_num_heads=2, name="tiny-lit")
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in weights.items()},
+        tmp_path / "src" / "model.safetensors",
+    )
+    result = convert(
+        tmp_path / "src", tmp_path / "out", num_heads=2, text_num_heads=2, name="tiny-lit"
+    )
     assert result.config.source["layout"] == "ml-aim-torch" and result.config.is_lit
     converted = aimv2_mlx.load(tmp_path / "out")
     pixels = mx.array(rng.standard_normal((2, 56, 56, 3)).astype(np.float32))

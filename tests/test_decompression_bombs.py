@@ -39,7 +39,7 @@ def test_the_api_and_the_cli_refuse_the_same_bomb_for_the_same_reason(bombed, tm
     aimv2_mlx.embed_folder(bombed, tmp_path / "api", aimv2_mlx.load("bundled"))
     result = run_cli("embed", bombed, "-o", tmp_path / "cli", "-m", "bundled")
     assert result.exit_code == 0, result.output
-    assert Image.MAX_IMAGE_PIXELS == limit  # the CLI leaves Pillow's process-wide limit alone
+    assert limit == Image.MAX_IMAGE_PIXELS  # the CLI leaves Pillow's process-wide limit alone
     api, cli = _reasons(tmp_path / "api"), _reasons(tmp_path / "cli")
     assert set(api) == set(cli) == {"bomb.png"}
     assert api["bomb.png"] == cli["bomb.png"] and "megapixel limit" in api["bomb.png"]

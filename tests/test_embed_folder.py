@@ -1,4 +1,6 @@
-"""embed_folder on a hostile folder: every good image once and exact, every bad one listed; resume."""
+"""embed_folder on a hostile folder: every good image once and exact, every bad one listed;
+resume.
+"""
 
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ def messy(tmp_path_factory) -> Path:
     rgba = Image.fromarray(data.rocket()).convert("RGBA")
     rgba.putalpha(128)
     rgba.save(root / "rgba.png")
-    Image.fromarray(data.astronaut()).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
+    Image.fromarray(data.astronaut()).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        root / "palette.gif"
+    )
     Image.fromarray(data.coffee()).convert("CMYK").save(root / "cmyk.jpg")
-    Image.fromarray((data.camera().astype(np.uint16) * 257)).save(root / "gray16.png")
+    Image.fromarray(data.camera().astype(np.uint16) * 257).save(root / "gray16.png")
     Image.fromarray(data.chelsea()).save(root / "nested" / "cat.webp")
     Image.fromarray(data.rocket()).save(root / "nested" / "rocket.bmp")
     Image.fromarray(data.coffee()).save(root / "nested" / "coffee.tiff")
@@ -63,9 +67,23 @@ def messy(tmp_path_factory) -> Path:
 
 
 def _good_keys(root: Path) -> list[str]:
-    return sorted(["astronaut.jpg", "nested/deeper/coffee.png", "rotated.jpg", "rgba.png", "palette.gif",
-                   "cmyk.jpg", "gray16.png", "nested/cat.webp", "nested/rocket.bmp", "nested/coffee.tiff",
-                   "caf\\xe9.png", "linked/rocket.jpg"], key=lambda k: k.encode("utf-8", "surrogateescape"))
+    return sorted(
+        [
+            "astronaut.jpg",
+            "nested/deeper/coffee.png",
+            "rotated.jpg",
+            "rgba.png",
+            "palette.gif",
+            "cmyk.jpg",
+            "gray16.png",
+            "nested/cat.webp",
+            "nested/rocket.bmp",
+            "nested/coffee.tiff",
+            "caf\\xe9.png",
+            "linked/rocket.jpg",
+        ],
+        key=lambda k: k.encode("utf-8", "surrogateescape"),
+    )
 
 
 def test_messy_folder_every_good_image_once_every_bad_one_listed(messy, tmp_path):
@@ -74,16 +92,29 @@ def test_messy_folder_every_good_image_once_every_bad_one_listed(messy, tmp_path
     vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / "out")
     keys = metadata.column("path").to_pylist()
     assert keys == _good_keys(messy)
-    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()
+    ]
     assert {f["path"] for f in failures} == BAD and all(f["reason"] for f in failures)
     reasons = {f["path"]: f["reason"] for f in failures}
     assert "megapixel" in reasons["bomb.png"]
-    assert (summary.embedded, summary.failed, summary.images) == (len(keys), len(BAD), len(keys) + len(BAD))
+    assert (summary.embedded, summary.failed, summary.images) == (
+        len(keys),
+        len(BAD),
+        len(keys) + len(BAD),
+    )
     assert summary.shards == 4  # 16 inputs in shards of 5
     row = keys.index("rotated.jpg")
-    assert (metadata.column("width")[row].as_py(), metadata.column("height")[row].as_py()) == (300, 451)
+    assert (metadata.column("width")[row].as_py(), metadata.column("height")[row].as_py()) == (
+        300,
+        451,
+    )
     for key, vector in zip(keys, vectors, strict=True):
-        path = os.fsdecode(os.fsencode(messy) + b"/" + key.replace("\\xe9", "\udce9").encode("utf-8", "surrogateescape"))
+        path = os.fsdecode(
+            os.fsencode(messy)
+            + b"/"
+            + key.replace("\\xe9", "\udce9").encode("utf-8", "surrogateescape")
+        )
         single = np.array(model.embed(aimv2_mlx.preprocess(path, model)))[0]
         assert np.abs(single - vector).max() <= 1e-5, key
 
@@ -92,13 +123,19 @@ def test_formats_pools_and_dtypes_read_back_alike(messy, tmp_path):
     mlx_model = aimv2_mlx.build(tiny_config(head=True))
     reference = None
     for fmt in ("npy", "safetensors", "parquet"):
-        embed_folder(messy, tmp_path / fmt, mlx_model, pool="head", normalize=True, format=fmt, shard_size=7)
+        embed_folder(
+            messy, tmp_path / fmt, mlx_model, pool="head", normalize=True, format=fmt, shard_size=7
+        )
         vectors, metadata = aimv2_mlx.read_embeddings(tmp_path / fmt)
-        assert vectors.shape == (12, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        assert vectors.shape == (12, 64) and np.allclose(
+            np.linalg.norm(vectors, axis=1), 1, atol=1e-5
+        )
         if reference is None:
             reference = vectors
         assert np.array_equal(vectors, reference) and "embedding" not in metadata.column_names
-    embed_folder(messy, tmp_path / "tokens", mlx_model, pool="tokens", dtype="float16", format="parquet")
+    embed_folder(
+        messy, tmp_path / "tokens", mlx_model, pool="tokens", dtype="float16", format="parquet"
+    )
     tokens, _ = aimv2_mlx.read_embeddings(tmp_path / "tokens")
     assert tokens.shape == (12, 16, 64) and tokens.dtype == np.float16
 
@@ -121,7 +158,10 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(messy, tmp_path
     with pytest.raises(FileExistsError, match="model"):
         embed_folder(messy, out, aimv2_mlx.build(tiny_config()), shard_size=5)
     replaced = embed_folder(messy, out, model, shard_size=5, pool="tokens", overwrite=True)
-    assert replaced.shards_reused == 0 and json.loads((out / "manifest.json").read_text())["pool"] == "tokens"
+    assert (
+        replaced.shards_reused == 0
+        and json.loads((out / "manifest.json").read_text())["pool"] == "tokens"
+    )
 
 
 def test_heic_decodes_when_pillow_heif_is_installed(tmp_path):

@@ -49,11 +49,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _embed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "embed", *args, "-m", "bundled"],
-                          capture_output=True, text=True, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", "embed", *args, "-m", "bundled"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
 
 
-def test_overwrite_deletes_only_listed_files_never_a_webdataset_input_or_a_foreign_file(model, tmp_path):
+def test_overwrite_deletes_only_listed_files_never_a_webdataset_input_or_a_foreign_file(
+    model, tmp_path
+):
     photos = _photos(tmp_path / "photos")
     out = tmp_path / "out"
     embed_folder(photos, out, model, shard_size=2)
@@ -90,7 +96,10 @@ def test_embed_into_a_photo_folder_is_refused_in_one_line_and_writes_nothing(tmp
     before = _snapshot(photos)
     result = _embed(str(photos), "-o", str(photos), *extra)
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "not an aimv2 embed output folder" in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0
+        and "not an aimv2 embed output folder" in result.stderr
+    )
     assert str(photos) in result.stderr and "--overwrite" not in result.stderr
     assert _snapshot(photos) == before
 

@@ -130,7 +130,7 @@ def test_resolving_a_hub_id_lets_a_bug_in_the_hub_client_through(monkeypatch, tm
 
 def test_resolving_an_invalid_hub_id_is_a_model_not_found_error_naming_it(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(aimv2_mlx.model.ModelNotFoundError, match="a/b/c: .*not a valid hub id"):
+    with pytest.raises(aimv2_mlx.model.ModelNotFoundError, match=r"a/b/c: .*not a valid hub id"):
         aimv2_mlx.model.resolve("a/b/c")
 
 
@@ -148,12 +148,10 @@ def test_a_labels_file_that_is_not_text_is_one_line_naming_it(tmp_path):
 def test_a_usage_error_raised_inside_a_command_is_one_line_exit_1(capsys):
     import click
     import typer
-
     from aimv2_mlx.cli.errors import one_line_errors
 
-    with pytest.raises(typer.Exit) as stopped:
-        with one_line_errors():
-            raise click.BadParameter("--top-k 0: must be at least 1")
+    with pytest.raises(typer.Exit) as stopped, one_line_errors():
+        raise click.BadParameter("--top-k 0: must be at least 1")
     assert stopped.value.exit_code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert (

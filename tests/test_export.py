@@ -16,11 +16,11 @@ import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
+from aimv2_mlx.convert import convert
 
 import aimv2_mlx
-from aimv2_mlx.config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
-from aimv2_mlx.convert import convert
 from aimv2_mlx.checkpoint_io import open_checkpoint
+from aimv2_mlx.config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
 from aimv2_mlx.export_card import licence_of
 from aimv2_mlx.export_formats import foreign_plan, write_tensors
 from aimv2_mlx.train.export import export
@@ -285,8 +285,7 @@ def _round_trip(source: Path, fmt: str, root: Path) -> None:
     export(source, root / fmt, fmt)
     convert(root / fmt, root / f"{fmt}-back")
     assert (
-        aimv2_mlx.load(root / f"{fmt}-back").config.vision
-        == aimv2_mlx.load(source).config.vision
+        aimv2_mlx.load(root / f"{fmt}-back").config.vision == aimv2_mlx.load(source).config.vision
     )
     before = mx.load(str(source / "model.safetensors"))
     after = mx.load(str(root / f"{fmt}-back" / "model.safetensors"))

@@ -13,11 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from aimv2_mlx.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
 import aimv2_mlx
-from aimv2_mlx.cli.app import app
 from aimv2_mlx.probe import ProbeClassifier, probe
 
 from .test_probe import _image_folder, _settings
@@ -40,7 +40,9 @@ def test_embed_on_a_full_disk_names_the_shard_it_could_not_write(tmp_path, monke
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "photos" / "a.png")
     monkeypatch.setattr(np, "save", _full)
-    result = CliRunner().invoke(app, ["embed", str(tmp_path / "photos"), "-o", str(tmp_path / "out"), "-m", "bundled"])
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "photos"), "-o", str(tmp_path / "out"), "-m", "bundled"]
+    )
     _one_line_exit_1(result, "shard-00000.npy", "the disk is full")
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
 
@@ -50,9 +52,32 @@ def test_pretrain_on_a_full_disk_names_the_checkpoint_file(tmp_path, monkeypatch
 
     data = write_shapes(tmp_path / "data", 4, size=28)
     monkeypatch.setattr(mx, "save_safetensors", _full)
-    result = CliRunner().invoke(app, ["pretrain", str(data), "-o", str(tmp_path / "run"), "--width", "32", "--depth",
-                                      "1", "--heads", "2", "--image-size", "28", "--steps", "1", "--no-compile",
-                                      "-b", "2", "--vocab-size", "60", "--context-length", "8"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            str(data),
+            "-o",
+            str(tmp_path / "run"),
+            "--width",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--image-size",
+            "28",
+            "--steps",
+            "1",
+            "--no-compile",
+            "-b",
+            "2",
+            "--vocab-size",
+            "60",
+            "--context-length",
+            "8",
+        ],
+    )
     _one_line_exit_1(result, "the disk is full", "step-00000001")
 
 
@@ -66,8 +91,21 @@ def test_probe_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
         return real_write_text(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_for_probe_json)
-    result = CliRunner().invoke(app, ["probe", str(data), "-o", str(tmp_path / "out"), "-m", "bundled",
-                                      "--heads", "linear", "--cache-dir", str(tmp_path / "cache")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "probe",
+            str(data),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            "bundled",
+            "--heads",
+            "linear",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     _one_line_exit_1(result, "probe.json", "the disk is full")
 
 
@@ -85,18 +123,33 @@ def test_a_damaged_feature_cache_entry_is_a_miss_and_is_rewritten(tmp_path):
     assert all(entry.stat().st_size > 100 for entry in entries)
 
 
-@pytest.mark.parametrize("tamper", ['{"format": "aimv2-mlx-probe"', '{"heads": 3}', '{"classes": ["a"], "heads": {}}',
-                                    '{"classes": ["a", "b"], "model": {"load": null}, "features": {"blocks": null}, '
-                                    '"heads": {"linear": {"file": "../../etc/passwd"}}}'])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        '{"format": "aimv2-mlx-probe"',
+        '{"heads": 3}',
+        '{"classes": ["a"], "heads": {}}',
+        '{"classes": ["a", "b"], "model": {"load": null}, "features": {"blocks": null}, '
+        '"heads": {"linear": {"file": "../../etc/passwd"}}}',
+    ],
+)
 def test_a_tampered_probe_json_is_one_line(tmp_path, tamper):
     model = aimv2_mlx.load("bundled")
     data = _image_folder(tmp_path / "data", per_class=4)
-    probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear",)), log=lambda m: None)
+    probe(
+        data,
+        tmp_path / "out",
+        model,
+        settings=_settings(tmp_path, heads=("linear",)),
+        log=lambda m: None,
+    )
     (tmp_path / "out" / "probe.json").write_text(tamper)
     with pytest.raises(ValueError, match=r"probe\.json"):
         ProbeClassifier(tmp_path / "out", model=model)
     Image.new("RGB", (30, 30), (200, 30, 30)).save(tmp_path / "red.png")
-    result = CliRunner().invoke(app, ["classify", str(tmp_path / "red.png"), "--probe", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["classify", str(tmp_path / "red.png"), "--probe", str(tmp_path / "out")]
+    )
     _one_line_exit_1(result, "probe.json")
 
 
@@ -119,5 +172,7 @@ def test_a_corrupt_tar_member_in_pretrain_is_replaced_and_listed(tmp_path):
     source = load_captioned(tmp_path / "00000.tar")
     tok = train_tokenizer(source.captions(), 64, 10)
     record = pretrain(source, tmp_path / "run", tiny_run(tok, steps=4), tok, echo=lambda *_: None)
-    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()
+    ]
     assert record["skipped"] == 1 and [f["sample"] for f in failures] == ["00000.tar:0003.png"]

@@ -23,8 +23,13 @@ ENV = {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _aimv2(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 def _png(colour, size=(40, 32)) -> bytes:
@@ -41,7 +46,15 @@ def test_a_fifo_named_png_is_never_opened_by_embed(tmp_path):
     (tmp_path / "list.txt").write_text("photos/good.png\nphotos/pipe.png\n")
     result = _aimv2("embed", str(photos), "-o", str(tmp_path / "out"), "-m", "bundled", timeout=60)
     assert result.returncode == 0 and "embedded 1 of 1" in result.stdout, result.stderr
-    listed = _aimv2("embed", str(tmp_path / "list.txt"), "-o", str(tmp_path / "listed"), "-m", "bundled", timeout=60)
+    listed = _aimv2(
+        "embed",
+        str(tmp_path / "list.txt"),
+        "-o",
+        str(tmp_path / "listed"),
+        "-m",
+        "bundled",
+        timeout=60,
+    )
     assert listed.returncode == 0 and "embedded 1 of 2" in listed.stdout, listed.stderr
     assert "skipped photos/pipe.png: cannot read (not a regular file)" in listed.stderr
 
@@ -54,10 +67,32 @@ def test_a_fifo_named_png_is_never_opened_by_pretrain(tmp_path):
         (data / f"{i}.txt").write_text(f"square number {i}")
     os.mkfifo(data / "pipe.png")
     (data / "pipe.txt").write_text("a pipe")
-    (tmp_path / "list.csv").write_text("path,caption\n" + "".join(f"data/{i}.png,square {i}\n" for i in range(4))
-                                       + "data/pipe.png,a pipe\n")
-    tiny = ["--width", "32", "--depth", "1", "--heads", "2", "--image-size", "28", "--decoder-depth", "1",
-            "-b", "5", "--no-compile", "--context-length", "8", "--vocab-size", "60", "--steps", "1"]
+    (tmp_path / "list.csv").write_text(
+        "path,caption\n"
+        + "".join(f"data/{i}.png,square {i}\n" for i in range(4))
+        + "data/pipe.png,a pipe\n"
+    )
+    tiny = [
+        "--width",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--image-size",
+        "28",
+        "--decoder-depth",
+        "1",
+        "-b",
+        "5",
+        "--no-compile",
+        "--context-length",
+        "8",
+        "--vocab-size",
+        "60",
+        "--steps",
+        "1",
+    ]
     for source, run in ((data, "run"), (tmp_path / "list.csv", "listed")):
         result = _aimv2("pretrain", str(source), "-o", str(tmp_path / run), *tiny, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -65,7 +100,9 @@ def test_a_fifo_named_png_is_never_opened_by_pretrain(tmp_path):
 
 
 def _webdataset(folder: Path, shards: int = 2, per_shard: int = 24) -> dict[str, np.ndarray]:
-    """Real img2dataset-style tars (KEY.jpg, KEY.txt, KEY.json) of distinct images; their pixels by caption."""
+    """Real img2dataset-style tars (KEY.jpg, KEY.txt, KEY.json) of distinct images; their pixels
+    by caption.
+    """
     from skimage import data
 
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
@@ -74,13 +111,16 @@ def _webdataset(folder: Path, shards: int = 2, per_shard: int = 24) -> dict[str,
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
-                image = photos[i % 4][i:i + 96, i:i + 128]
+                image = photos[i % 4][i : i + 96, i : i + 128]
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, "PNG")
                 caption = f"sample {key}"
                 expected[caption] = image
-                for name, blob in ((f"{key}.png", buffer.getvalue()), (f"{key}.txt", caption.encode()),
-                                   (f"{key}.json", b"{}")):
+                for name, blob in (
+                    (f"{key}.png", buffer.getvalue()),
+                    (f"{key}.txt", caption.encode()),
+                    (f"{key}.json", b"{}"),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
                     tar.addfile(info, io.BytesIO(blob))
@@ -108,12 +148,19 @@ def test_pretrain_on_webdataset_tars_runs_in_every_trial(tmp_path):
     tok = train_tokenizer(source.captions(), 64, 10)
     for trial in range(4):
         config = tiny_run(tok, batch_size=8, seed=trial)
-        threaded, serial = BatchPlan(source, tok, config, workers=4), BatchPlan(source, tok, config, workers=1)
+        threaded, serial = (
+            BatchPlan(source, tok, config, workers=4),
+            BatchPlan(source, tok, config, workers=1),
+        )
         for step in range(4):
-            assert np.array_equal(threaded.step(step).micro[0].pixels, serial.step(step).micro[0].pixels)
+            assert np.array_equal(
+                threaded.step(step).micro[0].pixels, serial.step(step).micro[0].pixels
+            )
 
 
-def test_a_65535x1_png_resizes_only_what_the_crop_keeps_under_a_one_gib_address_space_limit(tmp_path):
+def test_a_65535x1_png_resizes_only_what_the_crop_keeps_under_a_one_gib_address_space_limit(
+    tmp_path,
+):
     strip = tmp_path / "strip.png"
     Image.new("RGB", (65535, 1), (200, 30, 40)).save(strip)
     code = textwrap.dedent("""
@@ -131,9 +178,14 @@ def test_a_65535x1_png_resizes_only_what_the_crop_keeps_under_a_one_gib_address_
         except ImageError as exc:
             print("native refused:", exc)
     """)
-    result = subprocess.run([sys.executable, "-c", code, str(strip)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(strip)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("(224, 224, 3)") == 2 and "native refused: 65535x1 is too elongated" in result.stdout
+    assert (
+        result.stdout.count("(224, 224, 3)") == 2
+        and "native refused: 65535x1 is too elongated" in result.stdout
+    )
 
 
 @pytest.mark.parametrize("size", [(2400, 60), (50, 1900)])
@@ -144,7 +196,9 @@ def test_a_long_strip_crops_as_resizing_the_whole_strip_would(size):
 
     image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BILINEAR)
     for shortest, crop, rounding in ((224, 224, "floor"), (256, 224, "round")):
-        whole = np.asarray(center_crop(resize_shortest(image, shortest), crop, rounding)).astype(int)
+        whole = np.asarray(center_crop(resize_shortest(image, shortest), crop, rounding)).astype(
+            int
+        )
         boxed = np.asarray(resize_then_crop(image, shortest, crop, rounding)).astype(int)
         assert boxed.shape == whole.shape and np.abs(boxed - whole).max() <= 8
         assert np.abs(boxed - whole).mean() < 0.5
@@ -156,8 +210,16 @@ def test_a_megabyte_token_in_a_caption_is_cut_before_tokenizer_training(tmp_path
     for i in range(3):
         (data / f"{i}.png").write_bytes(_png((10, 60 * i, 10)))
         (data / f"{i}.txt").write_text("a small red square" if i else "x" + "ab" * 500_000)
-    result = _aimv2("tokenizer", "train", str(data), "-o", str(tmp_path / "tok.json"), "--vocab-size", "80",
-                    timeout=60)
+    result = _aimv2(
+        "tokenizer",
+        "train",
+        str(data),
+        "-o",
+        str(tmp_path / "tok.json"),
+        "--vocab-size",
+        "80",
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "cut 1 captions to 1000 characters" in result.stdout
 

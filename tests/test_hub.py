@@ -29,11 +29,19 @@ def _closed_port() -> int:
 
 def _offline_aimv2(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, float]:
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+    )
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     return result, time.perf_counter() - started
 
 
@@ -76,26 +84,43 @@ def test_resolving_a_hub_id_gives_up_on_a_stalled_hub_within_two_seconds(tmp_pat
     assert time.perf_counter() - started < hub.REACH_TIMEOUT_S + 0.5
 
 
-@pytest.mark.parametrize("args, fix", [
-    (("info", "apple/aimv2-large-patch14-224"), "-m bundled"),
-    (("classify", str(PHOTOS), "--zero-shot", "cat,dog", "-m", "apple/aimv2-large-patch14-224-lit"),
-     "-m a local LiT folder"),
-])
+@pytest.mark.parametrize(
+    "args, fix",
+    [
+        (("info", "apple/aimv2-large-patch14-224"), "-m bundled"),
+        (
+            (
+                "classify",
+                str(PHOTOS),
+                "--zero-shot",
+                "cat,dog",
+                "-m",
+                "apple/aimv2-large-patch14-224-lit",
+            ),
+            "-m a local LiT folder",
+        ),
+    ],
+)
 def test_offline_hub_models_fail_fast_in_one_line_naming_the_fix(tmp_path, args, fix):
     result, seconds = _offline_aimv2(tmp_path, *args)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: apple/aimv2-large-patch14-224"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: apple/aimv2-large-patch14-224"), (
+        result.stderr
+    )
     assert fix in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
     assert seconds < 10  # huggingface-hub alone retries for ~24 s
 
 
-@pytest.mark.parametrize("args", [("embed", "-o", "VECTORS"),
-                                  ("classify", "--zero-shot", "cat,dog")])
+@pytest.mark.parametrize(
+    "args", [("embed", "-o", "VECTORS"), ("classify", "--zero-shot", "cat,dog")]
+)
 def test_offline_default_model_falls_back_to_bundled_fast_in_one_line(tmp_path, args):
     args = [str(tmp_path / "vectors") if arg == "VECTORS" else arg for arg in args]
     result, seconds = _offline_aimv2(tmp_path, args[0], str(PHOTOS), *args[1:])
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "embedding" not in line]
-    assert len(notes) == 1 and "bundled" in notes[0] and "HF_HUB_OFFLINE=1" in notes[0], result.stderr
+    assert len(notes) == 1 and "bundled" in notes[0] and "HF_HUB_OFFLINE=1" in notes[0], (
+        result.stderr
+    )
     assert seconds < 10

@@ -13,12 +13,12 @@ import warnings
 import zlib
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
 import aimv2_mlx  # noqa: F401  (before mlx)
-import mlx.core as mx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.data.sources import discover
 from aimv2_mlx.images import (
@@ -46,16 +46,21 @@ def rgb(path_or_image) -> np.ndarray:
 
 def skimage_photos() -> dict[str, np.ndarray]:
     data = pytest.importorskip("skimage.data")
-    astronaut, chelsea, coffee, rocket = data.astronaut(), data.chelsea(), data.coffee(), data.rocket()
+    astronaut, chelsea, coffee, rocket = (
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+    )
     return {
-        "astronaut": astronaut,                      # 512x512 square
-        "chelsea": chelsea,                          # 451x300 landscape
-        "coffee": coffee,                            # 600x400 landscape
+        "astronaut": astronaut,  # 512x512 square
+        "chelsea": chelsea,  # 451x300 landscape
+        "coffee": coffee,  # 600x400 landscape
         # 640x427: long side 335.7 -> 335, odd crop excess
         "rocket": rocket,
         "coffee-portrait": np.rot90(coffee).copy(),  # 400x600 portrait
-        "tall": astronaut[:, 150:351].copy(),         # 201x512, odd width
-        "small": chelsea[::3, ::3].copy(),           # 151x100: smaller than 224, upscaled
+        "tall": astronaut[:, 150:351].copy(),  # 201x512, odd width
+        "small": chelsea[::3, ::3].copy(),  # 151x100: smaller than 224, upscaled
     }
 
 
@@ -71,7 +76,9 @@ def photos():
 def test_clip_mode_matches_transformers_clip_image_processor(transformers_reference, photos, size):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
     config = PreprocessConfig.for_mode("clip", size)
     for name, array in photos.items():
         image = Image.fromarray(array)
@@ -91,7 +98,9 @@ def test_clip_mode_matches_processor_on_the_example_jpegs(transformers_reference
     batch = np.asarray(preprocess(files))
     for path, ours in zip(files, batch, strict=True):
         with Image.open(path) as image:
-            reference = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+            reference = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][
+                0
+            ]
         assert np.abs(ours.transpose(2, 0, 1) - reference).max() <= 1e-5, path.name
 
 
@@ -110,7 +119,9 @@ def test_clip_mode_uses_transformers_truncation_and_floor_crop(photos):
     """rocket (640x427) -> 335x224 (int(), not round: 336), crop offset 111 // 2 = 55 (not 56)."""
     image = Image.fromarray(photos["rocket"])
     resized = image.resize((335, 224), Image.Resampling.BICUBIC).crop((55, 0, 55 + 224, 224))
-    expected = (np.asarray(resized, np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+    expected = (np.asarray(resized, np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(
+        CLIP_STD
+    )
     ours = to_pixels(image, PreprocessConfig.for_mode("clip", 224))
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
@@ -142,7 +153,9 @@ def test_ml_aim_mode_matches_hand_computed_reference(photos, size):
         image = Image.fromarray(array)
         ours = to_pixels(open_image(image), config)
         assert ours.shape == (size, size, 3) and ours.dtype == np.float32
-        np.testing.assert_allclose(ours, ml_aim_reference(image, size), atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            ours, ml_aim_reference(image, size), atol=1e-5, rtol=0, err_msg=name
+        )
 
 
 def test_native_mode_keeps_aspect_with_patch_multiples(photos):
@@ -153,19 +166,24 @@ def test_native_mode_keeps_aspect_with_patch_multiples(photos):
         h, w, c = ours.shape
         assert c == 3 and h % 14 == 0 and w % 14 == 0, (name, ours.shape)
         scale = 224 / min(image.size)
-        assert abs(w - image.width * scale) <= 7 and abs(h - image.height * scale) <= 7, (name, ours.shape)
+        assert abs(w - image.width * scale) <= 7 and abs(h - image.height * scale) <= 7, (
+            name,
+            ours.shape,
+        )
         assert abs(min(h, w) - 224) <= 7
         resized = image.resize((w, h), Image.Resampling.BICUBIC)
-        expected = (np.asarray(resized, np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+        expected = (np.asarray(resized, np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(
+            CLIP_STD
+        )
         np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_native_size_examples():
     assert native_size(512, 512, 224, 14) == (224, 224)
-    assert native_size(451, 300, 224, 14) == (336, 224)   # 336.7 -> 24 patches
-    assert native_size(200, 512, 224, 14) == (224, 574)   # 573.4 -> 41 patches
+    assert native_size(451, 300, 224, 14) == (336, 224)  # 336.7 -> 24 patches
+    assert native_size(200, 512, 224, 14) == (224, 574)  # 573.4 -> 41 patches
     assert native_size(10, 5000, 224, 14) == (224, 112000)
-    assert native_size(5000, 3, 14, 14)[1] == 14          # never below one patch
+    assert native_size(5000, 3, 14, 14)[1] == 14  # never below one patch
 
 
 def test_preprocess_paths_give_a_float32_batch(tmp_path, photos):
@@ -189,7 +207,9 @@ def test_preprocess_modes_and_native_lists(photos):
     square, wide = Image.fromarray(photos["astronaut"]), Image.fromarray(photos["chelsea"])
     ml_aim = preprocess([square, wide], mode="ml-aim")
     assert isinstance(ml_aim, mx.array) and ml_aim.shape == (2, 224, 224, 3)
-    np.testing.assert_allclose(np.asarray(ml_aim[1]), ml_aim_reference(wide, 224), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(ml_aim[1]), ml_aim_reference(wide, 224), atol=1e-5, rtol=0
+    )
 
     same = preprocess([square, square.copy()], mode="native")
     assert isinstance(same, mx.array) and same.shape == (2, 224, 224, 3)
@@ -209,12 +229,14 @@ def test_preprocess_modes_and_native_lists(photos):
 
 
 def quadrants(width: int = 64, height: int = 32) -> np.ndarray:
-    """top-left red, top-right blue, bottom-left green, bottom-right white: asymmetric in x and y."""
+    """top-left red, top-right blue, bottom-left green, bottom-right white: asymmetric in x and
+    y.
+    """
     a = np.zeros((height, width, 3), np.uint8)
     a[: height // 2, : width // 2] = RED
-    a[: height // 2, width // 2:] = BLUE
-    a[height // 2:, : width // 2] = GREEN
-    a[height // 2:, width // 2:] = WHITE
+    a[: height // 2, width // 2 :] = BLUE
+    a[height // 2 :, : width // 2] = GREEN
+    a[height // 2 :, width // 2 :] = WHITE
     return a
 
 
@@ -222,7 +244,7 @@ def away_from_edges(image: np.ndarray, margin: int) -> np.ndarray:
     """Pixels whose (2 margin + 1)-square neighbourhood is one colour."""
     h, w, _ = image.shape
     keep = np.zeros((h, w), bool)
-    keep[margin:h - margin, margin:w - margin] = True
+    keep[margin : h - margin, margin : w - margin] = True
     for dy in range(-margin, margin + 1):
         for dx in range(-margin, margin + 1):
             shifted = np.roll(image, (dy, dx), axis=(0, 1))
@@ -273,7 +295,7 @@ def test_exif_orientation_of_an_in_memory_image(tmp_path):
         image.load()
         out = rgb(image)
     assert out.shape == (64, 32, 3)
-    assert np.abs(out[4:12, 4:12] - BLUE).max() <= 12    # top-left shows the stored top-right
+    assert np.abs(out[4:12, 4:12] - BLUE).max() <= 12  # top-left shows the stored top-right
 
 
 def test_grayscale_L(tmp_path):
@@ -335,7 +357,7 @@ def test_rgba_composites_onto_white(tmp_path):
     expected = a[..., :3] * alpha + 255 * (1 - alpha)
     assert np.abs(out - expected).max() <= 1
     np.testing.assert_array_equal(out[0, 0], (127, 127, 255))  # half-transparent blue on white
-    np.testing.assert_array_equal(out[0, 1], WHITE)            # fully transparent black -> white
+    np.testing.assert_array_equal(out[0, 1], WHITE)  # fully transparent black -> white
 
 
 def test_la_composites_onto_white(tmp_path):
@@ -357,13 +379,16 @@ def test_transparency_colour_key_goes_white(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".tif"])
-@pytest.mark.parametrize("cmyk, expected", [
-    ((255, 0, 0, 0), (0, 255, 255)),    # cyan
-    ((0, 255, 0, 0), (255, 0, 255)),    # magenta
-    ((0, 0, 255, 0), (255, 255, 0)),    # yellow
-    ((0, 0, 0, 255), (0, 0, 0)),        # black
-    ((0, 0, 0, 0), (255, 255, 255)),    # paper
-])
+@pytest.mark.parametrize(
+    "cmyk, expected",
+    [
+        ((255, 0, 0, 0), (0, 255, 255)),  # cyan
+        ((0, 255, 0, 0), (255, 0, 255)),  # magenta
+        ((0, 0, 255, 0), (255, 255, 0)),  # yellow
+        ((0, 0, 0, 255), (0, 0, 0)),  # black
+        ((0, 0, 0, 0), (255, 255, 255)),  # paper
+    ],
+)
 def test_cmyk(tmp_path, suffix, cmyk, expected):
     path = tmp_path / f"cmyk{suffix}"
     Image.new("CMYK", (16, 16), cmyk).save(path)
@@ -377,11 +402,14 @@ SIXTEEN = np.array([[0, 257, 1000, 32767], [32768, 50000, 65280, 65535]], np.uin
 SIXTEEN_8 = np.array([[0, 1, 4, 127], [128, 195, 254, 255]])  # round(v / 65535 * 255)
 
 
-@pytest.mark.parametrize("name, array", [
-    ("g16.png", SIXTEEN),
-    ("g16.tif", SIXTEEN),
-    ("g16be.tif", SIXTEEN.astype(">u2")),
-])
+@pytest.mark.parametrize(
+    "name, array",
+    [
+        ("g16.png", SIXTEEN),
+        ("g16.tif", SIXTEEN),
+        ("g16be.tif", SIXTEEN.astype(">u2")),
+    ],
+)
 def test_sixteen_bit_grayscale_scales_not_clips(tmp_path, name, array):
     Image.fromarray(array).save(tmp_path / name)
     with Image.open(tmp_path / name) as raw:
@@ -403,11 +431,17 @@ def write_png_rgb16(path: Path, array: np.ndarray) -> None:
     raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_sixteen_bit_rgb_png(tmp_path):

@@ -46,7 +46,7 @@ def make_folder(root: Path, count: int, per_folder: int = 50) -> list[Path]:
 
 def by_path(folder: Path) -> dict[str, np.ndarray]:
     index = open_index(folder)
-    return dict(zip(index.paths, np.asarray(index.vectors)))
+    return dict(zip(index.paths, np.asarray(index.vectors), strict=True))
 
 
 def test_an_update_embeds_new_and_changed_files_and_finds_a_renamed_folder_by_content(

@@ -94,7 +94,8 @@ def test_attention_output_and_swiglu_linears_are_xavier_in_both_trunks(large_ini
     _check_uniform(_gather(large_init, lambda k: k.endswith("attn.proj.weight")), xavier(D, D))
     for name in ("fc1", "fc2", "fc3"):
         _check_uniform(
-            _gather(large_init, lambda k: k.endswith(f"mlp.{name}.weight")), xavier(HIDDEN, D)
+            _gather(large_init, lambda k, name=name: k.endswith(f"mlp.{name}.weight")),
+            xavier(HIDDEN, D),
         )
 
 

@@ -78,7 +78,9 @@ def test_silu_mul_matches_nn_silu():
 
 
 def test_silu_mul_extreme_gates():
-    gate = mx.array([-1e4, -150.0, -89.0, -88.0, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 87.0, 88.0, 150.0, 1e4])
+    gate = mx.array(
+        [-1e4, -150.0, -89.0, -88.0, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 87.0, 88.0, 150.0, 1e4]
+    )
     up = mx.full(gate.shape, 1.5)
     expected = _np(nn.silu(gate) * up)
     got = _np(kernels.silu_mul(gate, up))
@@ -87,7 +89,9 @@ def test_silu_mul_extreme_gates():
 
 
 def _silu_grads(fn, gate, up, cotangent):
-    return [_np(g) for g in mx.grad(lambda g, u: (fn(g, u) * cotangent).sum(), argnums=(0, 1))(gate, up)]
+    return [
+        _np(g) for g in mx.grad(lambda g, u: (fn(g, u) * cotangent).sum(), argnums=(0, 1))(gate, up)
+    ]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -104,7 +108,9 @@ def test_silu_mul_gradients_match_nn_silu(compiled):
 
 
 def test_silu_mul_gradients_at_extreme_gates_are_finite_and_exact():
-    gate = mx.array([-1e4, -150.0, -89.0, -88.0, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 87.0, 88.0, 150.0, 1e4])
+    gate = mx.array(
+        [-1e4, -150.0, -89.0, -88.0, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 87.0, 88.0, 150.0, 1e4]
+    )
     up = mx.full(gate.shape, 1.5)
     ones = mx.ones(gate.shape)
     got = _silu_grads(kernels.silu_mul, gate, up, ones)
@@ -191,8 +197,12 @@ def test_qkv_attention_gradient_with_large_logits_and_masked_rows():
     mask = prefix_mask(mx.array([1]), N)
     cotangent = mx.random.normal((B, N, D), key=mx.random.key(17))
     additive = modules.additive(mask, N, mx.float32)
-    got = _np(mx.grad(lambda x: (kernels.qkv_attention(x, H, 1.0, additive) * cotangent).sum())(qkv))
-    expected = _np(mx.grad(lambda x: (_plain_qkv_attention(x, H, 1.0, mask) * cotangent).sum())(qkv))
+    got = _np(
+        mx.grad(lambda x: (kernels.qkv_attention(x, H, 1.0, additive) * cotangent).sum())(qkv)
+    )
+    expected = _np(
+        mx.grad(lambda x: (_plain_qkv_attention(x, H, 1.0, mask) * cotangent).sum())(qkv)
+    )
     assert np.all(np.isfinite(got))
     assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
 
@@ -207,13 +217,18 @@ def test_qkv_attention_on_row_blocks_equals_whole_sequence_forward_and_gradient(
         return kernels.qkv_attention(x, H, 0.3, mask)
 
     def rows(x):
-        blocks = [kernels.qkv_attention(x[:, a:b], H, 0.3, mask[..., a:b, :], kv=x) for a, b in ((0, 8), (8, N))]
+        blocks = [
+            kernels.qkv_attention(x[:, a:b], H, 0.3, mask[..., a:b, :], kv=x)
+            for a, b in ((0, 8), (8, N))
+        ]
         return mx.concatenate(blocks, axis=1)
 
     # Equal to float32 rounding: BLAS may block a GEMM differently for each shape (measured up
     # to 3e-7 on values near 2 with OpenBLAS on an AVX-512 machine).
     np.testing.assert_allclose(_np(rows(qkv)), _np(whole(qkv)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_np(whole(qkv)), _np(_plain_qkv_attention(qkv, H, 0.3, mask)), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        _np(whole(qkv)), _np(_plain_qkv_attention(qkv, H, 0.3, mask)), rtol=1e-5, atol=2e-6
+    )
     grads = [_np(mx.grad(lambda x, f=f: (f(x) * cotangent).sum())(qkv)) for f in (rows, whole)]
     assert np.max(np.abs(grads[0] - grads[1])) <= 1e-5 * np.max(np.abs(grads[1]))
 
@@ -230,7 +245,13 @@ def tiny_model():
     for name, value in tree_flatten(model.parameters()):
         fan_in = value.shape[-1] if value.ndim > 1 else 1
         scale = 0.2 if value.ndim == 1 else fan_in**-0.5
-        new.append((name, mx.random.normal(value.shape, key=next(keys)) * scale + (1.0 if value.ndim == 1 else 0.0)))
+        new.append(
+            (
+                name,
+                mx.random.normal(value.shape, key=next(keys)) * scale
+                + (1.0 if value.ndim == 1 else 0.0),
+            )
+        )
     model.load_weights(new)
     mx.eval(model.parameters())
     return model
@@ -256,7 +277,12 @@ def test_apply_swaps_every_piece_and_remove_restores_the_plain_classes(tiny_mode
     cpu.apply(tiny_model, streams=())
     swapped = {name: type(m) for name, m in tiny_model.named_modules()}
     assert all(swapped[n] is modules.SWAPS[plain[n]] for n in plain if plain[n] in modules.SWAPS)
-    assert {modules.CPUAttention, modules.CPUSwiGLU, modules.CPUBlock, modules.CPUTransformer} <= set(swapped.values())
+    assert {
+        modules.CPUAttention,
+        modules.CPUSwiGLU,
+        modules.CPUBlock,
+        modules.CPUTransformer,
+    } <= set(swapped.values())
     assert all(swapped[n] is plain[n] for n in plain if plain[n] not in modules.SWAPS)
     assert tree_flatten(tiny_model.parameters())  # still only arrays: streams are no parameters
     cpu.remove(tiny_model)
@@ -291,7 +317,9 @@ def test_split_over_streams_matches_single_stream(tiny_model, batch, prefix, mon
 
 
 @pytest.mark.parametrize("batch", [4, 3])
-def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(tiny_model, batch, monkeypatch):
+def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(
+    tiny_model, batch, monkeypatch
+):
     images = mx.random.normal((batch, 56, 56, 3), key=mx.random.key(19))
     lengths = mx.array([5, 1, 12, 3][:batch])
     monkeypatch.setattr(modules, "MIN_SPLIT_ROWS", 1)
@@ -317,7 +345,9 @@ def test_compiled_forward_equals_eager(tiny_model, pixels):
 
 def test_non_float32_uses_native_ops(tiny_model, pixels):
     cpu.apply(tiny_model, streams=())
-    reference = _np(cpu.remove(tiny_model).set_dtype(mx.bfloat16) or tiny_model(pixels.astype(mx.bfloat16)))
+    reference = _np(
+        cpu.remove(tiny_model).set_dtype(mx.bfloat16) or tiny_model(pixels.astype(mx.bfloat16))
+    )
     out = cpu.apply(tiny_model, streams=())(pixels.astype(mx.bfloat16))
     assert out.dtype == mx.bfloat16 and np.array_equal(_np(out), reference)
 

@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
-from aimv2_mlx.l3m import open_training_checkpoint
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
+from aimv2_mlx.l3m import open_training_checkpoint
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.batches import BatchPlan
 from aimv2_mlx.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -65,7 +65,7 @@ def to_l3m(tree: dict[str, mx.array]) -> dict:
         if key.endswith("patchifier.proj.weight"):
             array = array.transpose(0, 3, 1, 2)  # (O, kH, kW, I) -> torch's (O, I, kH, kW)
         names = l3m_name(key)
-        for name, part in zip(names, np.split(array, len(names), axis=0)):
+        for name, part in zip(names, np.split(array, len(names), axis=0), strict=True):
             out[name] = torch.from_numpy(np.ascontiguousarray(part))
     return out
 
@@ -186,9 +186,18 @@ def test_other_entries_holding_arbitrary_classes_leave_the_model_part_loadable_w
     )
     assert not marker.exists()
     notes = []
-    pretrain(shapes[0], tmp_path / "run", tiny(shapes[1]), shapes[1], init_from=path, until=1,
-             echo=notes.append)
-    assert any("globals were refused, not run" in n and "TrainingState" in n for n in map(str, notes))
+    pretrain(
+        shapes[0],
+        tmp_path / "run",
+        tiny(shapes[1]),
+        shapes[1],
+        init_from=path,
+        until=1,
+        echo=notes.append,
+    )
+    assert any(
+        "globals were refused, not run" in n and "TrainingState" in n for n in map(str, notes)
+    )
     assert not marker.exists()
 
 
@@ -272,7 +281,7 @@ def test_init_from_with_adamw_state_continues_as_resuming_the_run_it_came_from(t
     pretrain(source, tmp_path / "original", None, None, resume=True, until=5, echo=quiet)
     original, continued = _read_log(tmp_path / "original"), _read_log(tmp_path / "continued")
     assert [r["step"] for r in continued] == [4, 5]
-    for mine, theirs in zip(continued, original[3:]):
+    for mine, theirs in zip(continued, original[3:], strict=True):
         for key in ("loss", "loss_pixel", "loss_text", "lr"):
             assert abs(mine[key] - theirs[key]) <= 1e-5 * abs(theirs[key]), key
 

@@ -51,9 +51,12 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, str, int]]]:
         name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
         relative = path.relative_to(root).as_posix()
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        in_functions = {id(sub) for node in ast.walk(tree)
-                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-                        for sub in ast.walk(node)}
+        in_functions = {
+            id(sub)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            for sub in ast.walk(node)
+        }
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
@@ -75,8 +78,9 @@ def test_no_library_module_imports_the_cli_or_the_converter():
 
 def test_function_local_imports_are_only_the_listed_lazy_ones():
     _, local = scan(LIBRARY)
-    unexplained = [f"{file}:{line}: {module}" for file, module, line in local
-                   if (file, module) not in LAZY]
+    unexplained = [
+        f"{file}:{line}: {module}" for file, module, line in local if (file, module) not in LAZY
+    ]
     assert unexplained == []
     assert set(LAZY) <= {(file, module) for file, module, _ in local}, "a listed import is gone"
 
@@ -93,12 +97,17 @@ def test_the_scan_sees_a_converter_import_a_local_import_and_a_type_checking_blo
         "    from .weights import Recipe\n"
         "def load():\n"
         "    from .train.checkpoint import latest_checkpoint\n"
-        "    return lambda: __import__('json')\n")
+        "    return lambda: __import__('json')\n"
+    )
     forbidden, local = scan(package)
-    assert forbidden == ["model.py:2: aimv2_mlx.convert.checkpoint",
-                         "probe/__init__.py:1: aimv2_mlx.cli"]
-    assert local == [("model.py", "aimv2_mlx.train.checkpoint", 6),
-                     ("model.py", "TYPE_CHECKING", 3)]
+    assert forbidden == [
+        "model.py:2: aimv2_mlx.convert.checkpoint",
+        "probe/__init__.py:1: aimv2_mlx.cli",
+    ]
+    assert local == [
+        ("model.py", "aimv2_mlx.train.checkpoint", 6),
+        ("model.py", "TYPE_CHECKING", 3),
+    ]
 
 
 PLAIN_CHECKOUT = """
@@ -118,8 +127,14 @@ print(aimv2_mlx.__file__, model.config.name, type(model).__name__, outside)
 def test_the_library_loads_the_bundled_model_from_a_plain_copy_of_its_folder(tmp_path):
     shutil.copytree(LIBRARY, tmp_path / "aimv2_mlx", ignore=shutil.ignore_patterns("__pycache__"))
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    result = subprocess.run([sys.executable, "-I", "-c", PLAIN_CHECKOUT, str(tmp_path)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", PLAIN_CHECKOUT, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     file, name, kind, outside = result.stdout.split(maxsplit=3)
     assert Path(file) == tmp_path / "aimv2_mlx" / "__init__.py"

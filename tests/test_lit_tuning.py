@@ -200,7 +200,7 @@ def test_the_image_encoder_is_locked_and_its_features_come_from_the_embed_pipeli
     cached, table = aimv2_mlx.read_embeddings(run / "features")
     rows = {path: i for i, path in enumerate(table.column("path").to_pylist())}
     direct = aimv2_mlx.embed(images, encoder, pool="tokens")
-    for image, tokens in zip(images, direct):
+    for image, tokens in zip(images, direct, strict=True):
         np.testing.assert_allclose(cached[rows[str(image.resolve())]], tokens, atol=1e-6)
 
 
@@ -259,7 +259,7 @@ def test_the_cli_exports_a_lit_run_and_refuses_a_second_run_in_its_folder(straig
 
 
 def test_resuming_with_another_encoder_is_refused(straight, tmp_path):
-    data, run, _ = straight
+    data, _, _ = straight
     lit_tune(data, tmp_path / "run", tiny(steps=2, warmup_steps=1), echo=quiet)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     config["encoder_identity"]["weights_sha256"] = "0" * 16
@@ -336,7 +336,7 @@ def test_two_launched_ranks_train_as_one_process_with_twice_the_batch(straight, 
         for run in ("two", "one")
     ]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
-    for a, b in zip(*logs):
+    for a, b in zip(*logs, strict=True):
         for key in ("loss", "grad_norm", "logit_scale"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
     w_two, w_one = trained(tmp_path / "two"), trained(tmp_path / "one")
@@ -377,7 +377,7 @@ def test_the_bundled_model_classifies_colours_zero_shot_offline_without_a_model(
     top = {
         Path(r["image"]).name: r["top"][0]["label"] for r in json.loads(result.stdout)["results"]
     }
-    truth = {Path(p).name: COLORS[i] for p, i in zip(paths, labels["color"])}
+    truth = {Path(p).name: COLORS[i] for p, i in zip(paths, labels["color"], strict=True)}
     accuracy = np.mean([top[name] == truth[name] for name in truth])
     assert accuracy >= 0.6, accuracy  # chance is 1/6
 

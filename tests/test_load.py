@@ -42,7 +42,9 @@ def test_our_folder_round_trip(tmp_path, rng):
 
 
 def _timm_state(ours: dict) -> dict:
-    """Our keys rewritten by hand into timm's names (timm's aimv2 model names), torch conv layout."""
+    """Our keys rewritten by hand into timm's names (timm's aimv2 model names), torch conv
+    layout.
+    """
     out = {}
     for key, value in ours.items():
         value = np.array(value)
@@ -60,7 +62,9 @@ def test_layouts_are_detected_and_mapped(tmp_path):
     assert to_ours(ours).keys() == ours.keys()
 
     torch_layout = dict(ours)
-    torch_layout["preprocessor.patchifier.proj.weight"] = ours["preprocessor.patchifier.proj.weight"].transpose(0, 3, 1, 2)
+    torch_layout["preprocessor.patchifier.proj.weight"] = ours[
+        "preprocessor.patchifier.proj.weight"
+    ].transpose(0, 3, 1, 2)
     assert detect_layout(torch_layout) == ML_AIM_TORCH
     back = to_ours(torch_layout)
     assert all(np.array_equal(np.array(back[k]), np.array(ours[k])) for k in ours)
@@ -77,9 +81,16 @@ def test_transformers_folder_loads(tmp_path, rng, transformers_reference):
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
     torch.manual_seed(0)
-    reference = Aimv2VisionModel(Aimv2VisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=56, use_head=False)).eval()
+    reference = Aimv2VisionModel(
+        Aimv2VisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=False,
+        )
+    ).eval()
     reference.save_pretrained(tmp_path / "hf")
     model = aimv2_mlx.load(tmp_path / "hf")
     weights = {k: mx.array(v.numpy()) for k, v in reference.state_dict().items()}
@@ -124,7 +135,9 @@ def test_load_default_falls_back_to_bundled(tmp_path, monkeypatch, capsys):
     assert model.config.name == aimv2_mlx.load("bundled").config.name
     captured = capsys.readouterr()
     notice = captured.err.strip().splitlines()
-    assert len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]
+    assert (
+        len(notice) == 1 and "apple/aimv2-large-patch14-224" in notice[0] and "bundled" in notice[0]
+    )
     assert captured.out == ""  # stdout stays clean for machine-readable output
 
 

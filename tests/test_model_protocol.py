@@ -18,8 +18,9 @@ from .conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            image_size=56)
+TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=56
+)
 
 
 def _attention_pool(tokens: np.ndarray, head, heads: int) -> np.ndarray:
@@ -61,13 +62,19 @@ def test_head_pooling_is_the_attention_pool_head_and_blocks_average_raw_block_ou
     model = aimv2_mlx.VisionEncoder(EncoderConfig(**TINY, use_head=True))
     pixels = mx.array(rng.standard_normal((2, 56, 56, 3)).astype(np.float32))
     tokens = np.array(model(pixels))
-    np.testing.assert_allclose(np.array(model.image_features(pixels, "head")),
-                               _attention_pool(tokens, model.head, 2), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(model.image_features(pixels, "head")),
+        _attention_pool(tokens, model.head, 2),
+        atol=1e-5,
+    )
     np.testing.assert_allclose(np.array(model.image_features(pixels, "tokens")), tokens, atol=0)
     _, outputs = model.forward_features(pixels, feature_blocks=(0, 1))
     blocks = np.mean([np.array(o) for o in outputs], axis=0)
-    np.testing.assert_allclose(np.array(model.image_features(pixels, "mean", blocks=(0, -1))),
-                               blocks.mean(axis=1), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(model.image_features(pixels, "mean", blocks=(0, -1))),
+        blocks.mean(axis=1),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="unknown pool 'max'"):
         model.image_features(pixels, "max")
     with pytest.raises(ValueError, match="no attention-pooling head"):
@@ -76,10 +83,22 @@ def test_head_pooling_is_the_attention_pool_head_and_blocks_average_raw_block_ou
 
 def test_a_lit_model_pools_through_its_image_tower_and_projects_its_head(rng):
     mx.random.seed(2)
-    text = TextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=8, eos_token_id=63)
-    config = ModelConfig(name="tiny-lit", vision=EncoderConfig(**TINY, use_head=True), text=text,
-                         projection_dim=16, preprocess=PreprocessConfig.for_mode("clip", 56))
+    text = TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=8,
+        eos_token_id=63,
+    )
+    config = ModelConfig(
+        name="tiny-lit",
+        vision=EncoderConfig(**TINY, use_head=True),
+        text=text,
+        projection_dim=16,
+        preprocess=PreprocessConfig.for_mode("clip", 56),
+    )
     model = aimv2_mlx.build(config)
     assert model.kind == "LiT (image + text)" and model.config is config and model.location is None
     pixels = mx.array(rng.standard_normal((2, 56, 56, 3)).astype(np.float32))
@@ -111,13 +130,20 @@ def _outside_patches_and_kind_tests(folder: Path) -> list[str]:
         where = path.relative_to(folder.parent)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             for target in node.targets if isinstance(node, ast.Assign) else []:
-                if (isinstance(target, ast.Attribute) and target.attr in PATCHED
-                        and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr in PATCHED
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+                ):
                     found.append(f"{where}:{node.lineno}: sets .{target.attr}")
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                    and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2
-                    and isinstance(node.args[1], ast.Constant)
-                    and node.args[1].value in KIND_ATTRIBUTES):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("hasattr", "getattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in KIND_ATTRIBUTES
+            ):
                 found.append(f"{where}:{node.lineno}: {node.func.id}({node.args[1].value!r})")
     return found
 
@@ -133,7 +159,10 @@ def test_the_patch_scan_sees_an_outside_patch_and_an_attribute_dispatch(tmp_path
         "encoder.model_config = config\n"
         "self.config = config\n"
         "where = getattr(model, 'location', None)\n"
-        "out = model.encode_image(p) if hasattr(model, 'encode_image') else model.pool(p)\n")
+        "out = model.encode_image(p) if hasattr(model, 'encode_image') else model.pool(p)\n"
+    )
     assert _outside_patches_and_kind_tests(tmp_path / "code") == [
-        "code/sample.py:1: sets .model_config", "code/sample.py:3: getattr('location')",
-        "code/sample.py:4: hasattr('encode_image')"]
+        "code/sample.py:1: sets .model_config",
+        "code/sample.py:3: getattr('location')",
+        "code/sample.py:4: hasattr('encode_image')",
+    ]

@@ -26,9 +26,15 @@ def _models(seed=0, vocab=23, context=6):
     vision = tiny_config().vision
     encoder = VisionEncoder(vision)
     encoder.preprocessor.pos_embed = mx.random.normal(encoder.preprocessor.pos_embed.shape) * 0.02
-    dcfg = DecoderConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=vocab, context_length=context)
-    decoder = MultimodalDecoder(dcfg, vision.hidden_size, vision.patch_size ** 2 * 3)
+    dcfg = DecoderConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab,
+        context_length=context,
+    )
+    decoder = MultimodalDecoder(dcfg, vision.hidden_size, vision.patch_size**2 * 3)
     decoder.cls = mx.random.normal(decoder.cls.shape)
     decoder.text_pos_embed = mx.random.normal(decoder.text_pos_embed.shape) * 0.1
     return encoder, decoder
@@ -45,6 +51,7 @@ def _batch(rng, B=3, size=56, vocab=23, context=6):
 
 # --- NumPy references -------------------------------------------------------------------------
 
+
 def np_patchify(pixels, p):
     B, H, W, C = pixels.shape
     gw = W // p
@@ -55,7 +62,9 @@ def np_patchify(pixels, p):
                 for i in range(p):
                     for j in range(p):
                         for c in range(C):
-                            out[b, row * gw + col, (i * p + j) * C + c] = pixels[b, row * p + i, col * p + j, c]
+                            out[b, row * gw + col, (i * p + j) * C + c] = pixels[
+                                b, row * p + i, col * p + j, c
+                            ]
     return out
 
 
@@ -89,6 +98,7 @@ def np_text_loss(logits, ids, ignore):
 
 
 # --- pieces -----------------------------------------------------------------------------------
+
 
 def test_prefix_mask_matches_numpy():
     prefix = np.array([1, 5, 15])
@@ -133,20 +143,36 @@ def test_text_loss_alignment_and_ignored_ids(rng):
 
 # --- the whole objective on a tiny model ------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", objective.OBJECTIVES)
 def test_objective_matches_numpy_on_tiny_model(rng, name):
     encoder, decoder = _models()
     pixels, ids, prefix = _batch(rng)
     weights = objective.LossWeights(0.4, 1.0)
-    ps, ts = objective.loss_sums(encoder, decoder, mx.array(pixels), mx.array(ids), mx.array(prefix), name, IGNORE)
-    total, lp, lt = objective.combine(ps, ts, objective.pixel_count(prefix, 16), objective.text_count(ids, IGNORE),
-                                      objective.used_weights(name, weights))
+    ps, ts = objective.loss_sums(
+        encoder, decoder, mx.array(pixels), mx.array(ids), mx.array(prefix), name, IGNORE
+    )
+    total, lp, lt = objective.combine(
+        ps,
+        ts,
+        objective.pixel_count(prefix, 16),
+        objective.text_count(ids, IGNORE),
+        objective.used_weights(name, weights),
+    )
     # reference: the models' raw outputs, every loss step in NumPy
-    tokens = encoder(mx.array(pixels), prefix_lengths=None if name == "caption" else mx.array(prefix))
+    tokens = encoder(
+        mx.array(pixels), prefix_lengths=None if name == "caption" else mx.array(prefix)
+    )
     pred, logits = decoder(tokens, mx.array(ids))
     want_p = np_pixel_loss(np.array(pred), np_normalize(np_patchify(pixels, 14)), prefix)
     want_t = np_text_loss(np.array(logits), ids, IGNORE)
-    want_p, want_t = (want_p, 0.0) if name == "image" else (0.0, want_t) if name == "caption" else (want_p, want_t)
+    want_p, want_t = (
+        (want_p, 0.0)
+        if name == "image"
+        else (0.0, want_t)
+        if name == "caption"
+        else (want_p, want_t)
+    )
     np.testing.assert_allclose(lp.item(), want_p, rtol=1e-4)
     np.testing.assert_allclose(lt.item(), want_t, rtol=1e-4)
     w = {"multimodal": (0.4, 1.0), "image": (0.4, 0.0), "caption": (0.0, 1.0)}[name]
@@ -182,12 +208,16 @@ class FrozenEncoder(nn.Module):
 
 def test_prefix_pixels_do_not_enter_pixel_loss_except_through_encoder(rng):
     encoder, decoder = _models()
-    frozen = FrozenEncoder(mx.array(rng.normal(size=(3, 16, 64)).astype(np.float32)), encoder.config)
+    frozen = FrozenEncoder(
+        mx.array(rng.normal(size=(3, 16, 64)).astype(np.float32)), encoder.config
+    )
     pixels, ids, prefix = _batch(rng)
     prefix = np.array([5, 5, 5], dtype=np.int32)
 
     def l_pixel(px):
-        ps, _ = objective.loss_sums(frozen, decoder, mx.array(px), mx.array(ids), mx.array(prefix), "image", IGNORE)
+        ps, _ = objective.loss_sums(
+            frozen, decoder, mx.array(px), mx.array(ids), mx.array(prefix), "image", IGNORE
+        )
         return ps.item()
 
     base = l_pixel(pixels)
@@ -200,8 +230,12 @@ def test_prefix_pixels_do_not_enter_pixel_loss_except_through_encoder(rng):
     counted[:, 14:28, 42:56] += 3.0 * rng.normal(size=(3, 14, 14, 3)).astype(np.float32)
     assert l_pixel(counted) != pytest.approx(base, rel=1e-5)
     # the real encoder does see the prefix pixels
-    real = objective.loss_sums(encoder, decoder, mx.array(in_prefix), mx.array(ids), mx.array(prefix), "image", IGNORE)
-    ref = objective.loss_sums(encoder, decoder, mx.array(pixels), mx.array(ids), mx.array(prefix), "image", IGNORE)
+    real = objective.loss_sums(
+        encoder, decoder, mx.array(in_prefix), mx.array(ids), mx.array(prefix), "image", IGNORE
+    )
+    ref = objective.loss_sums(
+        encoder, decoder, mx.array(pixels), mx.array(ids), mx.array(prefix), "image", IGNORE
+    )
     assert abs(real[0].item() - ref[0].item()) > 1e-6
 
 
@@ -213,13 +247,24 @@ def test_gradients_reach_the_encoder(rng, name):
     both.encoder, both.decoder = encoder, decoder
 
     def loss(_):
-        ps, ts = objective.loss_sums(both.encoder, both.decoder, mx.array(pixels), mx.array(ids), mx.array(prefix),
-                                     name, IGNORE)
+        ps, ts = objective.loss_sums(
+            both.encoder,
+            both.decoder,
+            mx.array(pixels),
+            mx.array(ids),
+            mx.array(prefix),
+            name,
+            IGNORE,
+        )
         return objective.combine(ps, ts, 10, 10, objective.LossWeights())[0]
 
     grads = nn.value_and_grad(both, loss)(None)[1]
     flat = dict(tree_flatten(grads["encoder"]))
-    for key in ("preprocessor.patchifier.proj.weight", "trunk.blocks.0.attn.qkv.weight",
-                "trunk.blocks.1.mlp.fc2.weight", "preprocessor.pos_embed"):
+    for key in (
+        "preprocessor.patchifier.proj.weight",
+        "trunk.blocks.0.attn.qkv.weight",
+        "trunk.blocks.1.mlp.fc2.weight",
+        "preprocessor.pos_embed",
+    ):
         assert np.abs(np.array(flat[key])).max() > 0, key
     assert all(np.isfinite(np.array(g)).all() for g in flat.values())

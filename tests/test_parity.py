@@ -33,7 +33,9 @@ def _compare_vision(reference, model, pixels: np.ndarray) -> None:
 
     depth = len(model.trunk.blocks)
     with torch.inference_mode():
-        expected = reference(torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
+        expected = reference(
+            torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True
+        )
     tokens, features = model.forward_features(mx.array(pixels), feature_blocks=tuple(range(depth)))
     assert tokens.shape == tuple(expected.last_hidden_state.shape)
     assert np.abs(np.array(tokens) - expected.last_hidden_state.numpy()).max() <= TOL
@@ -90,7 +92,7 @@ def test_lit_matches_transformers(tmp_path, transformers_reference, rng):
     ids[:, 0] = 49406
     for row, eos_at in enumerate((5, 20, 76)):
         ids[row, eos_at] = 49407
-        ids[row, eos_at + 1:] = 0
+        ids[row, eos_at + 1 :] = 0
     with torch.inference_mode():
         expected = reference(
             input_ids=torch.from_numpy(ids),
@@ -113,8 +115,16 @@ def test_text_tower_is_causal(rng):
     from aimv2_mlx.config import TextConfig
     from aimv2_mlx.lit import TextEncoder
 
-    encoder = TextEncoder(TextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, eos_token_id=99))
+    encoder = TextEncoder(
+        TextConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            eos_token_id=99,
+        )
+    )
     ids = rng.integers(0, 99, size=(1, 16))
     changed = ids.copy()
     changed[0, 9:] = (changed[0, 9:] + 1) % 99

@@ -16,7 +16,9 @@ def _rms(x, w, eps=1e-5):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _reference_forward(params: dict, pixels: np.ndarray, prefix: list[int] | None, heads: int) -> np.ndarray:
+def _reference_forward(
+    params: dict, pixels: np.ndarray, prefix: list[int] | None, heads: int
+) -> np.ndarray:
     """The encoder written out in NumPy float64: patchify, blocks with plain softmax attention."""
     p = params
     B, H, W, C = pixels.shape
@@ -35,7 +37,11 @@ def _reference_forward(params: dict, pixels: np.ndarray, prefix: list[int] | Non
                     allowed[b, q, k] = k <= q or k < length
     depth = len({k.split(".")[2] for k in p if k.startswith("trunk.blocks.")})
     for i in range(depth):
-        blk = {k.split(f"trunk.blocks.{i}.")[1]: v for k, v in p.items() if k.startswith(f"trunk.blocks.{i}.")}
+        blk = {
+            k.split(f"trunk.blocks.{i}.")[1]: v
+            for k, v in p.items()
+            if k.startswith(f"trunk.blocks.{i}.")
+        }
         h = _rms(x, blk["norm_1.weight"])
         q, k, v = np.split(h @ blk["attn.qkv.weight"].T, 3, axis=-1)
         split = lambda t: t.reshape(B, N, heads, D // heads).transpose(0, 2, 1, 3)  # noqa: E731
@@ -75,7 +81,10 @@ def test_no_prefix_is_bidirectional(rng):
     model, params = _model_and_params()
     pixels = rng.standard_normal((2, 56, 56, 3)).astype(np.float32)
     ours = np.array(model(mx.array(pixels)))
-    assert np.abs(ours - _reference_forward(params, pixels.astype(np.float64), None, heads=2)).max() <= 1e-5
+    assert (
+        np.abs(ours - _reference_forward(params, pixels.astype(np.float64), None, heads=2)).max()
+        <= 1e-5
+    )
     # A prefix covering every patch is the same as no mask; a shorter one is not.
     full = np.array(model(mx.array(pixels), prefix_lengths=mx.array([16, 16])))
     assert np.abs(full - ours).max() <= 1e-6

@@ -1,4 +1,6 @@
-"""Training: optimizer settings vs NumPy, exact resume, exact accumulation, compiled == eager, export."""
+"""Training: optimizer settings vs NumPy, exact resume, exact accumulation, compiled == eager,
+export.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.objective import pixel_count, text_count
 from aimv2_mlx.tokenizer import train_tokenizer
-from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.batches import MicroBatch, StepBatch
+from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.export import export_encoder
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
 from aimv2_mlx.train.optimizer import build_optimizer, decays, schedule
@@ -33,9 +35,15 @@ def shapes(tmp_path_factory):
 
 
 def tiny_run(tokenizer, **overrides) -> PretrainConfig:
-    values = dict(encoder=EncoderConfig(32, 2, 2, 64, image_size=28),
-                  decoder=DecoderConfig(32, 1, 2, 64, tokenizer.vocab_size, 10),
-                  batch_size=4, steps=20, log_every=1, checkpoint_every=1000, compile=False)
+    values = dict(
+        encoder=EncoderConfig(32, 2, 2, 64, image_size=28),
+        decoder=DecoderConfig(32, 1, 2, 64, tokenizer.vocab_size, 10),
+        batch_size=4,
+        steps=20,
+        log_every=1,
+        checkpoint_every=1000,
+        compile=False,
+    )
     values.update(overrides)
     # a warmup longer than the run is refused
     values.setdefault("warmup_steps", min(3, values["steps"]))
@@ -46,25 +54,39 @@ def weights_of(run):
     folder = sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
     encoder = mx.load(str(folder / "encoder" / "model.safetensors"))
     decoder = mx.load(str(folder / "decoder.safetensors"))
-    return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"decoder.{k}": v for k, v in decoder.items()}}
+    return {
+        **{f"encoder.{k}": v for k, v in encoder.items()},
+        **{f"decoder.{k}": v for k, v in decoder.items()},
+    }
 
 
 def assert_same_weights(a, b, rtol=0.0, atol=0.0):
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=rtol, atol=atol, err_msg=key)
+        np.testing.assert_allclose(
+            np.array(a[key]), np.array(b[key]), rtol=rtol, atol=atol, err_msg=key
+        )
 
 
 # --- optimizer --------------------------------------------------------------------------------
+
 
 def test_weight_decay_exclusions(shapes):
     _, tok = shapes
     model = build_pretrain_model(tiny_run(tok))
     flat = dict(tree_flatten(model.parameters()))
     excluded = {k for k, v in flat.items() if not decays(k, v)}
-    assert excluded == {k for k in flat if k.endswith("bias") or "norm" in k
-                        or k.split(".")[-1] in ("pos_embed", "text_pos_embed", "cls")}
-    assert "decoder.text_embedding.weight" not in excluded and "encoder.trunk.blocks.0.attn.qkv.weight" not in excluded
+    assert excluded == {
+        k
+        for k in flat
+        if k.endswith("bias")
+        or "norm" in k
+        or k.split(".")[-1] in ("pos_embed", "text_pos_embed", "cls")
+    }
+    assert (
+        "decoder.text_embedding.weight" not in excluded
+        and "encoder.trunk.blocks.0.attn.qkv.weight" not in excluded
+    )
 
 
 def test_schedule_warmup_then_cosine():
@@ -94,13 +116,15 @@ def test_adamw_step_matches_pytorch_semantics_in_numpy(rng):
             m[k] = 0.9 * m[k] + 0.1 * g
             v[k] = 0.95 * v[k] + 0.05 * g * g
             wd = 0.1 if k.endswith("weight") else 0.0
-            params[k] = params[k] * (1 - 1e-2 * wd) - 1e-2 * (m[k] / (1 - 0.9 ** t)) / (
-                np.sqrt(v[k] / (1 - 0.95 ** t)) + 1e-8)
+            params[k] = params[k] * (1 - 1e-2 * wd) - 1e-2 * (m[k] / (1 - 0.9**t)) / (
+                np.sqrt(v[k] / (1 - 0.95**t)) + 1e-8
+            )
     for k, value in tree_flatten(model.parameters()):
         np.testing.assert_allclose(np.array(value), params[k], rtol=1e-5, atol=1e-7)
 
 
 # --- the loop ---------------------------------------------------------------------------------
+
 
 def test_resume_continues_exactly(shapes, tmp_path):
     source, tok = shapes
@@ -118,33 +142,53 @@ def test_resume_continues_exactly(shapes, tmp_path):
 
 def test_accumulation_equals_the_larger_batch(shapes, tmp_path):
     source, tok = shapes
-    big = pretrain(source, tmp_path / "a", tiny_run(tok, batch_size=8, steps=3), tok, echo=lambda *_: None)
-    acc = pretrain(source, tmp_path / "b", tiny_run(tok, batch_size=4, accumulation=2, steps=3), tok,
-                   echo=lambda *_: None)
+    big = pretrain(
+        source, tmp_path / "a", tiny_run(tok, batch_size=8, steps=3), tok, echo=lambda *_: None
+    )
+    acc = pretrain(
+        source,
+        tmp_path / "b",
+        tiny_run(tok, batch_size=4, accumulation=2, steps=3),
+        tok,
+        echo=lambda *_: None,
+    )
     assert acc["loss"] == pytest.approx(big["loss"], rel=1e-5)
-    assert_same_weights(weights_of(tmp_path / "a"), weights_of(tmp_path / "b"), rtol=1e-4, atol=1e-6)
+    assert_same_weights(
+        weights_of(tmp_path / "a"), weights_of(tmp_path / "b"), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_compiled_step_equals_eager(shapes, tmp_path):
     source, tok = shapes
     eager = pretrain(source, tmp_path / "a", tiny_run(tok, steps=3), tok, echo=lambda *_: None)
-    compiled = pretrain(source, tmp_path / "b", tiny_run(tok, steps=3, compile=True), tok, echo=lambda *_: None)
+    compiled = pretrain(
+        source, tmp_path / "b", tiny_run(tok, steps=3, compile=True), tok, echo=lambda *_: None
+    )
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
-    assert_same_weights(weights_of(tmp_path / "a"), weights_of(tmp_path / "b"), rtol=1e-4, atol=1e-6)
+    assert_same_weights(
+        weights_of(tmp_path / "a"), weights_of(tmp_path / "b"), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("objective", ["image", "caption"])
 def test_single_objectives_train_their_loss_only(shapes, tmp_path, objective):
     source, tok = shapes
-    record = pretrain(source, tmp_path / objective, tiny_run(tok, steps=2, objective=objective), tok,
-                      echo=lambda *_: None)
+    record = pretrain(
+        source,
+        tmp_path / objective,
+        tiny_run(tok, steps=2, objective=objective),
+        tok,
+        echo=lambda *_: None,
+    )
     assert (record["loss_text"] == 0.0) == (objective == "image")
     assert (record["loss_pixel"] == 0.0) == (objective == "caption")
 
 
 def test_export_writes_an_encoder_only_model(shapes, tmp_path):
     source, tok = shapes
-    pretrain(source, tmp_path / "run", tiny_run(tok, steps=2, sample_every=2), tok, echo=lambda *_: None)
+    pretrain(
+        source, tmp_path / "run", tiny_run(tok, steps=2, sample_every=2), tok, echo=lambda *_: None
+    )
     assert (tmp_path / "run" / "samples" / "step-00000002.json").is_file()
     out = export_encoder(tmp_path / "run", tmp_path / "encoder")
     model = aimv2_mlx.load(out)
@@ -153,7 +197,9 @@ def test_export_writes_an_encoder_only_model(shapes, tmp_path):
     keys = set(mx.load(str(out / "model.safetensors")))
     trained = weights_of(tmp_path / "run")
     assert keys == {k.removeprefix("encoder.") for k in trained if k.startswith("encoder.")}
-    assert_same_weights({k: trained[f"encoder.{k}"] for k in keys}, mx.load(str(out / "model.safetensors")))
+    assert_same_weights(
+        {k: trained[f"encoder.{k}"] for k in keys}, mx.load(str(out / "model.safetensors"))
+    )
     with pytest.raises(FileExistsError):
         export_encoder(tmp_path / "run", out)
     with pytest.raises(FileNotFoundError, match="not a training run"):
@@ -162,7 +208,13 @@ def test_export_writes_an_encoder_only_model(shapes, tmp_path):
 
 def test_bfloat16_option_keeps_float32_masters(shapes, tmp_path):
     source, tok = shapes
-    record = pretrain(source, tmp_path / "bf16", tiny_run(tok, steps=2, dtype="bfloat16"), tok, echo=lambda *_: None)
+    record = pretrain(
+        source,
+        tmp_path / "bf16",
+        tiny_run(tok, steps=2, dtype="bfloat16"),
+        tok,
+        echo=lambda *_: None,
+    )
     assert np.isfinite(record["loss"])
     assert all(v.dtype == mx.float32 for v in weights_of(tmp_path / "bf16").values())
 
@@ -176,7 +228,9 @@ def test_config_round_trips():
 
 
 def test_reconstruction_of_perfect_predictions_is_the_image(rng):
-    """Predicted patches are de-normalised with the real patch statistics: exact targets give the image back."""
+    """Predicted patches are de-normalised with the real patch statistics: exact targets give the
+    image back.
+    """
     from aimv2_mlx.objective import pixel_targets
     from aimv2_mlx.train.samples import reconstruct
 
@@ -199,7 +253,9 @@ def test_reconstruction_of_perfect_predictions_is_the_image(rng):
 
 # 4: images per stream; 3: token blocks
 @pytest.mark.parametrize(("batch", "compiled"), [(4, True), (3, False)])
-def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng, batch, compiled, monkeypatch):
+def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(
+    shapes, rng, batch, compiled, monkeypatch
+):
     """Loss, gradient norm and the weights after one AdamW step: CPU backend (kernels with
     their own gradients, rows split over two streams) against the plain MLX layers."""
     from aimv2_mlx import cpu
@@ -214,11 +270,16 @@ def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng,
     # a large change of that one element, so weights are compared by each tensor's norm.
     config = tiny_run(tok, batch_size=batch, warmup_steps=0, peak_lr=1e-3, compile=compiled)
     pixels = rng.normal(size=(batch, 28, 28, 3)).astype(np.float32)
-    ids = rng.integers(2, tok.vocab_size, size=(batch, config.decoder.context_length)).astype(np.int32)
+    ids = rng.integers(2, tok.vocab_size, size=(batch, config.decoder.context_length)).astype(
+        np.int32
+    )
     prefix = np.array([1, 3, 2, 1][:batch], dtype=np.int32)
     n = config.encoder.num_patches
-    batch_data = StepBatch([MicroBatch(pixels, ids, prefix, np.arange(batch))], pixel_count(prefix, n),
-                           text_count(ids, tok.ignore_ids))
+    batch_data = StepBatch(
+        [MicroBatch(pixels, ids, prefix, np.arange(batch))],
+        pixel_count(prefix, n),
+        text_count(ids, tok.ignore_ids),
+    )
     results = []
     for backend in (False, True):
         model = build_pretrain_model(config, cpu_backend=False)
@@ -233,5 +294,8 @@ def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(shapes, rng,
     for key in ("loss", "loss_pixel", "loss_text", "grad_norm"):
         assert abs(fast[key] - plain[key]) <= 1e-5 * abs(plain[key]), key
     for name, value in plain_weights.items():
-        expected, got = np.array(value, dtype=np.float64), np.array(fast_weights[name], dtype=np.float64)
+        expected, got = (
+            np.array(value, dtype=np.float64),
+            np.array(fast_weights[name], dtype=np.float64),
+        )
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), name

@@ -21,7 +21,7 @@ FIELD_OF_OPTION = {"lr": "peak_lr"}
 
 
 def test_a_float16_config_made_from_python_is_refused_naming_the_dtypes_that_train():
-    with pytest.raises(SettingError, match="float16.*bfloat16"):
+    with pytest.raises(SettingError, match=r"float16.*bfloat16"):
         PretrainConfig(dtype="float16")
     with pytest.raises(SettingError, match="float64"):
         PretrainConfig(dtype="float64")
@@ -68,11 +68,17 @@ def test_a_new_width_from_a_preset_keeps_the_swiglu_ratio_and_other_sizes():
     )
     small, base = SIZES["small"], SIZES["base"]
     assert (config.encoder.hidden_size, config.encoder.intermediate_size) == (
-        384, small.intermediate_size)
+        384,
+        small.intermediate_size,
+    )
     assert (config.decoder.hidden_size, config.decoder.intermediate_size) == (
-        768, base.intermediate_size)
+        768,
+        base.intermediate_size,
+    )
     assert (config.encoder.num_hidden_layers, config.encoder.image_size) == (
-        SIZES["tiny"].num_hidden_layers, 56)
+        SIZES["tiny"].num_hidden_layers,
+        56,
+    )
     assert config.encoder.num_attention_heads == 6 and config.decoder.vocab_size == 100
     untouched = PretrainConfig.from_preset("large", 100)
     assert (
@@ -85,7 +91,7 @@ def test_sizes_that_cannot_make_a_model_are_refused_by_check():
         PretrainConfig.from_preset("tiny", 100, width=128, heads=3).check()
     with pytest.raises(SettingError, match="image size 30 is not a multiple of the patch size 14"):
         PretrainConfig.from_preset("tiny", 100, image_size=30).check()
-    with pytest.raises(SettingError, match="'huge'.*tiny, small, base, large"):
+    with pytest.raises(SettingError, match=r"'huge'.*tiny, small, base, large"):
         PretrainConfig.from_preset("huge", 100)
 
 

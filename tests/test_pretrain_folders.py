@@ -35,7 +35,11 @@ def runs(tmp_path_factory):
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _resume(source, run: Path) -> tuple[dict, list[str]]:
@@ -51,7 +55,9 @@ def _log_steps(run: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("pointer", [None, b"\xff\xfe garbage", b"step-00000099\n"])
-def test_resume_without_a_usable_latest_pointer_takes_the_newest_checkpoint_and_says_so(runs, tmp_path, pointer):
+def test_resume_without_a_usable_latest_pointer_takes_the_newest_checkpoint_and_says_so(
+    runs, tmp_path, pointer
+):
     source, straight, half = runs
     run = shutil.copytree(half, tmp_path / "run")
     latest = run / "checkpoints" / "latest"
@@ -63,7 +69,9 @@ def test_resume_without_a_usable_latest_pointer_takes_the_newest_checkpoint_and_
 
 
 @pytest.mark.parametrize("damage", ["optimizer", "truncated", "state"])
-def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_and_leaves_it_alone(runs, tmp_path, damage):
+def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_and_leaves_it_alone(
+    runs, tmp_path, damage
+):
     source, straight, half = runs
     run = shutil.copytree(half, tmp_path / "run")
     newest = run / "checkpoints" / "step-00000008"
@@ -77,7 +85,9 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_and_leaves_it_a
     good = _tree(run / "checkpoints" / "step-00000004")
     record, said = _resume(source, run)
     assert record["step"] == 12
-    assert "resuming from" in said[0] and "step-00000004" in said[0] and "step-00000008 (" in said[0]
+    assert (
+        "resuming from" in said[0] and "step-00000004" in said[0] and "step-00000008 (" in said[0]
+    )
     assert _tree(run / "checkpoints" / "step-00000004") == good
     assert_same_weights(weights_of(straight), weights_of(run))
     assert _log_steps(run) == list(range(1, 13))
@@ -89,10 +99,25 @@ def test_resume_with_no_complete_checkpoint_refuses_and_changes_nothing(runs, tm
     for folder in (run / "checkpoints").glob("step-*"):
         (folder / "optimizer.safetensors").unlink()
     before = _tree(run)
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "pretrain", str(tmp_path / "data"), "-o",
-                             str(run), "--resume"], capture_output=True, text=True, env=ENV)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "pretrain",
+            str(tmp_path / "data"),
+            "-o",
+            str(run),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert result.returncode == 1  # the data folder is missing: the run is never started
-    with pytest.raises(ValueError, match=r"no complete checkpoint to resume from.*step-00000008.*step-00000004"):
+    with pytest.raises(
+        ValueError, match=r"no complete checkpoint to resume from.*step-00000008.*step-00000004"
+    ):
         _resume(source, run)
     assert _tree(run) == before
 
@@ -110,7 +135,9 @@ def test_pruning_never_removes_the_checkpoint_it_resumed_from(runs, tmp_path):
     source, _straight, half = runs
     run = shutil.copytree(half, tmp_path / "run")
     for step in (20, 24, 28):  # leftovers of a timeline that was never completed
-        shutil.copytree(run / "checkpoints" / "step-00000008", run / "checkpoints" / f"step-{step:08d}")
+        shutil.copytree(
+            run / "checkpoints" / "step-00000008", run / "checkpoints" / f"step-{step:08d}"
+        )
         (run / "checkpoints" / f"step-{step:08d}" / "optimizer.safetensors").unlink()
     record, _ = _resume(source, run)
     assert record["step"] == 12
@@ -126,12 +153,42 @@ def test_a_new_run_refuses_a_folder_holding_a_users_config_and_tokenizer(tmp_pat
     (mine / "config.json").write_text('{"my": "settings"}')
     (mine / "tokenizer.json").write_text('{"my": "tokenizer"}')
     before = _tree(mine)
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "pretrain", str(data), "-o", str(mine),
-                             "--width", "32", "--depth", "1", "--heads", "2", "--image-size", "28", "--steps", "1",
-                             "--no-compile", "-b", "2"], capture_output=True, text=True, env=ENV)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "pretrain",
+            str(data),
+            "-o",
+            str(mine),
+            "--width",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--image-size",
+            "28",
+            "--steps",
+            "1",
+            "--no-compile",
+            "-b",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "not empty and not an aimv2 pretrain run folder" in result.stderr and str(mine) in result.stderr
-    assert _tree(mine) == before and sorted(p.name for p in mine.iterdir()) == ["config.json", "tokenizer.json"]
+    assert (
+        "not empty and not an aimv2 pretrain run folder" in result.stderr
+        and str(mine) in result.stderr
+    )
+    assert _tree(mine) == before and sorted(p.name for p in mine.iterdir()) == [
+        "config.json",
+        "tokenizer.json",
+    ]
 
 
 def test_a_new_run_into_a_photo_folder_is_refused_before_writing(runs, tmp_path):
@@ -164,14 +221,23 @@ def test_an_unreadable_image_is_replaced_listed_once_and_resume_stays_exact(brok
     straight = pretrain(source, tmp_path / "straight", cfg, tok, echo=lambda *_: None)
     pretrain(source, tmp_path / "resumed", cfg, tok, until=6, echo=lambda *_: None)
     resumed = pretrain(source, tmp_path / "resumed", resume=True, echo=lambda *_: None)
-    assert straight["step"] == resumed["step"] == 12 and straight["skipped"] == resumed["skipped"] == 1
+    assert (
+        straight["step"] == resumed["step"] == 12 and straight["skipped"] == resumed["skipped"] == 1
+    )
     assert_same_weights(weights_of(tmp_path / "straight"), weights_of(tmp_path / "resumed"))
-    failures = {run: [json.loads(line) for line in (tmp_path / run / "failures.jsonl").read_text().splitlines()]
-                for run in ("straight", "resumed")}
+    failures = {
+        run: [
+            json.loads(line)
+            for line in (tmp_path / run / "failures.jsonl").read_text().splitlines()
+        ]
+        for run in ("straight", "resumed")
+    }
     assert len(failures["straight"]) == 1 and bad in failures["straight"][0]["sample"]
     assert "not a readable image" in failures["straight"][0]["reason"]
     first = failures["straight"][0]
-    assert [(f["sample"], f["step"]) for f in failures["resumed"]] == [(first["sample"], first["step"])]
+    assert [(f["sample"], f["step"]) for f in failures["resumed"]] == [
+        (first["sample"], first["step"])
+    ]
 
 
 def test_strict_stops_at_the_unreadable_image_and_names_it(broken, tmp_path):
@@ -179,7 +245,14 @@ def test_strict_stops_at_the_unreadable_image_and_names_it(broken, tmp_path):
 
     source, tok, bad = broken
     with pytest.raises(ImageError, match=bad):
-        pretrain(source, tmp_path / "run", tiny_run(tok, steps=12), tok, strict=True, echo=lambda *_: None)
+        pretrain(
+            source,
+            tmp_path / "run",
+            tiny_run(tok, steps=12),
+            tok,
+            strict=True,
+            echo=lambda *_: None,
+        )
 
 
 def test_resume_on_other_data_is_refused_unless_allowed(runs, tmp_path):
@@ -197,7 +270,10 @@ def test_resume_on_other_data_is_refused_unless_allowed(runs, tmp_path):
     assert _tree(run) == before
     said = []
     assert pretrain(fewer, run, resume=True, allow_data_change=True, echo=said.append)["step"] == 12
-    assert said[0].startswith("warning:") and json.loads((run / "data.json").read_text())["samples"] == 15
+    assert (
+        said[0].startswith("warning:")
+        and json.loads((run / "data.json").read_text())["samples"] == 15
+    )
 
 
 def test_a_second_pretrain_on_a_locked_run_says_which_pid_holds_it(runs, tmp_path):

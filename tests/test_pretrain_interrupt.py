@@ -27,8 +27,27 @@ ENV = {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1", "PYTHONU
 AIMV2 = [sys.executable, "-m", "aimv2_mlx.cli"]
 STEPS = 40
 # Big enough that a step takes tens of milliseconds: the signal lands long before the run ends.
-TINY = ["--width", "32", "--depth", "2", "--heads", "2", "--image-size", "56", "--decoder-depth", "1",
-        "-b", "8", "--no-compile", "--context-length", "12", "--log-every", "1", "--checkpoint-every", "1000"]
+TINY = [
+    "--width",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--image-size",
+    "56",
+    "--decoder-depth",
+    "1",
+    "-b",
+    "8",
+    "--no-compile",
+    "--context-length",
+    "12",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "1000",
+]
 
 
 def _aimv2(*args) -> subprocess.CompletedProcess:
@@ -46,18 +65,51 @@ def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
     data = write_shapes(root / "data", 16, size=56)
     tokenizer = root / "tokenizer.json"
-    assert _aimv2("tokenizer", "train", str(data), "-o", str(tokenizer), "--vocab-size", "80").returncode == 0
-    result = _aimv2("pretrain", str(data), "-o", str(root / "straight"), *TINY, "--steps", str(STEPS),
-                    "--tokenizer", str(tokenizer))
+    assert (
+        _aimv2(
+            "tokenizer", "train", str(data), "-o", str(tokenizer), "--vocab-size", "80"
+        ).returncode
+        == 0
+    )
+    result = _aimv2(
+        "pretrain",
+        str(data),
+        "-o",
+        str(root / "straight"),
+        *TINY,
+        "--steps",
+        str(STEPS),
+        "--tokenizer",
+        str(tokenizer),
+    )
     assert result.returncode == 0, result.stderr
     return data, tokenizer, root / "straight"
 
 
-def _interrupt(data: Path, tokenizer: Path, run: Path, number: int, after: int = 3) -> tuple[int, str]:
-    """Start `aimv2 pretrain` in a child process and send it `number` once it has printed step `after`."""
-    child = subprocess.Popen([*AIMV2, "pretrain", str(data), "-o", str(run), *TINY, "--steps", str(STEPS),
-                              "--tokenizer", str(tokenizer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=ENV)
+def _interrupt(
+    data: Path, tokenizer: Path, run: Path, number: int, after: int = 3
+) -> tuple[int, str]:
+    """Start `aimv2 pretrain` in a child process and send it `number` once it has printed step
+    `after`.
+    """
+    child = subprocess.Popen(
+        [
+            *AIMV2,
+            "pretrain",
+            str(data),
+            "-o",
+            str(run),
+            *TINY,
+            "--steps",
+            str(STEPS),
+            "--tokenizer",
+            str(tokenizer),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         for line in child.stdout:
             if line.startswith(f"step {after}/"):
@@ -71,7 +123,8 @@ def _interrupt(data: Path, tokenizer: Path, run: Path, number: int, after: int =
 
 @pytest.mark.parametrize(("number", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signalled_run_saves_its_step_says_how_to_continue_and_resumes_to_the_same_weights(
-        straight, tmp_path, number, code):
+    straight, tmp_path, number, code
+):
     data, tokenizer, whole = straight
     run = tmp_path / "run"
     returncode, stderr = _interrupt(data, tokenizer, run, number)
@@ -80,12 +133,20 @@ def test_a_signalled_run_saves_its_step_says_how_to_continue_and_resumes_to_the_
     step = int(last.split()[3].rstrip(";"))
     assert 3 <= step < STEPS, last
     command = shlex.join(["aimv2", "pretrain", str(data), "-o", str(run), "--resume"])
-    assert last == f"interrupted at step {step}; continue with: {command}" and "Traceback" not in stderr
+    assert (
+        last == f"interrupted at step {step}; continue with: {command}"
+        and "Traceback" not in stderr
+    )
     checkpoint = run / "checkpoints" / f"step-{step:08d}"
     assert read_pointer(run)[0] == checkpoint.name and resume_point(run) == (checkpoint, None)
     assert json.loads((checkpoint / "state.json").read_text())["step"] == step
-    resumed = subprocess.run([*AIMV2, *shlex.split(last.split("continue with: ")[1])[1:]], capture_output=True,
-                             text=True, env=ENV, timeout=300)
+    resumed = subprocess.run(
+        [*AIMV2, *shlex.split(last.split("continue with: ")[1])[1:]],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {step}" in resumed.stdout and f"step {STEPS}/{STEPS}" in resumed.stdout
     assert _log(run) == _log(whole) and [s for s, _, _ in _log(run)] == list(range(1, STEPS + 1))
@@ -103,9 +164,17 @@ def shapes(tmp_path_factory):
 def test_checkpoints_come_by_wall_time_as_well_as_by_steps(shapes, tmp_path, minutes, kept):
     source, tok = shapes
     handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
-    pretrain(source, tmp_path / "run", tiny_run(tok, steps=6, checkpoint_minutes=minutes), tok, echo=lambda *_: None)
+    pretrain(
+        source,
+        tmp_path / "run",
+        tiny_run(tok, steps=6, checkpoint_minutes=minutes),
+        tok,
+        echo=lambda *_: None,
+    )
     assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
-    assert sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == kept
+    assert (
+        sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == kept
+    )
 
 
 def test_resume_with_more_steps_extends_the_run_on_the_longer_runs_schedule(shapes, tmp_path):
@@ -117,7 +186,9 @@ def test_resume_with_more_steps_extends_the_run_on_the_longer_runs_schedule(shap
     said = []
     record = pretrain(source, run, resume=True, changes={"steps": 20}, echo=said.append)
     assert record["step"] == 20 and json.loads((run / "config.json").read_text())["steps"] == 20
-    assert any("now ends at step 20 (was 12)" in line and "at step 12 goes from" in line for line in said)
+    assert any(
+        "now ends at step 20 (was 12)" in line and "at step 12 goes from" in line for line in said
+    )
     lr = {s: r for s, _, r in _log(run)}
     assert [lr[s] for s in range(13, 21)] == [r for s, _, r in _log(longer) if s > 12]
     assert [s for s, _, _ in _log(run)] == list(range(1, 21))
@@ -135,28 +206,57 @@ def test_resume_refuses_fewer_steps_than_done_and_settings_it_cannot_change(shap
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     said = []
     pretrain(source, run, resume=True, echo=said.append)
-    assert any("the run is complete (6 of 6 steps); pass --steps N to extend it" in line for line in said)
+    assert any(
+        "the run is complete (6 of 6 steps); pass --steps N to extend it" in line for line in said
+    )
 
 
 def test_the_cli_refuses_options_a_resumed_run_cannot_take_in_one_line(straight, tmp_path):
     data, _, whole = straight
     run = shutil.copytree(whole, tmp_path / "run")
-    for extra, said in ((["--lr", "0.1", "--seed", "3"], "--lr, --seed: a resumed run keeps the settings in"),
-                        (["--steps", "10"], f"--steps 10: the run is already at step {STEPS}")):
+    for extra, said in (
+        (["--lr", "0.1", "--seed", "3"], "--lr, --seed: a resumed run keeps the settings in"),
+        (["--steps", "10"], f"--steps 10: the run is already at step {STEPS}"),
+    ):
         result = _aimv2("pretrain", str(data), "-o", str(run), "--resume", *extra)
         assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
         assert said in result.stderr
 
 
-def test_a_default_warmup_longer_than_the_run_is_clamped_and_a_given_one_refused(straight, tmp_path):
+def test_a_default_warmup_longer_than_the_run_is_clamped_and_a_given_one_refused(
+    straight, tmp_path
+):
     data, tokenizer, _ = straight
-    result = _aimv2("pretrain", str(data), "-o", str(tmp_path / "refused"), *TINY, "--steps", "2",
-                    "--warmup-steps", "5", "--tokenizer", str(tokenizer))
+    result = _aimv2(
+        "pretrain",
+        str(data),
+        "-o",
+        str(tmp_path / "refused"),
+        *TINY,
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "5",
+        "--tokenizer",
+        str(tokenizer),
+    )
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "--warmup-steps 5 is longer than the run (--steps 2)" in result.stderr
     assert not (tmp_path / "refused").exists()
-    result = _aimv2("pretrain", str(data), "-o", str(tmp_path / "clamped"), *TINY, "--steps", "20",
-                    "--tokenizer", str(tokenizer))
+    result = _aimv2(
+        "pretrain",
+        str(data),
+        "-o",
+        str(tmp_path / "clamped"),
+        *TINY,
+        "--steps",
+        "20",
+        "--tokenizer",
+        str(tokenizer),
+    )
     assert result.returncode == 0, result.stderr
-    assert "default warmup (100 steps) is longer than this 20-step run; warming up for 2 steps" in result.stdout
+    assert (
+        "default warmup (100 steps) is longer than this 20-step run; warming up for 2 steps"
+        in result.stdout
+    )
     assert json.loads((tmp_path / "clamped" / "config.json").read_text())["warmup_steps"] == 2

@@ -1,4 +1,6 @@
-"""`probe()` end to end: splits, the feature cache, bad input, saved heads and `classify --probe`."""
+"""`probe()` end to end: splits, the feature cache, bad input, saved heads and `classify
+--probe`.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +18,15 @@ from PIL import Image
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
-from aimv2_mlx.probe import (HEADS, AttentiveSettings, ProbeClassifier, ProbeDataError, ProbeSettings, load_probe,
-                            probe)
+from aimv2_mlx.probe import (
+    HEADS,
+    AttentiveSettings,
+    ProbeClassifier,
+    ProbeDataError,
+    ProbeSettings,
+    load_probe,
+    probe,
+)
 
 from .conftest import tiny_config
 
@@ -30,7 +39,9 @@ def _image_folder(root: Path, per_class: int = 8, seed: int = 0) -> Path:
     for name, colour in COLOURS.items():
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(
+                np.uint8
+            )
             Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
     return root
 
@@ -57,19 +68,33 @@ def encoder_calls(monkeypatch):
 
 
 def _settings(tmp_path: Path, **overrides) -> ProbeSettings:
-    base = dict(heads=("linear", "knn"), val_fraction=0.25, test_fraction=0.25, cache_dir=tmp_path / "cache",
-                ks=(3, 5), attentive=AttentiveSettings(epochs=5, batch_size=8))
+    base = dict(
+        heads=("linear", "knn"),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        cache_dir=tmp_path / "cache",
+        ks=(3, 5),
+        attentive=AttentiveSettings(epochs=5, batch_size=8),
+    )
     return ProbeSettings(**{**base, **overrides})
 
 
 def test_probe_writes_metrics_split_and_heads(tmp_path, model):
     data = _image_folder(tmp_path / "data")
-    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear", "knn", "attentive")),
-                   log=lambda message: None)
+    report = probe(
+        data,
+        tmp_path / "out",
+        model,
+        settings=_settings(tmp_path, heads=("linear", "knn", "attentive")),
+        log=lambda message: None,
+    )
     assert report["counts"] == {"train": 12, "val": 6, "test": 6}
     for name in ("linear", "knn", "attentive"):
         metrics = report["heads"][name]
-        assert set(metrics["per_class"]) == set(COLOURS) and sum(map(sum, metrics["confusion_matrix"])) == 6
+        assert (
+            set(metrics["per_class"]) == set(COLOURS)
+            and sum(map(sum, metrics["confusion_matrix"])) == 6
+        )
     assert report["heads"]["linear"]["top1"] >= 0.8  # colour is easy even for a random encoder
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     names = [row["path"] for part in ("train", "val", "test") for row in split[part]]
@@ -83,7 +108,13 @@ def test_probe_writes_metrics_split_and_heads(tmp_path, model):
 
 def test_a_second_run_into_the_same_folder_leaves_no_heads_of_the_first(tmp_path, model):
     data, out = _image_folder(tmp_path / "data"), tmp_path / "out"
-    probe(data, out, model, settings=_settings(tmp_path, heads=("linear", "knn")), log=lambda message: None)
+    probe(
+        data,
+        out,
+        model,
+        settings=_settings(tmp_path, heads=("linear", "knn")),
+        log=lambda message: None,
+    )
     (out / "notes.txt").write_text("mine")
     assert (out / "linear.safetensors").is_file()
     probe(data, out, model, settings=_settings(tmp_path, heads=("knn",)), log=lambda message: None)
@@ -107,9 +138,21 @@ def test_second_run_reads_the_cache_and_new_preprocessing_does_not(tmp_path, mod
 
 def test_token_cache_serves_a_later_mean_request(tmp_path, model, encoder_calls):
     data = _image_folder(tmp_path / "data")
-    probe(data, tmp_path / "a", model, settings=_settings(tmp_path, heads=("attentive",)), log=lambda m: None)
+    probe(
+        data,
+        tmp_path / "a",
+        model,
+        settings=_settings(tmp_path, heads=("attentive",)),
+        log=lambda m: None,
+    )
     calls = len(encoder_calls)
-    probe(data, tmp_path / "b", model, settings=_settings(tmp_path, heads=("linear",)), log=lambda m: None)
+    probe(
+        data,
+        tmp_path / "b",
+        model,
+        settings=_settings(tmp_path, heads=("linear",)),
+        log=lambda m: None,
+    )
     assert len(encoder_calls) == calls
 
 
@@ -122,7 +165,9 @@ def test_bad_images_and_empty_class_are_reported_not_fatal(tmp_path, model):
     messages = []
     report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path), log=messages.append)
     assert any("empty" in m and "skipped" in m for m in messages)
-    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()
+    ]
     assert sorted(Path(f["path"]).name for f in failures) == ["cut.png", "notes.jpg"]
     assert all(f["reason"] for f in failures)
     assert report["failed"] == 2 and "empty" not in report["classes"]
@@ -130,11 +175,19 @@ def test_bad_images_and_empty_class_are_reported_not_fatal(tmp_path, model):
 
 def test_label_file_with_missing_images_excludes_and_lists_them(tmp_path, model):
     data = _image_folder(tmp_path / "data")
-    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    rows = ["path,label"] + [
+        f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))
+    ]
     rows += ["red/gone.png,red", "blue/also-gone.png,blue"]
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
     messages = []
-    report = probe(data / "labels.csv", tmp_path / "out", model, settings=_settings(tmp_path), log=messages.append)
+    report = probe(
+        data / "labels.csv",
+        tmp_path / "out",
+        model,
+        settings=_settings(tmp_path),
+        log=messages.append,
+    )
     assert any("2 listed image(s) do not exist" in m and "gone.png" in m for m in messages)
     listed = (tmp_path / "out" / "failures.jsonl").read_text()
     assert "red/gone.png" in listed and "blue/also-gone.png" in listed
@@ -162,8 +215,22 @@ def test_cli_single_class_is_one_line_exit_1(tmp_path):
     (tmp_path / "data" / "only").mkdir(parents=True)
     Image.new("RGB", (20, 20)).save(tmp_path / "data" / "only" / "a.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "probe", str(tmp_path / "data"), "-o",
-                             str(tmp_path / "out"), "-m", "bundled"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "probe",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            "bundled",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "only one class" in result.stderr
 
@@ -172,12 +239,21 @@ def test_saved_probe_classifies_new_images(tmp_path, model):
     data = _image_folder(tmp_path / "data")
     aimv2_mlx.save(model, tmp_path / "encoder")
     encoder = aimv2_mlx.load(tmp_path / "encoder")  # the probe records where its encoder came from
-    probe(data, tmp_path / "out", encoder, settings=_settings(tmp_path, heads=("linear", "knn")), log=lambda m: None)
+    probe(
+        data,
+        tmp_path / "out",
+        encoder,
+        settings=_settings(tmp_path, heads=("linear", "knn")),
+        log=lambda m: None,
+    )
     fresh = sorted(_image_folder(tmp_path / "fresh", per_class=3, seed=1).rglob("*.png"))
     probabilities = ProbeClassifier(tmp_path / "out", head="linear")(fresh)
     assert probabilities.shape == (9, 3) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     classes = sorted(COLOURS)
-    correct = sum(classes[row.argmax()] == path.parent.name for row, path in zip(probabilities, fresh, strict=True))
+    correct = sum(
+        classes[row.argmax()] == path.parent.name
+        for row, path in zip(probabilities, fresh, strict=True)
+    )
     assert correct >= 7
     knn = ProbeClassifier(tmp_path / "out", model=encoder, head="knn")(fresh)
     assert (knn.argmax(1) == probabilities.argmax(1)).mean() >= 0.7
@@ -186,42 +262,77 @@ def test_saved_probe_classifies_new_images(tmp_path, model):
 def test_cli_classify_with_a_probe(tmp_path, model):
     data = _image_folder(tmp_path / "data")
     aimv2_mlx.save(model, tmp_path / "encoder")
-    probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"), settings=_settings(tmp_path),
-          log=lambda m: None)
+    probe(
+        data,
+        tmp_path / "out",
+        aimv2_mlx.load(tmp_path / "encoder"),
+        settings=_settings(tmp_path),
+        log=lambda m: None,
+    )
     (tmp_path / "fresh").mkdir()
     Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "fresh" / "blue.png")
     (tmp_path / "fresh" / "broken.jpg").write_text("no")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "classify", str(tmp_path / "fresh"), "--probe",
-                             str(tmp_path / "out"), "--top-k", "2", "--json"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "classify",
+            str(tmp_path / "fresh"),
+            "--probe",
+            str(tmp_path / "out"),
+            "--top-k",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["labels"] == sorted(COLOURS) and len(report["results"]) == 1
     assert len(report["results"][0]["top"]) == 2 and len(report["skipped"]) == 1
 
 
-def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_accuracy(tmp_path, model):
+def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_accuracy(
+    tmp_path, model
+):
     data = _image_folder(tmp_path / "data")
     aimv2_mlx.save(model, tmp_path / "encoder")
     # one epoch: far from the linear head
     weak_attentive = AttentiveSettings(epochs=1, batch_size=8)
-    report = probe(data, tmp_path / "out", aimv2_mlx.load(tmp_path / "encoder"),
-                   settings=_settings(tmp_path, heads=("linear", "attentive"), attentive=weak_attentive),
-                   log=lambda m: None)
+    report = probe(
+        data,
+        tmp_path / "out",
+        aimv2_mlx.load(tmp_path / "encoder"),
+        settings=_settings(tmp_path, heads=("linear", "attentive"), attentive=weak_attentive),
+        log=lambda m: None,
+    )
     scores = {name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}
     best = max(scores, key=scores.get)
     assert best == "linear" and scores["linear"] > scores["attentive"], scores
     Image.new("RGB", (30, 30), COLOURS["blue"]).save(tmp_path / "blue.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "aimv2_mlx.cli", "classify", str(tmp_path / "blue.png"), "--probe",
-               str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        "-m",
+        "aimv2_mlx.cli",
+        "classify",
+        str(tmp_path / "blue.png"),
+        "--probe",
+        str(tmp_path / "out"),
+    ]
     chosen = subprocess.run(command + ["--json"], capture_output=True, text=True, env=env)
     assert chosen.returncode == 0, chosen.stderr
     assert json.loads(chosen.stdout)["head"] == "linear"
     assert json.loads(chosen.stdout)["head_val_accuracy"] == pytest.approx(scores["linear"])
     told = subprocess.run(command, capture_output=True, text=True, env=env)
     assert told.stdout.splitlines()[0].startswith("probe head: linear")
-    forced = subprocess.run(command + ["--head", "attentive", "--json"], capture_output=True, text=True, env=env)
+    forced = subprocess.run(
+        command + ["--head", "attentive", "--json"], capture_output=True, text=True, env=env
+    )
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["head"] == "attentive"
 
@@ -229,11 +340,23 @@ def test_classify_with_a_probe_uses_and_names_the_head_with_the_best_validation_
 def test_probe_reports_progress_for_every_split_and_head(tmp_path, model):
     data = _image_folder(tmp_path / "data")
     calls = []
-    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=HEADS), log=lambda m: None,
-                   progress=lambda stage, done, total: calls.append((stage, done, total)))
+    report = probe(
+        data,
+        tmp_path / "out",
+        model,
+        settings=_settings(tmp_path, heads=HEADS),
+        log=lambda m: None,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
     last = {stage: (done, total) for stage, done, total in calls}
-    assert list(last) == ["features: train", "features: val", "features: test", "linear head", "knn head",
-                          "attentive head"]
+    assert list(last) == [
+        "features: train",
+        "features: val",
+        "features: test",
+        "linear head",
+        "knn head",
+        "attentive head",
+    ]
     for split in ("train", "val", "test"):
         assert last[f"features: {split}"] == (report["counts"][split],) * 2
     assert all(done == total for done, total in last.values())
@@ -244,9 +367,24 @@ def test_cli_probe_shows_progress_bars_on_stderr(tmp_path, model):
     data = _image_folder(tmp_path / "data")
     aimv2_mlx.save(model, tmp_path / "encoder")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_DISABLE_COMPILE": "1"}
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "probe", str(data), "-o", str(tmp_path / "out"),
-                             "-m", str(tmp_path / "encoder"), "--cache-dir", str(tmp_path / "cache")],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "probe",
+            str(data),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(tmp_path / "encoder"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     for stage in ("features: train", "features: test", "linear head", "knn head"):
         assert stage in result.stderr, result.stderr
@@ -254,12 +392,18 @@ def test_cli_probe_shows_progress_bars_on_stderr(tmp_path, model):
 
 def test_a_probe_saved_without_validation_scores_takes_them_from_its_metrics(tmp_path, model):
     data = _image_folder(tmp_path / "data")
-    report = probe(data, tmp_path / "out", model, settings=_settings(tmp_path, heads=("linear", "knn")),
-                   log=lambda m: None)
+    report = probe(
+        data,
+        tmp_path / "out",
+        model,
+        settings=_settings(tmp_path, heads=("linear", "knn")),
+        log=lambda m: None,
+    )
     record = json.loads((tmp_path / "out" / "probe.json").read_text())
     for info in record["heads"].values():
         del info["val_accuracy"]  # as an older aimv2 probe wrote it
     (tmp_path / "out" / "probe.json").write_text(json.dumps(record))
     loaded = load_probe(tmp_path / "out")
     assert {name: info["val_accuracy"] for name, info in loaded.record["heads"].items()} == {
-        name: metrics["val_accuracy"] for name, metrics in report["heads"].items()}
+        name: metrics["val_accuracy"] for name, metrics in report["heads"].items()
+    }

@@ -19,7 +19,8 @@ from aimv2_mlx.probe.metrics import classification_metrics
 from .conftest import tiny_config
 
 _spec = importlib.util.spec_from_file_location(
-    "fashion_mnist", Path(__file__).resolve().parents[1] / "bench" / "fashion_mnist.py")
+    "fashion_mnist", Path(__file__).resolve().parents[1] / "bench" / "fashion_mnist.py"
+)
 fashion_mnist = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fashion_mnist)  # the bench's reader, by path: sys.path stays as it was
 
@@ -28,9 +29,14 @@ FASHION_TRAIN, FASHION_TEST = 12_000, 3_000
 
 @pytest.fixture(scope="module")
 def fashion_features():
-    """Mean-pooled features of a fixed random-init tiny encoder (28 px, 4 patches) on Fashion-MNIST."""
+    """Mean-pooled features of a fixed random-init tiny encoder (28 px, 4 patches) on
+    Fashion-MNIST.
+    """
     if not fashion_mnist.available():
-        pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist; CI's setup installs it)")
+        pytest.skip(
+            "Fashion-MNIST is not installed (Debian package dataset-fashion-mnist; CI's setup "
+            "installs it)"
+        )
     mx.random.seed(0)
     config = tiny_config()
     config.vision.image_size = 28
@@ -40,12 +46,21 @@ def fashion_features():
     def features(images: np.ndarray) -> np.ndarray:
         pixels = np.repeat(images[..., None], 3, axis=-1).astype(np.float32) / 255.0
         pixels = (pixels - 0.5) / 0.25
-        return np.concatenate([np.array(model(mx.array(pixels[i:i + 1000])).mean(axis=1))
-                               for i in range(0, len(pixels), 1000)])
+        return np.concatenate(
+            [
+                np.array(model(mx.array(pixels[i : i + 1000])).mean(axis=1))
+                for i in range(0, len(pixels), 1000)
+            ]
+        )
 
     train_x, train_y = fashion_mnist.read_split("train")
     test_x, test_y = fashion_mnist.read_split("t10k")
-    return features(train_x[:FASHION_TRAIN]), train_y[:FASHION_TRAIN], features(test_x[:FASHION_TEST]), test_y[:FASHION_TEST]
+    return (
+        features(train_x[:FASHION_TRAIN]),
+        train_y[:FASHION_TRAIN],
+        features(test_x[:FASHION_TEST]),
+        test_y[:FASHION_TEST],
+    )
 
 
 def test_linear_probe_matches_sklearn_on_fashion_mnist(fashion_features, C=1.0):
@@ -77,9 +92,16 @@ def test_attention_pool_head_matches_numpy(rng):
     head = new_head(dims, classes, heads, seed=3)
     head.linear.bias = mx.random.normal((classes,))
     tokens = rng.standard_normal((4, 9, dims)).astype(np.float32)
-    p = {k: np.array(v, dtype=np.float64) for k, v in
-         [("q", head.cls_token), ("k", head.k.weight), ("v", head.v.weight), ("w", head.linear.weight),
-          ("b", head.linear.bias)]}
+    p = {
+        k: np.array(v, dtype=np.float64)
+        for k, v in [
+            ("q", head.cls_token),
+            ("k", head.k.weight),
+            ("v", head.v.weight),
+            ("w", head.linear.weight),
+            ("b", head.linear.bias),
+        ]
+    }
     x = tokens.astype(np.float64)
     d = dims // heads
     q = p["q"].reshape(1, heads, d)  # the learned query is used directly
@@ -98,8 +120,11 @@ def _object_position_task(rng, n: int):
     images = rng.uniform(0, 0.5, (n, 56, 56, 3)).astype(np.float32)
     labels = rng.integers(0, 4, n)
     for i, quadrant in enumerate(labels):
-        top, left = (quadrant // 2) * 28 + rng.integers(0, 14), (quadrant % 2) * 28 + rng.integers(0, 14)
-        images[i, top:top + 14, left:left + 14] = rng.uniform(0, 1, 3)
+        top, left = (
+            (quadrant // 2) * 28 + rng.integers(0, 14),
+            (quadrant % 2) * 28 + rng.integers(0, 14),
+        )
+        images[i, top : top + 14, left : left + 14] = rng.uniform(0, 1, 3)
     return (images - 0.5) / 0.25, labels
 
 
@@ -109,13 +134,19 @@ def test_attentive_probe_beats_mean_pooled_linear_on_object_position(rng):
     model = aimv2_mlx.build(tiny_config(native=True))
 
     def tokens(images):
-        return np.concatenate([np.array(model(mx.array(images[i:i + 100]))) for i in range(0, len(images), 100)])
+        return np.concatenate(
+            [np.array(model(mx.array(images[i : i + 100]))) for i in range(0, len(images), 100)]
+        )
 
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (_object_position_task(rng, n) for n in (800, 200, 400))
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        _object_position_task(rng, n) for n in (800, 200, 400)
+    )
     train_t, val_t, test_t = tokens(train_x), tokens(val_x), tokens(test_x)
     linear, _ = train_linear((train_t.mean(1), train_y), (val_t.mean(1), val_y), 4)
     linear_accuracy = (linear.scores(test_t.mean(1)).argmax(1) == test_y).mean()
-    attentive, _ = train_attentive((train_t, train_y), (val_t, val_y), 4, AttentiveSettings(epochs=20, batch_size=64))
+    attentive, _ = train_attentive(
+        (train_t, train_y), (val_t, val_y), 4, AttentiveSettings(epochs=20, batch_size=64)
+    )
     attentive_accuracy = (head_scores(attentive, test_t).argmax(1) == test_y).mean()
     print(f"linear on mean-pooled {linear_accuracy:.3f}, attentive {attentive_accuracy:.3f}")
     assert attentive_accuracy >= linear_accuracy + 0.10

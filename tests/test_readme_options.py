@@ -1,4 +1,5 @@
-"""Issue 14, acceptance 4: the README's command lines and option tables agree with the CLI's real options.
+"""Issue 14, acceptance 4: the README's command lines and option tables agree with the CLI's real
+options.
 
 The options come from the click command that `aimv2` runs (`aimv2_mlx.cli.app.command()`), so a
 renamed, removed or re-defaulted option fails here until the README says the same.
@@ -11,7 +12,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from aimv2_mlx.cli.app import command
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -60,8 +60,12 @@ def _command(path: str):
 
 def _options(cmd) -> dict[str, object]:
     """Every spelling of every option (`--compile` and `--no-compile` both), to its parameter."""
-    return {opt: param for param in cmd.params if param.param_type_name == "option"
-            for opt in (*param.opts, *param.secondary_opts)} | {"--help": None}
+    return {
+        opt: param
+        for param in cmd.params
+        if param.param_type_name == "option"
+        for opt in (*param.opts, *param.secondary_opts)
+    } | {"--help": None}
 
 
 def _code(text: str) -> list[str]:
@@ -107,11 +111,15 @@ def _tables(sections: dict[str, str]):
 
 def test_every_readme_command_line_uses_only_options_its_command_has():
     lines = _command_lines(README.read_text())
-    assert len(lines) > 20 and {"embed", "pretrain", "probe", "classify", "convert"} <= {p for p, _ in lines}
+    assert len(lines) > 20 and {"embed", "pretrain", "probe", "classify", "convert"} <= {
+        p for p, _ in lines
+    }
     for path, flags in lines:
         known = _options(_command(path)) | ({"--version": None} if not path else {})
         unknown = [flag for flag in flags if flag not in known]
-        assert not unknown, f"README: `aimv2 {path}` has no option {unknown} (it has {sorted(known)})"
+        assert not unknown, (
+            f"README: `aimv2 {path}` has no option {unknown} (it has {sorted(known)})"
+        )
 
 
 def test_readme_option_tables_name_real_options_and_their_defaults():
@@ -128,7 +136,9 @@ def test_readme_option_tables_name_real_options_and_their_defaults():
             listed |= {options[flag] for flag in flags}
             for spellings in re.findall(r"--?[\w-]+(?:/--?[\w-]+)+", row[0]):
                 params = {options[flag] for flag in spellings.split("/")}
-                assert len(params) == 1, f"README table of `aimv2 {path}`: {spellings} are different options"
+                assert len(params) == 1, (
+                    f"README table of `aimv2 {path}`: {spellings} are different options"
+                )
             if "default" in header:
                 param = options[flags[0]]
                 _check_default(path, flags[0], row[header.index("default")], param.default)

@@ -16,14 +16,14 @@ import huggingface_hub.constants
 import mlx.core as mx
 import numpy as np
 import pytest
+from aimv2_mlx.cli.app import app
+from aimv2_mlx.convert import convert
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import aimv2_mlx
 import aimv2_mlx.model
-from aimv2_mlx.cli.app import app
 from aimv2_mlx.checkpoint_io import open_checkpoint
-from aimv2_mlx.convert import convert
 from aimv2_mlx.safetensors_io import read_header, read_tensor
 from aimv2_mlx.weights import CheckpointError
 
@@ -34,7 +34,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _cli(*args) -> tuple[int, str]:
-    """Run `aimv2 ARGS` in this process: (exit code, stderr); an uncaught exception fails the test."""
+    """Run `aimv2 ARGS` in this process: (exit code, stderr); an uncaught exception fails the
+    test.
+    """
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, result.stderr
@@ -68,10 +70,10 @@ def _rewrite_header(path: Path, edit) -> None:
     """Re-serialise a safetensors file with its JSON header changed by `edit` (bytes kept)."""
     raw = path.read_bytes()
     length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     new = edit(header)
     new = new if isinstance(new, bytes) else json.dumps(header).encode()
-    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + length:])
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + length :])
 
 
 def _first(header: dict) -> dict:
@@ -85,22 +87,47 @@ def _second(header: dict) -> dict:
 HEADER_DAMAGE = {
     "dtype of the wrong type": (lambda h: _first(h).update(dtype=["F32"]), "unsupported dtype"),
     "unknown dtype": (lambda h: _first(h).update(dtype="F8_E9M9"), "unsupported dtype"),
-    "shape of floats": (lambda h: _first(h).update(shape=[float(n) for n in _first(h)["shape"]]), "shape"),
+    "shape of floats": (
+        lambda h: _first(h).update(shape=[float(n) for n in _first(h)["shape"]]),
+        "shape",
+    ),
     "shape as a string": (lambda h: _first(h).update(shape="64"), "shape"),
-    "shape of booleans": (lambda h: _first(h).update(shape=[True] * len(_first(h)["shape"])), "shape"),
-    "negative dimension": (lambda h: _first(h).update(shape=[-1, *_first(h)["shape"][1:]]), "shape"),
-    "offsets as strings": (lambda h: _first(h).update(data_offsets=[str(n) for n in _first(h)["data_offsets"]]),
-                           "data_offsets"),
-    "negative offset": (lambda h: _first(h).update(data_offsets=[-4, _first(h)["data_offsets"][1] - 4]),
-                        "byte range"),
-    "offsets beyond the file": (lambda h: _first(h).update(shape=[10 ** 9], data_offsets=[0, 4 * 10 ** 9]),
-                                "truncated"),
-    "shape and offsets disagree": (lambda h: _first(h).update(data_offsets=[0, 12]), "does not fit"),
-    "overlapping tensors": (lambda h: _second(h).update(data_offsets=_first(h)["data_offsets"],
-                                                        shape=_first(h)["shape"], dtype=_first(h)["dtype"]),
-                            "overlap"),
-    "entry not an object": (lambda h: h.update({sorted(k for k in h if k != "__metadata__")[0]: [1, 2]}),
-                            "malformed header entry"),
+    "shape of booleans": (
+        lambda h: _first(h).update(shape=[True] * len(_first(h)["shape"])),
+        "shape",
+    ),
+    "negative dimension": (
+        lambda h: _first(h).update(shape=[-1, *_first(h)["shape"][1:]]),
+        "shape",
+    ),
+    "offsets as strings": (
+        lambda h: _first(h).update(data_offsets=[str(n) for n in _first(h)["data_offsets"]]),
+        "data_offsets",
+    ),
+    "negative offset": (
+        lambda h: _first(h).update(data_offsets=[-4, _first(h)["data_offsets"][1] - 4]),
+        "byte range",
+    ),
+    "offsets beyond the file": (
+        lambda h: _first(h).update(shape=[10**9], data_offsets=[0, 4 * 10**9]),
+        "truncated",
+    ),
+    "shape and offsets disagree": (
+        lambda h: _first(h).update(data_offsets=[0, 12]),
+        "does not fit",
+    ),
+    "overlapping tensors": (
+        lambda h: _second(h).update(
+            data_offsets=_first(h)["data_offsets"],
+            shape=_first(h)["shape"],
+            dtype=_first(h)["dtype"],
+        ),
+        "overlap",
+    ),
+    "entry not an object": (
+        lambda h: h.update({sorted(k for k in h if k != "__metadata__")[0]: [1, 2]}),
+        "malformed header entry",
+    ),
     "non-JSON header": (lambda h: b"\xff\xfe not json at all", "unreadable header"),
     "deeply nested JSON": (lambda h: b"[" * 200_000, "unreadable header"),
 }
@@ -118,8 +145,10 @@ def test_a_malformed_safetensors_header_field_is_refused_in_one_line(tmp_path, d
 def test_a_huge_header_length_is_refused_without_reading_it(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
     raw = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes((2 ** 63).to_bytes(8, "little") + raw[8:])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or not a safetensors file"):
+    (folder / "model.safetensors").write_bytes((2**63).to_bytes(8, "little") + raw[8:])
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: truncated or not a safetensors file"
+    ):
         open_checkpoint(folder)
 
 
@@ -136,15 +165,22 @@ def _sharded_in_cache(tmp_path: Path, repo: str) -> tuple[Path, dict[str, mx.arr
     snapshot, blobs = base / "snapshots" / COMMIT, base / "blobs"
     snapshot.mkdir(parents=True)
     blobs.mkdir()
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, part in shards.items():
         mx.save_safetensors(str(blobs / f"blob-{name}"), {k: weights[k] for k in part})
-    (blobs / "blob-index").write_text(json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    (blobs / "blob-index").write_text(
+        json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}})
+    )
     model.config.save(blobs)
     (blobs / "config.json").rename(blobs / "blob-config")
-    files = {**{name: f"blob-{name}" for name in shards}, "model.safetensors.index.json": "blob-index",
-             "config.json": "blob-config"}
+    files = {
+        **{name: f"blob-{name}" for name in shards},
+        "model.safetensors.index.json": "blob-index",
+        "config.json": "blob-config",
+    }
     for name, blob in files.items():
         (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
     (base / "refs").mkdir()
@@ -164,9 +200,17 @@ def test_a_sharded_checkpoint_in_the_hub_cache_loads_and_converts(tmp_path, monk
     assert all(np.array_equal(np.array(converted[k]), np.array(weights[k])) for k in weights)
 
 
-@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/tmp/elsewhere.safetensors",
-                                   "sub/../../elsewhere.safetensors", "..\\elsewhere.safetensors",
-                                   "C:/elsewhere.safetensors", ""])
+@pytest.mark.parametrize(
+    "shard",
+    [
+        "../elsewhere.safetensors",
+        "/tmp/elsewhere.safetensors",
+        "sub/../../elsewhere.safetensors",
+        "..\\elsewhere.safetensors",
+        "C:/elsewhere.safetensors",
+        "",
+    ],
+)
 def test_an_index_naming_a_shard_outside_its_folder_is_refused_by_name(tmp_path, shard):
     folder = _tiny_folder(tmp_path / "model")
     weights = mx.load(str(folder / "model.safetensors"))
@@ -194,18 +238,23 @@ OUR_CONFIG_DAMAGE = {
     "heads not dividing the width": ({"num_attention_heads": 3}, "not divisible"),
     "heads as a string": ({"num_attention_heads": "2"}, "vision.num_attention_heads"),
     "heads as a boolean": ({"num_attention_heads": True}, "vision.num_attention_heads"),
-    "huge width": ({"hidden_size": 10 ** 9}, "vision.hidden_size"),
+    "huge width": ({"hidden_size": 10**9}, "vision.hidden_size"),
     "zero patch": ({"patch_size": 0}, "vision.patch_size"),
     "image not a multiple of the patch": ({"image_size": 50}, "multiple"),
     "negative eps": ({"rms_norm_eps": -1.0}, "vision.rms_norm_eps"),
     "is_native as a string": ({"is_native": "no"}, "vision.is_native"),
     "more blocks than the checkpoint": ({"num_hidden_layers": 3}, "3 blocks, the checkpoint 2"),
-    "a wider model than the checkpoint": ({"hidden_size": 128, "num_attention_heads": 2}, "patchifier"),
+    "a wider model than the checkpoint": (
+        {"hidden_size": 128, "num_attention_heads": 2},
+        "patchifier",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", OUR_CONFIG_DAMAGE)
-def test_a_bad_field_of_our_config_is_refused_before_any_model_is_built(tmp_path, monkeypatch, damage):
+def test_a_bad_field_of_our_config_is_refused_before_any_model_is_built(
+    tmp_path, monkeypatch, damage
+):
     folder = _tiny_folder(tmp_path / "model")
     fields, needle = OUR_CONFIG_DAMAGE[damage]
     _edit_config(folder, lambda data: data["vision"].update(fields))
@@ -230,7 +279,9 @@ def test_a_config_section_of_the_wrong_type_is_refused_in_one_line(tmp_path, sec
 
 
 def _transformers_folder(folder: Path, **config) -> Path:
-    """A transformers-layout checkpoint of the tiny model (names mapped by hand) and its config.json."""
+    """A transformers-layout checkpoint of the tiny model (names mapped by hand) and its
+    config.json.
+    """
     mx.random.seed(0)
     ours = dict(tree_flatten(aimv2_mlx.build(tiny_config()).parameters()))
     theirs = {}
@@ -249,11 +300,18 @@ def _transformers_folder(folder: Path, **config) -> Path:
             block, rest = key.removeprefix("trunk.blocks.").split(".", 1)
             if rest == "attn.qkv.weight":
                 for i, part in enumerate("qkv"):
-                    theirs[f"encoder.layers.{block}.attention.{part}_proj.weight"] = value[i * 64:(i + 1) * 64]
+                    theirs[f"encoder.layers.{block}.attention.{part}_proj.weight"] = value[
+                        i * 64 : (i + 1) * 64
+                    ]
                 continue
-            name = {"norm_1.weight": "rms_norm1.weight", "norm_2.weight": "rms_norm2.weight",
-                    "attn.proj.weight": "attention.out_proj.weight", "mlp.fc1.weight": "ffn.gate_proj.weight",
-                    "mlp.fc3.weight": "ffn.up_proj.weight", "mlp.fc2.weight": "ffn.down_proj.weight"}[rest]
+            name = {
+                "norm_1.weight": "rms_norm1.weight",
+                "norm_2.weight": "rms_norm2.weight",
+                "attn.proj.weight": "attention.out_proj.weight",
+                "mlp.fc1.weight": "ffn.gate_proj.weight",
+                "mlp.fc3.weight": "ffn.up_proj.weight",
+                "mlp.fc2.weight": "ffn.down_proj.weight",
+            }[rest]
             theirs[f"encoder.layers.{block}.{name}"] = value
     folder.mkdir()
     mx.save_safetensors(str(folder / "model.safetensors"), theirs)
@@ -266,13 +324,16 @@ def test_the_transformers_folder_of_these_tests_loads_as_the_tiny_model(tmp_path
     assert model.config.vision.num_hidden_layers == 2 and model.config.vision.hidden_size == 64
 
 
-@pytest.mark.parametrize("config, needle", [
-    ({"num_attention_heads": 0}, "num_attention_heads"),
-    ({"num_attention_heads": -2}, "num_attention_heads"),
-    ({"num_attention_heads": 2.5}, "num_attention_heads"),
-    ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
-    ({"vision_config": "none"}, "vision_config"),
-])
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads"),
+        ({"num_attention_heads": -2}, "num_attention_heads"),
+        ({"num_attention_heads": 2.5}, "num_attention_heads"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
+        ({"vision_config": "none"}, "vision_config"),
+    ],
+)
 def test_a_bad_field_of_a_transformers_config_is_refused_naming_the_file(tmp_path, config, needle):
     folder = _transformers_folder(tmp_path / "hf", **config)
     code, stderr = _cli("convert", folder, tmp_path / "out")
@@ -280,8 +341,17 @@ def test_a_bad_field_of_a_transformers_config_is_refused_naming_the_file(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("contents", ['{"crop_size": -5}', '{"crop_size": {"height": 10000000}}',
-                                      '{"image_mean": 0.5}', '[1]', b'\xff\xfe{}', "[" * 100_000])
+@pytest.mark.parametrize(
+    "contents",
+    [
+        '{"crop_size": -5}',
+        '{"crop_size": {"height": 10000000}}',
+        '{"image_mean": 0.5}',
+        "[1]",
+        b"\xff\xfe{}",
+        "[" * 100_000,
+    ],
+)
 def test_a_bad_preprocessor_config_is_refused_naming_that_file(tmp_path, contents):
     folder = _transformers_folder(tmp_path / "hf", num_attention_heads=2)
     pre = folder / "preprocessor_config.json"
@@ -292,18 +362,36 @@ def test_a_bad_preprocessor_config_is_refused_naming_that_file(tmp_path, content
 def test_zero_heads_is_refused_by_embed_in_one_line(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
     _edit_config(folder, lambda data: data["vision"].update(num_attention_heads=0))
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "embed", str(PHOTO), "-m", str(folder),
-                             "-o", str(tmp_path / "vectors")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "embed",
+            str(PHOTO),
+            "-m",
+            str(folder),
+            "-o",
+            str(tmp_path / "vectors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     _assert_one_line(result.returncode, result.stderr, "config.json", "num_attention_heads")
 
 
 def test_a_block_numbered_ten_million_is_refused_before_building(tmp_path, monkeypatch):
     folder = _transformers_folder(tmp_path / "hf", num_attention_heads=2)
     weights = mx.load(str(folder / "model.safetensors"))
-    weights["encoder.layers.9999999.rms_norm1.weight"] = weights["encoder.layers.1.rms_norm1.weight"]
+    weights["encoder.layers.9999999.rms_norm1.weight"] = weights[
+        "encoder.layers.1.rms_norm1.weight"
+    ]
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     monkeypatch.setattr(aimv2_mlx.model, "build", lambda config: pytest.fail("built a model"))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: block 2 of 10000000 .* has no tensors"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: block 2 of 10000000 .* has no tensors"
+    ):
         aimv2_mlx.load(folder)
 
 
@@ -325,11 +413,17 @@ except CheckpointError as exc:
 """
 
 
-def test_ten_million_blocks_in_our_config_are_refused_in_milliseconds_within_a_small_address_space(tmp_path):
+def test_ten_million_blocks_in_our_config_are_refused_in_milliseconds_within_a_small_address_space(
+    tmp_path,
+):
     folder = _tiny_folder(tmp_path / "model")
-    _edit_config(folder, lambda data: data["vision"].update(num_hidden_layers=10 ** 7))
-    result = subprocess.run([sys.executable, "-c", _TEN_MILLION_BLOCKS, str(folder)], capture_output=True,
-                            text=True, timeout=120)
+    _edit_config(folder, lambda data: data["vision"].update(num_hidden_layers=10**7))
+    result = subprocess.run(
+        [sys.executable, "-c", _TEN_MILLION_BLOCKS, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and result.stdout, result.stderr[-2000:]
     seconds, message = result.stdout.split(" ", 1)
     assert float(seconds) < 0.5 and "config.json" in message and "num_hidden_layers" in message
@@ -338,7 +432,9 @@ def test_ten_million_blocks_in_our_config_are_refused_in_milliseconds_within_a_s
 def test_a_bad_override_flag_is_refused_in_one_line(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
     _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--num-heads", "-3"), "--num-heads")
-    _assert_one_line(*_cli("convert", folder, tmp_path / "out", "--image-size", "0"), "--image-size")
+    _assert_one_line(
+        *_cli("convert", folder, tmp_path / "out", "--image-size", "0"), "--image-size"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -369,14 +465,24 @@ safetensors_io.open = full_disk_open
 
 def test_a_full_disk_during_convert_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
     folder = _tiny_folder(tmp_path / "model")
-    code = (f"{_FULL_DISK}\nimport sys\nfrom aimv2_mlx.cli.app import main\n"
-            "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()")
-    result = subprocess.run([sys.executable, "-c", code, "convert", str(folder), str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    _assert_one_line(result.returncode, result.stderr, str(tmp_path / "out" / "model.safetensors"),
-                     "no space left on device")
+    code = (
+        f"{_FULL_DISK}\nimport sys\nfrom aimv2_mlx.cli.app import main\n"
+        "sys.argv = ['aimv2', *sys.argv[1:]]\nmain()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(folder), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    _assert_one_line(
+        result.returncode,
+        result.stderr,
+        str(tmp_path / "out" / "model.safetensors"),
+        "no space left on device",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-
 
 
 def test_a_real_full_disk_during_convert_is_one_line_and_leaves_the_disk_empty(tmp_path):
@@ -386,14 +492,23 @@ def test_a_real_full_disk_during_convert_is_one_line_and_leaves_the_disk_empty(t
     disk = tmp_path / "disk"
     disk.mkdir()
     out = disk / "out"
-    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))} || exit 77; "
-              f"{shlex.quote(sys.executable)} -m aimv2_mlx.cli convert {shlex.quote(str(folder))} "
-              f"{shlex.quote(str(out))}; code=$?; ls -A {shlex.quote(str(disk))}; exit $code")
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))} || exit 77; "
+        f"{shlex.quote(sys.executable)} -m aimv2_mlx.cli convert {shlex.quote(str(folder))} "
+        f"{shlex.quote(str(out))}; code=$?; ls -A {shlex.quote(str(disk))}; exit $code"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if result.returncode == 77:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    _assert_one_line(result.returncode, result.stderr, str(out / "model.safetensors"), "no space left on device")
+    _assert_one_line(
+        result.returncode, result.stderr, str(out / "model.safetensors"), "no space left on device"
+    )
     assert result.stdout == ""  # nothing left on the full disk
 
 
@@ -406,10 +521,15 @@ def test_a_safetensors_file_cut_short_after_its_header_was_read_is_refused(tmp_p
         read_tensor(path, last)
 
 
-@pytest.mark.parametrize(("section", "field", "value"), [("encoder", "num_attention_heads", 0),
-                                                         ("encoder", "num_hidden_layers", 10**7),
-                                                         ("decoder", "num_attention_heads", -2),
-                                                         ("decoder", "context_length", 0)])
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("encoder", "num_attention_heads", 0),
+        ("encoder", "num_hidden_layers", 10**7),
+        ("decoder", "num_attention_heads", -2),
+        ("decoder", "context_length", 0),
+    ],
+)
 def test_a_run_config_with_impossible_sizes_is_refused_before_building(section, field, value):
     from aimv2_mlx.train.config import PretrainConfig
 

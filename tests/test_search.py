@@ -4,6 +4,7 @@ tiny random LiT against transformers' `Aimv2Model`, and contact sheets opened in
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -72,7 +73,7 @@ def test_search_by_example_ranks_the_index_as_numpy_does(shapes_index):
     expected = brute_force(np.asarray(index.vectors), query, 10)
     assert [r.path for r in results] == [index.paths[i] for i in expected]
     assert results[0].path == str(example) and results[0].score == pytest.approx(1.0, abs=1e-5)
-    assert all(a.score >= b.score for a, b in zip(results, results[1:]))
+    assert all(a.score >= b.score for a, b in itertools.pairwise(results))
 
 
 def test_cli_search_json_shape_and_text_on_an_encoder_without_a_text_tower(shapes_index):
@@ -356,4 +357,6 @@ def test_ann_without_its_extra_says_how_to_install_it(shapes_index, monkeypatch)
 
     monkeypatch.setattr(builtins, "__import__", no_usearch)
     example = photos / "f00" / "img0002.png"
-    one_line_error(run_cli("search", "--index", folder, "--image", example, "--ann"), "aimv2-mlx[ann]")
+    one_line_error(
+        run_cli("search", "--index", folder, "--image", example, "--ann"), "aimv2-mlx[ann]"
+    )

@@ -13,17 +13,44 @@ from aimv2_mlx.data.sources import discover
 
 def test_folder_order_and_skips(tmp_path):
     root = tmp_path / ".hidden-root-is-fine"
-    keep = ["b.jpg", "A.png", "a/c.jpeg", "a b/d.webp", "sub/deeper/z.TIFF", "x.Gif", "m.bmp", "h.heic"]
-    skip = [".hidden.jpg", "a/.also-hidden.png", "._b.jpg", "a/._c.jpeg", ".git/x.jpg",
-            ".cache/sub/y.png", "notes.txt", "LICENSES.md", "raw.cr2", "noext"]
+    keep = [
+        "b.jpg",
+        "A.png",
+        "a/c.jpeg",
+        "a b/d.webp",
+        "sub/deeper/z.TIFF",
+        "x.Gif",
+        "m.bmp",
+        "h.heic",
+    ]
+    skip = [
+        ".hidden.jpg",
+        "a/.also-hidden.png",
+        "._b.jpg",
+        "a/._c.jpeg",
+        ".git/x.jpg",
+        ".cache/sub/y.png",
+        "notes.txt",
+        "LICENSES.md",
+        "raw.cr2",
+        "noext",
+    ]
     for i, rel in enumerate(keep + skip):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x" * (i + 1))  # distinct files
     (root / "folder.jpg").mkdir()  # a directory with an image suffix
     items = discover([root])
     # plain string order of the relative POSIX path ("a b/..." before "a/...": ' ' < '/')
-    assert [i.key for i in items] == ["A.png", "a b/d.webp", "a/c.jpeg", "b.jpg", "h.heic", "m.bmp",
-                                      "sub/deeper/z.TIFF", "x.Gif"]
+    assert [i.key for i in items] == [
+        "A.png",
+        "a b/d.webp",
+        "a/c.jpeg",
+        "b.jpg",
+        "h.heic",
+        "m.bmp",
+        "sub/deeper/z.TIFF",
+        "x.Gif",
+    ]
     assert all(os.path.isfile(i.path) and i.size == os.path.getsize(i.path) for i in items)
     with pytest.raises(FileNotFoundError, match="empty-or-missing"):
         discover([tmp_path / "empty-or-missing"])
@@ -57,13 +84,22 @@ def test_file_list_and_tar_and_several_inputs(tmp_path):
     listing.write_text("# images\nimgs/q.png\n\nimgs/p.png\nimgs/gone.png\n")
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:
-        for name, data in (("000001.jpg", b"second"), ("000001.json", b"{}"), ("000000.jpg", b"first")):
+        for name, data in (
+            ("000001.jpg", b"second"),
+            ("000001.json", b"{}"),
+            ("000000.jpg", b"first"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     items = discover([listing, shard])
-    assert [i.key for i in items] == ["00000.tar/000000.jpg", "00000.tar/000001.jpg",
-                                      "list.txt/imgs/gone.png", "list.txt/imgs/p.png", "list.txt/imgs/q.png"]
+    assert [i.key for i in items] == [
+        "00000.tar/000000.jpg",
+        "00000.tar/000001.jpg",
+        "list.txt/imgs/gone.png",
+        "list.txt/imgs/p.png",
+        "list.txt/imgs/q.png",
+    ]
     with items[0].open() as fh, items[1].open() as gh:
         assert fh.read() == b"first" and gh.read() == b"second"
     with pytest.raises(ValueError, match="named"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image, ImageOps
 
 import aimv2_mlx
@@ -19,19 +18,33 @@ QUERIES = ["a photo of a cat.", "a rocket", "coffee cup on a table", "an astrona
 CONTEXT = 16
 
 
-def test_text_search_through_a_tiny_lit_ranks_images_as_transformers_does(tmp_path,
-                                                                          transformers_reference):
+def test_text_search_through_a_tiny_lit_ranks_images_as_transformers_does(
+    tmp_path, transformers_reference
+):
     import torch
 
     vocab = write_vocab(tmp_path)
     torch.manual_seed(1)
     config = transformers_reference.Aimv2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=56, use_head=True),
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=CONTEXT, eos_token_id=len(vocab) - 1),
-        projection_dim=32)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CONTEXT,
+            eos_token_id=len(vocab) - 1,
+        ),
+        projection_dim=32,
+    )
     reference = transformers_reference.Aimv2Model._from_config(config, attn_implementation="eager")
     reference.eval().save_pretrained(tmp_path)
     model = aimv2_mlx.load(tmp_path)
@@ -45,8 +58,11 @@ def test_text_search_through_a_tiny_lit_ranks_images_as_transformers_does(tmp_pa
     ids = hf_tokenizer(QUERIES, padding="max_length", max_length=CONTEXT, return_tensors="pt")
     pixels = torch.from_numpy(np.array(aimv2_mlx.preprocess(images, model))).permute(0, 3, 1, 2)
     with torch.inference_mode():
-        out = reference(input_ids=ids["input_ids"], pixel_values=pixels,
-                        attention_mask=torch.ones_like(ids["input_ids"]))  # causal text tower
+        out = reference(
+            input_ids=ids["input_ids"],
+            pixel_values=pixels,
+            attention_mask=torch.ones_like(ids["input_ids"]),
+        )  # causal text tower
         cosine = (out.logits_per_text / reference.logit_scale.exp()).numpy()
     assert np.abs(scores - cosine).max() <= 1e-4
     expected = np.argsort(-cosine, axis=1, kind="stable")

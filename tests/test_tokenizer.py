@@ -1,4 +1,6 @@
-"""CLIP BPE ids against transformers' CLIPTokenizer and OpenAI's pure-Python BPE, same vocabulary."""
+"""CLIP BPE ids against transformers' CLIPTokenizer and OpenAI's pure-Python BPE, same
+vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ TEXTS = [
     "x",
     "<|endoftext|> inside <|startoftext|> text",
     "tokenizer's 'quotes' and \"double quotes\" and `backticks`",
-    "zero-shot classification labels: cat, dog, car, coffee, rocket, astronaut, tree, house, person",
+    "zero-shot classification labels: cat, dog, car, coffee, rocket, astronaut, tree, house, "
+    "person",
     "A bad photo of the CAT; art of the DOG, itap of a bird!",
 ]
 LONG = "the quick brown fox jumps over the lazy dog " * 20
@@ -50,7 +53,9 @@ def vocab_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(vocab_folder):
-    pytest.importorskip("transformers", reason="tokenizer parity needs transformers>=5 (test extra)")
+    pytest.importorskip(
+        "transformers", reason="tokenizer parity needs transformers>=5 (test extra)"
+    )
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(vocab_folder)
@@ -72,7 +77,9 @@ def test_ids_match_openai_bpe(vocab_folder, text):
 
 
 def test_final_sigma_follows_transformers_not_python_lower(vocab_folder, hf_tokenizer):
-    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's str.lower to ς."""
+    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's str.lower to
+    ς.
+    """
     ours = ClipTokenizer.from_folder(vocab_folder).encode(FINAL_SIGMA)
     assert ours == hf_tokenizer(FINAL_SIGMA, add_special_tokens=False)["input_ids"]
     assert ours != reference_ids(FINAL_SIGMA, vocab_folder)
@@ -82,7 +89,9 @@ def test_batch_matches_transformers(vocab_folder, hf_tokenizer):
     texts = TEXTS + [LONG, FINAL_SIGMA]
     for context in (77, 16):
         ours = ClipTokenizer.from_folder(vocab_folder)(texts, context_length=context)
-        theirs = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=context, return_tensors="np")
+        theirs = hf_tokenizer(
+            texts, padding="max_length", truncation=True, max_length=context, return_tensors="np"
+        )
         assert ours.dtype == np.int32 and ours.shape == (len(texts), context)
         mask = theirs["attention_mask"].astype(bool)
         # transformers pads with the end token, we pad with zeros (OpenAI's CLIP): compare the rest.
@@ -97,7 +106,11 @@ def test_truncation_keeps_start_and_end(vocab_folder):
     assert len(full) > 16
     assert row.tolist() == [tokenizer.start_id, *full[:14], tokenizer.end_id]
     x = tokenizer.encode("x")
-    assert tokenizer(["x"], context_length=8)[0].tolist() == [tokenizer.start_id, *x, tokenizer.end_id] + [0] * (6 - len(x))
+    assert tokenizer(["x"], context_length=8)[0].tolist() == [
+        tokenizer.start_id,
+        *x,
+        tokenizer.end_id,
+    ] + [0] * (6 - len(x))
 
 
 def test_tokenizer_json_is_used_when_present(vocab_folder, hf_tokenizer, tmp_path):
@@ -113,5 +126,7 @@ def test_missing_or_foreign_vocabulary_is_a_clear_error(vocab_folder, tmp_path):
         ClipTokenizer.from_folder(tmp_path)
     (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"):
+    with pytest.raises(
+        ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"
+    ):
         ClipTokenizer.from_folder(tmp_path)

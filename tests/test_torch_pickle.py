@@ -91,13 +91,21 @@ def test_pth_folder_loads_like_its_safetensors_twin(tmp_path, transformers_refer
     import aimv2_mlx
 
     torch.manual_seed(0)
-    config = Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=2, image_size=56, use_head=False)
+    config = Aimv2VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        use_head=False,
+    )
     reference = Aimv2VisionModel(config)
     reference.save_pretrained(tmp_path / "st")
     (tmp_path / "pth").mkdir()
-    torch.save({k: v.bfloat16() if "rms_norm" in k else v for k, v in reference.state_dict().items()},
-               tmp_path / "pth" / "pytorch_model.bin")
+    torch.save(
+        {k: v.bfloat16() if "rms_norm" in k else v for k, v in reference.state_dict().items()},
+        tmp_path / "pth" / "pytorch_model.bin",
+    )
     (tmp_path / "pth" / "config.json").write_text(json.dumps(config.to_dict()))
     twin = dict(tree_flatten(aimv2_mlx.load(tmp_path / "st").parameters()))
     loaded = dict(tree_flatten(aimv2_mlx.load(tmp_path / "pth").parameters()))
@@ -107,7 +115,9 @@ def test_pth_folder_loads_like_its_safetensors_twin(tmp_path, transformers_refer
         if "norm" in key:
             assert loaded[key].dtype == mx.bfloat16
             value = value.astype(mx.bfloat16)
-        assert np.array_equal(np.array(loaded[key].astype(mx.float32)), np.array(value.astype(mx.float32))), key
+        assert np.array_equal(
+            np.array(loaded[key].astype(mx.float32)), np.array(value.astype(mx.float32))
+        ), key
 
 
 # --- hostile pickles, assembled opcode by opcode (what torch.save writes, then bent) -------------
@@ -127,22 +137,43 @@ def _ints(values) -> bytes:
     return b"(" + b"".join(map(_int, values)) + b"t"  # MARK ... TUPLE
 
 
-def _tensor(storage_key: str, numel: int, offset: int, size, stride, storage_type="FloatStorage") -> bytes:
+def _tensor(
+    storage_key: str, numel: int, offset: int, size, stride, storage_type="FloatStorage"
+) -> bytes:
     """torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())."""
-    storage = (b"(" + _str("storage") + f"ctorch\n{storage_type}\n".encode() + _str(storage_key)
-               + _str("cpu") + _int(numel) + b"tQ")  # persistent id tuple, BINPERSID
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + _int(offset) + _ints(size) + _ints(stride)
-            + b"\x89ccollections\nOrderedDict\n)Rt" + b"R")
+    storage = (
+        b"("
+        + _str("storage")
+        + f"ctorch\n{storage_type}\n".encode()
+        + _str(storage_key)
+        + _str("cpu")
+        + _int(numel)
+        + b"tQ"
+    )  # persistent id tuple, BINPERSID
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + storage
+        + _int(offset)
+        + _ints(size)
+        + _ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)Rt"
+        + b"R"
+    )
 
 
-def _pth(path: Path, entries: dict[str, bytes], storages: dict[str, bytes], compress: bool = False) -> Path:
+def _pth(
+    path: Path, entries: dict[str, bytes], storages: dict[str, bytes], compress: bool = False
+) -> Path:
     """A torch-style zip whose data.pkl is {name: <pickled value>} and whose storages are given."""
     pickled = b"\x80\x02}(" + b"".join(_str(k) + v for k, v in entries.items()) + b"u."
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickled)
         for key, data in storages.items():
-            archive.writestr(f"archive/data/{key}", data,
-                             compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+            archive.writestr(
+                f"archive/data/{key}",
+                data,
+                compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED,
+            )
     return path
 
 
@@ -154,17 +185,24 @@ def test_a_hand_assembled_pickle_reads_back_its_strided_view(tmp_path):
     np.testing.assert_array_equal(read_torch_checkpoint(path)["w"], [[2, 3], [6, 7], [10, 11]])
 
 
-@pytest.mark.parametrize("offset, size, stride", [
-    (5, (4,), (-1,)),  # reads the bytes before the storage: process heap
-    (0, (2, 2), (-(2 ** 26), 1)),  # far outside: a segfault
-    (0, (4,), (2 ** 40,)),
-    (-3, (2,), (1,)),
-    (15, (2,), (1,)),  # one element past the end
-    (0, (10 ** 6, 10 ** 6), (0, 0)),  # inside the storage, but a 4 TB copy
-    (0, (2, 2), (1,)),  # sizes and strides disagree
-])
-def test_a_tensor_reaching_outside_its_storage_is_refused_before_any_read(tmp_path, offset, size, stride):
-    path = _pth(tmp_path / "bent.pth", {"w": _tensor("0", 16, offset, size, stride)}, {"0": _SIXTEEN})
+@pytest.mark.parametrize(
+    "offset, size, stride",
+    [
+        (5, (4,), (-1,)),  # reads the bytes before the storage: process heap
+        (0, (2, 2), (-(2**26), 1)),  # far outside: a segfault
+        (0, (4,), (2**40,)),
+        (-3, (2,), (1,)),
+        (15, (2,), (1,)),  # one element past the end
+        (0, (10**6, 10**6), (0, 0)),  # inside the storage, but a 4 TB copy
+        (0, (2, 2), (1,)),  # sizes and strides disagree
+    ],
+)
+def test_a_tensor_reaching_outside_its_storage_is_refused_before_any_read(
+    tmp_path, offset, size, stride
+):
+    path = _pth(
+        tmp_path / "bent.pth", {"w": _tensor("0", 16, offset, size, stride)}, {"0": _SIXTEEN}
+    )
     with pytest.raises(CheckpointError, match=r"bent\.pth: refused to load: .*(storage|stride)"):
         read_torch_checkpoint(path)
 
@@ -172,15 +210,32 @@ def test_a_tensor_reaching_outside_its_storage_is_refused_before_any_read(tmp_pa
 def test_a_negative_stride_is_refused_by_the_command_in_one_line(tmp_path):
     (tmp_path / "src").mkdir()
     _pth(tmp_path / "src" / "model.pth", {"w": _tensor("0", 16, 5, (4,), (-1,))}, {"0": _SIXTEEN})
-    result = subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", "convert", str(tmp_path / "src"),
-                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimv2_mlx.cli",
+            "convert",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and "model.pth" in result.stderr and "negative" in result.stderr
+    assert (
+        result.stderr.startswith("error: ")
+        and "model.pth" in result.stderr
+        and "negative" in result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
 def _build_on_storage_type() -> bytes:
-    """torch.FloatStorage, then BUILD with {'name': 'CharStorage'}: it would read as int8 ever after."""
+    """torch.FloatStorage, then BUILD with {'name': 'CharStorage'}: it would read as int8 ever
+    after.
+    """
     return b"ctorch\nFloatStorage\n}" + _str("name") + _str("CharStorage") + b"sb"
 
 
@@ -195,7 +250,7 @@ def test_a_build_opcode_cannot_change_the_readers_storage_types(tmp_path):
 
 
 def test_a_build_opcode_cannot_bend_a_tensor_after_its_extent_was_checked(tmp_path):
-    bent = _tensor("0", 16, 0, (4,), (1,)) + b"}" + _str("stride") + _ints((-(2 ** 26),)) + b"sb"
+    bent = _tensor("0", 16, 0, (4,), (1,)) + b"}" + _str("stride") + _ints((-(2**26),)) + b"sb"
     path = _pth(tmp_path / "bent.pth", {"w": bent}, {"0": _SIXTEEN})
     with pytest.raises(CheckpointError, match=r"bent\.pth: refused to load: .*BUILD"):
         read_torch_checkpoint(path)
@@ -214,7 +269,10 @@ def _zip_bomb(path: Path, claimed: int, tensor_numel: int) -> Path:
     """A .pth whose one storage deflates from a few MB into `claimed` bytes of zeros."""
     entries = {"w": _tensor("0", claimed // 4, 0, (tensor_numel,), (1,))}
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", b"\x80\x02}(" + b"".join(_str(k) + v for k, v in entries.items()) + b"u.")
+        archive.writestr(
+            "archive/data.pkl",
+            b"\x80\x02}(" + b"".join(_str(k) + v for k, v in entries.items()) + b"u.",
+        )
         info = zipfile.ZipInfo("archive/data/0")
         info.compress_type = zipfile.ZIP_DEFLATED
         chunk = bytes(64 << 20)
@@ -242,13 +300,21 @@ except Exception as exc:
 
 
 @pytest.mark.parametrize("tensor_numel", [4, 256 << 20])
-def test_a_compressed_storage_claiming_a_gigabyte_is_refused_within_a_small_address_space(tmp_path, tensor_numel):
+def test_a_compressed_storage_claiming_a_gigabyte_is_refused_within_a_small_address_space(
+    tmp_path, tensor_numel
+):
     bomb = _zip_bomb(tmp_path / "bomb.pth", 1 << 30, tensor_numel)
     assert bomb.stat().st_size < 8 << 20
-    result = subprocess.run([sys.executable, "-c", _UNDER_AN_ADDRESS_SPACE_LIMIT, str(bomb), str(400 << 20)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _UNDER_AN_ADDRESS_SPACE_LIMIT, str(bomb), str(400 << 20)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("CheckpointError") and "bomb.pth" in result.stdout, result.stdout
+    assert result.stdout.startswith("CheckpointError") and "bomb.pth" in result.stdout, (
+        result.stdout
+    )
     assert "zip bomb" in result.stdout
 
 
@@ -262,29 +328,47 @@ def test_a_compressed_pickle_claiming_a_gigabyte_is_refused_within_a_small_addre
             for _ in range(16):
                 handle.write(bytes(64 << 20))
             handle.write(b".")
-    result = subprocess.run([sys.executable, "-c", _UNDER_AN_ADDRESS_SPACE_LIMIT, str(bomb), str(400 << 20)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _UNDER_AN_ADDRESS_SPACE_LIMIT, str(bomb), str(400 << 20)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("CheckpointError") and "data.pkl" in result.stdout, result.stdout
+    assert result.stdout.startswith("CheckpointError") and "data.pkl" in result.stdout, (
+        result.stdout
+    )
     assert "zip bomb" in result.stdout
 
 
 def test_a_storage_far_larger_than_its_tensors_is_refused(tmp_path):
-    path = _pth(tmp_path / "padded.pth", {"w": _tensor("0", 1 << 20, 0, (4,), (1,))}, {"0": bytes(4 << 20)})
-    with pytest.raises(CheckpointError, match=r"padded\.pth: .*holds 4,194,304 bytes but its tensors use only 16"):
+    path = _pth(
+        tmp_path / "padded.pth", {"w": _tensor("0", 1 << 20, 0, (4,), (1,))}, {"0": bytes(4 << 20)}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"padded\.pth: .*holds 4,194,304 bytes but its tensors use only 16"
+    ):
         read_torch_checkpoint(path)
 
 
 def test_a_tensor_reads_only_the_bytes_it_spans(tmp_path, monkeypatch):
     data = np.arange(1 << 18, dtype=np.float32)
-    path = _pth(tmp_path / "w.pth", {"w": _tensor("0", data.size, 1000, (3,), (2,)),
-                                     "v": _tensor("0", data.size, 0, (data.size,), (1,))}, {"0": data.tobytes()})
+    path = _pth(
+        tmp_path / "w.pth",
+        {
+            "w": _tensor("0", data.size, 1000, (3,), (2,)),
+            "v": _tensor("0", data.size, 0, (data.size,), (1,)),
+        },
+        {"0": data.tobytes()},
+    )
     from aimv2_mlx.torch_pickle import open_torch_checkpoint
 
     tensor = open_torch_checkpoint(path)["w"]
     reads = []
     original = zipfile.ZipExtFile.read
-    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: reads.append(n) or original(self, n))
+    monkeypatch.setattr(
+        zipfile.ZipExtFile, "read", lambda self, n=-1: reads.append(n) or original(self, n)
+    )
     np.testing.assert_array_equal(tensor.numpy(), [1000, 1002, 1004])
     # not the 1 MB storage
-    assert reads and all(0 <= n for n in reads) and sum(reads) <= (1000 + 5) * 4, reads
+    assert reads and all(n >= 0 for n in reads) and sum(reads) <= (1000 + 5) * 4, reads

@@ -34,37 +34,66 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def lit(tmp_path_factory):
-    """(folder, transformers reference, our model, transformers' tokenizer) for a tiny random LiT."""
-    pytest.importorskip("torch", reason="zero-shot parity needs the test extra: pip install -e '.[test]'")
-    transformers = pytest.importorskip("transformers", reason="zero-shot parity needs transformers>=5")
+    """(folder, transformers reference, our model, transformers' tokenizer) for a tiny random
+    LiT.
+    """
+    pytest.importorskip(
+        "torch", reason="zero-shot parity needs the test extra: pip install -e '.[test]'"
+    )
+    transformers = pytest.importorskip(
+        "transformers", reason="zero-shot parity needs transformers>=5"
+    )
     import torch
 
     folder = tmp_path_factory.mktemp("tiny-lit")
     vocab = write_vocab(folder)
     torch.manual_seed(0)
     config = transformers.Aimv2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, use_head=True),
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=CONTEXT, eos_token_id=len(vocab) - 1),
-        projection_dim=32)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            use_head=True,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CONTEXT,
+            eos_token_id=len(vocab) - 1,
+        ),
+        projection_dim=32,
+    )
     reference = transformers.Aimv2Model._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # a non-default scale, so a wrong scale would show
         reference.logit_scale.fill_(2.5)
     reference.save_pretrained(folder)
-    return folder, reference, aimv2_mlx.load(folder), transformers.CLIPTokenizer.from_pretrained(folder)
+    return (
+        folder,
+        reference,
+        aimv2_mlx.load(folder),
+        transformers.CLIPTokenizer.from_pretrained(folder),
+    )
 
 
 def _reference(lit, prompts: list[str], pixels: mx.array):
     import torch
 
     _, reference, _, hf_tokenizer = lit
-    ids = hf_tokenizer(prompts, padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
+    ids = hf_tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt"
+    )
     with torch.inference_mode():
-        return reference(input_ids=ids["input_ids"],
-                         pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
-                         # makes the text tower causal
-                         attention_mask=torch.ones_like(ids["input_ids"]))
+        return reference(
+            input_ids=ids["input_ids"],
+            pixel_values=torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2),
+            # makes the text tower causal
+            attention_mask=torch.ones_like(ids["input_ids"]),
+        )
 
 
 def test_single_template_logits_and_probabilities_match_transformers(lit):
@@ -72,13 +101,17 @@ def test_single_template_logits_and_probabilities_match_transformers(lit):
     photos = sorted(PHOTOS.glob("*.jpg"))
     pixels = aimv2_mlx.preprocess(photos, model)
     assert pixels.shape == (len(photos), 56, 56, 3)
-    expected = _reference(lit, [f"a photo of a {label}." for label in LABELS], pixels).logits_per_image.numpy()
+    expected = _reference(
+        lit, [f"a photo of a {label}." for label in LABELS], pixels
+    ).logits_per_image.numpy()
 
     classifier = ZeroShotClassifier(model, LABELS, ["a photo of a {}."])
     logits = classifier.logits(pixels)
     assert np.abs(logits - expected).max() <= TOL
     assert expected.std() > 0.1  # the test could see a wrong class or image order
-    probabilities = aimv2_mlx.zero_shot(photos, model, LABELS, templates=["a photo of a {}."], batch_size=3)
+    probabilities = aimv2_mlx.zero_shot(
+        photos, model, LABELS, templates=["a photo of a {}."], batch_size=3
+    )
     assert probabilities.shape == (len(photos), len(LABELS))
     assert np.abs(probabilities - softmax(expected, axis=-1)).max() <= 1e-5
 
@@ -91,7 +124,9 @@ def test_template_ensemble_matches_transformers_text_embeddings(lit):
     out = _reference(lit, [t.format(label) for label in LABELS for t in templates], pixels)
     text = out.text_embeds.numpy().reshape(len(LABELS), len(templates), -1).mean(axis=1)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
-    expected = softmax(reference.logit_scale.exp().item() * out.image_embeds.numpy() @ text.T, axis=-1)
+    expected = softmax(
+        reference.logit_scale.exp().item() * out.image_embeds.numpy() @ text.T, axis=-1
+    )
 
     probabilities = aimv2_mlx.zero_shot(pixels, model, LABELS, templates=templates, batch_size=2)
     assert np.abs(probabilities - expected).max() <= 1e-5
@@ -118,7 +153,9 @@ def test_bad_model_labels_and_templates_are_clear_errors(lit, tmp_path):
 
 def _aimv2(*args, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "aimv2_mlx.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "aimv2_mlx.cli", *args], capture_output=True, text=True, env=env
+    )
 
 
 def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
@@ -126,8 +163,19 @@ def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(PHOTOS, images)
     (images / "broken.jpg").write_bytes(b"not a jpeg")
-    result = _aimv2("classify", str(images), "--zero-shot", ", ".join(LABELS), "-m", str(folder), "--top-k", "2",
-                    "-o", str(tmp_path / "top.csv"), cache=tmp_path)
+    result = _aimv2(
+        "classify",
+        str(images),
+        "--zero-shot",
+        ", ".join(LABELS),
+        "-m",
+        str(folder),
+        "--top-k",
+        "2",
+        "-o",
+        str(tmp_path / "top.csv"),
+        cache=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
     lines = result.stdout.strip().splitlines()
@@ -142,17 +190,33 @@ def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
         order = expected[i].argsort()[::-1][:2]
         mine = [row for row in rows if row["image"] == photo]
         assert [row["label"] for row in mine] == [LABELS[j] for j in order]
-        assert np.allclose([float(row["probability"]) for row in mine], expected[i][order], atol=1e-5)
+        assert np.allclose(
+            [float(row["probability"]) for row in mine], expected[i][order], atol=1e-5
+        )
         assert lines[3 * i + 1].split(None, 1) == [f"{expected[i][order[0]]:.4f}", LABELS[order[0]]]
 
     labels_file, templates_file = tmp_path / "labels.txt", tmp_path / "templates.txt"
     labels_file.write_text("\n".join(LABELS) + "\n\n")
     templates_file.write_text("a photo of a {}.\nart of the {}.\n")
-    result = _aimv2("classify", *photos[:2], "--labels-file", str(labels_file), "--templates", str(templates_file),
-                    "-m", str(folder), "--json", "--top-k", "9", cache=tmp_path)
+    result = _aimv2(
+        "classify",
+        *photos[:2],
+        "--labels-file",
+        str(labels_file),
+        "--templates",
+        str(templates_file),
+        "-m",
+        str(folder),
+        "--json",
+        "--top-k",
+        "9",
+        cache=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    expected = aimv2_mlx.zero_shot(photos[:2], model, LABELS, templates=["a photo of a {}.", "art of the {}."])
+    expected = aimv2_mlx.zero_shot(
+        photos[:2], model, LABELS, templates=["a photo of a {}.", "art of the {}."]
+    )
     assert summary["labels"] == LABELS and summary["skipped"] == []
     for i, entry in enumerate(summary["results"]):
         assert entry["image"] == photos[i] and len(entry["top"]) == len(LABELS)
@@ -161,12 +225,15 @@ def test_cli_zero_shot_text_json_and_csv(lit, tmp_path):
         assert [top["probability"] for top in entry["top"]] == sorted(got.values(), reverse=True)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "ENCODER", "--zero-shot", "cat,dog"], "not a LiT model"),
-    (["--zero-shot", " , "], "no class names"),
-    ([], "no class names"),
-    (["--labels-file", "missing.txt"], "missing.txt: no such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "ENCODER", "--zero-shot", "cat,dog"], "not a LiT model"),
+        (["--zero-shot", " , "], "no class names"),
+        ([], "no class names"),
+        (["--labels-file", "missing.txt"], "missing.txt: no such file"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, args, message):
     encoder = aimv2_mlx.save(aimv2_mlx.build(tiny_config()), tmp_path / "encoder")  # no text tower
     args = [str(encoder) if arg == "ENCODER" else arg for arg in args]

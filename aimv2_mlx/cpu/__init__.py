@@ -19,4 +19,12 @@ load_openblas()
 
 from .modules import apply, remove  # noqa: E402
 
-__all__ = ["apply", "get_blas_threads", "library_path", "load_openblas", "on_cpu", "remove", "set_blas_threads"]
+__all__ = [
+    "apply",
+    "get_blas_threads",
+    "library_path",
+    "load_openblas",
+    "on_cpu",
+    "remove",
+    "set_blas_threads",
+]

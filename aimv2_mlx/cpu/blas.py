@@ -24,9 +24,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 DISABLE_ENV = "AIMV2_MLX_NO_OPENBLAS"
 PATH_ENV = "AIMV2_MLX_OPENBLAS"
@@ -50,9 +51,27 @@ _OPENBLAS_PATHS = (
 # by the widest vector unit its kernels use. "generic" kernels are the ones a DYNAMIC_ARCH
 # build falls back to for a CPU it does not know.
 _KERNEL_CLASS = {
-    **dict.fromkeys(("katmai", "coppermine", "northwood", "prescott", "banias", "atom", "core2",
-                     "penryn", "dunnington", "nehalem", "athlon", "opteron", "opteron(sse3)",
-                     "barcelona", "nano", "bobcat"), "sse"),
+    **dict.fromkeys(
+        (
+            "katmai",
+            "coppermine",
+            "northwood",
+            "prescott",
+            "banias",
+            "atom",
+            "core2",
+            "penryn",
+            "dunnington",
+            "nehalem",
+            "athlon",
+            "opteron",
+            "opteron(sse3)",
+            "barcelona",
+            "nano",
+            "bobcat",
+        ),
+        "sse",
+    ),
     **dict.fromkeys(("sandybridge", "bulldozer", "piledriver", "steamroller"), "avx"),
     **dict.fromkeys(("haswell", "excavator", "zen"), "avx2"),
     **dict.fromkeys(("skylakex", "cooperlake", "sapphirerapids"), "avx512"),
@@ -107,8 +126,15 @@ def parse_isa(cpuinfo: str, machine: str) -> Isa:
         return Isa("x86_64", level, tuple(extras))
     if machine in ("aarch64", "arm64"):
         features = set(fields.get("features", "").split())
-        level = ("sve2" if "sve2" in features else "sve" if "sve" in features
-                 else "neon" if "asimd" in features else "unknown")
+        level = (
+            "sve2"
+            if "sve2" in features
+            else "sve"
+            if "sve" in features
+            else "neon"
+            if "asimd" in features
+            else "unknown"
+        )
         extras = tuple(name for name in ("asimddp",) if name in features)
         return Isa("aarch64", level, extras, fields.get("cpu part") or None)
     return Isa(machine or "unknown", "unknown")
@@ -163,8 +189,11 @@ def choose_coretype(isa: Isa, library_kernel: str | None, env: Mapping[str, str]
     if not library_kernel:
         return Choice(None, "the library's own choice (its kernel could not be probed)")
     if _KERNEL_CLASS.get(library_kernel.lower()) in _GENERIC:
-        return Choice(target, f"chosen by aimv2-mlx: the library would run its generic "
-                              f"{library_kernel} kernel on this {isa.level} CPU")
+        return Choice(
+            target,
+            f"chosen by aimv2-mlx: the library would run its generic "
+            f"{library_kernel} kernel on this {isa.level} CPU",
+        )
     return Choice(None, f"the library's own choice ({library_kernel})")
 
 
@@ -246,8 +275,13 @@ def probe_library_kernel(path: str) -> str | None:
     env = {k: v for k, v in os.environ.items() if k not in (CORETYPE_ENV, "OPENBLAS_VERBOSE")}
     env["OPENBLAS_NUM_THREADS"] = "1"
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, path], env=env,
-                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _PROBE, path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+        )
         kernel = json.loads(done.stdout)["kernel"] if done.returncode == 0 else None
     except (OSError, ValueError, KeyError, TypeError, subprocess.TimeoutExpired):
         return None
@@ -261,9 +295,16 @@ def probe_library_kernel(path: str) -> str | None:
 
 # -- loading --
 
+
 def _fresh_state() -> dict:
-    return {"openblas": None, "reason": "not attempted", "library_kernel": None,
-            "chosen": None, "why": None, "lib": None}
+    return {
+        "openblas": None,
+        "reason": "not attempted",
+        "library_kernel": None,
+        "chosen": None,
+        "why": None,
+        "lib": None,
+    }
 
 
 _state = _fresh_state()
@@ -280,7 +321,8 @@ def candidate_paths() -> list[str]:
 
 
 def _preloaded_blas() -> str | None:
-    """A BLAS already in this process's global symbol scope (LD_PRELOAD): its path, from /proc/self/maps.
+    """A BLAS already in this process's global symbol scope (LD_PRELOAD): its path, from
+    /proc/self/maps.
 
     Only global symbols count: numpy's bundled OpenBLAS is loaded locally with prefixed names
     and serves no `cblas_sgemm` to MLX.
@@ -298,9 +340,11 @@ def _preloaded_blas() -> str | None:
 
 
 def _warn_mlx_first() -> None:
-    sys.stderr.write("aimv2-mlx: warning: mlx.core was imported before aimv2_mlx, so MLX keeps its "
-                     "bundled reference BLAS (fp32 GEMM ~4 GFLOP/s, tens of times slower); "
-                     "import aimv2_mlx first\n")
+    sys.stderr.write(
+        "aimv2-mlx: warning: mlx.core was imported before aimv2_mlx, so MLX keeps its "
+        "bundled reference BLAS (fp32 GEMM ~4 GFLOP/s, tens of times slower); "
+        "import aimv2_mlx first\n"
+    )
 
 
 def _decide(path: str) -> None:
@@ -324,7 +368,9 @@ def _undo_choice() -> None:
 
 
 def load_openblas() -> str | None:
-    """Load a system OpenBLAS globally (Linux only). Returns its path, or None with a reason kept."""
+    """Load a system OpenBLAS globally (Linux only). Returns its path, or None with a reason
+    kept.
+    """
     if _state["openblas"] or _state["reason"] != "not attempted":
         return _state["openblas"]
     if sys.platform != "linux":
@@ -335,8 +381,11 @@ def load_openblas() -> str | None:
         return None
     preloaded = _preloaded_blas()
     if preloaded:
-        _state.update(openblas=preloaded, reason="preloaded (LD_PRELOAD)",
-                      why="whatever was in the environment when it was preloaded")
+        _state.update(
+            openblas=preloaded,
+            reason="preloaded (LD_PRELOAD)",
+            why="whatever was in the environment when it was preloaded",
+        )
         return preloaded
     if "mlx.core" in sys.modules:
         _state["reason"] = "mlx.core was imported before aimv2_mlx; import aimv2_mlx first"
@@ -351,11 +400,14 @@ def load_openblas() -> str | None:
             continue
         _state.update(openblas=path, reason="loaded")
         return path
-    _state["reason"] = "no system OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+    _state["reason"] = (
+        "no system OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+    )
     return None
 
 
 # -- after loading: what runs, and its threads --
+
 
 def library_path() -> str | None:
     """The BLAS library MLX's calls resolve to, or None (reference BLAS, macOS)."""
@@ -369,7 +421,11 @@ def load_reason() -> str:
 
 def kernel_choice() -> dict:
     """What the loader decided: the library's own kernel (probed), the coretype set, and why."""
-    return {"library_kernel": _state["library_kernel"], "chosen": _state["chosen"], "why": _state["why"]}
+    return {
+        "library_kernel": _state["library_kernel"],
+        "chosen": _state["chosen"],
+        "why": _state["why"],
+    }
 
 
 def _library():
@@ -419,7 +475,9 @@ def get_blas_threads() -> int | None:
 
 
 def set_blas_threads(n: int) -> bool:
-    """Set the loaded OpenBLAS's or MKL's thread count (process-wide). False when neither is loaded."""
+    """Set the loaded OpenBLAS's or MKL's thread count (process-wide). False when neither is
+    loaded.
+    """
     lib = _library()
     for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
         if lib is not None and hasattr(lib, name):
@@ -429,6 +487,7 @@ def set_blas_threads(n: int) -> bool:
 
 
 # -- measuring --
+
 
 def _best_seconds(run, repeats: int) -> float:
     run()
@@ -506,7 +565,9 @@ def _slow_fix(kernel: str | None) -> str:
 
 
 def describe() -> dict:
-    """ISA, BLAS library and kernel, and MLX's fp32 GEMM beside numpy's — what `aimv2 info` prints."""
+    """ISA, BLAS library and kernel, and MLX's fp32 GEMM beside numpy's — what `aimv2 info`
+    prints.
+    """
     import mlx.core as mx
 
     device = mx.default_device()
@@ -562,4 +623,3 @@ def on_cpu() -> bool:
     import mlx.core as mx
 
     return mx.default_device() == mx.cpu
-

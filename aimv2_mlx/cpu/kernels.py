@@ -1,4 +1,5 @@
-"""Fast float32 kernels for MLX's CPU backend: exp, the SwiGLU product and attention, with gradients.
+"""Fast float32 kernels for MLX's CPU backend: exp, the SwiGLU product and attention, with
+gradients.
 
 Element-wise kernels
 --------------------
@@ -101,6 +102,7 @@ def _two_n(s: mx.array) -> mx.array:
 
 # --- exp -------------------------------------------------------------------------------------
 
+
 @mx.compile
 def _exp_s(x):
     return _clip_s(x)
@@ -127,6 +129,7 @@ def fast_exp(x: mx.array) -> mx.array:
 
 
 # --- SwiGLU ----------------------------------------------------------------------------------
+
 
 @mx.compile
 def _silu_s(gate):
@@ -182,6 +185,7 @@ def _single(arrays):
 
 # --- softmax and attention -------------------------------------------------------------------
 
+
 @mx.compile
 def _shifted_s(scores, peak, scale):
     return _clip_s((scores - peak) * scale)
@@ -200,7 +204,9 @@ def _exp_shifted(scores: mx.array, peak: mx.array, scale: float) -> mx.array:
 
 
 def _weights(q, k, scale, mask):
-    """Unnormalised attention weights E = exp(S - max S), S = scale q k^T + mask, and their row sums."""
+    """Unnormalised attention weights E = exp(S - max S), S = scale q k^T + mask, and their row
+    sums.
+    """
     scores = q @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores * scale + mask
@@ -247,7 +253,9 @@ def _attention(scale: float, masked: bool):
     return function
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None
+) -> mx.array:
     """Softmax attention, (B, H, n, d) queries against (B, H, N, d) keys and values; `mask` is
     additive and broadcastable to (B, H, n, N). Differentiable."""
     function = _attention(float(scale), mask is not None)

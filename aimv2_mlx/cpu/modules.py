@@ -128,7 +128,7 @@ def split_plan(x: mx.array, streams: list) -> int | None:
         return None
     if B % len(streams) == 0:
         return 0
-    return 1 if N >= len(streams) else None
+    return 1 if len(streams) <= N else None
 
 
 def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> mx.array | None:
@@ -140,8 +140,13 @@ def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> 
     return mask[..., a:b, :] if mask.shape[-2] > 1 else mask
 
 
-SWAPS = {Attention: CPUAttention, SwiGLU: CPUSwiGLU, Block: CPUBlock, Transformer: CPUTransformer,
-         AttentionPoolHead: CPUAttentionPoolHead}
+SWAPS = {
+    Attention: CPUAttention,
+    SwiGLU: CPUSwiGLU,
+    Block: CPUBlock,
+    Transformer: CPUTransformer,
+    AttentionPoolHead: CPUAttentionPoolHead,
+}
 PLAIN = {cpu: plain for plain, cpu in SWAPS.items()}
 
 

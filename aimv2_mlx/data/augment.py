@@ -14,8 +14,9 @@ from PIL import Image
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 
 
-def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.4, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    rng: np.random.Generator, width: int, height: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """(left, top, w, h) as torchvision's RandomResizedCrop picks it (10 tries, then centre)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -36,7 +37,9 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, s
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def augment(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0)) -> Image.Image:
+def augment(
+    image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0)
+) -> Image.Image:
     left, top, w, h = random_resized_crop_box(rng, image.width, image.height, scale)
     image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     if rng.uniform() < 0.5:

@@ -18,7 +18,6 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import Aimv2Error
-from ..folders import open_regular
 from ..images import ImageError, open_image
 from .sources import IMAGE_SUFFIXES, images_under, read_member
 
@@ -84,7 +83,9 @@ def from_sidecars(folder: Path) -> CaptionedImages:
     for path in images_under(folder):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            samples.append(CaptionedSample(path.relative_to(folder).as_posix(), _read_caption(sidecar), path))
+            samples.append(
+                CaptionedSample(path.relative_to(folder).as_posix(), _read_caption(sidecar), path)
+            )
     return CaptionedImages(samples, str(folder))
 
 
@@ -132,8 +133,16 @@ def from_tars(tars: list[Path], origin: str) -> CaptionedImages:
                     image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
                     if image is not None and ".txt" in parts:
                         text = tar.extractfile(parts[".txt"]).read().decode("utf-8", "replace")
-                        samples.append(CaptionedSample(f"{tar_path.name}:{image.name}", _clean(text), tar_path,
-                                                       image.name, image.offset_data, image.size))
+                        samples.append(
+                            CaptionedSample(
+                                f"{tar_path.name}:{image.name}",
+                                _clean(text),
+                                tar_path,
+                                image.name,
+                                image.offset_data,
+                                image.size,
+                            )
+                        )
         except (tarfile.TarError, OSError) as exc:
             raise CaptionDataError(f"{tar_path}: not a readable tar ({exc})") from None
     return CaptionedImages(samples, origin)

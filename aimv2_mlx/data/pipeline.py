@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,8 +40,12 @@ def name_of(source) -> str:
     return os.fsdecode(source)
 
 
-def decode_image(source, config: PreprocessConfig, patch_size: int,
-                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> DecodedImage:
+def decode_image(
+    source,
+    config: PreprocessConfig,
+    patch_size: int,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+) -> DecodedImage:
     """Decode and preprocess one input; any failure is returned as a reason, never raised."""
     name = name_of(source)
     try:
@@ -53,7 +57,7 @@ def decode_image(source, config: PreprocessConfig, patch_size: int,
         return DecodedImage(source, to_pixels(image, config, patch_size), image.width, image.height)
     except ImageError as exc:
         reason = str(exc)
-        reason = reason[len(name) + 2:] if reason.startswith(name + ": ") else reason
+        reason = reason[len(name) + 2 :] if reason.startswith(name + ": ") else reason
     except OSError as exc:  # missing, or not a regular file
         reason = f"cannot read ({exc.strerror or exc})"
     except Exception as exc:  # a broken file must never stop a run
@@ -61,8 +65,9 @@ def decode_image(source, config: PreprocessConfig, patch_size: int,
     return DecodedImage(source, error=display(reason))  # reasons may quote undecodable file names
 
 
-def map_in_order(sources: Iterable, work: Callable[[object], DecodedImage], workers: int = 0,
-                 ahead: int = 32) -> Iterator[DecodedImage]:
+def map_in_order(
+    sources: Iterable, work: Callable[[object], DecodedImage], workers: int = 0, ahead: int = 32
+) -> Iterator[DecodedImage]:
     """`work(source)` for every source, on `workers` threads, yielded in input order.
 
     At most `ahead` results are in flight, so memory stays bounded on any folder size.
@@ -86,8 +91,9 @@ def map_in_order(sources: Iterable, work: Callable[[object], DecodedImage], work
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def batches(results: Iterable[DecodedImage], batch_size: int
-            ) -> Iterator[tuple[list[DecodedImage], np.ndarray | None, list[DecodedImage]]]:
+def batches(
+    results: Iterable[DecodedImage], batch_size: int
+) -> Iterator[tuple[list[DecodedImage], np.ndarray | None, list[DecodedImage]]]:
     """Group decoded inputs into (good, pixels, failed); `pixels` is padded to `batch_size` rows.
 
     All good images must share one shape (native-resolution models use batches of one). The
@@ -110,5 +116,5 @@ def _padded(good: list[DecodedImage], batch_size: int) -> np.ndarray:
     pixels = np.empty((batch_size,) + good[0].pixels.shape, np.float32)
     for i, result in enumerate(good):
         pixels[i] = result.pixels
-    pixels[len(good):] = 0.0
+    pixels[len(good) :] = 0.0
     return pixels

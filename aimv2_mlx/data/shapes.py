@@ -23,8 +23,12 @@ from ..errors import SettingError
 from ..folders import atomic_folder
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
 # side / diameter as a fraction of the image side
@@ -32,7 +36,12 @@ SIZES = {"small": 0.12, "medium": 0.19, "large": 0.3}
 # pixels: one patch of AIMv2's 14-pixel patchifier (arXiv 2411.14402); less feeds no encoder
 MIN_SIZE = 14
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "count": ("1", "2", "3")}
+ATTRIBUTES = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "position": POSITIONS,
+    "count": ("1", "2", "3"),
+}
 
 
 @dataclass
@@ -122,7 +131,10 @@ def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
     elif s.kind == "square":
         draw.rectangle((s.cx - r, s.cy - r, s.cx + r, s.cy + r), fill=fill)
     else:
-        draw.polygon([(s.cx, s.cy - r * 1.15), (s.cx - r * 1.15, s.cy + r), (s.cx + r * 1.15, s.cy + r)], fill=fill)
+        draw.polygon(
+            [(s.cx, s.cy - r * 1.15), (s.cx - r * 1.15, s.cy + r), (s.cx + r * 1.15, s.cy + r)],
+            fill=fill,
+        )
 
 
 def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0) -> Path:
@@ -131,7 +143,9 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
     Files are written into a temporary folder that is renamed into place at the end.
     """
     if n < 1 or size < MIN_SIZE:
-        raise SettingError(f"{n} images of {size} pixels: give at least 1 image of at least {MIN_SIZE} pixels")
+        raise SettingError(
+            f"{n} images of {size} pixels: give at least 1 image of at least {MIN_SIZE} pixels"
+        )
     out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
@@ -145,14 +159,25 @@ def write_shapes(out: str | os.PathLike, n: int, size: int = 112, seed: int = 0)
                 (tmp / name).with_suffix(".txt").write_text(text + "\n")
                 caps.write(json.dumps({"path": name, "caption": text}) + "\n")
                 labs.write(json.dumps({"path": name, **labels}) + "\n")
-        (tmp / "info.json").write_text(json.dumps(
-            {"generator": "aimv2 data shapes", "n": n, "size": size, "seed": seed, "attributes": ATTRIBUTES},
-            indent=2))
+        (tmp / "info.json").write_text(
+            json.dumps(
+                {
+                    "generator": "aimv2 data shapes",
+                    "n": n,
+                    "size": size,
+                    "seed": seed,
+                    "attributes": ATTRIBUTES,
+                },
+                indent=2,
+            )
+        )
     return out
 
 
 def read_labels(folder: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
     """Image paths (relative) and, per attribute, integer labels indexing `ATTRIBUTES[attr]`."""
-    rows = [json.loads(line) for line in Path(folder, "labels.jsonl").read_text().splitlines() if line]
+    rows = [
+        json.loads(line) for line in Path(folder, "labels.jsonl").read_text().splitlines() if line
+    ]
     labels = {a: np.array([ATTRIBUTES[a].index(r[a]) for r in rows]) for a in ATTRIBUTES}
     return [r["path"] for r in rows], labels

@@ -17,7 +17,18 @@ from ..folders import open_regular
 
 # Every image source (folders, lists, tars, captioned data) takes these; the order is the preference
 # when a WebDataset sample holds several images under one key.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif")
+IMAGE_SUFFIXES = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,9 @@ def discover(inputs: list[str | os.PathLike]) -> list[Item]:
         root = Path(source).expanduser()
         prefix = "" if len(inputs) == 1 else root.name + "/"
         if prefix and prefix in names:
-            raise SettingError(f"{source}: two inputs are named {root.name!r}; their keys would collide")
+            raise SettingError(
+                f"{source}: two inputs are named {root.name!r}; their keys would collide"
+            )
         names.add(prefix)
         if root.is_dir():
             found += _walk(root, prefix)
@@ -121,7 +134,9 @@ def _walk(root: Path, prefix: str):
                     stack.append((child.path, key + b"/", ancestors))
                 # never a FIFO or device
                 elif child.is_file() and _suffix(child.name) in IMAGE_SUFFIXES:
-                    entries.append(_entry(os.fsencode(prefix) + key, os.fsdecode(child.path), child.stat()))
+                    entries.append(
+                        _entry(os.fsencode(prefix) + key, os.fsdecode(child.path), child.stat())
+                    )
             except OSError:  # a dangling link or a file removed during the walk
                 continue
     return entries
@@ -159,7 +174,9 @@ def _listed(list_path: Path, prefix: str):
             stat = path.stat()
         except OSError:
             stat = os.stat_result((0,) * 10)  # missing: kept, so the run reports it as a failure
-            entries.append(_entry(os.fsencode(prefix + line), str(path), stat, ("missing", str(path))))
+            entries.append(
+                _entry(os.fsencode(prefix + line), str(path), stat, ("missing", str(path)))
+            )
             continue
         entries.append(_entry(os.fsencode(prefix + line), str(path), stat))
     return entries

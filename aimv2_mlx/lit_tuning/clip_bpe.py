@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, models, trainers
 
@@ -35,7 +35,7 @@ def byte_symbols() -> list[str]:
         *range(ord("¡"), ord("¬") + 1),
         *range(ord("®"), ord("ÿ") + 1),
     ]
-    chars, extra = dict(zip(visible, visible)), 0
+    chars, extra = dict(zip(visible, visible, strict=True)), 0
     for byte in range(256):
         if byte not in chars:
             chars[byte], extra = 256 + extra, extra + 1

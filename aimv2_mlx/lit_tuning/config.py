@@ -67,7 +67,7 @@ class LitConfig:
         context_length: int = 77,
         vocab_size: int = 1024,
         **overrides,
-    ) -> "LitConfig":
+    ) -> LitConfig:
         """A run for `vision`: the text tower has its width, heads and MLP and half its depth unless
         given (a new width gets the 8/3 SwiGLU ratio rounded up to 64); the warmup, unless given,
         is 100 steps or a tenth of the run, whichever is shorter."""
@@ -94,7 +94,7 @@ class LitConfig:
         return {"kind": KIND, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LitConfig":
+    def from_dict(cls, data: dict) -> LitConfig:
         if not isinstance(data, dict) or data.get("kind") != KIND:
             raise SettingError("not a LiT-tuning run config (no 'kind': 'aimv2 lit')")
         values = dict(data)

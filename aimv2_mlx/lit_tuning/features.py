@@ -16,8 +16,9 @@ import numpy as np
 
 from ..data.captioned import CaptionedImages
 from ..embed import embed_folder
-from ..shards import atomic_write, read_shards
 from ..errors import SettingError, UnusableFileError
+from ..folders import atomic_write
+from ..shards import read_shards
 
 FEATURES = "features"
 IMAGE_LIST = "images.txt"  # the plain image files of the data, one a line, as embed's input

@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .. import distributed as ranks
 from ..data.captioned import load_captioned
 from ..embed import model_identity, same_model
+from ..errors import SettingError, UnusableFileError
 from ..folders import locked, naming_full_disk
 from ..model import load, parameter_count
 from ..text_embed import trim_padding
@@ -36,13 +37,13 @@ from ..train import logs
 from ..train.checkpoint import resume_point, write_checkpoint
 from ..train.loop import (
     TrainingInterrupted,
+    caught_signals,
     changed_config,
     check_changes,
     check_data,
-    stop_now,
-    caught_signals,
     check_new_run,
     data_identity,
+    stop_now,
 )
 from ..train.optimizer import build_optimizer
 from ..train.summary import eta
@@ -51,7 +52,6 @@ from .config import RESUMABLE, LitConfig
 from .features import cache_features
 from .step import PAD_MULTIPLE, LitStep
 from .towers import build_lit, locked_weights, text_config, trained_weights
-from ..errors import SettingError, UnusableFileError
 
 CHECKPOINT_FILES = ("lit.safetensors", "optimizer.safetensors")
 TOKENIZER = "tokenizer"
@@ -236,7 +236,9 @@ class _Run:
             )
             mx.eval(model.parameters(), optimizer.state)
         except (ValueError, RuntimeError) as exc:
-            raise UnusableFileError(f"{checkpoint}: does not fit this run's model ({exc})") from None
+            raise UnusableFileError(
+                f"{checkpoint}: does not fit this run's model ({exc})"
+            ) from None
         step = json.loads((checkpoint / "state.json").read_text())["step"]
         self.echo(f"resumed {checkpoint} at step {step}")
         return step
@@ -264,7 +266,9 @@ class _Run:
             for step in range(start, end):
                 began = time.perf_counter()
                 rows = pair_indices(config.seed, n, step, config.batch_size, world, rank)
-                stats = step_fn(features.tokens[rows], trim_padding(input_ids[rows], end_id, PAD_MULTIPLE))
+                stats = step_fn(
+                    features.tokens[rows], trim_padding(input_ids[rows], end_id, PAD_MULTIPLE)
+                )
                 done = step + 1
                 record = {
                     "step": done,

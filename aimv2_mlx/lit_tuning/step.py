@@ -10,7 +10,6 @@ applies to the whole batch and which therefore collects W times its gradient; it
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map

@@ -76,7 +76,7 @@ def init_trained(model, seed: int) -> None:
     }
     keys = mx.random.split(mx.random.key(seed), len(trained))
     values = {}
-    for key, (name, value) in zip(keys, sorted(trained.items())):
+    for key, (name, value) in zip(keys, sorted(trained.items()), strict=True):
         if name.endswith("positional_embedding"):
             values[name] = 0.01 * mx.random.normal(value.shape, key=key)
         elif name.endswith(("text_embedding.weight", "cls_token")):

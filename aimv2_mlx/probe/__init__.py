@@ -8,6 +8,17 @@ from .run import probe
 from .saved import LoadedProbe, ProbeClassifier, load_probe
 from .settings import ProbeSettings
 
-__all__ = ["HEADS", "HEAD_TYPES", "AttentiveSettings", "LabelledImages", "LoadedProbe",
-           "ProbeClassifier", "ProbeDataError", "ProbeHead", "ProbeSettings", "load_labelled",
-           "load_probe", "probe"]
+__all__ = [
+    "HEADS",
+    "HEAD_TYPES",
+    "AttentiveSettings",
+    "LabelledImages",
+    "LoadedProbe",
+    "ProbeClassifier",
+    "ProbeDataError",
+    "ProbeHead",
+    "ProbeSettings",
+    "load_labelled",
+    "load_probe",
+    "probe",
+]

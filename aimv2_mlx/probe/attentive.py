@@ -44,8 +44,15 @@ def new_head(dims: int, num_classes: int, num_heads: int, seed: int) -> Attentio
     return cpu.apply(head, streams=()) if cpu.on_cpu() else head
 
 
-def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: int, lr: float, weight_decay: float,
-                         settings: AttentiveSettings, on_epoch=None) -> AttentionPoolHead:
+def train_attentive_head(
+    tokens: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    settings: AttentiveSettings,
+    on_epoch=None,
+) -> AttentionPoolHead:
     """One head trained on (N, T, D) tokens with AdamW + warmup/cosine + clipping; `on_epoch()`
     after each epoch."""
     n, _, dims = tokens.shape
@@ -54,8 +61,12 @@ def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: in
     total = settings.epochs * steps_per_epoch
     warmup = max(1, int(settings.warmup_fraction * total))
     schedule = optim.join_schedules(
-        [optim.linear_schedule(lr * 1e-3, lr, warmup), optim.cosine_decay(lr, max(1, total - warmup), lr * 1e-3)],
-        [warmup])
+        [
+            optim.linear_schedule(lr * 1e-3, lr, warmup),
+            optim.cosine_decay(lr, max(1, total - warmup), lr * 1e-3),
+        ],
+        [warmup],
+    )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
 
     def loss_fn(model, x, y):
@@ -73,7 +84,7 @@ def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: in
     for _ in range(settings.epochs):
         order = rng.permutation(n)
         for start in range(0, n, settings.batch_size):
-            batch = order[start:start + settings.batch_size]
+            batch = order[start : start + settings.batch_size]
             step(mx.array(tokens[batch]), mx.array(labels[batch].astype(np.int32)))
             mx.eval(head.parameters(), optimizer.state)
         if on_epoch:
@@ -82,12 +93,26 @@ def train_attentive_head(tokens: np.ndarray, labels: np.ndarray, num_classes: in
 
 
 def head_scores(head: AttentionPoolHead, tokens: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    return np.concatenate([np.array(head(mx.array(tokens[i:i + batch_size])))
-                           for i in range(0, len(tokens), batch_size)]) if len(tokens) else np.zeros((0, 0))
+    return (
+        np.concatenate(
+            [
+                np.array(head(mx.array(tokens[i : i + batch_size])))
+                for i in range(0, len(tokens), batch_size)
+            ]
+        )
+        if len(tokens)
+        else np.zeros((0, 0))
+    )
 
 
-def train_attentive(train, val, num_classes: int, settings: AttentiveSettings | None = None,
-                    sweep=DEFAULT_SWEEP, progress=None) -> tuple[AttentionPoolHead, dict]:
+def train_attentive(
+    train,
+    val,
+    num_classes: int,
+    settings: AttentiveSettings | None = None,
+    sweep=DEFAULT_SWEEP,
+    progress=None,
+) -> tuple[AttentionPoolHead, dict]:
     """Sweep (lr, weight decay) on validation; keep the best head. `progress(done, total)` counts
     epochs over the whole sweep."""
     settings = settings or AttentiveSettings()
@@ -99,14 +124,22 @@ def train_attentive(train, val, num_classes: int, settings: AttentiveSettings | 
         progress(epochs[0], total)
 
     for lr, wd in sweep:
-        head = train_attentive_head(*train, num_classes, lr, wd, settings, on_epoch if progress else None)
+        head = train_attentive_head(
+            *train, num_classes, lr, wd, settings, on_epoch if progress else None
+        )
         accuracy = float((head_scores(head, val[0]).argmax(1) == val[1]).mean())
         results[f"lr={lr:g},wd={wd:g}"] = accuracy
         if best is None or accuracy > best[0]:
             best = (accuracy, head, lr, wd)
     _, head, lr, wd = best
-    return head, {"lr": lr, "weight_decay": wd, "val_accuracy_by_setting": results, "epochs": settings.epochs,
-                  "batch_size": settings.batch_size, "num_heads": head.num_heads}
+    return head, {
+        "lr": lr,
+        "weight_decay": wd,
+        "val_accuracy_by_setting": results,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "num_heads": head.num_heads,
+    }
 
 
 def head_arrays(head: AttentionPoolHead) -> dict[str, np.ndarray]:
@@ -118,7 +151,6 @@ def head_from_arrays(arrays: dict[str, np.ndarray], num_heads: int) -> Attention
     head = AttentionPoolHead(dims, num_heads, out_dims=arrays["linear.weight"].shape[0])
     head.load_weights([(k, mx.array(v)) for k, v in arrays.items()])
     return head
-
 
 
 @dataclass
@@ -133,16 +165,19 @@ class AttentiveHead:
         return softmax(head_scores(self.module, tokens))
 
     @classmethod
-    def fit(cls, train, val, num_classes: int, settings,
-            progress=None) -> tuple["AttentiveHead", dict]:
-        module, chosen = train_attentive(train, val, num_classes, settings.attentive,
-                                         progress=progress)
+    def fit(
+        cls, train, val, num_classes: int, settings, progress=None
+    ) -> tuple[AttentiveHead, dict]:
+        module, chosen = train_attentive(
+            train, val, num_classes, settings.attentive, progress=progress
+        )
         return cls(module), chosen
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
         return head_arrays(self.module), {"num_heads": self.module.num_heads}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
-                    num_classes: int) -> "AttentiveHead":
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int
+    ) -> AttentiveHead:
         return cls(head_from_arrays(arrays, settings["num_heads"]))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..data.sources import IMAGE_SUFFIXES, images_under
 from ..errors import Aimv2Error
-from ..folders import naming_full_disk, write_json
+from ..folders import write_json
 
 
 class ProbeDataError(Aimv2Error, ValueError):
@@ -31,9 +31,12 @@ class LabelledImages:
     warnings: list[str] = field(default_factory=list)
     missing: list[dict] = field(default_factory=list)  # {"path", "reason"} of excluded rows
 
-    def subset(self, index) -> "LabelledImages":
-        return LabelledImages([self.paths[i] for i in index], [self.names[i] for i in index],
-                              [self.labels[i] for i in index])
+    def subset(self, index) -> LabelledImages:
+        return LabelledImages(
+            [self.paths[i] for i in index],
+            [self.names[i] for i in index],
+            [self.labels[i] for i in index],
+        )
 
 
 def load_labelled(source: str | Path) -> LabelledImages:
@@ -42,8 +45,10 @@ def load_labelled(source: str | Path) -> LabelledImages:
     if source.is_dir():
         return image_folder(source)
     if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
-        raise ProbeDataError(f"{source}: one image; a probe needs labelled images: a folder "
-                             f"(root/<class>/<images>) or a .csv/.parquet label file with path,label columns")
+        raise ProbeDataError(
+            f"{source}: one image; a probe needs labelled images: a folder "
+            f"(root/<class>/<images>) or a .csv/.parquet label file with path,label columns"
+        )
     if source.is_file():
         return label_file(source)
     raise ProbeDataError(f"{source}: no such folder or label file")
@@ -76,14 +81,18 @@ def label_file(path: Path) -> LabelledImages:
         image = Path(name).expanduser()
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
-            data.missing.append({"path": str(name), "reason": "no such file (named in the label file)"})
+            data.missing.append(
+                {"path": str(name), "reason": "no such file (named in the label file)"}
+            )
             continue
         data.paths.append(image)
         data.names.append(str(name))
         data.labels.append(str(label))
     if data.missing:
         first = data.missing[0]["path"]
-        data.warnings.append(f"{path}: {len(data.missing)} listed image(s) do not exist (first: {first}); excluded")
+        data.warnings.append(
+            f"{path}: {len(data.missing)} listed image(s) do not exist (first: {first}); excluded"
+        )
     if not data.paths:
         raise ProbeDataError(f"{path}: none of the {len(rows)} listed images exist")
     _check_classes(data, path)
@@ -95,8 +104,12 @@ def _read_rows(path: Path) -> list[tuple[str, str]]:
         table = pq.read_table(path)
         columns = set(table.column_names)
         if not {"path", "label"} <= columns:
-            raise ProbeDataError(f"{path}: needs 'path' and 'label' columns (has {', '.join(sorted(columns))})")
-        return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True))
+            raise ProbeDataError(
+                f"{path}: needs 'path' and 'label' columns (has {', '.join(sorted(columns))})"
+            )
+        return list(
+            zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True)
+        )
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
@@ -104,8 +117,10 @@ def _read_rows(path: Path) -> list[tuple[str, str]]:
                 raise ProbeDataError(f"{path}: needs a header with 'path' and 'label' columns")
             return [(row["path"], row["label"]) for row in reader]
     except UnicodeDecodeError:
-        raise ProbeDataError(f"{path}: not a UTF-8 text label file; give a folder (root/<class>/<images>) "
-                             f"or a .csv/.parquet with path,label columns") from None
+        raise ProbeDataError(
+            f"{path}: not a UTF-8 text label file; give a folder (root/<class>/<images>) "
+            f"or a .csv/.parquet with path,label columns"
+        ) from None
 
 
 def _check_classes(data: LabelledImages, origin: Path) -> None:
@@ -113,10 +128,14 @@ def _check_classes(data: LabelledImages, origin: Path) -> None:
     if not classes:
         raise ProbeDataError(f"{origin}: no images found")
     if len(classes) == 1:
-        raise ProbeDataError(f"{origin}: only one class ({classes[0]!r}); a probe needs at least two")
+        raise ProbeDataError(
+            f"{origin}: only one class ({classes[0]!r}); a probe needs at least two"
+        )
 
 
-def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: list[str], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices: about `fraction` of each class held out, at least one where the
     class has two or more images."""
     if not 0 < fraction < 1:
@@ -134,6 +153,13 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
 
 
 def save_split(path: Path, splits: dict[str, LabelledImages], settings: dict) -> None:
-    record = {**settings, **{name: [{"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels, strict=True)]
-                             for name, data in splits.items()}}
+    record = {
+        **settings,
+        **{
+            name: [
+                {"path": n, "label": lbl} for n, lbl in zip(data.names, data.labels, strict=True)
+            ]
+            for name, data in splits.items()
+        },
+    }
     write_json(path, record, indent=1)

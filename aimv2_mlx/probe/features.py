@@ -24,7 +24,7 @@ import numpy as np
 from ..data.pipeline import batches, decode_image, map_in_order
 from ..embed import model_identity
 from ..errors import SettingError
-from ..folders import atomic_write, naming_full_disk
+from ..folders import atomic_write
 from ..images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 
 TOKEN_CACHE_WARN_BYTES = 2 * 10**9
@@ -47,7 +47,11 @@ def cache_key(paths: list[Path], model, kind: str, blocks: tuple[int, ...] | Non
     files = hashlib.sha256()
     for path in paths:
         stat = path.stat()
-        files.update(f"{os.fsdecode(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        files.update(
+            f"{os.fsdecode(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )
     config = model.config
     description = {
         "model": model_identity(model),
@@ -57,13 +61,24 @@ def cache_key(paths: list[Path], model, kind: str, blocks: tuple[int, ...] | Non
         "dtype": str(model.image_encoder.preprocessor.patchifier.proj.weight.dtype),
         "files": files.hexdigest(),
     }
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=list).encode()).hexdigest()[:24]
+    return hashlib.sha256(
+        json.dumps(description, sort_keys=True, default=list).encode()
+    ).hexdigest()[:24]
 
 
-def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
-                 cache_dir: Path | None = None, batch_size: int = 8, workers: int = 0,
-                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, progress=None) -> Features:
-    """Pooled (`kind="mean"`) or token (`"tokens"`) features of `paths`, from the cache when it has them.
+def features_for(
+    paths: list[Path],
+    model,
+    kind: str = "mean",
+    blocks: tuple[int, ...] | None = None,
+    cache_dir: Path | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    progress=None,
+) -> Features:
+    """Pooled (`kind="mean"`) or token (`"tokens"`) features of `paths`, from the cache when it has
+    them.
 
     A "mean" request is also served from a cached "tokens" entry (the mean over its tokens).
     `progress(done, total)` follows the images as they are encoded (not called for a cache hit).
@@ -79,15 +94,25 @@ def features_for(paths: list[Path], model, kind: str = "mean", blocks: tuple[int
             return Features(cached.values.mean(axis=1), cached.kept, cached.failures, True)
     features = extract(paths, model, kind, blocks, batch_size, workers, max_megapixels, progress)
     if kind == "tokens" and features.values.nbytes > TOKEN_CACHE_WARN_BYTES:
-        print(f"warning: caching {features.values.nbytes / 1e9:.1f} GB of patch tokens in {cache_dir}",
-              file=sys.stderr)
+        print(
+            f"warning: caching {features.values.nbytes / 1e9:.1f} GB of patch tokens in "
+            f"{cache_dir}",
+            file=sys.stderr,
+        )
     _write(wanted, features)
     return features
 
 
-def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...] | None = None,
-            batch_size: int = 8, workers: int = 0,
-            max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS, progress=None) -> Features:
+def extract(
+    paths: list[Path],
+    model,
+    kind: str = "mean",
+    blocks: tuple[int, ...] | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    progress=None,
+) -> Features:
     """Run the encoder over `paths` (decoding on a thread pool ahead of it); `progress(done, total)`
     after each batch, failed images counted as done."""
     if kind not in ("mean", "tokens"):
@@ -96,9 +121,12 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
     config = model.config
     if config.preprocess.mode == "native":
         if kind == "tokens":
-            raise SettingError("patch-token features need a fixed-resolution model (native token counts vary)")
+            raise SettingError(
+                "patch-token features need a fixed-resolution model (native token counts vary)"
+            )
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
+
     def work(source):
         return decode_image(source, config.preprocess, config.vision.patch_size, max_megapixels)
 
@@ -112,7 +140,11 @@ def extract(paths: list[Path], model, kind: str = "mean", blocks: tuple[int, ...
         if progress:
             progress(len(kept) + len(failures), len(paths))
     dims = config.vision.hidden_size
-    values = np.concatenate(rows) if rows else np.zeros((0, dims) if kind == "mean" else (0, 0, dims), np.float32)
+    values = (
+        np.concatenate(rows)
+        if rows
+        else np.zeros((0, dims) if kind == "mean" else (0, 0, dims), np.float32)
+    )
     return Features(values, np.array(kept, dtype=np.int64), failures)
 
 
@@ -120,14 +152,21 @@ def _read(path: Path, count: int) -> Features | None:
     """A cache entry, or None when there is none or it is damaged (then it is recomputed)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            features = Features(data["values"], data["kept"], json.loads(str(data["failures"])), from_cache=True)
+            features = Features(
+                data["values"], data["kept"], json.loads(str(data["failures"])), from_cache=True
+            )
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     kept = features.kept
-    fits = (kept.ndim == 1 and kept.dtype.kind == "i" and len(kept) == len(features.values) <= count
-            and (len(kept) == 0 or (kept.min() >= 0 and kept.max() < count)) and isinstance(features.failures, list))
+    fits = (
+        kept.ndim == 1
+        and kept.dtype.kind == "i"
+        and len(kept) == len(features.values) <= count
+        and (len(kept) == 0 or (kept.min() >= 0 and kept.max() < count))
+        and isinstance(features.failures, list)
+    )
     return features if fits else None
 
 
@@ -136,6 +175,11 @@ def _write(path: Path, features: Features) -> None:
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            np.savez(handle, values=features.values, kept=features.kept, failures=json.dumps(features.failures))
+            np.savez(
+                handle,
+                values=features.values,
+                kept=features.kept,
+                failures=json.dumps(features.failures),
+            )
 
     atomic_write(path, save)

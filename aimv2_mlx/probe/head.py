@@ -8,12 +8,12 @@ that rebuild it (recorded in `probe.json`).
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from .settings import ProbeSettings
-
 
 Split = tuple[np.ndarray, np.ndarray]  # (features, integer labels)
 

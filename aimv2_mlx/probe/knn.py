@@ -36,7 +36,7 @@ class KnnHead:
         k = min(self.k, len(self.labels))
         out = []
         for start in range(0, len(queries), chunk):
-            sims = mx.array(queries[start:start + chunk]) @ bank.T
+            sims = mx.array(queries[start : start + chunk]) @ bank.T
             nearest = mx.argpartition(-sims, k - 1, axis=1)[:, :k]
             weights = mx.exp((mx.take_along_axis(sims, nearest, axis=1) - 1.0) / self.temperature)
             votes = mx.zeros((sims.shape[0], self.num_classes))
@@ -51,7 +51,7 @@ class KnnHead:
         return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
 
     @classmethod
-    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple["KnnHead", dict]:
+    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple[KnnHead, dict]:
         return train_knn(train, val, num_classes, settings.ks, progress)
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -59,10 +59,16 @@ class KnnHead:
         return arrays, {"k": self.k, "temperature": self.temperature}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
-                    num_classes: int) -> "KnnHead":
-        return cls(arrays["features"], arrays["labels"], num_classes, settings["k"],
-                   settings["temperature"])
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int
+    ) -> KnnHead:
+        return cls(
+            arrays["features"],
+            arrays["labels"],
+            num_classes,
+            settings["k"],
+            settings["temperature"],
+        )
 
 
 def train_knn(train, val, num_classes: int, ks=DEFAULT_KS, progress=None) -> tuple[KnnHead, dict]:
@@ -75,5 +81,7 @@ def train_knn(train, val, num_classes: int, ks=DEFAULT_KS, progress=None) -> tup
         if progress:
             progress(done, len(ks))
     best = max(accuracy, key=lambda k: (accuracy[k], -k))
-    bank = KnnHead(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]), num_classes, best)
+    bank = KnnHead(
+        np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]), num_classes, best
+    )
     return bank, {"k": best, "val_accuracy_by_k": {str(k): a for k, a in accuracy.items()}}

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..vectors import l2_normalize, softmax
 
-DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-2, 6))  # 1e-2 … 1e5 (normalised features want large C)
+DEFAULT_C_GRID = tuple(
+    10.0**e for e in range(-2, 6)
+)  # 1e-2 … 1e5 (normalised features want large C)
 
 
 @dataclass
@@ -39,8 +41,7 @@ class LinearHead:
         return softmax(self.scores(features))
 
     @classmethod
-    def fit(cls, train, val, num_classes: int, settings,
-            progress=None) -> tuple["LinearHead", dict]:
+    def fit(cls, train, val, num_classes: int, settings, progress=None) -> tuple[LinearHead, dict]:
         return train_linear(train, val, num_classes, settings.c_grid, settings.normalize, progress)
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -48,14 +49,22 @@ class LinearHead:
         return arrays, {"C": self.C, "normalize": self.normalize}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict,
-                    num_classes: int) -> "LinearHead":
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], settings: dict, num_classes: int
+    ) -> LinearHead:
         return cls(arrays["weight"], arrays["bias"], settings["C"], settings["normalize"])
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float = 1.0,
-                 normalize: bool = False, max_iter: int = 1000, tol: float = 1e-7,
-                 init: LinearHead | None = None) -> LinearHead:
+def fit_logistic(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    C: float = 1.0,
+    normalize: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    init: LinearHead | None = None,
+) -> LinearHead:
     """Fit W, b for `LogisticRegression(C)` (multinomial) on (N, D) features."""
     x = mx.array(l2_normalize(features) if normalize else features, dtype=mx.float32)
     y = mx.array(labels.astype(np.int32))
@@ -64,18 +73,25 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int, C: 
 
     def loss(params):
         w = params[: d * num_classes].reshape(d, num_classes)
-        logits = x @ w + params[d * num_classes:]
+        logits = x @ w + params[d * num_classes :]
         ce = mx.logsumexp(logits, axis=1) - mx.take_along_axis(logits, y[:, None], axis=1)[:, 0]
         return ce.mean() + penalty * (w * w).sum()
 
-    start = (np.concatenate([init.weight.ravel(), init.bias]) if init is not None
-             else np.zeros(d * num_classes + num_classes))
+    start = (
+        np.concatenate([init.weight.ravel(), init.bias])
+        if init is not None
+        else np.zeros(d * num_classes + num_classes)
+    )
     params = lbfgs(mx.value_and_grad(loss), mx.array(start, dtype=mx.float32), max_iter, tol)
     flat = np.array(params)
-    return LinearHead(flat[: d * num_classes].reshape(d, num_classes), flat[d * num_classes:], C, normalize)
+    return LinearHead(
+        flat[: d * num_classes].reshape(d, num_classes), flat[d * num_classes :], C, normalize
+    )
 
 
-def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, history: int = 10) -> mx.array:
+def lbfgs(
+    value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, history: int = 10
+) -> mx.array:
     """Minimise a smooth function with L-BFGS and a backtracking (Armijo) line search."""
     f, g = value_and_grad(x)
     pairs: list[tuple[mx.array, mx.array, mx.array]] = []  # (s, y, 1 / s·y)
@@ -90,7 +106,7 @@ def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, 
             q = q * ((s * y).sum() / (y * y).sum())
         else:
             q = q / mx.maximum(mx.abs(g).max(), 1.0)
-        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
             q = q + s * (alpha - rho * (y * q).sum())
         direction = -q
         slope = (g * direction).sum().item()
@@ -116,13 +132,21 @@ def lbfgs(value_and_grad, x: mx.array, max_iter: int = 1000, tol: float = 1e-7, 
     return x
 
 
-def sweep_C(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int,
-            grid=DEFAULT_C_GRID, normalize: bool = False, progress=None) -> tuple[float, dict[float, float]]:
+def sweep_C(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    grid=DEFAULT_C_GRID,
+    normalize: bool = False,
+    progress=None,
+) -> tuple[float, dict[float, float]]:
     """The C with the best validation accuracy (ties: the stronger regularisation), and all scores.
 
     `progress(done, total)` follows the fits (the sweep and the refit after it)."""
     scores, head = {}, None
-    for done, C in enumerate(sorted(grid), start=1):  # warm start each fit from the previous ... solution
+    for done, C in enumerate(
+        sorted(grid), start=1
+    ):  # warm start each fit from the previous ... solution
         head = fit_logistic(*train, num_classes, C=C, normalize=normalize, init=head)
         scores[C] = float((head.scores(val[0]).argmax(1) == val[1]).mean())
         if progress:
@@ -131,8 +155,9 @@ def sweep_C(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndar
     return min(C for C, acc in scores.items() if acc == best), scores
 
 
-def train_linear(train, val, num_classes: int, grid=DEFAULT_C_GRID, normalize: bool = False,
-                 progress=None) -> tuple[LinearHead, dict]:
+def train_linear(
+    train, val, num_classes: int, grid=DEFAULT_C_GRID, normalize: bool = False, progress=None
+) -> tuple[LinearHead, dict]:
     """Sweep C on validation, then refit on train + validation with the chosen C."""
     C, scores = sweep_C(train, val, num_classes, grid, normalize, progress)
     both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))

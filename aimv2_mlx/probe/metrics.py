@@ -18,13 +18,21 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, classes: list
     predicted_count = confusion.sum(0)
     correct = np.diag(confusion)
     recall = np.divide(correct, support, out=np.zeros(num_classes), where=support > 0)
-    precision = np.divide(correct, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0)
+    precision = np.divide(
+        correct, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0
+    )
     result = {
         "count": len(labels),
         "top1": float((predicted == labels).mean()) if len(labels) else 0.0,
         "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
-                      for i, name in enumerate(classes)},
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
         "confusion_matrix": confusion.tolist(),
     }
     if num_classes >= 5:
@@ -33,7 +41,9 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, classes: list
     return result
 
 
-def save_confusion_png(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
+def save_confusion_png(
+    confusion: list[list[int]], classes: list[str], path: Path, title: str
+) -> Path:
     """Write the confusion matrix as a PNG (rows: true class, normalised; cells: counts)."""
     import matplotlib
 
@@ -54,8 +64,15 @@ def save_confusion_png(confusion: list[list[int]], classes: list[str], path: Pat
         for i in range(len(classes)):
             for j in range(len(classes)):
                 if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rows[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

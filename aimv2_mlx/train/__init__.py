@@ -1,1 +1,3 @@
-"""AIMv2 pre-training: config and presets, optimizer, batches, the compiled step, checkpoints, loop."""
+"""AIMv2 pre-training: config and presets, optimizer, batches, the compiled step, checkpoints,
+loop.
+"""

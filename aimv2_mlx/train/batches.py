@@ -45,8 +45,16 @@ SUBSTITUTES = 16  # replacement draws for one unreadable sample before the run s
 
 
 class BatchPlan:
-    def __init__(self, source, tokenizer, config, rank: int = 0, world: int = 1, workers: int = 2,
-                 strict: bool = False):
+    def __init__(
+        self,
+        source,
+        tokenizer,
+        config,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 2,
+        strict: bool = False,
+    ):
         self.source, self.tokenizer, self.config, self.strict = source, tokenizer, config, strict
         self.rank, self.world = rank, world
         self.num_patches = config.encoder.num_patches
@@ -79,10 +87,16 @@ class BatchPlan:
                 if self.strict:
                     raise
                 failures.append({"sample": self._name(chosen), "reason": str(exc)})
-                chosen = int(np.random.default_rng([cfg.seed, 3, epoch, index, attempt]).integers(len(self.source)))
+                chosen = int(
+                    np.random.default_rng([cfg.seed, 3, epoch, index, attempt]).integers(
+                        len(self.source)
+                    )
+                )
         else:
-            raise ImageError(f"{failures[0]['reason']} (and the {SUBSTITUTES} samples drawn to replace it were "
-                             "unreadable too)")
+            raise ImageError(
+                f"{failures[0]['reason']} (and the {SUBSTITUTES} samples drawn to replace it were "
+                "unreadable too)"
+            )
         rng = np.random.default_rng([cfg.seed, 1, epoch, index])
         image = augment(image, cfg.encoder.image_size, rng, cfg.crop_scale)
         return normalize(image, cfg.mean, cfg.std), caption, failures
@@ -94,19 +108,30 @@ class BatchPlan:
     def step(self, step: int) -> StepBatch:
         cfg, B, W = self.config, self.config.batch_size, self.world
         start = step * self.global_batch
-        prefixes = sample_prefix_lengths(np.random.default_rng([cfg.seed, 2, step]), self.global_batch,
-                                         self.num_patches)
+        prefixes = sample_prefix_lengths(
+            np.random.default_rng([cfg.seed, 2, step]), self.global_batch, self.num_patches
+        )
         micro, failures = [], []
         for k in range(cfg.accumulation):
             lo = k * B * W + self.rank * B
             where = [self._sample(start + lo + j) for j in range(B)]
             loaded = list(self._pool.map(lambda ei: self._load(*ei), where))
             ids = self.tokenizer.encode([caption for _, caption, _ in loaded])
-            micro.append(MicroBatch(np.stack([p for p, _, _ in loaded]), ids, prefixes[lo:lo + B],
-                                    np.array([i for _, i in where])))
+            micro.append(
+                MicroBatch(
+                    np.stack([p for p, _, _ in loaded]),
+                    ids,
+                    prefixes[lo : lo + B],
+                    np.array([i for _, i in where]),
+                )
+            )
             failures += [dict(f, step=step + 1) for _, _, found in loaded for f in found]
-        return StepBatch(micro, sum(pixel_count(m.prefix_lengths, self.num_patches) for m in micro),
-                         sum(text_count(m.input_ids, self.tokenizer.ignore_ids) for m in micro), failures)
+        return StepBatch(
+            micro,
+            sum(pixel_count(m.prefix_lengths, self.num_patches) for m in micro),
+            sum(text_count(m.input_ids, self.tokenizer.ignore_ids) for m in micro),
+            failures,
+        )
 
     def prefetch(self, step: int):
         """A future for `step(step)`, prepared in the background while the current step runs."""

@@ -28,23 +28,31 @@ from ..model import save as save_encoder
 
 LATEST = "latest"
 STEP = re.compile(r"step-(\d{8})")
-FILES = ("encoder/config.json", "encoder/model.safetensors", "decoder.safetensors", "optimizer.safetensors")
+FILES = (
+    "encoder/config.json",
+    "encoder/model.safetensors",
+    "decoder.safetensors",
+    "optimizer.safetensors",
+)
 
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: int = 3) -> Path:
     def write(tmp: Path, final: Path) -> None:
         with naming_full_disk(final / "encoder"):
             save_encoder(model.encoder, tmp / "encoder")
-        for name, tree in (("decoder.safetensors", model.decoder.parameters()),
-                           ("optimizer.safetensors", optimizer.state)):
+        for name, tree in (
+            ("decoder.safetensors", model.decoder.parameters()),
+            ("optimizer.safetensors", optimizer.state),
+        ):
             with naming_full_disk(final / name):
                 mx.save_safetensors(str(tmp / name), dict(tree_flatten(tree)))
 
     return write_checkpoint(run, step, write, FILES, state, keep)
 
 
-def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state: dict,
-                     keep: int = 3) -> Path:
+def write_checkpoint(
+    run: Path, step: int, write, files: tuple[str, ...], state: dict, keep: int = 3
+) -> Path:
     """`write(tmp, final)` puts `files` into the temporary folder `tmp` (naming `final` when the
     disk is full); it becomes `checkpoints/step-N` with
     `state.json` (recording every file's size), the `latest` pointer follows, older ones go."""
@@ -52,12 +60,14 @@ def write_checkpoint(run: Path, step: int, write, files: tuple[str, ...], state:
     with atomic_folder(folder) as tmp:
         write(tmp, folder)
         sizes = {name: (tmp / name).stat().st_size for name in files}
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n")
+        (tmp / "state.json").write_text(
+            json.dumps({"step": step, **state, "files": sizes}, indent=2) + "\n"
+        )
         if folder.exists():  # a resumed run that went back past this step: the old one is replaced
             shutil.rmtree(folder)
     atomic_write(run / "checkpoints" / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
     older = [path for s, path in checkpoints(run) if s < step]
-    for old in older[keep - 1:] if keep else []:  # the newest `keep` up to this step stay
+    for old in older[keep - 1 :] if keep else []:  # the newest `keep` up to this step stay
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -144,7 +154,9 @@ def resume_point(run: Path, files: tuple[str, ...] = FILES) -> tuple[Path | None
             break
         skipped.append(f"{folder.name} ({reason})")
     else:
-        raise UnusableFileError(f"{run / 'checkpoints'}: no complete checkpoint to resume from: {'; '.join(skipped)}")
+        raise UnusableFileError(
+            f"{run / 'checkpoints'}: no complete checkpoint to resume from: {'; '.join(skipped)}"
+        )
     if not skipped and named == folder.name:
         return folder, None
     why = [f"skipped {', '.join(skipped)}"] if skipped else []
@@ -166,7 +178,9 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
         model.encoder.load_weights(str(folder / "encoder" / "model.safetensors"))
         model.decoder.load_weights(str(folder / "decoder.safetensors"))
         optimizer.init(model.trainable_parameters())
-        optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        optimizer.state = tree_unflatten(
+            list(mx.load(str(folder / "optimizer.safetensors")).items())
+        )
         mx.eval(model.parameters(), optimizer.state)
     except (ValueError, RuntimeError) as exc:
         raise UnusableFileError(f"{folder}: does not fit this run's model ({exc})") from None

@@ -20,7 +20,9 @@ from ..objective import OBJECTIVES
 
 @dataclass(frozen=True)
 class EncoderSize:
-    """What a `--preset` fixes: the encoder's width, depth, heads, SwiGLU hidden size, image size."""
+    """What a `--preset` fixes: the encoder's width, depth, heads, SwiGLU hidden size, image
+    size.
+    """
 
     hidden_size: int
     num_hidden_layers: int
@@ -87,28 +89,48 @@ class PretrainConfig:
         if self.objective not in OBJECTIVES:
             raise SettingError(f"unknown objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
         if self.dtype == "float16":
-            raise SettingError("dtype 'float16' does not train (no loss scaling, so small "
-                               "gradients underflow): use bfloat16 for half-precision compute, "
-                               "or float32")
+            raise SettingError(
+                "dtype 'float16' does not train (no loss scaling, so small "
+                "gradients underflow): use bfloat16 for half-precision compute, "
+                "or float32"
+            )
         if self.dtype not in DTYPES:
             raise SettingError(f"unknown dtype {self.dtype!r}: use {' or '.join(DTYPES)}")
 
     @classmethod
-    def from_preset(cls, name: str, vocab_size: int, context_length: int = 77, *,
-                    image_size: int | None = None, width: int | None = None,
-                    depth: int | None = None, heads: int | None = None,
-                    decoder_width: int | None = None, decoder_depth: int | None = None,
-                    decoder_heads: int | None = None, **overrides) -> "PretrainConfig":
+    def from_preset(
+        cls,
+        name: str,
+        vocab_size: int,
+        context_length: int = 77,
+        *,
+        image_size: int | None = None,
+        width: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        decoder_width: int | None = None,
+        decoder_depth: int | None = None,
+        decoder_heads: int | None = None,
+        **overrides,
+    ) -> PretrainConfig:
         """A preset's sizes, any of them replaced (None: the preset's); the other fields from
         `overrides` or the defaults."""
         if name not in SIZES:
             raise SettingError(f"unknown preset {name!r}: use {', '.join(SIZES)}")
         preset = EncoderConfig(**dataclasses.asdict(SIZES[name]))
-        encoder = resized(preset, image_size=image_size, hidden_size=width, num_hidden_layers=depth,
-                          num_attention_heads=heads)
-        decoder = resized(DecoderConfig.for_encoder(encoder, vocab_size, context_length),
-                          hidden_size=decoder_width, num_hidden_layers=decoder_depth,
-                          num_attention_heads=decoder_heads)
+        encoder = resized(
+            preset,
+            image_size=image_size,
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+        )
+        decoder = resized(
+            DecoderConfig.for_encoder(encoder, vocab_size, context_length),
+            hidden_size=decoder_width,
+            num_hidden_layers=decoder_depth,
+            num_attention_heads=decoder_heads,
+        )
         return cls(preset=name, encoder=encoder, decoder=decoder, **overrides)
 
     @property
@@ -120,7 +142,7 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PretrainConfig":
+    def from_dict(cls, data: dict) -> PretrainConfig:
         values = dict(data)
         values["encoder"] = _build(EncoderConfig, data["encoder"])
         values["decoder"] = DecoderConfig.from_dict(data["decoder"])
@@ -138,18 +160,24 @@ class PretrainConfig:
         self.check_choices()
         for part in (self.encoder, self.decoder):
             if part.hidden_size % part.num_attention_heads:
-                raise SettingError(f"width {part.hidden_size} is not divisible by "
-                                   f"{part.num_attention_heads} heads")
+                raise SettingError(
+                    f"width {part.hidden_size} is not divisible by {part.num_attention_heads} heads"
+                )
         if self.encoder.image_size % self.encoder.patch_size:
-            raise SettingError(f"image size {self.encoder.image_size} is not a multiple of the "
-                               f"patch size {self.encoder.patch_size}")
+            raise SettingError(
+                f"image size {self.encoder.image_size} is not a multiple of the "
+                f"patch size {self.encoder.patch_size}"
+            )
         self.check_schedule()
 
     def check_schedule(self) -> None:
         """A warmup longer than the run would never reach the peak learning rate: refused."""
         if self.warmup_steps > self.steps:
-            raise SettingError(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}); "
-                               "use at most as many warmup steps as steps")
+            raise SettingError(
+                f"--warmup-steps {self.warmup_steps} is longer than the run (--steps "
+                f"{self.steps}); "
+                "use at most as many warmup steps as steps"
+            )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -12,20 +12,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from ..config import FORMAT, ModelConfig
 from ..checkpoint_io import open_checkpoint
+from ..config import FORMAT, ModelConfig
+from ..errors import SettingError
 from ..export_card import model_card
 from ..export_formats import TOKENIZER_FILES, write_format
-from ..errors import SettingError
 from ..folders import atomic_folder
 from ..hub import upload
+from ..lit_tuning.export import export_lit, is_lit_run
 from ..model import Location, conversion_plan, load, save
 from ..weights import CheckpointError
-from ..lit_tuning.export import export_lit, is_lit_run
 from .checkpoint import latest_checkpoint
 
 FORMATS = ("mlx", "transformers", "ml-aim")

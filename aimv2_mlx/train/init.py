@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,8 +43,16 @@ from ..encoder import VisionEncoder
 from ..errors import SettingError
 from ..l3m import open_training_checkpoint
 from ..model import expected_parameters
-from ..weights import (ML_L3M, CheckpointError, _count_blocks, check_tensors, is_l3m,
-                       l3m_decoder_plan, l3m_encoder_plan, shape_of)
+from ..weights import (
+    ML_L3M,
+    CheckpointError,
+    _count_blocks,
+    check_tensors,
+    is_l3m,
+    l3m_decoder_plan,
+    l3m_encoder_plan,
+    shape_of,
+)
 from .step import PretrainModel
 
 # timm/layers/weight_init.py `variance_scaling_`: the std of a standard normal truncated to

@@ -18,7 +18,9 @@ def append(path: Path, record: dict) -> None:
 
 
 def read(path: Path) -> list[dict]:
-    """The records; a torn last line (a run killed mid-write) is dropped, any other bad line refused."""
+    """The records; a torn last line (a run killed mid-write) is dropped, any other bad line
+    refused.
+    """
     if not path.is_file():
         return []
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -53,8 +55,11 @@ def _pyplot():
     return plt
 
 
-LOSS_LABELS = {"loss": "total (weighted sum)", "loss_pixel": "pixel (MSE on normalised patches)",
-               "loss_text": "text (cross-entropy)"}
+LOSS_LABELS = {
+    "loss": "total (weighted sum)",
+    "loss_pixel": "pixel (MSE on normalised patches)",
+    "loss_text": "text (cross-entropy)",
+}
 
 
 def loss_figure(records: list[dict], title: str, labels: dict[str, str] = LOSS_LABELS):
@@ -73,8 +78,9 @@ def loss_figure(records: list[dict], title: str, labels: dict[str, str] = LOSS_L
     return fig
 
 
-def plot_losses(log: Path, out: Path, what: str = "pre-training",
-                labels: dict[str, str] = LOSS_LABELS) -> Path | None:
+def plot_losses(
+    log: Path, out: Path, what: str = "pre-training", labels: dict[str, str] = LOSS_LABELS
+) -> Path | None:
     """`loss_figure` of a run's log as a PNG; None while nothing is logged."""
     records = read(log)
     if not records:
@@ -88,22 +94,41 @@ def plot_losses(log: Path, out: Path, what: str = "pre-training",
 CAPTION_WIDTH = 38  # characters per line of the caption column
 
 
-def reconstruction_figure(real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str]):
-    """One row per image: real | predicted (uint8 (B, H, W, 3)) | its real and generated captions."""
+def reconstruction_figure(
+    real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str]
+):
+    """One row per image: real | predicted (uint8 (B, H, W, 3)) | its real and generated
+    captions.
+    """
     plt = _pyplot()
     rows = len(real)
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.0 * rows + 0.3), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 1.9]})
+    fig, axes = plt.subplots(
+        rows,
+        3,
+        figsize=(7.5, 2.0 * rows + 0.3),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1, 1, 1.9]},
+    )
     for i in range(rows):
         for j, image in enumerate((real[i], predicted[i])):
             axes[i, j].imshow(image)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
         axes[i, 2].axis("off")
-        text = (f"real caption:\n{textwrap.fill(truth[i] or '(none)', CAPTION_WIDTH)}\n\n"
-                f"generated:\n{textwrap.fill(generated[i] or '(no text decoder)', CAPTION_WIDTH)}")
-        axes[i, 2].text(0.0, 0.5, text, fontsize=7, va="center", ha="left", family="monospace",
-                        transform=axes[i, 2].transAxes)
+        text = (
+            f"real caption:\n{textwrap.fill(truth[i] or '(none)', CAPTION_WIDTH)}\n\n"
+            f"generated:\n{textwrap.fill(generated[i] or '(no text decoder)', CAPTION_WIDTH)}"
+        )
+        axes[i, 2].text(
+            0.0,
+            0.5,
+            text,
+            fontsize=7,
+            va="center",
+            ha="left",
+            family="monospace",
+            transform=axes[i, 2].transAxes,
+        )
     axes[0, 0].set_title("real", fontsize=9)
     axes[0, 1].set_title("predicted", fontsize=9)
     axes[0, 2].set_title("captions", fontsize=9, loc="left")
@@ -111,8 +136,9 @@ def reconstruction_figure(real: np.ndarray, predicted: np.ndarray, truth: list[s
     return fig
 
 
-def plot_reconstructions(real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str],
-                         out: Path) -> Path:
+def plot_reconstructions(
+    real: np.ndarray, predicted: np.ndarray, truth: list[str], generated: list[str], out: Path
+) -> Path:
     """`reconstruction_figure` as a PNG."""
     fig = reconstruction_figure(real, predicted, truth, generated)
     fig.savefig(out, dpi=100)

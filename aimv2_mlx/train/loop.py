@@ -1,11 +1,11 @@
 """`pretrain()`: the training run — set up or resume a run folder, then step, log, checkpoint.
 
-A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the
-data's size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they
-were unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or
-empty folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under `mlx.launch`) every
-rank trains on its own block of each global batch, gradients are summed over ranks, and rank 0
-alone writes files.
+A run folder holds `config.json` (the `PretrainConfig`), `tokenizer.json`, `data.json` (the data's
+size and sample digest), `log.jsonl`, `failures.jsonl` (samples replaced because they were
+unreadable), `loss.png`, `samples/` and `checkpoints/`; a new run starts only in a new or empty
+folder, and rank 0 holds the folder's lock while it runs. With `distributed=True` (under
+`mlx.launch`) every rank trains on its own block of each global batch, gradients are summed over
+ranks, and rank 0 alone writes files.
 
 SIGINT and SIGTERM stop a run after the step in flight, with a checkpoint at that step, by raising
 `TrainingInterrupted`; a second signal acts as it would have without us.
@@ -43,17 +43,20 @@ from .samples import greedy_captions, reconstruct
 from .step import PretrainModel, TrainStep
 from .summary import eta, startup_summary
 
-
 DATA = "data.json"  # the size and sample-list digest of the data the run trains on
 FAILURES = "failures.jsonl"  # unreadable samples, each with the step that first drew it
 
 
 class TrainingInterrupted(Exception):
-    """A signal stopped the run after `step`; rank 0 saved `checkpoint` there (None on other ranks)."""
+    """A signal stopped the run after `step`; rank 0 saved `checkpoint` there (None on other
+    ranks).
+    """
 
     def __init__(self, step: int, signum: int, checkpoint: Path | None):
-        super().__init__(f"interrupted at step {step} by {signal.Signals(signum).name}"
-                         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        super().__init__(
+            f"interrupted at step {step} by {signal.Signals(signum).name}"
+            + (f"; checkpoint {checkpoint}" if checkpoint else "")
+        )
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
 
     @property
@@ -67,7 +70,9 @@ def caught_signals():
     """A list that SIGINT/SIGTERM append to instead of stopping the process mid-step; the first
     signal puts the previous handlers back, so a second one stops the process as before."""
     caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    if (
+        threading.current_thread() is not threading.main_thread()
+    ):  # only the main thread may set handlers
         yield caught
         return
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -86,17 +91,25 @@ def caught_signals():
             signal.signal(number, handler)
 
 
-def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backend: bool = True) -> PretrainModel:
+def build_pretrain_model(
+    config: PretrainConfig, data_name: str = "", cpu_backend: bool = True
+) -> PretrainModel:
     """Encoder + decoder, initialised as the recipe says; with the CPU backend on a CPU
     (`cpu_backend=False`: the plain layers, e.g. as a reference)."""
     enc = config.encoder
-    encoder = VisionEncoder(ModelConfig(
-        name=f"aimv2-{config.preset}-patch{enc.patch_size}-{enc.image_size}-pretrained",
-        vision=enc,
-        preprocess=PreprocessConfig("ml-aim", enc.image_size, tuple(config.mean), tuple(config.std), 1.0),
-        source={"origin": "aimv2 pretrain", "objective": config.objective, "data": data_name},
-    ))
-    decoder = MultimodalDecoder(config.decoder, enc.hidden_size, enc.patch_size ** 2 * enc.num_channels)
+    encoder = VisionEncoder(
+        ModelConfig(
+            name=f"aimv2-{config.preset}-patch{enc.patch_size}-{enc.image_size}-pretrained",
+            vision=enc,
+            preprocess=PreprocessConfig(
+                "ml-aim", enc.image_size, tuple(config.mean), tuple(config.std), 1.0
+            ),
+            source={"origin": "aimv2 pretrain", "objective": config.objective, "data": data_name},
+        )
+    )
+    decoder = MultimodalDecoder(
+        config.decoder, enc.hidden_size, enc.patch_size**2 * enc.num_channels
+    )
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)
     if cpu_backend and cpu.on_cpu():
@@ -104,11 +117,23 @@ def build_pretrain_model(config: PretrainConfig, data_name: str = "", cpu_backen
     return model
 
 
-def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: CaptionTokenizer | None = None,
-             resume: bool = False, until: int | None = None, distributed: bool = False, echo=print,
-             strict: bool = False, allow_data_change: bool = False, changes: dict | None = None,
-             init_from=None, init_weights_only: bool = False) -> dict:
-    """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption) pairs
+def pretrain(
+    data,
+    out,
+    config: PretrainConfig | None = None,
+    tokenizer: CaptionTokenizer | None = None,
+    resume: bool = False,
+    until: int | None = None,
+    distributed: bool = False,
+    echo=print,
+    strict: bool = False,
+    allow_data_change: bool = False,
+    changes: dict | None = None,
+    init_from=None,
+    init_weights_only: bool = False,
+) -> dict:
+    """Train (or resume) the run in `out` on `data` (a path, or any sequence of (image, caption)
+    pairs
     like `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
     `until` stops early (after writing a checkpoint) without changing the schedule. Unreadable
     samples are replaced and listed in failures.jsonl (`strict`: stop instead); resuming on data
@@ -125,7 +150,9 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     if config is not None and not resume:
         config.check()  # before the run folder (and its lock) exists
     if init_from is not None and resume:
-        raise SettingError("--init-from starts a new run; --resume goes on from the run's checkpoint")
+        raise SettingError(
+            "--init-from starts a new run; --resume goes on from the run's checkpoint"
+        )
     start_from = init_from
     if init_from is not None and not isinstance(init_from, L3mStart):
         start_from = L3mStart(init_from, with_optimizer=not init_weights_only)
@@ -134,19 +161,34 @@ def pretrain(data, out, config: PretrainConfig | None = None, tokenizer: Caption
     if rank == 0 and not resume:
         check_new_run(out)  # before rank 0 takes the folder's lock (and so creates it)
     with locked(out) if rank == 0 else contextlib.nullcontext():
-        return _run(data, out, config, tokenizer, resume=resume, until=until, group=group, echo=echo,
-                    strict=strict, allow_data_change=allow_data_change, changes=changes or {},
-                    start_from=start_from)
+        return _run(
+            data,
+            out,
+            config,
+            tokenizer,
+            resume=resume,
+            until=until,
+            group=group,
+            echo=echo,
+            strict=strict,
+            allow_data_change=allow_data_change,
+            changes=changes or {},
+            start_from=start_from,
+        )
 
 
 def check_changes(changes: dict | None, resume: bool, resumable: tuple[str, ...]) -> None:
     """Refuse `changes` to a new run (its config holds them) or to a setting a run keeps."""
     if changes and not resume:
-        raise SettingError("changes apply to a resumed run only; a new run takes them in its config")
+        raise SettingError(
+            "changes apply to a resumed run only; a new run takes them in its config"
+        )
     unknown = sorted(set(changes or ()) - set(resumable))
     if unknown:
-        raise SettingError(f"a resumed run keeps its {', '.join(unknown)} (config.json); "
-                           f"only {', '.join(resumable)} can change")
+        raise SettingError(
+            f"a resumed run keeps its {', '.join(unknown)} (config.json); "
+            f"only {', '.join(resumable)} can change"
+        )
 
 
 def check_new_run(out: Path) -> None:
@@ -154,8 +196,10 @@ def check_new_run(out: Path) -> None:
     if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
         raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it")
     if not is_empty(out):
-        raise FileExistsError(f"{out}: not empty and not an aimv2 pretrain run folder; "
-                              "choose a new or empty run folder")
+        raise FileExistsError(
+            f"{out}: not empty and not an aimv2 pretrain run folder; "
+            "choose a new or empty run folder"
+        )
 
 
 def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
@@ -164,7 +208,9 @@ def _read_run(out: Path) -> tuple[PretrainConfig, CaptionTokenizer]:
     try:
         config = PretrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UnusableFileError(f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})") from None
+        raise UnusableFileError(
+            f"{out / 'config.json'}: not a pretrain run config ({type(exc).__name__}: {exc})"
+        ) from None
     return config, load_tokenizer(out / "tokenizer.json", config.decoder.context_length)
 
 
@@ -188,14 +234,19 @@ def check_data(out: Path, identity: dict, allow_change: bool, echo) -> None:
         return
     except (OSError, ValueError, TypeError, KeyError):
         if not allow_change:
-            raise UnusableFileError(f"{path}: unreadable (it records the data this run was trained on); "
-                                    "pass --allow-data-change to continue on this data") from None
+            raise UnusableFileError(
+                f"{path}: unreadable (it records the data this run was trained on); "
+                "pass --allow-data-change to continue on this data"
+            ) from None
         echo(f"warning: {path}: unreadable; continuing on {identity['origin']}")
         return
     if before == (identity["samples"], identity["sha256"]):
         return
-    what = (f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but the run "
-            f"was trained on {before[0]} (digest {before[1]})")
+    what = (
+        f"{identity['origin']}: {identity['samples']} samples (digest {identity['sha256']}), but "
+        "the run "
+        f"was trained on {before[0]} (digest {before[1]})"
+    )
     if not allow_change:
         raise SettingError(f"{what}; pass --allow-data-change to continue on this data")
     echo(f"warning: {what}; continuing on the new data")
@@ -208,17 +259,35 @@ def changed_config(config: PretrainConfig, changes: dict, start: int, echo) -> P
     if new.steps == config.steps:
         return new
     if new.steps < start:
-        raise SettingError(f"--steps {new.steps}: the run is already at step {start}; give at least {start}")
+        raise SettingError(
+            f"--steps {new.steps}: the run is already at step {start}; give at least {start}"
+        )
     new.check_schedule()
     before, after = (float(schedule(c)(mx.array(start)).item()) for c in (config, new))
-    echo(f"the run now ends at step {new.steps} (was {config.steps}): the cosine decay is recomputed to reach "
-         f"--end-lr at step {new.steps}, so the learning rate at step {start} goes from {before:.2e} to {after:.2e}")
+    echo(
+        f"the run now ends at step {new.steps} (was {config.steps}): the cosine decay is "
+        "recomputed to reach "
+        f"--end-lr at step {new.steps}, so the learning rate at step {start} goes from "
+        f"{before:.2e} to {after:.2e}"
+    )
     return new
 
 
-def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionTokenizer | None, *, resume: bool,
-         until: int | None, group, echo, strict: bool, allow_data_change: bool, changes: dict,
-         start_from: L3mStart | None = None) -> dict:
+def _run(
+    data,
+    out: Path,
+    config: PretrainConfig | None,
+    tokenizer: CaptionTokenizer | None,
+    *,
+    resume: bool,
+    until: int | None,
+    group,
+    echo,
+    strict: bool,
+    allow_data_change: bool,
+    changes: dict,
+    start_from: L3mStart | None = None,
+) -> dict:
     """The body of `pretrain`, on one rank of `group` (None: a single process)."""
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     source = load_captioned(data) if isinstance(data, (str, os.PathLike)) else data
@@ -228,8 +297,13 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
         config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
         raise SettingError("a new run needs a config and a tokenizer")
-    if tokenizer.vocab_size > config.decoder.vocab_size:  # checked before a new run's folder is made
-        raise SettingError(f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only {config.decoder.vocab_size}")
+    if (
+        tokenizer.vocab_size > config.decoder.vocab_size
+    ):  # checked before a new run's folder is made
+        raise SettingError(
+            f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only "
+            f"{config.decoder.vocab_size}"
+        )
     if start_from is not None:
         start_from.check(config, config.steps)
     if not resume and rank == 0:
@@ -275,20 +349,30 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
     if rank == 0 and start < end:
         echo(startup_summary(config, model, len(source), out, start, world))
     if rank == 0 and resume and start >= config.steps:
-        echo(f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to extend it")
+        echo(
+            f"{out}: the run is complete ({start} of {config.steps} steps); pass --steps N to "
+            "extend it"
+        )
     future = plan.prefetch(start) if start < end else None
     loop_started = last_save = time.perf_counter()
     saved = None  # the newest checkpoint this loop wrote (rank 0)
     with caught_signals() as caught:
         for step in range(start, end):
-            began = time.perf_counter()  # img/s counts waiting for the batch too: the data pipeline's cost shows
+            began = (
+                time.perf_counter()
+            )  # img/s counts waiting for the batch too: the data pipeline's cost shows
             batch = future.result()
             future = plan.prefetch(step + 1) if step + 1 < end else None
             stats = train_step(batch)
             seconds = time.perf_counter() - began
             done = step + 1
-            record = {"step": done, **stats, "lr": float(optimizer.learning_rate.item()),
-                      "img_per_s": plan.global_batch / seconds, "samples_seen": plan.samples_seen(done)}
+            record = {
+                "step": done,
+                **stats,
+                "lr": float(optimizer.learning_rate.item()),
+                "img_per_s": plan.global_batch / seconds,
+                "samples_seen": plan.samples_seen(done),
+            }
             stop = stop_now(caught, all_sum)
             if rank == 0:
                 _report(record, batch, failed, out, config, end, echo, loop_started, start)
@@ -297,8 +381,12 @@ def _run(data, out: Path, config: PretrainConfig | None, tokenizer: CaptionToken
                     with naming_full_disk(prefix.with_suffix(".png")):
                         write_samples(model, batch.micro[0], tokenizer, config, prefix)
                 minutes = config.checkpoint_minutes
-                if (stop or done % config.checkpoint_every == 0 or done == end
-                        or (minutes and time.perf_counter() - last_save >= 60 * minutes)):
+                if (
+                    stop
+                    or done % config.checkpoint_every == 0
+                    or done == end
+                    or (minutes and time.perf_counter() - last_save >= 60 * minutes)
+                ):
                     saved = _save(out, done, model, optimizer, plan, config, identity)
                     last_save = time.perf_counter()
             if stop and done < end:  # at the last step the run is simply complete
@@ -317,9 +405,20 @@ def stop_now(caught: list[int], all_sum) -> bool:
     return all_sum(mx.array(len(caught))).item() > 0
 
 
-def _report(record: dict, batch, failed: set, out: Path, config: PretrainConfig, end: int, echo,
-            loop_started: float, start: int) -> None:
-    """Rank 0's bookkeeping of a step: new unreadable samples, and the log line every `log_every` steps."""
+def _report(
+    record: dict,
+    batch,
+    failed: set,
+    out: Path,
+    config: PretrainConfig,
+    end: int,
+    echo,
+    loop_started: float,
+    start: int,
+) -> None:
+    """Rank 0's bookkeeping of a step: new unreadable samples, and the log line every `log_every`
+    steps.
+    """
     done = record["step"]
     for failure in batch.failures:
         if failure["sample"] not in failed:
@@ -329,17 +428,35 @@ def _report(record: dict, batch, failed: set, out: Path, config: PretrainConfig,
     if done % config.log_every == 0 or done == end:
         logs.append(out / "log.jsonl", record)
         skipped = f"; {len(failed)} unreadable samples replaced (failures.jsonl)" if failed else ""
-        echo(f"step {done}/{config.steps} loss {record['loss']:.4f} (pixel {record['loss_pixel']:.4f}, "
-             f"text {record['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} img/s{skipped}, "
-             f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}")
+        echo(
+            f"step {done}/{config.steps} loss {record['loss']:.4f} (pixel "
+            f"{record['loss_pixel']:.4f}, "
+            f"text {record['loss_text']:.4f}) lr {record['lr']:.2e} {record['img_per_s']:.1f} "
+            f"img/s{skipped}, "
+            f"eta {eta(time.perf_counter() - loop_started, done - start, end - done)}"
+        )
 
 
-def _save(out: Path, done: int, model, optimizer, plan: BatchPlan, config: PretrainConfig, identity: dict) -> Path:
-    return save_checkpoint(out, done, model, optimizer, {"samples_seen": plan.samples_seen(done), "seed": config.seed,
-                                                         "config": config.to_dict(), "data": identity})
+def _save(
+    out: Path, done: int, model, optimizer, plan: BatchPlan, config: PretrainConfig, identity: dict
+) -> Path:
+    return save_checkpoint(
+        out,
+        done,
+        model,
+        optimizer,
+        {
+            "samples_seen": plan.samples_seen(done),
+            "seed": config.seed,
+            "config": config.to_dict(),
+            "data": identity,
+        },
+    )
 
 
-def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path, count: int = 4) -> None:
+def write_samples(
+    model, micro, tokenizer, config: PretrainConfig, prefix: Path, count: int = 4
+) -> None:
     """A reconstruction grid with real and generated captions (PNG), and the captions (JSON)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     pixels = mx.array(micro.pixels[:count])
@@ -350,6 +467,10 @@ def write_samples(model, micro, tokenizer, config: PretrainConfig, prefix: Path,
         ids = greedy_captions(model, bidirectional, config.decoder.context_length, tokenizer.eos_id)
         captions = [tokenizer.decode(row) for row in ids]
     truth = [tokenizer.decode(row) for row in micro.input_ids[:count]]
-    prefix.with_suffix(".json").write_text(json.dumps(
-        [{"caption": c, "greedy": g} for c, g in zip(truth, captions)], indent=2) + "\n")
+    prefix.with_suffix(".json").write_text(
+        json.dumps(
+            [{"caption": c, "greedy": g} for c, g in zip(truth, captions, strict=True)], indent=2
+        )
+        + "\n"
+    )
     logs.plot_reconstructions(real, predicted, truth, captions, prefix.with_suffix(".png"))

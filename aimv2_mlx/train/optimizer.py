@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule of the recipe (apple/ml-l3m, configs/aimv2/001_aimv2_hfdata.yaml).
+"""AdamW and the learning-rate schedule of the recipe (apple/ml-l3m,
+configs/aimv2/001_aimv2_hfdata.yaml).
 
 AdamW β = (0.9, 0.95), eps 1e-8, bias-corrected (MLX's default is not), decay applied as
 p ← p·(1 − lr_t·wd) exactly as PyTorch's AdamW (MLX's semantics too; wd 0.1 at peak lr 1e-3 is
@@ -36,7 +37,12 @@ def build_optimizer(config) -> optim.Optimizer:
     lr = schedule(config)
 
     def adamw(weight_decay: float):
-        return optim.AdamW(lr, betas=list(config.betas), eps=config.eps, weight_decay=weight_decay,
-                           bias_correction=True)
+        return optim.AdamW(
+            lr,
+            betas=list(config.betas),
+            eps=config.eps,
+            weight_decay=weight_decay,
+            bias_correction=True,
+        )
 
     return optim.MultiOptimizer([adamw(config.weight_decay), adamw(0.0)], [decays])

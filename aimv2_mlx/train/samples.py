@@ -18,7 +18,9 @@ def greedy_captions(model, tokens: mx.array, context_length: int, eos_id: int) -
     return ids
 
 
-def reconstruct(model, pixels: mx.array, objective: str, mean, std) -> tuple[np.ndarray, np.ndarray, mx.array]:
+def reconstruct(
+    model, pixels: mx.array, objective: str, mean, std
+) -> tuple[np.ndarray, np.ndarray, mx.array]:
     """(real uint8, predicted uint8, encoder tokens). Prefix P = 1, so patches 1..N−1 are predicted;
     each predicted patch gets the real patch's mean and spread back (the targets were normalised
     per patch), patch 0 is copied from the real image."""
@@ -30,7 +32,9 @@ def reconstruct(model, pixels: mx.array, objective: str, mean, std) -> tuple[np.
     real = patchify(pixels, p).astype(mx.float32)
     mu = real.mean(axis=-1, keepdims=True)
     sigma = mx.sqrt(mx.var(real, axis=-1, keepdims=True, ddof=1) + 1e-6)
-    guess = mx.concatenate([real[:, :1], predicted[:, :-1].astype(mx.float32) * sigma[:, 1:] + mu[:, 1:]], axis=1)
+    guess = mx.concatenate(
+        [real[:, :1], predicted[:, :-1].astype(mx.float32) * sigma[:, 1:] + mu[:, 1:]], axis=1
+    )
     image = unpatchify(guess, p, (H // p, W // p))
 
     def to_uint8(x):

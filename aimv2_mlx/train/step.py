@@ -47,17 +47,34 @@ def gradients_and_update(model: nn.Module, optimizer: optim.Optimizer, loss, con
 
 
 class TrainStep:
-    def __init__(self, model: PretrainModel, optimizer: optim.Optimizer, config, ignore_ids: tuple[int, ...],
-                 all_sum=None):
+    def __init__(
+        self,
+        model: PretrainModel,
+        optimizer: optim.Optimizer,
+        config,
+        ignore_ids: tuple[int, ...],
+        all_sum=None,
+    ):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.all_sum = all_sum  # sums arrays over ranks (None: one process)
-        weights = used_weights(config.objective, LossWeights(config.pixel_weight, config.text_weight))
+        weights = used_weights(
+            config.objective, LossWeights(config.pixel_weight, config.text_weight)
+        )
         compute = mx.bfloat16 if config.dtype == "bfloat16" else None
 
         def loss(params, pixels, input_ids, prefix, pixel_n, text_n):
-            model.update(params if compute is None else tree_map(lambda p: p.astype(compute), params))
-            ps, ts = loss_sums(model.encoder, model.decoder, pixels.astype(compute or mx.float32), input_ids,
-                               prefix, config.objective, ignore_ids)
+            model.update(
+                params if compute is None else tree_map(lambda p: p.astype(compute), params)
+            )
+            ps, ts = loss_sums(
+                model.encoder,
+                model.decoder,
+                pixels.astype(compute or mx.float32),
+                input_ids,
+                prefix,
+                config.objective,
+                ignore_ids,
+            )
             total, l_pixel, l_text = combine(ps, ts, pixel_n, text_n, weights)
             return total, l_pixel, l_text
 
@@ -73,8 +90,13 @@ class TrainStep:
         total_grads, values = None, mx.zeros((3,), dtype=mx.float32)
         for micro in batch.micro:
             (total, l_pixel, l_text), grads = self._grads(
-                params, mx.array(micro.pixels), mx.array(micro.input_ids), mx.array(micro.prefix_lengths),
-                pixel_n, text_n)
+                params,
+                mx.array(micro.pixels),
+                mx.array(micro.input_ids),
+                mx.array(micro.prefix_lengths),
+                pixel_n,
+                text_n,
+            )
             self.model.update(params)  # the forward set (traced / cast) weights on the model
             total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
             values = values + mx.stack([total, l_pixel, l_text]).astype(mx.float32)
