@@ -90,9 +90,9 @@ def mode_prepare(args) -> None:
 
 def mode_encoder(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import mlx.core as mx
-
     import aimv2_mlx
+
+    import mlx.core as mx
 
     model = aimv2_mlx.load(Path(args.dir) / "model")
     files = sorted((Path(args.dir) / "images").rglob("*.jpg"))[: args.batch]

@@ -115,10 +115,10 @@ def _best_gflops(run, size, repeats) -> float:
 
 def mode_roofline_mlx(args) -> None:
     sys.path.insert(0, str(ROOT))
-    import mlx.core as mx
-
     import aimv2_mlx
     from aimv2_mlx.cpu import blas as backend
+
+    import mlx.core as mx
 
     n = args.size
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
@@ -163,10 +163,10 @@ def mode_roofline_torch(args) -> None:
 
 def mode_mlx(args) -> None:
     sys.path.insert(0, str(ROOT))
+    import aimv2_mlx  # OpenBLAS before MLX
+
     import mlx.core as mx
     import numpy as np
-
-    import aimv2_mlx  # OpenBLAS before MLX
 
     model = aimv2_mlx.load(args.dir)
     dtype = getattr(mx, args.dtype)

@@ -261,8 +261,8 @@ def summary(facts: dict) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    import mlx.core  # noqa: F401
-
     import aimv2_mlx  # noqa: F401  (loads the BLAS MLX will call, then MLX)
+
+    import mlx.core  # noqa: F401
 
     print(json.dumps(collect(), indent=2))

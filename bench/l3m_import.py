@@ -24,11 +24,11 @@ import numpy as np
 
 def write_l3m_file(path: Path) -> int:
     """An AIMv2-L + decoder checkpoint under ml-l3m's names; returns its parameter count."""
-    import torch
-    from mlx.utils import tree_flatten
-
     from aimv2_mlx.train.config import PretrainConfig
     from aimv2_mlx.train.loop import build_pretrain_model
+
+    import torch
+    from mlx.utils import tree_flatten
 
     model = build_pretrain_model(PretrainConfig.from_preset("large", 32000, 77), cpu_backend=False)
     renames = {

@@ -27,10 +27,6 @@ import shutil
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
-
 import aimv2_mlx
 from aimv2_mlx.data.shapes import ATTRIBUTES, COLORS, SHAPES, read_labels, write_shapes
 from aimv2_mlx.lit import l2_normalize
@@ -41,6 +37,10 @@ from aimv2_mlx.probe.linear import train_linear
 from aimv2_mlx.tokenizer import ClipTokenizer
 from aimv2_mlx.train import logs
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
 RELATIONS = ("above", "below", "left of", "right of")
 # Prompt ensembles per attribute: CLIP's (zeroshot.DEFAULT_TEMPLATES), two plain ones, and the

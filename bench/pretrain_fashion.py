@@ -17,17 +17,17 @@ import shutil
 import time
 from pathlib import Path
 
-import fashion_mnist  # bench/fashion_mnist.py, beside this script
-import mlx.core as mx
-import numpy as np
-from PIL import Image
-
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.probe.linear import train_linear
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
+
+import fashion_mnist  # bench/fashion_mnist.py, beside this script
+import mlx.core as mx
+import numpy as np
+from PIL import Image
 
 SIZE = 56
 

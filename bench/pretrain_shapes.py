@@ -25,9 +25,6 @@ import shutil
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 from aimv2_mlx.data.augment import normalize
 from aimv2_mlx.data.captioned import load_captioned
@@ -40,6 +37,9 @@ from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.export import export_encoder
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
+
+import mlx.core as mx
+import numpy as np
 
 
 def features(encoder, folder: Path, paths: list[str], batch: int = 64) -> np.ndarray:

@@ -51,9 +51,9 @@ def forward_flops(config) -> int:
 
 
 def roofline() -> float:
-    import mlx.core as mx
-
     import aimv2_mlx  # noqa: F401
+
+    import mlx.core as mx
 
     a, b = mx.random.normal((4096, 4096)), mx.random.normal((4096, 4096))
     mx.eval(a @ b)
@@ -66,8 +66,6 @@ def roofline() -> float:
 
 
 def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) -> dict:
-    import numpy as np
-
     import aimv2_mlx  # noqa: F401
     from aimv2_mlx.objective import pixel_count, sample_prefix_lengths
     from aimv2_mlx.train.batches import MicroBatch, StepBatch
@@ -75,6 +73,8 @@ def measure(preset: str, compiled: bool, batch: int, warmup: int, iters: int) ->
     from aimv2_mlx.train.loop import build_pretrain_model
     from aimv2_mlx.train.optimizer import build_optimizer
     from aimv2_mlx.train.step import TrainStep
+
+    import numpy as np
 
     config = PretrainConfig.from_preset(
         preset, VOCAB, CONTEXT, batch_size=batch, compile=compiled, steps=1000

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import fashion_mnist  # bench/fashion_mnist.py, beside this script
-import numpy as np
-
 import aimv2_mlx
 from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings, probe
+
+import fashion_mnist  # bench/fashion_mnist.py, beside this script
+import numpy as np
 
 
 def balanced_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:

@@ -40,12 +40,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host  # noqa: E402
-
 import aimv2_mlx  # noqa: E402
 from aimv2_mlx.data.sources import Item  # noqa: E402
 from aimv2_mlx.index import update_index  # noqa: E402
 from aimv2_mlx.search import exact_top_k  # noqa: E402
+
+import host  # noqa: E402
 
 DIM = 1024
 SWEEP = (64, 128, 256, 512, 1024)

@@ -71,15 +71,15 @@ def _dataset(folder: Path, image_size: int):
 
 def profile_step(preset: str, batch: int, plain: bool, repeats: int) -> dict:
     """Seconds per piece of one step, and the GEMM estimate."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-
     from aimv2_mlx.objective import LossWeights, combine, loss_sums, used_weights
     from aimv2_mlx.train.batches import BatchPlan
     from aimv2_mlx.train.config import PretrainConfig
     from aimv2_mlx.train.loop import build_pretrain_model
     from aimv2_mlx.train.optimizer import build_optimizer
     from aimv2_mlx.train.step import TrainStep
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
 
     config = PretrainConfig.from_preset(preset, VOCAB, CONTEXT, batch_size=batch, steps=1000)
     peak = roofline()
@@ -178,14 +178,14 @@ def _piece(fn, args: list, repeats: int) -> dict:
 
 def profile_pieces(preset: str, batch: int, plain: bool, repeats: int) -> list[dict]:
     """SwiGLU product, prefix/causal attention and RMSNorm alone at the preset's shapes."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-
     from aimv2_mlx.cpu import kernels, settings
     from aimv2_mlx.layers import prefix_mask
     from aimv2_mlx.objective import sample_prefix_lengths
     from aimv2_mlx.train.config import PretrainConfig
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
 
     settings.tune(split=False)  # the cache limit a training run has, for both paths
     config = PretrainConfig.from_preset(preset, VOCAB, CONTEXT, batch_size=batch)

@@ -113,12 +113,12 @@ def _step_batch(step: int, config):
 
 def worker_spec(args) -> dict:
     """The model and step as plain numbers, so the torch process needs no MLX."""
+    from aimv2_mlx.train.loop import build_pretrain_model
+    from aimv2_mlx.train.optimizer import decays, schedule
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from pretrain_throughput import forward_flops
-
-    from aimv2_mlx.train.loop import build_pretrain_model
-    from aimv2_mlx.train.optimizer import decays, schedule
 
     config = _mlx_config(args.preset, args.batch, args.depth, args.warmup_steps)
     e, d = config.encoder, config.decoder

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import aimv2_mlx
+
 import click
 import typer
-
-import aimv2_mlx
 
 from . import (
     classify,

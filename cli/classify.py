@@ -11,14 +11,14 @@ import csv
 import json
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.data.sources import images_under
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.images import ImageError, open_image
 from aimv2_mlx.model import HubUnreachableError, ModelNotFoundError, load
 from aimv2_mlx.probe import ProbeClassifier
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, read_lines
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, expand, output_file

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import typer
 from aimv2_mlx.convert import convert as convert_checkpoint
+
+import typer
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, new_folder, one_of

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.data.shapes import MIN_SIZE, write_shapes
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, new_folder

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.contact_sheet import write_contact_sheet
 from aimv2_mlx.dupes import DEFAULT_THRESHOLD, find_duplicates
 from aimv2_mlx.index import open_index
+
+import typer
 
 from .errors import one_line_errors
 from .options import expand, output_file

@@ -6,12 +6,12 @@ import contextlib
 import json
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx import distributed
 from aimv2_mlx.embed import embed_folder
 from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 from aimv2_mlx.model import load_named
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, expand, output_folder

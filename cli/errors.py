@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
+from aimv2_mlx.errors import Aimv2Error
+
 import click
 import typer
-
-from aimv2_mlx.errors import Aimv2Error
 
 # The library's domain errors, the system's (a full disk, a denied folder, a missing file) and a
 # usage error raised inside a command body. Anything else (a ValueError, a KeyError) is a bug.

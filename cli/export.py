@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.train.export import FORMATS
 from aimv2_mlx.train.export import export as export_model
+
+import typer
 
 from .errors import one_line_errors
 from .options import new_folder, one_of

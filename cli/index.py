@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import typer
-from PIL import Image
-
 from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
 from aimv2_mlx.index import is_index, open_index, update_index
 from aimv2_mlx.model import load, load_default
+
+import typer
+from PIL import Image
 
 from .embed import _progress, _report_failures
 from .errors import one_line_errors

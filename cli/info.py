@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import textwrap
 
-import typer
-
 from aimv2_mlx.cpu import blas as backend
 from aimv2_mlx.describe import describe_model
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.lit_tuning import is_lit_run
+
+import typer
 
 from .errors import one_line_errors
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.lit_tuning import LitConfig, lit_tune
 from aimv2_mlx.lit_tuning.config import RESUMABLE
 from aimv2_mlx.model import load
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run
+
+import typer
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, output_folder

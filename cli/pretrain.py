@@ -7,8 +7,6 @@ import inspect
 import shlex
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.objective import OBJECTIVES
@@ -17,6 +15,8 @@ from aimv2_mlx.train.config import DTYPES, RESUMABLE, SIZES, PretrainConfig
 from aimv2_mlx.train.init import L3mStart
 from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run
 from aimv2_mlx.train.loop import pretrain as run_pretraining
+
+import typer
 
 from .errors import one_line_errors
 from .options import above_zero, at_least, output_folder

@@ -6,11 +6,11 @@ import contextlib
 import json
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.model import load_named
 from aimv2_mlx.probe import HEADS, AttentiveSettings, ProbeSettings
 from aimv2_mlx.probe import probe as run_probe
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, block_list, expand, fraction, output_folder

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.contact_sheet import write_contact_sheet
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.index import open_index
 from aimv2_mlx.model import load
 from aimv2_mlx.search import search as run_search
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, expand, output_file

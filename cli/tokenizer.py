@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.tokenizer import train_tokenizer
+
+import typer
 
 from .errors import one_line_errors
 from .options import at_least, expand, output_file

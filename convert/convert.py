@@ -16,9 +16,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from aimv2_mlx import __version__
 from aimv2_mlx.checkpoint_io import INDEX, open_checkpoint
 from aimv2_mlx.config import ModelConfig, PreprocessConfig, check_config
@@ -29,6 +26,9 @@ from aimv2_mlx.model import build, conversion_plan, expected_parameters, resolve
 from aimv2_mlx.quantize import QUANTIZED_MODULES, quantize_weight
 from aimv2_mlx.safetensors_io import NUMPY_OF, write_streaming
 from aimv2_mlx.weights import CheckpointError, check_config_matches, check_tensors
+
+import mlx.core as mx
+import mlx.nn as nn
 
 from .verify import verify_conversion
 

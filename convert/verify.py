@@ -9,12 +9,12 @@ them verification is skipped with a message.
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-
 from aimv2_mlx.model import load
 from aimv2_mlx.vectors import l2_normalize
 from aimv2_mlx.weights import ours_for_transformers_key
+
+import mlx.core as mx
+import numpy as np
 
 SEED = 0
 

@@ -6,11 +6,11 @@ import struct
 import zlib
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import aimv2_mlx  # noqa: F401  (OpenBLAS before MLX)
 from aimv2_mlx.config import EncoderConfig, ModelConfig, PreprocessConfig
+
+import numpy as np
+import pytest
 
 
 def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> ModelConfig:
@@ -65,6 +65,7 @@ def timm_key(ml_aim_key: str) -> str:
 def run_cli(*args):
     """`aimv2 ARGS` in this process, through the click command the console script runs."""
     from aimv2_mlx.cli.app import command
+
     from click.testing import CliRunner
 
     return CliRunner().invoke(command(), [str(a) for a in args])

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import errno
 
-import pytest
-
 from aimv2_mlx.folders import TEMPORARY, DiskFullError, atomic_folder, atomic_write, write_json
+
+import pytest
 
 
 def test_a_finished_folder_appears_whole_under_its_name_and_no_temporary_is_left(tmp_path):

@@ -10,13 +10,13 @@ import platform
 import subprocess
 import sys
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.cpu import blas
 from aimv2_mlx.cpu.blas import Isa
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 linux_with_openblas = pytest.mark.skipif(
     sys.platform != "linux" or not blas.candidate_paths(),

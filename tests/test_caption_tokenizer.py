@@ -10,6 +10,13 @@ import re
 import string
 from pathlib import Path
 
+from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.data.shapes import write_shapes
+from aimv2_mlx.objective import text_count
+from aimv2_mlx.tokenizer import CaptionTokenizer, load_tokenizer, normalize_caption, train_tokenizer
+from aimv2_mlx.train.batches import BatchPlan
+from aimv2_mlx.train.config import PretrainConfig
+
 import numpy as np
 import pytest
 from tokenizers import (
@@ -21,13 +28,6 @@ from tokenizers import (
     processors,
     trainers,
 )
-
-from aimv2_mlx.data.captioned import load_captioned
-from aimv2_mlx.data.shapes import write_shapes
-from aimv2_mlx.objective import text_count
-from aimv2_mlx.tokenizer import CaptionTokenizer, load_tokenizer, normalize_caption, train_tokenizer
-from aimv2_mlx.train.batches import BatchPlan
-from aimv2_mlx.train.config import PretrainConfig
 
 from .conftest import run_cli
 

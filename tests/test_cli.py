@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import aimv2_mlx
+
+import numpy as np
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 

@@ -7,16 +7,16 @@ import re
 import shutil
 from pathlib import Path
 
+import aimv2_mlx
+from aimv2_mlx.cli.app import command
+from aimv2_mlx.layers import block_indices
+from aimv2_mlx.probe import ProbeSettings
+
 import click
 import mlx.core as mx
 import numpy as np
 import pytest
-from aimv2_mlx.cli.app import command
 from click.testing import CliRunner
-
-import aimv2_mlx
-from aimv2_mlx.layers import block_indices
-from aimv2_mlx.probe import ProbeSettings
 
 from .conftest import one_line_error, run_cli
 

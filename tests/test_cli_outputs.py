@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 from aimv2_mlx.tokenizer import train_tokenizer
+
+import pytest
 
 from .conftest import one_line_error, run_cli
 

@@ -14,16 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aimv2_mlx
+from aimv2_mlx.convert import convert
+from aimv2_mlx.safetensors_io import read_header
+
 import huggingface_hub
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from aimv2_mlx.convert import convert
 from mlx.utils import tree_flatten
-
-import aimv2_mlx
-from aimv2_mlx.safetensors_io import read_header
 
 from .conftest import timm_key, tiny_config
 from .torch_zips import evil_checkpoint

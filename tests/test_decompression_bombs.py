@@ -8,12 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.errors import SettingError
 from aimv2_mlx.images import ImageError, open_image, pillow_megapixels
+
+import pytest
+from PIL import Image
 
 from .conftest import one_line_error, png_bomb, run_cli
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.tokenizer import train_tokenizer
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aimv2_mlx
+
 import mlx.core as mx
 import numpy as np
-
-import aimv2_mlx
 
 from .conftest import tiny_config
 

@@ -9,12 +9,12 @@ import json
 import os
 from pathlib import Path
 
+import aimv2_mlx
+from aimv2_mlx.embed import embed_folder
+
 import numpy as np
 import pytest
 from PIL import Image
-
-import aimv2_mlx
-from aimv2_mlx.embed import embed_folder
 
 from .conftest import png_bomb, tiny_config
 

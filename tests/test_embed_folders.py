@@ -10,12 +10,12 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.embed import embed_folder
 from aimv2_mlx.folders import LOCK, locked
+
+import pytest
+from PIL import Image
 
 ENV = {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.errors import Aimv2Error, SettingError
+
+import pytest
 
 from .conftest import one_line_error, run_cli
 
@@ -146,9 +146,10 @@ def test_a_labels_file_that_is_not_text_is_one_line_naming_it(tmp_path):
 
 
 def test_a_usage_error_raised_inside_a_command_is_one_line_exit_1(capsys):
+    from aimv2_mlx.cli.errors import one_line_errors
+
     import click
     import typer
-    from aimv2_mlx.cli.errors import one_line_errors
 
     with pytest.raises(typer.Exit) as stopped, one_line_errors():
         raise click.BadParameter("--top-k 0: must be at least 1")

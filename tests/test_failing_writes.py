@@ -10,15 +10,15 @@ import json
 import tarfile
 from pathlib import Path
 
+import aimv2_mlx
+from aimv2_mlx.cli.app import app
+from aimv2_mlx.probe import ProbeClassifier, probe
+
 import mlx.core as mx
 import numpy as np
 import pytest
-from aimv2_mlx.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
-
-import aimv2_mlx
-from aimv2_mlx.probe import ProbeClassifier, probe
 
 from .test_probe import _image_folder, _settings
 

@@ -12,12 +12,12 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from aimv2_mlx.data.captioned import load_captioned
+from aimv2_mlx.images import center_crop, resize_shortest
+
 import numpy as np
 import pytest
 from PIL import Image
-
-from aimv2_mlx.data.captioned import load_captioned
-from aimv2_mlx.images import center_crop, resize_shortest
 
 ENV = {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -190,9 +190,9 @@ def test_a_65535x1_png_resizes_only_what_the_crop_keeps_under_a_one_gib_address_
 
 @pytest.mark.parametrize("size", [(2400, 60), (50, 1900)])
 def test_a_long_strip_crops_as_resizing_the_whole_strip_would(size):
-    from skimage import data
-
     from aimv2_mlx.images import resize_then_crop
+
+    from skimage import data
 
     image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BILINEAR)
     for shortest, crop, rounding in ((224, 224, "floor"), (256, 224, "round")):

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import huggingface_hub.constants
-import pytest
-
 from aimv2_mlx import hub
 from aimv2_mlx.model import HubUnreachableError, resolve
+
+import huggingface_hub.constants
+import pytest
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 

@@ -13,11 +13,6 @@ import warnings
 import zlib
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from PIL import Image
-
 import aimv2_mlx  # noqa: F401  (before mlx)
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.data.sources import discover
@@ -28,6 +23,11 @@ from aimv2_mlx.images import (
     preprocess,
     to_pixels,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -14,14 +14,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.data.sources import Item
 from aimv2_mlx.folders import locked
 from aimv2_mlx.index import IndexFolderError, open_index, update_index
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from .conftest import one_line_error, run_cli, tiny_config
 

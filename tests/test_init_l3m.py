@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 
+from aimv2_mlx.train.config import PretrainConfig
+from aimv2_mlx.train.loop import build_pretrain_model
+
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from aimv2_mlx.train.config import PretrainConfig
-from aimv2_mlx.train.loop import build_pretrain_model
 
 D, DEPTH, DECODER_DEPTH, HIDDEN, VOCAB, T, PATCH_DIMS = 1024, 24, 12, 2816, 32000, 77, 588
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 
+import aimv2_mlx
+from aimv2_mlx import cpu
+from aimv2_mlx.cpu import kernels, modules, settings
+from aimv2_mlx.layers import prefix_mask
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-import aimv2_mlx
-from aimv2_mlx import cpu
-from aimv2_mlx.cpu import kernels, modules, settings
-from aimv2_mlx.layers import prefix_mask
 
 from .conftest import tiny_config
 

@@ -8,11 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten, tree_unflatten
-
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data.captioned import load_captioned
@@ -26,6 +21,11 @@ from aimv2_mlx.train.loop import build_pretrain_model, pretrain
 from aimv2_mlx.train.optimizer import build_optimizer
 from aimv2_mlx.train.step import TrainStep
 from aimv2_mlx.weights import CheckpointError
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .conftest import one_line_error, run_cli
 

@@ -9,10 +9,6 @@ import os
 import signal
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.config import TextConfig
 from aimv2_mlx.data.shapes import make_sample, write_shapes
@@ -24,6 +20,10 @@ from aimv2_mlx.lit_tuning.towers import locked_weights
 from aimv2_mlx.train.loop import TrainingInterrupted
 from aimv2_mlx.train.optimizer import build_optimizer
 from aimv2_mlx.zeroshot import ZeroShotClassifier
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .clip_bpe import reference_ids, write_vocab
 from .conftest import one_line_error, run_cli

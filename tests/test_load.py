@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import aimv2_mlx
+from aimv2_mlx import cpu
+from aimv2_mlx.model import BUNDLED_DIR, load_named
+from aimv2_mlx.weights import ML_AIM_MLX, ML_AIM_TORCH, TIMM, TRANSFORMERS, detect_layout, to_ours
+
 import huggingface_hub.constants
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-import aimv2_mlx
-from aimv2_mlx import cpu
-from aimv2_mlx.model import BUNDLED_DIR, load_named
-from aimv2_mlx.weights import ML_AIM_MLX, ML_AIM_TORCH, TIMM, TRANSFORMERS, detect_layout, to_ours
 
 from .conftest import timm_key, tiny_config
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.base import Model
 from aimv2_mlx.config import EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .conftest import tiny_config
 

@@ -3,17 +3,17 @@ against hand-written NumPy, on a tiny model."""
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from aimv2_mlx import objective
 from aimv2_mlx.config import DecoderConfig
 from aimv2_mlx.decoder import MultimodalDecoder
 from aimv2_mlx.encoder import VisionEncoder
 from aimv2_mlx.layers import prefix_mask
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 from .conftest import tiny_config
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import gc
 
+import aimv2_mlx
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import aimv2_mlx
 
 TOL = 1e-4
 

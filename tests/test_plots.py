@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aimv2_mlx.train import logs
+
 import numpy as np
 import tomllib
-
-from aimv2_mlx.train import logs
 
 ROOT = Path(__file__).resolve().parents[1]
 

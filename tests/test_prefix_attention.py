@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import aimv2_mlx
+from aimv2_mlx.layers import prefix_mask
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-
-import aimv2_mlx
-from aimv2_mlx.layers import prefix_mask
 
 from .conftest import tiny_config
 

@@ -8,12 +8,6 @@ import dataclasses
 import json
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data.captioned import load_captioned
@@ -25,6 +19,12 @@ from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.export import export_encoder
 from aimv2_mlx.train.loop import build_pretrain_model, pretrain
 from aimv2_mlx.train.optimizer import build_optimizer, decays, schedule
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from aimv2_mlx.cli.app import command
-
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
@@ -15,6 +13,8 @@ from aimv2_mlx.errors import SettingError
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import SIZES, PretrainConfig, swiglu_hidden
 from aimv2_mlx.train.loop import pretrain
+
+import pytest
 
 # `aimv2 pretrain` options whose value is a PretrainConfig field of another name.
 FIELD_OF_OPTION = {"lr": "peak_lr"}

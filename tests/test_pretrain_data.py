@@ -6,10 +6,6 @@ import io
 import json
 import tarfile
 
-import numpy as np
-import pytest
-from PIL import Image
-
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data import shapes
 from aimv2_mlx.data.augment import augment, normalize, random_resized_crop_box
@@ -17,6 +13,10 @@ from aimv2_mlx.data.captioned import CaptionDataError, load_captioned
 from aimv2_mlx.tokenizer import load_tokenizer, train_tokenizer
 from aimv2_mlx.train.batches import BatchPlan
 from aimv2_mlx.train.config import PretrainConfig
+
+import numpy as np
+import pytest
+from PIL import Image
 
 
 def test_shapes_are_deterministic_and_captions_name_the_labels():

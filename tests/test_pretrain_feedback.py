@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.config import DecoderConfig, EncoderConfig
 from aimv2_mlx.data.captioned import load_captioned
@@ -14,6 +12,8 @@ from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.config import PretrainConfig
 from aimv2_mlx.train.loop import pretrain
 from aimv2_mlx.train.summary import eta
+
+import pytest
 
 
 def test_pretraining_prints_a_startup_summary_and_an_eta_in_every_step_line(tmp_path):

@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.tokenizer import train_tokenizer
 from aimv2_mlx.train.checkpoint import read_pointer, resume_point
 from aimv2_mlx.train.loop import pretrain
+
+import pytest
 
 from .test_pretrain import assert_same_weights, tiny_run, weights_of
 

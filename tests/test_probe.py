@@ -10,11 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.config import PreprocessConfig
 from aimv2_mlx.encoder import VisionEncoder
@@ -27,6 +22,11 @@ from aimv2_mlx.probe import (
     load_probe,
     probe,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
 
 from .conftest import tiny_config
 

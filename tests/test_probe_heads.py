@@ -6,15 +6,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import aimv2_mlx
 from aimv2_mlx.probe.attentive import AttentiveSettings, head_scores, new_head, train_attentive
 from aimv2_mlx.probe.knn import KnnHead
 from aimv2_mlx.probe.linear import fit_logistic, train_linear
 from aimv2_mlx.probe.metrics import classification_metrics
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .conftest import tiny_config
 

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.errors import UnusableFileError
 from aimv2_mlx.probe import HEAD_TYPES, AttentiveSettings, ProbeSettings, load_probe, probe
 from aimv2_mlx.probe.features import extract
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
 
 from .conftest import tiny_config
 

@@ -11,8 +11,9 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 from aimv2_mlx.cli.app import command
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")

@@ -12,20 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aimv2_mlx
+import aimv2_mlx.model
+from aimv2_mlx.checkpoint_io import open_checkpoint
+from aimv2_mlx.cli.app import app
+from aimv2_mlx.convert import convert
+from aimv2_mlx.safetensors_io import read_header, read_tensor
+from aimv2_mlx.weights import CheckpointError
+
 import huggingface_hub.constants
 import mlx.core as mx
 import numpy as np
 import pytest
-from aimv2_mlx.cli.app import app
-from aimv2_mlx.convert import convert
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
-
-import aimv2_mlx
-import aimv2_mlx.model
-from aimv2_mlx.checkpoint_io import open_checkpoint
-from aimv2_mlx.safetensors_io import read_header, read_tensor
-from aimv2_mlx.weights import CheckpointError
 
 from .conftest import tiny_config
 

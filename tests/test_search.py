@@ -11,14 +11,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
 import aimv2_mlx
 from aimv2_mlx.dupes import find_duplicates
 from aimv2_mlx.index import open_index, update_index
 from aimv2_mlx.search import exact_top_k, search
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from .clip_bpe import write_vocab
 from .conftest import one_line_error, run_cli, tiny_config

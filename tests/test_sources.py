@@ -6,9 +6,9 @@ import io
 import os
 import tarfile
 
-import pytest
-
 from aimv2_mlx.data.sources import discover
+
+import pytest
 
 
 def test_folder_order_and_skips(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
-
 import aimv2_mlx
 from aimv2_mlx.text_embed import embed_texts, trim_padding
+
+import numpy as np
+from PIL import Image, ImageOps
 
 from .clip_bpe import write_vocab
 

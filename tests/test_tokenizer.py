@@ -4,10 +4,10 @@ vocabulary.
 
 from __future__ import annotations
 
+from aimv2_mlx.tokenizer import ClipTokenizer
+
 import numpy as np
 import pytest
-
-from aimv2_mlx.tokenizer import ClipTokenizer
 
 from .clip_bpe import END, START, reference_ids, write_vocab
 

@@ -8,12 +8,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from aimv2_mlx.torch_pickle import Bfloat16Array, read_torch_checkpoint
+from aimv2_mlx.weights import CheckpointError
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from aimv2_mlx.torch_pickle import Bfloat16Array, read_torch_checkpoint
-from aimv2_mlx.weights import CheckpointError
 
 from .torch_zips import evil_checkpoint, torch_zip_with
 
@@ -84,11 +84,11 @@ def test_truncated_zip_is_a_clear_error(tmp_path):
 def test_pth_folder_loads_like_its_safetensors_twin(tmp_path, transformers_reference):
     import json
 
+    import aimv2_mlx
+
     import torch
     from mlx.utils import tree_flatten
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
-
-    import aimv2_mlx
 
     torch.manual_seed(0)
     config = Aimv2VisionConfig(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from aimv2_mlx.vectors import l2_normalize, softmax
+
 import mlx.core as mx
 import numpy as np
 from scipy.special import softmax as scipy_softmax
 from sklearn.preprocessing import normalize
-
-from aimv2_mlx.vectors import l2_normalize, softmax
 
 
 def test_l2_normalize_matches_sklearn_for_numpy_and_mlx_and_keeps_zero_rows_zero(rng):

@@ -15,13 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aimv2_mlx
+from aimv2_mlx.zeroshot import ZeroShotClassifier
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from scipy.special import softmax
-
-import aimv2_mlx
-from aimv2_mlx.zeroshot import ZeroShotClassifier
 
 from .clip_bpe import write_vocab
 from .conftest import tiny_config
