@@ -187,6 +187,8 @@ def open_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
     path = Path(path).expanduser()
     if is_dcp_folder(path):
         refuse_dcp_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path}: not a PyTorch zip checkpoint (legacy or corrupt pickle files are refused)"

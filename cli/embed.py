@@ -14,7 +14,7 @@ from aimv2_mlx.model import load_named
 import typer
 
 from .errors import one_line_errors
-from .options import at_least, expand, output_folder
+from .options import at_least, existing, expand, output_folder
 
 
 def embed(
@@ -65,6 +65,7 @@ def embed(
         at_least(1, batch_size=batch_size, shard_size=shard_size)
         at_least(0, workers=workers)
         check_megapixel_limit(max_megapixels, "--max-megapixels")
+        existing(*inputs)
         output_folder(output)
         encoder = load_named(model)
         with _progress(enabled=rank == 0) as progress:

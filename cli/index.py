@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS
+from aimv2_mlx.images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
 from aimv2_mlx.index import is_index, open_index, update_index
-from aimv2_mlx.model import load, load_default
+from aimv2_mlx.model import load_named
 
 import typer
-from PIL import Image
 
 from .embed import _progress, _report_failures
 from .errors import one_line_errors
-from .options import above_zero, at_least, expand, output_folder
+from .options import at_least, existing, expand, output_folder
 
 
 def index(
@@ -47,15 +46,15 @@ def index(
 ) -> None:
     """Index images for search and dupes; a re-run embeds only new and changed files."""
     inputs, output = [expand(path) for path in inputs], expand(output)
-    Image.MAX_IMAGE_PIXELS = None  # --max-megapixels is the one limit (checked before decoding)
     with one_line_errors():
         at_least(1, batch_size=batch_size)
         at_least(0, workers=workers)
-        above_zero(max_megapixels=max_megapixels)
+        check_megapixel_limit(max_megapixels, "--max-megapixels")
+        existing(*inputs)
         output_folder(output)
         if model is None and is_index(output):
             model = open_index(output).model.get("path")
-        encoder = load_default() if model in (None, "default") else load(model)
+        encoder = load_named(model or "default")
         try:
             with _progress(enabled=True) as progress:
                 summary = update_index(

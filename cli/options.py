@@ -99,3 +99,10 @@ def _writable(path: Path, flag: str) -> None:
     folder = existing if existing.is_dir() else existing.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {path}: no permission to write in {folder}")
+
+
+def existing(*paths: Path) -> None:
+    """Refuse the first input path that does not exist, before any model is loaded."""
+    for path in paths:
+        if not os.path.lexists(path):
+            raise SettingError(f"{path}: no such file or folder")

@@ -14,7 +14,7 @@ from aimv2_mlx.search import search as run_search
 import typer
 
 from .errors import one_line_errors
-from .options import at_least, expand, output_file
+from .options import expand, output_file
 
 
 def search(
@@ -47,7 +47,8 @@ def search(
     """Search an index; prints score and path of the best k files, best first."""
     index, image, html = expand(index), expand(image), expand(html)
     with one_line_errors():
-        at_least(1, k=k)
+        if k < 1:
+            raise SettingError(f"-k {k}: must be at least 1")
         if html is not None:
             output_file(html, "--html")
         if image is not None and not image.is_file():
