@@ -1,5 +1,4 @@
-"""Issue 14, acceptance 4: the README's command lines and option tables agree with the CLI's real
-options.
+"""The README's command lines and option tables agree with the CLI's real options.
 
 The options come from the click command that `aimv2` runs (`aimv2_mlx.cli.app.command()`), so a
 renamed, removed or re-defaulted option fails here until the README says the same.

@@ -1,5 +1,5 @@
 """Text queries through a tiny random LiT rank images as transformers' `Aimv2Model` does on the
-same weights (issue 16, acceptance 2's LiT parity): the text embeddings search compares with."""
+same weights: the text embeddings search compares with."""
 
 from __future__ import annotations
 
