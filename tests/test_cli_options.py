@@ -1,4 +1,4 @@
-"""Option mistakes and ordinary inputs at the `aimv2` command line (issue 14, items 4, 5, 7, 9, 16):
+"""Option mistakes and ordinary inputs at the `aimv2` command line:
 each mistake is one line on stderr and exit code 1, before any work or any file is made."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14, items 6 and 8: an unusable output path, or a typo, costs one line and leaves nothing
+"""An unusable output path, or a typo, costs one line and leaves nothing
 behind.
 """
 
