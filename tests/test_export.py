@@ -223,7 +223,7 @@ def test_a_lit_model_exported_for_transformers_gives_our_logits(tmp_path, transf
     import torch
     from transformers import Aimv2Model, AutoTokenizer
 
-    from aimv2_mlx.tokenizer import ClipTokenizer
+    from aimv2_mlx.tokenizer import text_tokenizer
 
     _tiny_lit(tmp_path / "lit")
     export(tmp_path / "lit", tmp_path / "hf", "transformers")
@@ -240,7 +240,7 @@ def test_a_lit_model_exported_for_transformers_gives_our_logits(tmp_path, transf
             pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
             attention_mask=torch.ones(hub_ids.shape, dtype=torch.long),  # the text tower causal
         ).logits_per_image.numpy()
-    ids = ClipTokenizer.from_folder(tmp_path / "lit")(captions, context_length=16)
+    ids = text_tokenizer(tmp_path / "lit").encode(captions, context_length=16)
     per_image, _ = ours.logits(mx.array(pixels), mx.array(ids))
     assert expected.std() > 0.1  # the comparison could see a wrong image or caption order
     assert np.abs(np.array(per_image) - expected).max() <= TOL
