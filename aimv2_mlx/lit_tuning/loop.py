@@ -220,11 +220,14 @@ class _Run:
         config.vision = encoder.config.vision
         if self.rank == 0:
             check_new_run(out)
+            given = None
+            if tokenizer is not None:  # read before the run folder is made: refused, it stays out
+                tokenizer = Path(tokenizer).expanduser()
+                given = text_tokenizer(tokenizer, config.text.max_position_embeddings)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             with naming_full_disk(out / TOKENIZER):
-                if tokenizer is not None:
-                    _copy_tokenizer(Path(tokenizer).expanduser(), out / TOKENIZER,
-                                    config.text.max_position_embeddings)
+                if given is not None:
+                    _copy_tokenizer(tokenizer, given, out / TOKENIZER)
                 else:
                     train_clip_tokenizer(
                         self.source.captions(), out / TOKENIZER, config.text.vocab_size
@@ -357,11 +360,10 @@ def save_lit_checkpoint(run: Path, step: int, model, optimizer, state: dict, kee
     return write_checkpoint(run, step, write, CHECKPOINT_FILES, state, keep)
 
 
-def _copy_tokenizer(source: Path, folder: Path, context_length: int) -> None:
-    """A given tokenizer into the run (checked by reading it first): CLIP BPE files as they are;
+def _copy_tokenizer(source: Path, tok: CaptionTokenizer, folder: Path) -> None:
+    """A given tokenizer (`tok`, read from `source`) into the run: CLIP BPE files as they are;
     any other `tokenizer.json` saved so that it states the EOS and pad ids the run uses, with a
     `tokenizer_config.json` naming them (what transformers' `AutoTokenizer` reads back)."""
-    tok = text_tokenizer(source, context_length)
     folder.mkdir(parents=True, exist_ok=True)
     if tok.bos_id is not None:  # CLIP's, the one tokenizer with a start token
         if source.is_file():
@@ -374,5 +376,5 @@ def _copy_tokenizer(source: Path, folder: Path, context_length: int) -> None:
     names = {name: tok.tokenizer.id_to_token(i) for name, i in
              (("eos_token", tok.eos_id), ("pad_token", tok.pad_id))}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
-              "model_max_length": context_length}
+              "model_max_length": tok.context_length}
     (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
