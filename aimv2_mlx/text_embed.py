@@ -1,8 +1,8 @@
 """Texts to LiT text embeddings — what zero-shot classes and text search compare images with.
 
 Texts are tokenised with the model's tokenizer (the files beside its weights, with the EOS and
-pad ids its config records), each batch is cut after its longest text's end token — the causal text tower pooled at the first end token never
-sees what follows it, so this changes nothing and makes short texts several times cheaper than
+pad ids its config records), each batch is cut after its longest text's end token — the causal
+text tower pooled at the first end token never sees what follows it, so this changes nothing and makes short texts several times cheaper than
 the full context — then encoded, projected and L2-normalised.
 """
 

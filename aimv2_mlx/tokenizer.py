@@ -54,15 +54,18 @@ def clip_pipeline(backend: Tokenizer) -> Tokenizer:
 def clip_bpe(vocab: str | os.PathLike, merges: str | os.PathLike) -> Tokenizer:
     """CLIP's configuration around a `vocab.json` and a `merges.txt`."""
     try:
-        model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN, end_of_word_suffix="</w>",
-                              continuing_subword_prefix="", fuse_unk=False)
+        model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN,
+                              end_of_word_suffix="</w>", continuing_subword_prefix="",
+                              fuse_unk=False)
     except Exception as exc:
         raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
     if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
-        raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary")
+        raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: "
+                                "not a CLIP vocabulary")
     backend = clip_pipeline(Tokenizer(model))
     # Written literally in a text, the special tokens stay single ids, as in CLIP.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in (START_TOKEN, END_TOKEN)])
     return backend
 
 
@@ -72,7 +75,7 @@ def is_clip_vocabulary(backend: Tokenizer) -> bool:
 
 
 def clip_tokenizer(backend: Tokenizer, context_length: int = CONTEXT_LENGTH,
-                   pad_id: int = 0) -> "CaptionTokenizer":
+                   pad_id: int = 0) -> CaptionTokenizer:
     """Texts the way OpenAI's CLIP (and Apple's LiT) tokenizes them: the backend's own
     normalisation, start token, BPE tokens, end token, then zeros (openai/CLIP `clip/clip.py`
     `tokenize`). The LiT text tower reads up to its first end token, so the padding never matters.
@@ -85,7 +88,7 @@ def clip_tokenizer(backend: Tokenizer, context_length: int = CONTEXT_LENGTH,
 
 
 def text_tokenizer(path: str | os.PathLike, context_length: int = CONTEXT_LENGTH,
-                   eos_id: int | None = None, pad_id: int | None = None) -> "CaptionTokenizer":
+                   eos_id: int | None = None, pad_id: int | None = None) -> CaptionTokenizer:
     """The tokenizer of a LiT model or run folder (or a `tokenizer.json` given for one).
 
     CLIP's BPE (`vocab.json` + `merges.txt`, or a `tokenizer.json` holding CLIP's start and end
@@ -124,7 +127,7 @@ def _read_tokenizer_json(path: Path) -> Tokenizer:
         raise UnusableFileError(f"{path}: not a tokenizers JSON file ({exc})") from None
 
 
-# --- captions for pre-training ----------------------------------------------------------------
+# --- captions, for pre-training and LiT -------------------------------------------------------
 # As apple/ml-l3m tokenizes captions (configs/aimv2/001_aimv2_hfdata.yaml: `HFTokenizer` over
 # SigLIP's tokenizer, context 77): cleaned, lower-cased, punctuation stripped, no BOS, EOS
 # appended (a caption too long keeps its first T - 1 tokens, then EOS), padded with the pad id;
@@ -192,11 +195,13 @@ class CaptionTokenizer:
                                + (" after the start token" if self.bos_id is not None else ""))
         return length
 
-    def encode(self, captions: str | Iterable[str], context_length: int | None = None) -> np.ndarray:
+    def encode(self, captions: str | Iterable[str],
+               context_length: int | None = None) -> np.ndarray:
         """(B, context_length) int32 ids: each caption normalised, tokenized without the
         tokenizer's own special tokens, cut to fit, [BOS,] ids, EOS, then pad ids."""
         captions = [captions] if isinstance(captions, str) else list(captions)
-        length = self.context_length if context_length is None else self._checked_length(context_length)
+        length = (self.context_length if context_length is None
+                  else self._checked_length(context_length))
         start = [] if self.bos_id is None else [self.bos_id]
         out = np.full((len(captions), length), self.pad_id, dtype=np.int32)
         texts = [self.normalize(caption) for caption in captions] if self.normalize else captions
@@ -223,18 +228,16 @@ class CaptionTokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """A `tokenizer.json` that says what this one does: its post-processor appends EOS and its
         padding uses the pad id, so `load_tokenizer` (and transformers'
-        `PreTrainedTokenizerFast`) find the same ids again."""
-        from .shards import atomic_write
-
+        `PreTrainedTokenizerFast`) find the same ids again. Not CLIP's BPE (the one with a BOS):
+        it stays in the files it came in, as Apple's LiT ships them."""
+        if self.bos_id is not None:
+            raise SettingError("a CLIP BPE is kept in its own files (vocab.json + merges.txt or "
+                               "its tokenizer.json), not saved as a caption tokenizer")
         path = Path(path).expanduser()
         described = Tokenizer.from_str(self.tokenizer.to_str())
         eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))
-        specials = [(eos, self.eos_id)]
-        if self.bos_id is not None:
-            specials.append((described.id_to_token(self.bos_id), self.bos_id))
-        single = " ".join([*(f"{t}" for t, _ in specials[1:]), "$A", eos])
-        described.post_processor = processors.TemplateProcessing(single=single,
-                                                                 special_tokens=specials)
+        described.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", special_tokens=[(eos, self.eos_id)])
         described.enable_padding(pad_id=self.pad_id, pad_token=pad)
         atomic_write(path, lambda tmp: described.save(str(tmp)))
         return path

@@ -115,3 +115,4 @@ def test_missing_or_foreign_vocabulary_is_a_clear_error(vocab_folder, tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"):
         text_tokenizer(tmp_path)
+
