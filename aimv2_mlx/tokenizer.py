@@ -95,20 +95,20 @@ def text_tokenizer(path: str | os.PathLike, context_length: int = CONTEXT_LENGTH
     tokens, used as written) is read the CLIP way of `clip_tokenizer`, as Apple's LiT was
     trained; any other Hugging Face `tokenizer.json` the caption way of `load_tokenizer` (its own
     EOS and pad ids, ml-l3m's normalisation). `eos_id` / `pad_id`: what the model's config
-    records; a tokenizer that ends or pads texts otherwise is refused, naming the file.
+    records; a tokenizer that ends texts (or, not CLIP's, pads them) otherwise is refused, naming
+    the file. CLIP's pads with zeros whatever the config says, as OpenAI's CLIP.
     """
     path = Path(path).expanduser()
     file = path if path.is_file() else path / "tokenizer.json"
     if file.is_file():
         backend = _read_tokenizer_json(file)
         if is_clip_vocabulary(backend):
-            tok = clip_tokenizer(backend, context_length, 0 if pad_id is None else pad_id)
+            tok, pad_id = clip_tokenizer(backend, context_length), None
         else:
             tok = load_tokenizer(file, context_length)
     elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         file = path / "vocab.json"
-        tok = clip_tokenizer(clip_bpe(file, path / "merges.txt"), context_length,
-                             0 if pad_id is None else pad_id)
+        tok, pad_id = clip_tokenizer(clip_bpe(file, path / "merges.txt"), context_length), None
     else:
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + "
                                 "merges.txt)")

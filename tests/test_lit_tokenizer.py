@@ -13,6 +13,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 import aimv2_mlx
+from aimv2_mlx.convert import convert
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import Aimv2Error
@@ -116,6 +117,13 @@ def test_a_unigram_tokenizer_json_drives_aimv2_lit_and_its_export_matches_transf
     per_image, _ = model.logits(mx.array(pixels), mx.array(ours_ids))
     assert expected.std() > 0.01  # the comparison could see a wrong image or caption order
     assert np.abs(np.array(per_image) - expected).max() <= TOL
+
+    # Converted back from transformers' layout, the model keeps its ids.
+    convert(tmp_path / "hf", tmp_path / "back")
+    back = aimv2_mlx.load(tmp_path / "back")
+    assert (back.config.text.eos_token_id, back.config.text.pad_token_id) == (EOS, PAD)
+    again = ZeroShotClassifier(back, COLORS, ["a {}"]).tokenizer.encode(prompts)
+    np.testing.assert_array_equal(again, expected_ids)
 
 
 def test_a_tokenizer_that_ends_texts_otherwise_than_the_config_is_refused_naming_it(tmp_path):
