@@ -2,8 +2,9 @@
 
 Texts are tokenised with the model's tokenizer (the files beside its weights, with the EOS and
 pad ids its config records), each batch is cut after its longest text's end token — the causal
-text tower pooled at the first end token never sees what follows it, so this changes nothing and makes short texts several times cheaper than
-the full context — then encoded, projected and L2-normalised.
+text tower pooled at the first end token never sees what follows it, so this changes nothing
+and makes short texts several times cheaper than the full context — then encoded, projected and
+L2-normalised.
 """
 
 from __future__ import annotations

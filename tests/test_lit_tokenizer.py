@@ -17,15 +17,18 @@ from aimv2_mlx.convert import convert
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import Aimv2Error
+from aimv2_mlx.lit_tuning import lit_tune
 from aimv2_mlx.search import text_vector
 from aimv2_mlx.tokenizer import load_tokenizer, normalize_caption, text_tokenizer
 from aimv2_mlx.train.export import export
 from aimv2_mlx.vectors import l2_normalize
 from aimv2_mlx.zeroshot import ZeroShotClassifier
 
+from .clip_bpe import write_vocab
 from .conftest import one_line_error, run_cli
 from .test_caption_tokenizer import unigram_tokenizer_json
 from .test_export import TOL, _hub_pixels, _load_strictly
+from .test_lit_tuning import quiet, tiny
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 CONTEXT = 16
@@ -138,3 +141,22 @@ def test_a_tokenizer_that_ends_texts_otherwise_than_the_config_is_refused_naming
     result = run_cli("lit", data, "-o", tmp_path / "run", "--tokenizer", tmp_path / "nowhere")
     one_line_error(result, str(tmp_path / "nowhere"), "no tokenizer files")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the run was made
+
+
+def test_a_clip_tokenizer_json_given_by_its_path_still_tokenizes_the_run_the_clip_way(
+    tmp_path, transformers_reference
+):
+    write_vocab(tmp_path / "clip")
+    clip = transformers_reference.CLIPTokenizer.from_pretrained(tmp_path / "clip")
+    clip.backend_tokenizer.save(str(tmp_path / "clip.json"))
+    data = write_shapes(tmp_path / "data", 16, size=56)
+    config = tiny(steps=1, warmup_steps=0)
+    lit_tune(data, tmp_path / "run", config, tokenizer=tmp_path / "clip.json", echo=quiet)
+    assert sorted(p.name for p in (tmp_path / "run" / "tokenizer").iterdir()) == ["tokenizer.json"]
+    run_tok = text_tokenizer(tmp_path / "run" / "tokenizer")
+    files_tok = text_tokenizer(tmp_path / "clip")
+    text = json.loads((tmp_path / "run" / "config.json").read_text())["text"]
+    assert (text["eos_token_id"], text["pad_token_id"]) == (files_tok.eos_id, 0)
+    assert run_tok.bos_id == files_tok.bos_id == files_tok.vocab_size - 2
+    texts = [f"A {c} circle, left of: a square!" for c in COLORS]
+    np.testing.assert_array_equal(run_tok.encode(texts, CONTEXT), files_tok.encode(texts, CONTEXT))

@@ -72,7 +72,7 @@ def test_ids_match_openai_bpe(vocab_folder, text):
 
 
 def test_final_sigma_follows_transformers_not_python_lower(vocab_folder, hf_tokenizer):
-    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's str.lower to ς."""
+    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's lower() to ς."""
     ours = text_tokenizer(vocab_folder).token_ids(FINAL_SIGMA)
     assert ours == hf_tokenizer(FINAL_SIGMA, add_special_tokens=False)["input_ids"]
     assert ours != reference_ids(FINAL_SIGMA, vocab_folder)

@@ -365,10 +365,11 @@ def _copy_tokenizer(source: Path, tok: CaptionTokenizer, folder: Path) -> None:
     any other `tokenizer.json` saved so that it states the EOS and pad ids the run uses, with a
     `tokenizer_config.json` naming them (what transformers' `AutoTokenizer` reads back)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if tok.bos_id is not None:  # CLIP's, the one tokenizer with a start token
-        if source.is_file():
-            shutil.copyfile(source, folder / "tokenizer.json")
-        for name in TOKENIZER_FILES if source.is_dir() else ():
+    if tok.bos_id is not None and source.is_file():  # CLIP's (the one with a start token)
+        shutil.copyfile(source, folder / "tokenizer.json")
+        return
+    if tok.bos_id is not None:
+        for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
         return
