@@ -9,11 +9,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from aimv2_mlx.convert import convert
 from PIL import Image
 from tokenizers import Tokenizer
 
 import aimv2_mlx
+from aimv2_mlx.convert import convert
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import Aimv2Error
