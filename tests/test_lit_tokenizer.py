@@ -9,11 +9,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from aimv2_mlx.convert import convert
 from PIL import Image
 from tokenizers import Tokenizer
 
 import aimv2_mlx
-from aimv2_mlx.convert import convert
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import Aimv2Error
@@ -80,7 +80,8 @@ def test_a_unigram_tokenizer_json_drives_aimv2_lit_and_its_export_matches_transf
     after = np.arange(CONTEXT)[None, :] > (ids == EOS).argmax(1)[:, None]
     noisy = np.where(after, np.random.default_rng(0).integers(3, vocab, ids.shape), ids)
     np.testing.assert_allclose(
-        np.array(model.encode_text(mx.array(noisy))), np.array(model.encode_text(mx.array(ids))),
+        np.array(model.encode_text(mx.array(noisy))),
+        np.array(model.encode_text(mx.array(ids))),
         atol=1e-5,
     )
     changed = ids.copy()
