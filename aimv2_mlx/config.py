@@ -48,7 +48,8 @@ class TextConfig:
     num_attention_heads: int = 6
     intermediate_size: int = 2048
     max_position_embeddings: int = 77
-    eos_token_id: int = 49407
+    eos_token_id: int = 49407  # where the text tower pools: the tokenizer's end token
+    pad_token_id: int = 0  # what the tokenizer pads with (CLIP's: zeros)
     rms_norm_eps: float = 1e-5
 
 
@@ -200,12 +201,11 @@ def check_config(config: ModelConfig) -> None:
         )
     if config.text is not None:
         check_tower("text", config.text, ("vocab_size", "max_position_embeddings"))
-        eos = config.text.eos_token_id
-        if not _whole(eos) or not 0 <= eos < config.text.vocab_size:
-            raise SettingError(
-                f"config field 'text.eos_token_id' must be a token id below "
-                f"{config.text.vocab_size}, not {eos!r}"
-            )
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(config.text, name)
+            if not _whole(value) or not 0 <= value < config.text.vocab_size:
+                raise SettingError(f"config field 'text.{name}' must be a token id below "
+                                   f"{config.text.vocab_size}, not {value!r}")
         _check_size("projection_dim", config.projection_dim)
     elif config.projection_dim is not None:
         _check_size("projection_dim", config.projection_dim)

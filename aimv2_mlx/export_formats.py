@@ -203,7 +203,8 @@ def transformers_config(config: ModelConfig, dtype: str) -> dict:
         "num_hidden_layers": t.num_hidden_layers,
         "num_attention_heads": t.num_attention_heads,
         "max_position_embeddings": t.max_position_embeddings,
-        "eos_token_id": t.eos_token_id,
+        "eos_token_id": t.eos_token_id,  # `Aimv2TextModel` pools at its first occurrence
+        "pad_token_id": t.pad_token_id,
         "rms_norm_eps": t.rms_norm_eps,
         "hidden_act": "silu",
         "qkv_bias": False,

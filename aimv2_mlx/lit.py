@@ -26,7 +26,8 @@ class TextPreprocessor(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Causal text transformer pooled at the first EOS token."""
+    """Causal text transformer pooled at the first EOS token: `eos_token_id`, the tokenizer's end
+    token (CLIP's <|endoftext|>, or e.g. SigLIP's </s>), as transformers' `Aimv2TextModel`."""
 
     def __init__(self, config: TextConfig):
         super().__init__()

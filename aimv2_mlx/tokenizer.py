@@ -1,12 +1,12 @@
-"""Tokenizers, both on the `tokenizers` library: CLIP's byte-level BPE for the LiT text tower
-(`ClipTokenizer`, read from the files that ship with the checkpoint), and the caption tokenizer
-of pre-training (`CaptionTokenizer`: a BPE trained on the captions, or any Hugging Face
-`tokenizer.json`, with ml-l3m's caption normalisation, EOS and padding).
+"""Tokenizers on the `tokenizers` library, all behind one class, `CaptionTokenizer` (texts to
+fixed-length ids ending in EOS, then padding): the caption tokenizer of pre-training and LiT (a
+BPE trained on the captions, or any Hugging Face `tokenizer.json`, with ml-l3m's caption
+normalisation), and CLIP's byte-level BPE of Apple's LiT (`clip_tokenizer`: start token too).
 
-The CLIP one is configured as CLIP's tokenizer: NFC, whitespace runs to one space, lower-case;
+CLIP's is configured as CLIP's tokenizer: NFC, whitespace runs to one space, lower-case;
 CLIP's split regex; byte-level symbols; BPE with the `</w>` end-of-word suffix. A
 `tokenizer.json` beside the weights is used as written (it is what the checkpoint's authors
-shipped); otherwise `vocab.json` + `merges.txt` get that CLIP configuration.
+shipped); otherwise `vocab.json` + `merges.txt` get that CLIP configuration (`clip_bpe`).
 """
 
 from __future__ import annotations
@@ -63,84 +63,83 @@ def clip_pipeline(backend: Tokenizer) -> Tokenizer:
     return backend
 
 
-class ClipTokenizer:
-    """Texts to fixed-length id arrays: start token, BPE tokens, end token, zero padding."""
-
-    def __init__(self, backend: Tokenizer):
-        self.backend = backend
-        self.backend.no_padding()
-        self.backend.no_truncation()
-        ids = [backend.token_to_id(token) for token in (START_TOKEN, END_TOKEN)]
-        if None in ids:
-            raise UnusableFileError(
-                f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
-            )
-        self.start_id, self.end_id = ids
-
-    @classmethod
-    def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> ClipTokenizer:
-        """CLIP's configuration around a `vocab.json` and a `merges.txt`."""
-        try:
-            model = BPE.from_file(
-                str(vocab),
-                str(merges),
-                unk_token=END_TOKEN,
-                end_of_word_suffix="</w>",
-                continuing_subword_prefix="",
-                fuse_unk=False,
-            )
-        except Exception as exc:
-            raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
-        if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
-            raise UnusableFileError(
-                f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
-            )
-        backend = clip_pipeline(Tokenizer(model))
-        # Written literally in a text, the special tokens stay single ids, as in CLIP.
-        backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)]
-        )
-        return cls(backend)
-
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> ClipTokenizer:
-        """The tokenizer shipped in a checkpoint folder: `tokenizer.json`, else vocab + merges."""
-        folder = Path(folder).expanduser()
-        if (folder / "tokenizer.json").is_file():
-            try:
-                return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
-            except Exception as exc:
-                raise UnusableFileError(
-                    f"{folder / 'tokenizer.json'}: not a readable tokenizer ({exc})"
-                ) from None
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return cls.from_files(folder / "vocab.json", folder / "merges.txt")
-        raise FileNotFoundError(
-            f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
-        )
-
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of one text, without start and end tokens or truncation."""
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def __call__(
-        self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH
-    ) -> np.ndarray:
-        """int32 (B, context_length): start, tokens cut to fit, end, then zeros (as OpenAI's CLIP).
-
-        The LiT text tower reads up to its first end token, so the padding value never matters.
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        out = np.zeros((len(encodings), context_length), dtype=np.int32)
-        for row, encoding in enumerate(encodings):
-            ids = [self.start_id, *encoding.ids[: context_length - 2], self.end_id]
-            out[row, : len(ids)] = ids
-        return out
+def clip_bpe(vocab: str | os.PathLike, merges: str | os.PathLike) -> Tokenizer:
+    """CLIP's configuration around a `vocab.json` and a `merges.txt`."""
+    try:
+        model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN,
+                              end_of_word_suffix="</w>", continuing_subword_prefix="",
+                              fuse_unk=False)
+    except Exception as exc:
+        raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
+    if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
+        raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: "
+                                "not a CLIP vocabulary")
+    backend = clip_pipeline(Tokenizer(model))
+    # Written literally in a text, the special tokens stay single ids, as in CLIP.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in (START_TOKEN, END_TOKEN)])
+    return backend
 
 
-# --- captions for pre-training ----------------------------------------------------------------
+def is_clip_vocabulary(backend: Tokenizer) -> bool:
+    """Whether a tokenizer holds CLIP's start and end tokens (OpenAI CLIP, Apple's LiT)."""
+    return None not in (backend.token_to_id(START_TOKEN), backend.token_to_id(END_TOKEN))
+
+
+def clip_tokenizer(backend: Tokenizer, context_length: int = CONTEXT_LENGTH,
+                   pad_id: int = 0) -> CaptionTokenizer:
+    """Texts the way OpenAI's CLIP (and Apple's LiT) tokenizes them: the backend's own
+    normalisation, start token, BPE tokens, end token, then zeros (openai/CLIP `clip/clip.py`
+    `tokenize`). The LiT text tower reads up to its first end token, so the padding never matters.
+    """
+    if not is_clip_vocabulary(backend):
+        raise UnusableFileError(f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: "
+                                "not a CLIP vocabulary")
+    return CaptionTokenizer(backend, context_length, backend.token_to_id(END_TOKEN), pad_id,
+                            bos_id=backend.token_to_id(START_TOKEN), normalize=None)
+
+
+def text_tokenizer(path: str | os.PathLike, context_length: int = CONTEXT_LENGTH,
+                   eos_id: int | None = None, pad_id: int | None = None) -> CaptionTokenizer:
+    """The tokenizer of a LiT model or run folder (or a `tokenizer.json` given for one).
+
+    CLIP's BPE (`vocab.json` + `merges.txt`, or a `tokenizer.json` holding CLIP's start and end
+    tokens, used as written) is read the CLIP way of `clip_tokenizer`, as Apple's LiT was
+    trained; any other Hugging Face `tokenizer.json` the caption way of `load_tokenizer` (its own
+    EOS and pad ids, ml-l3m's normalisation). `eos_id` / `pad_id`: what the model's config
+    records; a tokenizer that ends texts (or, not CLIP's, pads them) otherwise is refused, naming
+    the file. CLIP's pads with zeros whatever the config says, as OpenAI's CLIP.
+    """
+    path = Path(path).expanduser()
+    file = path if path.is_file() else path / "tokenizer.json"
+    if file.is_file():
+        backend = _read_tokenizer_json(file)
+        if is_clip_vocabulary(backend):
+            tok, pad_id = clip_tokenizer(backend, context_length), None
+        else:
+            tok = load_tokenizer(file, context_length)
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        file = path / "vocab.json"
+        tok, pad_id = clip_tokenizer(clip_bpe(file, path / "merges.txt"), context_length), None
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + "
+                                "merges.txt)")
+    for name, found, recorded in (("eos_token_id", tok.eos_id, eos_id),
+                                  ("pad_token_id", tok.pad_id, pad_id)):
+        if recorded is not None and found != recorded:
+            raise UnusableFileError(f"{file}: gives {name.split('_')[0].upper()} id {found}, but "
+                                    f"the model's config says text.{name} {recorded}")
+    return tok
+
+
+def _read_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise UnusableFileError(f"{path}: not a tokenizers JSON file ({exc})") from None
+
+
+# --- captions, for pre-training and LiT -------------------------------------------------------
 # As apple/ml-l3m tokenizes captions (configs/aimv2/001_aimv2_hfdata.yaml: `HFTokenizer` over
 # SigLIP's tokenizer, context 77): cleaned, lower-cased, punctuation stripped, no BOS, EOS
 # appended (a caption too long keeps its first T - 1 tokens, then EOS), padded with the pad id;
@@ -173,51 +172,66 @@ class CaptionTokenizer:
     """Captions to (B, context_length) ids the ml-l3m way, over any `tokenizers.Tokenizer`.
 
     `eos_id` and `pad_id` default to what `special_ids` finds in the tokenizer (pad: EOS).
+    `bos_id` (CLIP's start token) opens every text when set; `normalize` is applied to each text
+    before the tokenizer (None: the tokenizer's own normaliser alone, as CLIP's).
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        context_length: int = 77,
-        eos_id: int | None = None,
-        pad_id: int | None = None,
-    ):
-        if context_length < 2:
-            raise SettingError(f"context length {context_length}: a caption needs a token and EOS")
+    def __init__(self, tokenizer, context_length: int = 77, eos_id: int | None = None,
+                 pad_id: int | None = None, bos_id: int | None = None,
+                 normalize: Callable[[str], str] | None = normalize_caption):
         self.tokenizer = tokenizer
-        self.context_length = context_length
-        found_eos, found_pad = special_ids(tokenizer)
+        self.bos_id, self.normalize = bos_id, normalize
+        self.context_length = self._checked_length(context_length)
+        if eos_id is None or pad_id is None:
+            found_eos, found_pad = special_ids(tokenizer)
+            eos_id = found_eos if eos_id is None else eos_id
+            if pad_id is None:
+                pad_id = eos_id if found_pad is None else found_pad
         tokenizer.no_padding()  # a tokenizer.json may pad or truncate on its own: we do both here
         tokenizer.no_truncation()
-        self.eos_id = found_eos if eos_id is None else eos_id
-        if pad_id is None:
-            pad_id = self.eos_id if found_pad is None else found_pad
-        self.pad_id = pad_id
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.vocab_size = tokenizer.get_vocab_size()
-        for name, value in (("EOS", self.eos_id), ("pad", self.pad_id)):
-            if not 0 <= value < self.vocab_size:
-                raise SettingError(
-                    f"{name} id {value} is outside the vocabulary of {self.vocab_size} tokens"
-                )
+        for name, value in (("EOS", self.eos_id), ("pad", self.pad_id), ("BOS", bos_id)):
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise SettingError(f"{name} id {value} is outside the vocabulary "
+                                 f"of {self.vocab_size} tokens")
 
     @property
     def ignore_ids(self) -> tuple[int, ...]:
         """Targets the text loss skips: pad (ml-l3m's ignore_index) and EOS."""
         return tuple(sorted({self.eos_id, self.pad_id}))
 
-    def encode(self, captions: list[str]) -> np.ndarray:
+    def _checked_length(self, length: int) -> int:
+        if length < 2 + (self.bos_id is not None):
+            raise SettingError(f"context length {length}: a caption needs a token and EOS"
+                               + (" after the start token" if self.bos_id is not None else ""))
+        return length
+
+    def encode(self, captions: str | Iterable[str],
+               context_length: int | None = None) -> np.ndarray:
         """(B, context_length) int32 ids: each caption normalised, tokenized without the
-        tokenizer's own special tokens, cut to context_length - 1 ids, EOS, then pad ids."""
-        out = np.full((len(captions), self.context_length), self.pad_id, dtype=np.int32)
-        texts = [normalize_caption(caption) for caption in captions]
+        tokenizer's own special tokens, cut to fit, [BOS,] ids, EOS, then pad ids."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        length = (self.context_length if context_length is None
+                  else self._checked_length(context_length))
+        start = [] if self.bos_id is None else [self.bos_id]
+        out = np.full((len(captions), length), self.pad_id, dtype=np.int32)
+        texts = [self.normalize(caption) for caption in captions] if self.normalize else captions
         for i, encoding in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
-            ids = [*encoding.ids[: self.context_length - 1], self.eos_id]
+            ids = [*start, *encoding.ids[: length - 1 - len(start)], self.eos_id]
             out[i, : len(ids)] = ids
         return out
+
+    def token_ids(self, text: str) -> list[int]:
+        """The tokens of one text as `encode` makes them, without BOS, EOS, cut or padding."""
+        text = self.normalize(text) if self.normalize else text
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Ids up to the first EOS (or pad) back to text."""
         ids = [int(i) for i in ids]
+        if self.bos_id is not None and ids[:1] == [self.bos_id]:
+            ids = ids[1:]
         for stop in (self.eos_id, self.pad_id):
             if stop in ids:
                 ids = ids[: ids.index(stop)]
@@ -226,7 +240,11 @@ class CaptionTokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """A `tokenizer.json` that says what this one does: its post-processor appends EOS and its
         padding uses the pad id, so `load_tokenizer` (and transformers'
-        `PreTrainedTokenizerFast`) find the same ids again."""
+        `PreTrainedTokenizerFast`) find the same ids again. Not CLIP's BPE (the one with a BOS):
+        it stays in the files it came in, as Apple's LiT ships them."""
+        if self.bos_id is not None:
+            raise SettingError("a CLIP BPE is kept in its own files (vocab.json + merges.txt or "
+                               "its tokenizer.json), not saved as a caption tokenizer")
         path = Path(path).expanduser()
         described = Tokenizer.from_str(self.tokenizer.to_str())
         eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))
@@ -358,10 +376,7 @@ def load_tokenizer(path: str | os.PathLike, context_length: int = 77) -> Caption
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise UnusableFileError(f"{path}: not a tokenizers JSON file ({exc})") from None
+    tok = _read_tokenizer_json(path)
     config_path = path.with_name(TOKENIZER_CONFIG)
     try:
         config = json.loads(config_path.read_text()) if config_path.is_file() else None

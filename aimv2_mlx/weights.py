@@ -286,6 +286,7 @@ def _vision_config(weights: dict, prefix: str, cfg: dict) -> EncoderConfig:
 
 def _text_config(weights: dict, cfg: dict) -> TextConfig:
     vocab, hidden = shape_of(weights["text_encoder.preprocessor.text_embedding.weight"])
+    pad = cfg.get("pad_token_id")  # transformers' PretrainedConfig: None when the model names none
     return TextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -296,6 +297,7 @@ def _text_config(weights: dict, cfg: dict) -> TextConfig:
             0
         ],
         eos_token_id=cfg.get("eos_token_id", vocab - 1),  # CLIP: <|endoftext|> is the last id
+        pad_token_id=pad if isinstance(pad, int) else 0,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
     )
 

@@ -34,7 +34,7 @@ from aimv2_mlx.lit_tuning import LitConfig, export_lit, lit_tune
 from aimv2_mlx.lit_tuning.towers import build_lit, locked_weights
 from aimv2_mlx.model import load
 from aimv2_mlx.probe.linear import train_linear
-from aimv2_mlx.tokenizer import ClipTokenizer
+from aimv2_mlx.tokenizer import CaptionTokenizer, text_tokenizer
 from aimv2_mlx.train import logs
 from aimv2_mlx.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier
 
@@ -88,7 +88,7 @@ def linear_probe(
 
 
 def recall_at(
-    model, tokenizer: ClipTokenizer, pixels: np.ndarray, captions: list[str], ks=(1, 5, 10)
+    model, tokenizer: CaptionTokenizer, pixels: np.ndarray, captions: list[str], ks=(1, 5, 10)
 ) -> dict:
     """Text→image recall@k: how often an image is among the k best for its own caption."""
     image = np.concatenate(
@@ -97,7 +97,7 @@ def recall_at(
             for i in range(0, len(pixels), 256)
         ]
     )
-    ids = tokenizer(captions, model.config.text.max_position_embeddings)
+    ids = tokenizer.encode(captions, model.config.text.max_position_embeddings)
     text = np.concatenate(
         [
             np.array(l2_normalize(model.encode_text(mx.array(ids[i : i + 256]))))
@@ -194,7 +194,7 @@ def main() -> None:
     captions = [
         line.strip() for line in ((test / p).with_suffix(".txt").read_text() for p in paths)
     ]
-    tokenizer = ClipTokenizer.from_folder(out / "lit")
+    tokenizer = text_tokenizer(out / "lit")
     tuned = recall_at(model, tokenizer, pixels[held], captions[held.start :])
     random = build_lit(config_of(run), locked_weights(encoder), encoder.config.preprocess)
     baseline = recall_at(random, tokenizer, pixels[held], captions[held.start :])

@@ -63,8 +63,9 @@ def lit(
     ),
     tokenizer: Path = typer.Option(
         None,
-        help="Folder with CLIP BPE files (tokenizer.json, or vocab.json + "
-        "merges.txt); default: learn one on the captions.",
+        help="A Hugging Face tokenizer.json (or its folder; BPE, Unigram, …: its own EOS and "
+        "pad ids) or a folder with CLIP BPE files (vocab.json + merges.txt); default: learn a "
+        "CLIP BPE on the captions.",
     ),
     vocab_size: int = typer.Option(1024, help="BPE size when learning a tokenizer (at least 514)."),
     feature_dtype: str = typer.Option(

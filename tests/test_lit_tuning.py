@@ -125,7 +125,7 @@ def test_the_loss_equals_torch_on_transformers_towers_with_the_same_weights(
         "a rocket launched",
         "an astronaut",
     ]
-    ids = aimv2_mlx.tokenizer.ClipTokenizer.from_folder(tmp_path)(captions, 16)
+    ids = aimv2_mlx.tokenizer.text_tokenizer(tmp_path).encode(captions, 16)
 
     with torch.no_grad():
         image = reference.visual_projection(reference.vision_model.head(torch.from_numpy(tokens)))
@@ -222,7 +222,7 @@ def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(
     )
     images = sorted((data / "images").glob("*.png"))[:4]
     classifier = ZeroShotClassifier(model, COLORS, ["a {}"])
-    ids = classifier.tokenizer([f"a {c}" for c in COLORS], config.text.max_position_embeddings)
+    ids = classifier.tokenizer.encode([f"a {c}" for c in COLORS], config.text.max_position_embeddings)
     hf_ids = transformers_reference.CLIPTokenizerFast.from_pretrained(folder)(
         [f"a {c}" for c in COLORS],
         padding="max_length",
@@ -274,15 +274,15 @@ def test_the_learned_clip_bpe_tokenizes_as_openai_clip_does(tmp_path):
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert (
         len(vocab) <= 560
-        and tokenizer.end_id == len(vocab) - 1
-        and tokenizer.start_id == len(vocab) - 2
+        and tokenizer.eos_id == len(vocab) - 1
+        and tokenizer.bos_id == len(vocab) - 2
     )
     tricky = ["A LARGE Red circle, above: 3 squares!", "zebra émigré"]
     for text in [captions[0], captions[7], *tricky]:
-        ids = tokenizer([text], 40)[0]
-        body = ids[1 : int((ids == tokenizer.end_id).argmax())]
+        ids = tokenizer.encode([text], 40)[0]
+        body = ids[1 : int((ids == tokenizer.eos_id).argmax())]
         assert body.tolist() == reference_ids(text, tmp_path), text
-    assert len(tokenizer.encode(captions[0])) < len(
+    assert len(tokenizer.token_ids(captions[0])) < len(
         captions[0].replace(" ", "")
     )  # merges were learned
 

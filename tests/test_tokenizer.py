@@ -9,6 +9,8 @@ from aimv2_mlx.tokenizer import ClipTokenizer
 import numpy as np
 import pytest
 
+from aimv2_mlx.tokenizer import text_tokenizer
+
 from .clip_bpe import END, START, reference_ids, write_vocab
 
 TEXTS = [
@@ -62,10 +64,10 @@ def hf_tokenizer(vocab_folder):
 
 
 def test_vocabulary_is_clip_shaped_and_merges_are_used(vocab_folder):
-    tokenizer = ClipTokenizer.from_folder(vocab_folder)
-    size = tokenizer.backend.get_vocab_size()
-    assert (tokenizer.start_id, tokenizer.end_id) == (size - 2, size - 1)
-    ids = tokenizer.encode("a photo of a cat")
+    tokenizer = text_tokenizer(vocab_folder)
+    size = tokenizer.vocab_size
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (size - 2, size - 1)
+    ids = tokenizer.token_ids("a photo of a cat")
     # one id per word: "photo", "of" are merged tokens
     assert len(ids) == 5 and min(ids[1:3]) >= 512
     assert ids[0] == ids[3] == 320  # "a</w>", the id it has in CLIP's real vocabulary too
@@ -73,14 +75,12 @@ def test_vocabulary_is_clip_shaped_and_merges_are_used(vocab_folder):
 
 @pytest.mark.parametrize("text", TEXTS + [LONG])
 def test_ids_match_openai_bpe(vocab_folder, text):
-    assert ClipTokenizer.from_folder(vocab_folder).encode(text) == reference_ids(text, vocab_folder)
+    assert text_tokenizer(vocab_folder).token_ids(text) == reference_ids(text, vocab_folder)
 
 
 def test_final_sigma_follows_transformers_not_python_lower(vocab_folder, hf_tokenizer):
-    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's str.lower to
-    ς.
-    """
-    ours = ClipTokenizer.from_folder(vocab_folder).encode(FINAL_SIGMA)
+    """The one known difference: `tokenizers` lower-cases a final Σ to σ, Python's lower() to ς."""
+    ours = text_tokenizer(vocab_folder).token_ids(FINAL_SIGMA)
     assert ours == hf_tokenizer(FINAL_SIGMA, add_special_tokens=False)["input_ids"]
     assert ours != reference_ids(FINAL_SIGMA, vocab_folder)
 
@@ -88,10 +88,8 @@ def test_final_sigma_follows_transformers_not_python_lower(vocab_folder, hf_toke
 def test_batch_matches_transformers(vocab_folder, hf_tokenizer):
     texts = TEXTS + [LONG, FINAL_SIGMA]
     for context in (77, 16):
-        ours = ClipTokenizer.from_folder(vocab_folder)(texts, context_length=context)
-        theirs = hf_tokenizer(
-            texts, padding="max_length", truncation=True, max_length=context, return_tensors="np"
-        )
+        ours = text_tokenizer(vocab_folder).encode(texts, context_length=context)
+        theirs = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=context, return_tensors="np")
         assert ours.dtype == np.int32 and ours.shape == (len(texts), context)
         mask = theirs["attention_mask"].astype(bool)
         # transformers pads with the end token, we pad with zeros (OpenAI's CLIP): compare the rest.
@@ -100,33 +98,28 @@ def test_batch_matches_transformers(vocab_folder, hf_tokenizer):
 
 
 def test_truncation_keeps_start_and_end(vocab_folder):
-    tokenizer = ClipTokenizer.from_folder(vocab_folder)
-    full = tokenizer.encode(LONG)
-    row = tokenizer(LONG, context_length=16)[0]
+    tokenizer = text_tokenizer(vocab_folder)
+    full = tokenizer.token_ids(LONG)
+    row = tokenizer.encode(LONG, context_length=16)[0]
     assert len(full) > 16
-    assert row.tolist() == [tokenizer.start_id, *full[:14], tokenizer.end_id]
-    x = tokenizer.encode("x")
-    assert tokenizer(["x"], context_length=8)[0].tolist() == [
-        tokenizer.start_id,
-        *x,
-        tokenizer.end_id,
-    ] + [0] * (6 - len(x))
+    assert row.tolist() == [tokenizer.bos_id, *full[:14], tokenizer.eos_id]
+    x = tokenizer.token_ids("x")
+    assert tokenizer.encode(["x"], context_length=8)[0].tolist() == [tokenizer.bos_id, *x, tokenizer.eos_id] + [0] * (6 - len(x))
 
 
 def test_tokenizer_json_is_used_when_present(vocab_folder, hf_tokenizer, tmp_path):
     hf_tokenizer.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    from_json = ClipTokenizer.from_folder(tmp_path)
-    from_files = ClipTokenizer.from_folder(vocab_folder)
+    from_json = text_tokenizer(tmp_path)
+    from_files = text_tokenizer(vocab_folder)
     texts = TEXTS + [LONG, FINAL_SIGMA]
-    assert (from_json(texts) == from_files(texts)).all()
+    assert (from_json.encode(texts) == from_files.encode(texts)).all()
 
 
 def test_missing_or_foreign_vocabulary_is_a_clear_error(vocab_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        ClipTokenizer.from_folder(tmp_path)
+        text_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(
-        ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"
-    ):
-        ClipTokenizer.from_folder(tmp_path)
+    with pytest.raises(ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"):
+        text_tokenizer(tmp_path)
+

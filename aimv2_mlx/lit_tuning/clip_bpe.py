@@ -1,10 +1,10 @@
 """A CLIP-style BPE learned on a run's captions, for a text tower that has no tokenizer yet.
 
-The files are what Apple's LiT ships (`vocab.json` + `merges.txt`, read by `ClipTokenizer`):
+The files are what Apple's LiT ships (`vocab.json` + `merges.txt`, read by `text_tokenizer`):
 OpenAI CLIP's layout (openai/CLIP `clip/simple_tokenizer.py`) — the 256 byte symbols, the same
 with the `</w>` end-of-word suffix, one entry per merge, then `<|startoftext|>` and
 `<|endoftext|>` last. The merges come from the `tokenizers` BPE trainer run over the captions
-pre-tokenized exactly as `ClipTokenizer` does it.
+pre-tokenized exactly as `clip_bpe` does it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from ..errors import SettingError
 from ..tokenizer import (
     END_TOKEN,
     START_TOKEN,
-    ClipTokenizer,
+    CaptionTokenizer,
     bounded_captions,
     clip_pipeline,
+    text_tokenizer,
 )
 
 BASE = 2 * 256 + 2  # byte symbols, with and without </w>, and the two special tokens
@@ -47,7 +48,7 @@ def train_clip_tokenizer(
     folder: str | os.PathLike,
     vocab_size: int = 1024,
     min_frequency: int = 2,
-) -> ClipTokenizer:
+) -> CaptionTokenizer:
     """Learn up to `vocab_size - 514` merges on `captions`, write `vocab.json` + `merges.txt`
     into `folder`, and return the tokenizer read back from them."""
     if vocab_size < BASE:
@@ -88,4 +89,4 @@ def train_clip_tokenizer(
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
-    return ClipTokenizer.from_folder(folder)
+    return text_tokenizer(folder)

@@ -2,7 +2,8 @@
 features, then step, log and checkpoint, as `aimv2 pretrain` does (and with its pieces).
 
 A run folder holds `config.json` (the `LitConfig`, `kind: "aimv2 lit"`), `tokenizer/` (CLIP BPE
-files, learned on the captions or copied from the one given), `data.json`, `images.txt` and
+files learned on the captions or copied from those given, or any other Hugging Face
+`tokenizer.json` given, saved with its EOS and pad ids), `data.json`, `images.txt` and
 `features/` (the cached encoder tokens, an `aimv2 embed` folder), `log.jsonl`, `loss.png` and
 `checkpoints/step-N/` (`lit.safetensors`: the trained weights; `optimizer.safetensors`;
 `state.json`). The batch of step s is a function of (seed, s) alone, so a resumed run continues
@@ -32,7 +33,7 @@ from ..errors import SettingError, UnusableFileError
 from ..folders import locked, naming_full_disk
 from ..model import load, parameter_count
 from ..text_embed import trim_padding
-from ..tokenizer import ClipTokenizer
+from ..tokenizer import TOKENIZER_CONFIG, CaptionTokenizer, text_tokenizer
 from ..train import logs
 from ..train.checkpoint import resume_point, write_checkpoint
 from ..train.loop import (
@@ -55,7 +56,7 @@ from .towers import build_lit, locked_weights, text_config, trained_weights
 
 CHECKPOINT_FILES = ("lit.safetensors", "optimizer.safetensors")
 TOKENIZER = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 LOSS_LABELS = {"loss": "contrastive loss (CLIP softmax, mean of both directions)"}
 
 
@@ -75,7 +76,8 @@ def lit_tune(
     `CaptionedImages`); returns the last step's log record ({} on ranks other than 0).
 
     `config.encoder` names the locked encoder; `tokenizer` is a folder with CLIP BPE files
-    (`tokenizer.json`, or `vocab.json` + `merges.txt`), or None to learn one of
+    (`tokenizer.json`, or `vocab.json` + `merges.txt`), any Hugging Face `tokenizer.json` (a file
+    or its folder; see `text_tokenizer`), or None to learn a CLIP BPE of
     `config.text.vocab_size` tokens on the captions. `until` stops early (after a checkpoint)
     without changing the schedule; `changes` (with `resume`) sets new `RESUMABLE` values.
     """
@@ -147,7 +149,9 @@ class _Run:
         encoder = load(config.encoder)
         if resume:
             check_encoder(recorded, encoder)
-            tok = ClipTokenizer.from_folder(out / TOKENIZER)
+            text = recorded.text
+            tok = text_tokenizer(out / TOKENIZER, text.max_position_embeddings,
+                                 text.eos_token_id, text.pad_token_id)
         else:
             config.check()
             tok = self._new_run(config, tokenizer, encoder)
@@ -191,12 +195,12 @@ class _Run:
                 f"{out}: the run is complete ({start} of {config.steps} steps); "
                 "pass --steps N to extend it"
             )
-        input_ids = tok(features.captions, config.text.max_position_embeddings)
+        input_ids = tok.encode(features.captions)
         return self._train(
-            config, model, optimizer, features, input_ids, tok.end_id, start, end, identity
+            config, model, optimizer, features, input_ids, tok.eos_id, start, end, identity
         )
 
-    def _new_run(self, config: LitConfig, tokenizer, encoder) -> ClipTokenizer:
+    def _new_run(self, config: LitConfig, tokenizer, encoder) -> CaptionTokenizer:
         """Fill in what the encoder and tokenizer decide, and write config.json and tokenizer/."""
         out = self.out
         if config.encoder != "bundled" and Path(config.encoder).expanduser().exists():
@@ -207,17 +211,21 @@ class _Run:
         config.vision = encoder.config.vision
         if self.rank == 0:
             check_new_run(out)
+            given = None
+            if tokenizer is not None:  # read before the run folder is made: refused, it stays out
+                tokenizer = Path(tokenizer).expanduser()
+                given = text_tokenizer(tokenizer, config.text.max_position_embeddings)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             with naming_full_disk(out / TOKENIZER):
-                if tokenizer is not None:
-                    _copy_tokenizer(Path(tokenizer).expanduser(), out / TOKENIZER)
+                if given is not None:
+                    _copy_tokenizer(tokenizer, given, out / TOKENIZER)
                 else:
                     train_clip_tokenizer(
                         self.source.captions(), out / TOKENIZER, config.text.vocab_size
                     )
         ranks.barrier(self.group)
-        tok = ClipTokenizer.from_folder(out / TOKENIZER)
-        config.text = text_config(config, tok.backend.get_vocab_size(), tok.end_id)
+        tok = text_tokenizer(out / TOKENIZER, config.text.max_position_embeddings)
+        config.text = text_config(config, tok)
         if self.rank == 0:
             with naming_full_disk(out / "config.json"):
                 config.save(out / "config.json")
@@ -347,12 +355,22 @@ def save_lit_checkpoint(run: Path, step: int, model, optimizer, state: dict, kee
     return write_checkpoint(run, step, write, CHECKPOINT_FILES, state, keep)
 
 
-def _copy_tokenizer(source: Path, folder: Path) -> None:
-    """A given tokenizer's files into the run (checked by reading them back first)."""
-    if source.is_file() and source.name == "tokenizer.json":
-        source = source.parent
-    ClipTokenizer.from_folder(source)
+def _copy_tokenizer(source: Path, tok: CaptionTokenizer, folder: Path) -> None:
+    """A given tokenizer (`tok`, read from `source`) into the run: CLIP BPE files as they are;
+    any other `tokenizer.json` saved so that it states the EOS and pad ids the run uses, with a
+    `tokenizer_config.json` naming them (what transformers' `AutoTokenizer` reads back)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
+    if tok.bos_id is not None and source.is_file():  # CLIP's (the one with a start token)
+        shutil.copyfile(source, folder / "tokenizer.json")
+        return
+    if tok.bos_id is not None:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
+        return
+    tok.save(folder / "tokenizer.json")
+    names = {name: tok.tokenizer.id_to_token(i) for name, i in
+             (("eos_token", tok.eos_id), ("pad_token", tok.pad_id))}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
+              "model_max_length": tok.context_length}
+    (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
