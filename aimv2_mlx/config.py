@@ -204,8 +204,10 @@ def check_config(config: ModelConfig) -> None:
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(config.text, name)
             if not _whole(value) or not 0 <= value < config.text.vocab_size:
-                raise SettingError(f"config field 'text.{name}' must be a token id below "
-                                   f"{config.text.vocab_size}, not {value!r}")
+                raise SettingError(
+                    f"config field 'text.{name}' must be a token id below "
+                    f"{config.text.vocab_size}, not {value!r}"
+                )
         _check_size("projection_dim", config.projection_dim)
     elif config.projection_dim is not None:
         _check_size("projection_dim", config.projection_dim)

@@ -17,7 +17,6 @@ import numpy as np
 from .errors import SettingError
 from .lit import l2_normalize
 from .tokenizer import CaptionTokenizer, text_tokenizer
-from .errors import SettingError
 
 TEXT_BATCH = 64
 
@@ -34,22 +33,32 @@ def model_tokenizer(model) -> CaptionTokenizer:
     with the ids its config records (the ids the text tower was trained with)."""
     location, text = model.location, model.config.text
     if location is None:
-        raise SettingError(f"{model.config.name}: not loaded from a folder, so no tokenizer "
-                           "files; pass tokenizer=text_tokenizer(FOLDER)")
-    return text_tokenizer(location.folder, text.max_position_embeddings, text.eos_token_id,
-                          text.pad_token_id)
+        raise SettingError(
+            f"{model.config.name}: not loaded from a folder, so no tokenizer "
+            "files; pass tokenizer=text_tokenizer(FOLDER)"
+        )
+    return text_tokenizer(
+        location.folder, text.max_position_embeddings, text.eos_token_id, text.pad_token_id
+    )
 
 
-def embed_texts(model, texts: Sequence[str], tokenizer: CaptionTokenizer | None = None,
-                batch_size: int = TEXT_BATCH) -> mx.array:
+def embed_texts(
+    model,
+    texts: Sequence[str],
+    tokenizer: CaptionTokenizer | None = None,
+    batch_size: int = TEXT_BATCH,
+) -> mx.array:
     """(N, projection_dim) unit-length text embeddings of `texts` (a LiT model)."""
     if not model.config.is_lit:
         raise SettingError(f"{model.config.name}: not a LiT model (no text tower)")
     tokenizer = tokenizer or model_tokenizer(model)
     ids = tokenizer.encode(list(texts), model.config.text.max_position_embeddings)
-    chunks = [l2_normalize(model.encode_text(mx.array(trim_padding(ids[i:i + batch_size],
-                                                                   tokenizer.eos_id))))
-              for i in range(0, len(ids), batch_size)]
+    chunks = [
+        l2_normalize(
+            model.encode_text(mx.array(trim_padding(ids[i : i + batch_size], tokenizer.eos_id)))
+        )
+        for i in range(0, len(ids), batch_size)
+    ]
     out = mx.concatenate(chunks)
     mx.eval(out)
     return out

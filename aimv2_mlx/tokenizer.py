@@ -66,18 +66,25 @@ def clip_pipeline(backend: Tokenizer) -> Tokenizer:
 def clip_bpe(vocab: str | os.PathLike, merges: str | os.PathLike) -> Tokenizer:
     """CLIP's configuration around a `vocab.json` and a `merges.txt`."""
     try:
-        model = BPE.from_file(str(vocab), str(merges), unk_token=END_TOKEN,
-                              end_of_word_suffix="</w>", continuing_subword_prefix="",
-                              fuse_unk=False)
+        model = BPE.from_file(
+            str(vocab),
+            str(merges),
+            unk_token=END_TOKEN,
+            end_of_word_suffix="</w>",
+            continuing_subword_prefix="",
+            fuse_unk=False,
+        )
     except Exception as exc:
         raise UnusableFileError(f"{vocab}, {merges}: not a BPE vocabulary ({exc})") from None
     if model.token_to_id(START_TOKEN) is None or model.token_to_id(END_TOKEN) is None:
-        raise UnusableFileError(f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: "
-                                "not a CLIP vocabulary")
+        raise UnusableFileError(
+            f"{vocab}: vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
+        )
     backend = clip_pipeline(Tokenizer(model))
     # Written literally in a text, the special tokens stay single ids, as in CLIP.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in (START_TOKEN, END_TOKEN)])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (START_TOKEN, END_TOKEN)]
+    )
     return backend
 
 
@@ -86,21 +93,33 @@ def is_clip_vocabulary(backend: Tokenizer) -> bool:
     return None not in (backend.token_to_id(START_TOKEN), backend.token_to_id(END_TOKEN))
 
 
-def clip_tokenizer(backend: Tokenizer, context_length: int = CONTEXT_LENGTH,
-                   pad_id: int = 0) -> CaptionTokenizer:
+def clip_tokenizer(
+    backend: Tokenizer, context_length: int = CONTEXT_LENGTH, pad_id: int = 0
+) -> CaptionTokenizer:
     """Texts the way OpenAI's CLIP (and Apple's LiT) tokenizes them: the backend's own
     normalisation, start token, BPE tokens, end token, then zeros (openai/CLIP `clip/clip.py`
     `tokenize`). The LiT text tower reads up to its first end token, so the padding never matters.
     """
     if not is_clip_vocabulary(backend):
-        raise UnusableFileError(f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: "
-                                "not a CLIP vocabulary")
-    return CaptionTokenizer(backend, context_length, backend.token_to_id(END_TOKEN), pad_id,
-                            bos_id=backend.token_to_id(START_TOKEN), normalize=None)
+        raise UnusableFileError(
+            f"tokenizer vocabulary lacks {START_TOKEN} or {END_TOKEN}: not a CLIP vocabulary"
+        )
+    return CaptionTokenizer(
+        backend,
+        context_length,
+        backend.token_to_id(END_TOKEN),
+        pad_id,
+        bos_id=backend.token_to_id(START_TOKEN),
+        normalize=None,
+    )
 
 
-def text_tokenizer(path: str | os.PathLike, context_length: int = CONTEXT_LENGTH,
-                   eos_id: int | None = None, pad_id: int | None = None) -> CaptionTokenizer:
+def text_tokenizer(
+    path: str | os.PathLike,
+    context_length: int = CONTEXT_LENGTH,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> CaptionTokenizer:
     """The tokenizer of a LiT model or run folder (or a `tokenizer.json` given for one).
 
     CLIP's BPE (`vocab.json` + `merges.txt`, or a `tokenizer.json` holding CLIP's start and end
@@ -122,13 +141,18 @@ def text_tokenizer(path: str | os.PathLike, context_length: int = CONTEXT_LENGTH
         file = path / "vocab.json"
         tok, pad_id = clip_tokenizer(clip_bpe(file, path / "merges.txt"), context_length), None
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + "
-                                "merges.txt)")
-    for name, found, recorded in (("eos_token_id", tok.eos_id, eos_id),
-                                  ("pad_token_id", tok.pad_id, pad_id)):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
+        )
+    for name, found, recorded in (
+        ("eos_token_id", tok.eos_id, eos_id),
+        ("pad_token_id", tok.pad_id, pad_id),
+    ):
         if recorded is not None and found != recorded:
-            raise UnusableFileError(f"{file}: gives {name.split('_')[0].upper()} id {found}, but "
-                                    f"the model's config says text.{name} {recorded}")
+            raise UnusableFileError(
+                f"{file}: gives {name.split('_')[0].upper()} id {found}, but "
+                f"the model's config says text.{name} {recorded}"
+            )
     return tok
 
 
@@ -176,9 +200,15 @@ class CaptionTokenizer:
     before the tokenizer (None: the tokenizer's own normaliser alone, as CLIP's).
     """
 
-    def __init__(self, tokenizer, context_length: int = 77, eos_id: int | None = None,
-                 pad_id: int | None = None, bos_id: int | None = None,
-                 normalize: Callable[[str], str] | None = normalize_caption):
+    def __init__(
+        self,
+        tokenizer,
+        context_length: int = 77,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        bos_id: int | None = None,
+        normalize: Callable[[str], str] | None = normalize_caption,
+    ):
         self.tokenizer = tokenizer
         self.bos_id, self.normalize = bos_id, normalize
         self.context_length = self._checked_length(context_length)
@@ -193,8 +223,9 @@ class CaptionTokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
         for name, value in (("EOS", self.eos_id), ("pad", self.pad_id), ("BOS", bos_id)):
             if value is not None and not 0 <= value < self.vocab_size:
-                raise SettingError(f"{name} id {value} is outside the vocabulary "
-                                 f"of {self.vocab_size} tokens")
+                raise SettingError(
+                    f"{name} id {value} is outside the vocabulary of {self.vocab_size} tokens"
+                )
 
     @property
     def ignore_ids(self) -> tuple[int, ...]:
@@ -203,17 +234,21 @@ class CaptionTokenizer:
 
     def _checked_length(self, length: int) -> int:
         if length < 2 + (self.bos_id is not None):
-            raise SettingError(f"context length {length}: a caption needs a token and EOS"
-                               + (" after the start token" if self.bos_id is not None else ""))
+            raise SettingError(
+                f"context length {length}: a caption needs a token and EOS"
+                + (" after the start token" if self.bos_id is not None else "")
+            )
         return length
 
-    def encode(self, captions: str | Iterable[str],
-               context_length: int | None = None) -> np.ndarray:
+    def encode(
+        self, captions: str | Iterable[str], context_length: int | None = None
+    ) -> np.ndarray:
         """(B, context_length) int32 ids: each caption normalised, tokenized without the
         tokenizer's own special tokens, cut to fit, [BOS,] ids, EOS, then pad ids."""
         captions = [captions] if isinstance(captions, str) else list(captions)
-        length = (self.context_length if context_length is None
-                  else self._checked_length(context_length))
+        length = (
+            self.context_length if context_length is None else self._checked_length(context_length)
+        )
         start = [] if self.bos_id is None else [self.bos_id]
         out = np.full((len(captions), length), self.pad_id, dtype=np.int32)
         texts = [self.normalize(caption) for caption in captions] if self.normalize else captions
@@ -243,8 +278,10 @@ class CaptionTokenizer:
         `PreTrainedTokenizerFast`) find the same ids again. Not CLIP's BPE (the one with a BOS):
         it stays in the files it came in, as Apple's LiT ships them."""
         if self.bos_id is not None:
-            raise SettingError("a CLIP BPE is kept in its own files (vocab.json + merges.txt or "
-                               "its tokenizer.json), not saved as a caption tokenizer")
+            raise SettingError(
+                "a CLIP BPE is kept in its own files (vocab.json + merges.txt or "
+                "its tokenizer.json), not saved as a caption tokenizer"
+            )
         path = Path(path).expanduser()
         described = Tokenizer.from_str(self.tokenizer.to_str())
         eos, pad = (described.id_to_token(i) for i in (self.eos_id, self.pad_id))

@@ -52,8 +52,13 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 class ZeroShotClassifier:
     """A LiT model with its class embeddings computed once; call it on images for probabilities."""
 
-    def __init__(self, model, labels: Sequence[str], templates: Sequence[str] | None = None,
-                 tokenizer: CaptionTokenizer | None = None):
+    def __init__(
+        self,
+        model,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        tokenizer: CaptionTokenizer | None = None,
+    ):
         config = model.config
         if not config.is_lit:
             raise SettingError(
@@ -96,9 +101,14 @@ class ZeroShotClassifier:
         return softmax(np.concatenate(logits))
 
 
-def zero_shot(images: Iterable[ImageInput] | mx.array, model, labels: Sequence[str],
-              templates: Sequence[str] | None = None, tokenizer: CaptionTokenizer | None = None,
-              batch_size: int = 8) -> np.ndarray:
+def zero_shot(
+    images: Iterable[ImageInput] | mx.array,
+    model,
+    labels: Sequence[str],
+    templates: Sequence[str] | None = None,
+    tokenizer: CaptionTokenizer | None = None,
+    batch_size: int = 8,
+) -> np.ndarray:
     """float32 (N, C) probabilities of each label for each image; the templates default to the
     model folder's `templates.txt` or CLIP's, the tokenizer to the model's."""
     return ZeroShotClassifier(model, labels, templates, tokenizer)(images, batch_size)

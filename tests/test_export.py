@@ -220,12 +220,11 @@ def _tiny_lit(folder: Path) -> mx.array:
 
 def test_a_lit_model_exported_for_transformers_gives_our_logits(tmp_path, transformers_reference):
     """transformers' side: `Aimv2Model`, the image processor and the tokenizer from the export."""
-    from aimv2_mlx.tokenizer import ClipTokenizer
+
+    from aimv2_mlx.tokenizer import text_tokenizer
 
     import torch
     from transformers import Aimv2Model, AutoTokenizer
-
-    from aimv2_mlx.tokenizer import text_tokenizer
 
     _tiny_lit(tmp_path / "lit")
     export(tmp_path / "lit", tmp_path / "hf", "transformers")

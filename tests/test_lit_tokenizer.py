@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from aimv2_mlx.convert import convert
-from PIL import Image
-from tokenizers import Tokenizer
-
 import aimv2_mlx
+from aimv2_mlx.convert import convert
 from aimv2_mlx.data.captioned import load_captioned
 from aimv2_mlx.data.shapes import write_shapes
 from aimv2_mlx.errors import Aimv2Error
@@ -23,6 +17,12 @@ from aimv2_mlx.tokenizer import load_tokenizer, normalize_caption, text_tokenize
 from aimv2_mlx.train.export import export
 from aimv2_mlx.vectors import l2_normalize
 from aimv2_mlx.zeroshot import ZeroShotClassifier
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
 
 from .clip_bpe import write_vocab
 from .conftest import one_line_error, run_cli

@@ -222,7 +222,9 @@ def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(
     )
     images = sorted((data / "images").glob("*.png"))[:4]
     classifier = ZeroShotClassifier(model, COLORS, ["a {}"])
-    ids = classifier.tokenizer.encode([f"a {c}" for c in COLORS], config.text.max_position_embeddings)
+    ids = classifier.tokenizer.encode(
+        [f"a {c}" for c in COLORS], config.text.max_position_embeddings
+    )
     hf_ids = transformers_reference.CLIPTokenizerFast.from_pretrained(folder)(
         [f"a {c}" for c in COLORS],
         padding="max_length",

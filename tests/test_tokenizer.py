@@ -4,12 +4,10 @@ vocabulary.
 
 from __future__ import annotations
 
-from aimv2_mlx.tokenizer import ClipTokenizer
+from aimv2_mlx.tokenizer import text_tokenizer
 
 import numpy as np
 import pytest
-
-from aimv2_mlx.tokenizer import text_tokenizer
 
 from .clip_bpe import END, START, reference_ids, write_vocab
 
@@ -89,7 +87,9 @@ def test_batch_matches_transformers(vocab_folder, hf_tokenizer):
     texts = TEXTS + [LONG, FINAL_SIGMA]
     for context in (77, 16):
         ours = text_tokenizer(vocab_folder).encode(texts, context_length=context)
-        theirs = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=context, return_tensors="np")
+        theirs = hf_tokenizer(
+            texts, padding="max_length", truncation=True, max_length=context, return_tensors="np"
+        )
         assert ours.dtype == np.int32 and ours.shape == (len(texts), context)
         mask = theirs["attention_mask"].astype(bool)
         # transformers pads with the end token, we pad with zeros (OpenAI's CLIP): compare the rest.
@@ -104,7 +104,11 @@ def test_truncation_keeps_start_and_end(vocab_folder):
     assert len(full) > 16
     assert row.tolist() == [tokenizer.bos_id, *full[:14], tokenizer.eos_id]
     x = tokenizer.token_ids("x")
-    assert tokenizer.encode(["x"], context_length=8)[0].tolist() == [tokenizer.bos_id, *x, tokenizer.eos_id] + [0] * (6 - len(x))
+    assert tokenizer.encode(["x"], context_length=8)[0].tolist() == [
+        tokenizer.bos_id,
+        *x,
+        tokenizer.eos_id,
+    ] + [0] * (6 - len(x))
 
 
 def test_tokenizer_json_is_used_when_present(vocab_folder, hf_tokenizer, tmp_path):
@@ -120,6 +124,7 @@ def test_missing_or_foreign_vocabulary_is_a_clear_error(vocab_folder, tmp_path):
         text_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"):
+    with pytest.raises(
+        ValueError, match=f"lacks {START.replace('|', '.')} or {END.replace('|', '.')}"
+    ):
         text_tokenizer(tmp_path)
-

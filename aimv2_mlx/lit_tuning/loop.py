@@ -150,8 +150,9 @@ class _Run:
         if resume:
             check_encoder(recorded, encoder)
             text = recorded.text
-            tok = text_tokenizer(out / TOKENIZER, text.max_position_embeddings,
-                                 text.eos_token_id, text.pad_token_id)
+            tok = text_tokenizer(
+                out / TOKENIZER, text.max_position_embeddings, text.eos_token_id, text.pad_token_id
+            )
         else:
             config.check()
             tok = self._new_run(config, tokenizer, encoder)
@@ -369,8 +370,13 @@ def _copy_tokenizer(source: Path, tok: CaptionTokenizer, folder: Path) -> None:
                 shutil.copyfile(source / name, folder / name)
         return
     tok.save(folder / "tokenizer.json")
-    names = {name: tok.tokenizer.id_to_token(i) for name, i in
-             (("eos_token", tok.eos_id), ("pad_token", tok.pad_id))}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
-              "model_max_length": tok.context_length}
+    names = {
+        name: tok.tokenizer.id_to_token(i)
+        for name, i in (("eos_token", tok.eos_id), ("pad_token", tok.pad_id))
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **names,
+        "model_max_length": tok.context_length,
+    }
     (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

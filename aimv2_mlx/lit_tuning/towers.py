@@ -100,5 +100,9 @@ def trained_weights(model) -> dict[str, mx.array]:
 
 def text_config(config: LitConfig, tokenizer) -> TextConfig:
     """The text tower's vocabulary and its pooling (EOS) and pad ids, from the run's tokenizer."""
-    return dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size,
-                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return dataclasses.replace(
+        config.text,
+        vocab_size=tokenizer.vocab_size,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
