@@ -85,6 +85,17 @@ def embed(
     return np.concatenate(outputs)
 
 
+def image_decoder(model, max_megapixels: float | None):
+    """source -> the model's preprocessed pixels (its resize, crop and normalisation)."""
+    config = model.config
+    return partial(
+        decode_image,
+        config=config.preprocess,
+        patch_size=config.vision.patch_size,
+        max_megapixels=max_megapixels,
+    )
+
+
 def embed_batches(
     sources: Iterable,
     model,
@@ -100,14 +111,7 @@ def embed_batches(
     never raised; `vectors` is float32 with one row per `good` entry."""
     _check_choice("pool", pool, POOLS)
     check_megapixel_limit(max_megapixels)
-    config = model.config
-    work = partial(
-        decode_image,
-        config=config.preprocess,
-        patch_size=config.vision.patch_size,
-        max_megapixels=max_megapixels,
-    )
-    stream = map_in_order(sources, work, workers)
+    stream = map_in_order(sources, image_decoder(model, max_megapixels), workers)
     with contextlib.closing(stream):
         for good, pixels, failed in batches(stream, _batch_size(model, batch_size)):
             vectors = _vectors(model, pixels, pool, normalize)[: len(good)] if good else None
@@ -260,13 +264,7 @@ def _embed_shards(
     progress,
 ) -> None:
     """Embed and write the shards in `todo`, decoding ahead across shard boundaries."""
-    config = model.config
-    work = partial(
-        decode_image,
-        config=config.preprocess,
-        patch_size=config.vision.patch_size,
-        max_megapixels=max_megapixels,
-    )
+    work = image_decoder(model, max_megapixels)
     stream = map_in_order((item for i in todo for item in shards[i]), work, workers)
     total = sum(len(shards[i]) for i in todo)
     done = failed_so_far = 0

@@ -183,9 +183,8 @@ def update_index(
                 db, index, todo, model, batch_size, dtype, max_megapixels, workers, progress
             )
             if _same(records, old) and not db.execute("SELECT 1 FROM pending LIMIT 1").fetchone():
-                total = sum(
-                    r.vector is not None for r in records
-                )  # nothing to write but the failures list
+                # nothing to write but the failures list
+                total = sum(r.vector is not None for r in records)
             else:
                 total, generation = (
                     _commit(db, index, records, generation, dtype, model),
@@ -586,9 +585,8 @@ def open_index(folder: str | os.PathLike) -> Index:
             )
         path = folder / f"vectors-{meta['generation']}.npy"
         try:
-            vectors = np.load(
-                path, mmap_mode="r"
-            )  # opened inside the read: no update can drop it first
+            # opened inside the read: no update can drop it first
+            vectors = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise IndexFolderError(f"{path}: cannot read the index's vectors ({exc})") from None
         db.execute("COMMIT")

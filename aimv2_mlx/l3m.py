@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .torch_pickle import (
-    MAX_PICKLE_BYTES,
     Refused,
     RestrictedUnpickler,
     TorchTensor,
-    check_plausible,
     check_storage_use,
+    data_pickle,
     pickle_errors,
 )
 from .weights import CheckpointError
@@ -102,9 +101,8 @@ class TrainingCheckpoint:
 
     path: Path
     model: dict[str, TorchTensor]
-    optimizer: (
-        dict | None
-    )  # {"state": {name: {"exp_avg", "exp_avg_sq", "step"}}, "param_groups": [...]}
+    # {"state": {name: {"exp_avg", "exp_avg_sq", "step"}}, "param_groups": [...]}
+    optimizer: dict | None
     refused: list[str] = field(default_factory=list)  # globals of other entries, not executed
     entries: list[str] = field(default_factory=list)  # the file's top-level keys
 
@@ -125,19 +123,9 @@ def refuse_dcp_folder(path: Path) -> None:
 
 def _unpickle(path: Path):
     with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-        if len(pickles) != 1:
-            raise CheckpointError(
-                f"{path}: expected one data.pkl in the archive, found {len(pickles)}"
-            )
-        info = archive.getinfo(pickles[0])
-        check_plausible(pickles[0], info, os.path.getsize(path))
-        if info.file_size > MAX_PICKLE_BYTES:
-            raise Refused(
-                f"{pickles[0]!r} is {info.file_size:,} bytes; a checkpoint's pickle is a few MB"
-            )
-        with archive.open(pickles[0]) as handle:
-            unpickler = _TolerantUnpickler(handle, archive, pickles[0][: -len("data.pkl")], path)
+        name = data_pickle(archive, path)
+        with archive.open(name) as handle:
+            unpickler = _TolerantUnpickler(handle, archive, name[: -len("data.pkl")], path)
             return unpickler.load(), unpickler.refused
 
 

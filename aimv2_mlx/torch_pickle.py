@@ -292,6 +292,21 @@ def pickle_errors(path: Path):
         raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
 
 
+def data_pickle(archive: zipfile.ZipFile, path: Path) -> str:
+    """The name of a torch.save archive's one `data.pkl`, refused before it is read when its size
+    is implausible for the archive or for a pickle of tensor references."""
+    pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+    info = archive.getinfo(pickles[0])
+    check_plausible(pickles[0], info, os.path.getsize(path))
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise Refused(
+            f"{pickles[0]!r} is {info.file_size:,} bytes; a checkpoint's pickle is a few MB"
+        )
+    return pickles[0]
+
+
 def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
     """A torch-saved state dict as {name: TorchTensor}, without importing torch or reading data."""
     path = Path(path).expanduser()
@@ -301,20 +316,9 @@ def open_torch_checkpoint(path: str | Path) -> dict[str, TorchTensor]:
         )
     with pickle_errors(path):
         with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if len(pickles) != 1:
-                raise CheckpointError(
-                    f"{path}: expected one data.pkl in the archive, found {len(pickles)}"
-                )
-            prefix = pickles[0][: -len("data.pkl")]
-            info = archive.getinfo(pickles[0])
-            check_plausible(pickles[0], info, os.path.getsize(path))
-            if info.file_size > MAX_PICKLE_BYTES:
-                raise Refused(
-                    f"{pickles[0]!r} is {info.file_size:,} bytes; a state dict's pickle is a few MB"
-                )
-            with archive.open(pickles[0]) as handle:
-                state = RestrictedUnpickler(handle, archive, prefix, path).load()
+            name = data_pickle(archive, path)
+            with archive.open(name) as handle:
+                state = RestrictedUnpickler(handle, archive, name[: -len("data.pkl")], path).load()
         for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

@@ -98,9 +98,8 @@ def measured(command: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument(
-        "--write", type=Path, default=None, help=argparse.SUPPRESS
-    )  # the child's job
+    # the child's job
+    parser.add_argument("--write", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
         print(write_l3m_file(args.write))

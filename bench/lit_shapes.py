@@ -153,9 +153,8 @@ def main() -> None:
     else:
         lit_tune(train, run, config)
     minutes = (time.time() - started) / 60
-    if (
-        minutes < 1 and (out / "results.json").is_file()
-    ):  # nothing left to train: the first call's time
+    # nothing left to train: the first call's time
+    if minutes < 1 and (out / "results.json").is_file():
         minutes = json.loads((out / "results.json").read_text())["lit_minutes"]
     record = logs.read(run / "log.jsonl")[-1]
     shutil.rmtree(out / "lit", ignore_errors=True)

@@ -84,9 +84,8 @@ def test_normalisation_strips_ascii_punctuation_and_keeps_letters_of_every_scrip
     assert normalize_caption("A Photo, of: the CAT!!!") == "a photo of the cat"
     # ftfy uncurls quotes and splits ligatures
     assert normalize_caption("“curly” ﬁne") == "curly fine"
-    assert (
-        normalize_caption("猫と犬。") == "猫と犬。"
-    )  # not ASCII punctuation: kept, as ml-l3m keeps it
+    # not ASCII punctuation: kept, as ml-l3m keeps it
+    assert normalize_caption("猫と犬。") == "猫と犬。"
 
 
 CAPTIONS = [

@@ -83,9 +83,8 @@ def test_an_update_embeds_new_and_changed_files_and_finds_a_renamed_folder_by_co
         "total": 500,
     }
     renamed = {p.name for p in (photos / "renamed").iterdir()}
-    assert (
-        set(opened) == {added.name, modified.name} | renamed
-    )  # unchanged files: a stat, never opened
+    # unchanged files: a stat, never opened
+    assert set(opened) == {added.name, modified.name} | renamed
     monkeypatch.undo()
 
     fresh = update_index(photos, tmp_path / "fresh", bundled)
@@ -174,9 +173,8 @@ def test_cli_index_json_counts_and_the_index_remembers_its_model(tmp_path):
         "total": 4,
     }
     (photos / "f00" / "img0001.png").unlink()
-    result = run_cli(
-        "index", photos, "-o", tmp_path / "index", "--json"
-    )  # no -m: the index's own model
+    # no -m: the index's own model
+    result = run_cli("index", photos, "-o", tmp_path / "index", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
         "embedded": 0,

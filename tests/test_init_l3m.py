@@ -55,9 +55,8 @@ def _check_uniform(values: np.ndarray, bound: float) -> None:
     assert np.abs(values).max() <= bound
     assert np.abs(values).max() >= bound * (1 - 10 / n**0.5 if n < 1e6 else 0.999)
     assert abs(values.mean()) < 6 * std / math.sqrt(n)
-    assert abs(values.std() / std - 1) < 6 * 0.45 / math.sqrt(
-        n
-    )  # sd of a uniform's sample std: 0.447σ/√n
+    # sd of a uniform's sample std: 0.447σ/√n
+    assert abs(values.std() / std - 1) < 6 * 0.45 / math.sqrt(n)
 
 
 def _check_normal(values: np.ndarray, std: float) -> None:

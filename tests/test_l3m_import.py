@@ -295,9 +295,8 @@ def test_init_from_refuses_a_run_shorter_than_the_files_optimizer_step(tmp_path,
     path = write_l3m(tmp_path / "late.pth", model, optimizer, step=50)
     with pytest.raises(ValueError, match=r"late\.pth.*step 50.*--init-weights-only"):
         pretrain(source, tmp_path / "run", config, tok, init_from=path, echo=lambda *_: None)
-    assert not (
-        tmp_path / "run" / "config.json"
-    ).exists()  # refused before the run folder was written
+    # refused before the run folder was written
+    assert not (tmp_path / "run" / "config.json").exists()
     record = pretrain(
         source,
         tmp_path / "run",

@@ -189,9 +189,8 @@ def test_the_image_encoder_is_locked_and_its_features_come_from_the_embed_pipeli
         for k in checkpoint
         if k.startswith(("lit.image_encoder.trunk.", "lit.image_encoder.preprocessor."))
     ]
-    assert any(
-        k.startswith("lit.image_encoder.head.") for k in checkpoint
-    )  # the pooling head is trained
+    # the pooling head is trained
+    assert any(k.startswith("lit.image_encoder.head.") for k in checkpoint)
     model = aimv2_mlx.load(export_lit(run, tmp_path / "lit"))
     exported = locked_weights(model)
     for key, value in locked_weights(encoder).items():
@@ -230,9 +229,8 @@ def test_an_exported_run_loads_and_classifies_zero_shot_like_a_lit_folder(
         padding="max_length",
         max_length=config.text.max_position_embeddings,
     )
-    np.testing.assert_array_equal(
-        ids[ids != 0], np.array(hf_ids["input_ids"])[ids != 0]
-    )  # same BPE files
+    # same BPE files
+    np.testing.assert_array_equal(ids[ids != 0], np.array(hf_ids["input_ids"])[ids != 0])
     pixels = aimv2_mlx.preprocess(images, model)
     image = model.encode_image(pixels)
     text = model.encode_text(mx.array(ids))
@@ -284,9 +282,8 @@ def test_the_learned_clip_bpe_tokenizes_as_openai_clip_does(tmp_path):
         ids = tokenizer.encode([text], 40)[0]
         body = ids[1 : int((ids == tokenizer.eos_id).argmax())]
         assert body.tolist() == reference_ids(text, tmp_path), text
-    assert len(tokenizer.token_ids(captions[0])) < len(
-        captions[0].replace(" ", "")
-    )  # merges were learned
+    # merges were learned
+    assert len(tokenizer.token_ids(captions[0])) < len(captions[0].replace(" ", ""))
 
 
 def test_two_ranks_see_what_one_process_with_twice_the_batch_sees():
@@ -448,9 +445,8 @@ def test_exporting_a_run_without_a_checkpoint_is_one_line(straight, tmp_path):
         )
     for folder in (tmp_path / "run" / "checkpoints").iterdir():
         if folder.is_dir():
-            (
-                folder / "lit.safetensors"
-            ).unlink()  # a damaged checkpoint: nothing complete to export
+            # a damaged checkpoint: nothing complete to export
+            (folder / "lit.safetensors").unlink()
     one_line_error(run_cli("export", tmp_path / "run", tmp_path / "out"), "no complete checkpoint")
 
 

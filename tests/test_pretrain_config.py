@@ -81,9 +81,8 @@ def test_a_new_width_from_a_preset_keeps_the_swiglu_ratio_and_other_sizes():
     )
     assert config.encoder.num_attention_heads == 6 and config.decoder.vocab_size == 100
     untouched = PretrainConfig.from_preset("large", 100)
-    assert (
-        untouched.encoder.intermediate_size == SIZES["large"].intermediate_size
-    )  # AIMv2-L's own, not the rule's
+    # AIMv2-L's own, not the rule's
+    assert untouched.encoder.intermediate_size == SIZES["large"].intermediate_size
 
 
 def test_sizes_that_cannot_make_a_model_are_refused_by_check():

@@ -169,9 +169,8 @@ def test_tokenizer_pads_with_ignored_eos_truncates_and_round_trips(tmp_path):
     assert ids.shape == (2, 6) and ids.dtype == np.int32
     assert tok.decode(ids[0]) == "a small red circle"
     assert (ids[0] == tok.eos_id).sum() >= 1 and tok.ignore_ids == (tok.eos_id,)
-    assert (
-        ids[1, -1] == tok.eos_id and tok.eos_id not in ids[1, :-1]
-    )  # cut to 5 tokens + EOS, as ml-l3m
+    # cut to 5 tokens + EOS, as ml-l3m
+    assert ids[1, -1] == tok.eos_id and tok.eos_id not in ids[1, :-1]
     loaded = load_tokenizer(tok.save(tmp_path / "tokenizer.json"), 6)
     np.testing.assert_array_equal(loaded.encode(["a small red circle"]), ids[:1])
     with pytest.raises(FileNotFoundError):

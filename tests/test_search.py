@@ -259,14 +259,12 @@ def test_search_html_opens_in_chromium_with_k_thumbnails(shapes_index, tmp_path)
         page,
     )
     assert result.exit_code == 0, result.output
-    assert (
-        page.read_text().count("<img ") == 7 and "file://" not in page.read_text()
-    )  # self-contained
+    # self-contained
+    assert page.read_text().count("<img ") == 7 and "file://" not in page.read_text()
     loaded, screenshot = _open_in_chromium(page, tmp_path)
     assert loaded == 7
-    assert (
-        screenshot.std() > 10 and len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 50
-    )  # not blank
+    # not blank
+    assert screenshot.std() > 10 and len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 50
 
 
 def test_dupes_groups_equal_connected_components_of_the_brute_force_similarity(tmp_path, rng):

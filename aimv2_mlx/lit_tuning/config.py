@@ -26,13 +26,11 @@ RESUMABLE = ("steps", "checkpoint_every", "checkpoint_minutes", "log_every")
 @dataclass
 class LitConfig:
     encoder: str = "bundled"  # the locked image encoder: a model folder, hub id or "bundled"
-    encoder_identity: dict = field(
-        default_factory=dict
-    )  # its name and weights fingerprint (set by the run)
+    # its name and weights fingerprint (set by the run)
+    encoder_identity: dict = field(default_factory=dict)
     vision: EncoderConfig | None = None  # its config, with the attention-pool head (set by the run)
-    text: TextConfig = field(
-        default_factory=TextConfig
-    )  # vocab_size/eos_token_id come from the tokenizer
+    # vocab_size/eos_token_id come from the tokenizer
+    text: TextConfig = field(default_factory=TextConfig)
     projection_dim: int = 768
     loss: str = "softmax"  # CLIP's symmetric softmax cross-entropy (see loss.py)
     batch_size: int = 64  # per rank: the contrastive batch is batch_size x ranks
@@ -45,9 +43,8 @@ class LitConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # CLIP's (arXiv 2103.00020, Table 19)
     eps: float = 1e-6
     grad_clip: float = 1.0
-    feature_dtype: str = (
-        "float32"  # how the cached encoder tokens are stored (float16 halves the disk)
-    )
+    # how the cached encoder tokens are stored (float16 halves the disk)
+    feature_dtype: str = "float32"
     feature_batch_size: int = 32  # images per forward pass while caching features
     compile: bool = True
     seed: int = 0

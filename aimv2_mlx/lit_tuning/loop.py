@@ -43,6 +43,7 @@ from ..train.loop import (
     check_changes,
     check_data,
     check_new_run,
+    checkpoint_due,
     data_identity,
     stop_now,
 )
@@ -205,9 +206,8 @@ class _Run:
         """Fill in what the encoder and tokenizer decide, and write config.json and tokenizer/."""
         out = self.out
         if config.encoder != "bundled" and Path(config.encoder).expanduser().exists():
-            config.encoder = str(
-                Path(config.encoder).expanduser().resolve()
-            )  # so export finds it from anywhere
+            # so export finds it from anywhere
+            config.encoder = str(Path(config.encoder).expanduser().resolve())
         config.encoder_identity = model_identity(encoder)
         config.vision = encoder.config.vision
         if self.rank == 0:
@@ -296,13 +296,7 @@ class _Run:
                             f"{record['pairs_per_s']:.0f} pairs/s, eta "
                             f"{eta(time.perf_counter() - loop_started, done - start, end - done)}"
                         )
-                    minutes = config.checkpoint_minutes
-                    if (
-                        stop
-                        or done % config.checkpoint_every == 0
-                        or done == end
-                        or (minutes and time.perf_counter() - last_save >= 60 * minutes)
-                    ):
+                    if checkpoint_due(config, done, end, stop, last_save):
                         saved = save_lit_checkpoint(
                             out,
                             done,

@@ -21,8 +21,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..data.pipeline import batches, decode_image, map_in_order
-from ..embed import model_identity
+from ..data.pipeline import batches, map_in_order
+from ..embed import image_decoder, model_identity
 from ..errors import SettingError
 from ..folders import atomic_write
 from ..images import DEFAULT_MAX_MEGAPIXELS, check_megapixel_limit
@@ -127,9 +127,7 @@ def extract(
         batch_size = 1
     index = {id(p): i for i, p in enumerate(paths)}
 
-    def work(source):
-        return decode_image(source, config.preprocess, config.vision.patch_size, max_megapixels)
-
+    work = image_decoder(model, max_megapixels)
     rows, kept, failures = [], [], []
     for good, pixels, failed in batches(map_in_order(paths, work, workers), batch_size):
         failures.extend({"path": os.fsdecode(f.source), "reason": f.error} for f in failed)

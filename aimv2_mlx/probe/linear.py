@@ -17,9 +17,8 @@ import numpy as np
 
 from ..vectors import l2_normalize, softmax
 
-DEFAULT_C_GRID = tuple(
-    10.0**e for e in range(-2, 6)
-)  # 1e-2 … 1e5 (normalised features want large C)
+# 1e-2 … 1e5 (normalised features want large C)
+DEFAULT_C_GRID = tuple(10.0**e for e in range(-2, 6))
 
 
 @dataclass
@@ -144,9 +143,8 @@ def sweep_C(
 
     `progress(done, total)` follows the fits (the sweep and the refit after it)."""
     scores, head = {}, None
-    for done, C in enumerate(
-        sorted(grid), start=1
-    ):  # warm start each fit from the previous ... solution
+    # warm start each fit from the previous ... solution
+    for done, C in enumerate(sorted(grid), start=1):
         head = fit_logistic(*train, num_classes, C=C, normalize=normalize, init=head)
         scores[C] = float((head.scores(val[0]).argmax(1) == val[1]).mean())
         if progress:

@@ -18,9 +18,8 @@ class ProbeSettings:
     test_fraction: float = 0.2  # only when no test set is given
     seed: int = 0
     normalize: bool = True  # L2-normalise pooled features for the linear head
-    blocks: tuple[int, ...] | None = (
-        None  # None: post-trunk-normed tokens; else mean of these blocks
-    )
+    # None: post-trunk-normed tokens; else mean of these blocks
+    blocks: tuple[int, ...] | None = None
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     ks: tuple[int, ...] = DEFAULT_KS
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)

@@ -70,9 +70,8 @@ def caught_signals():
     """A list that SIGINT/SIGTERM append to instead of stopping the process mid-step; the first
     signal puts the previous handlers back, so a second one stops the process as before."""
     caught: list[int] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-    ):  # only the main thread may set handlers
+    # only the main thread may set handlers
+    if threading.current_thread() is not threading.main_thread():
         yield caught
         return
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -297,9 +296,8 @@ def _run(
         config = dataclasses.replace(config, **changes)
     elif config is None or tokenizer is None:
         raise SettingError("a new run needs a config and a tokenizer")
-    if (
-        tokenizer.vocab_size > config.decoder.vocab_size
-    ):  # checked before a new run's folder is made
+    # checked before a new run's folder is made
+    if tokenizer.vocab_size > config.decoder.vocab_size:
         raise SettingError(
             f"tokenizer has {tokenizer.vocab_size} tokens; the decoder only "
             f"{config.decoder.vocab_size}"
@@ -358,9 +356,8 @@ def _run(
     saved = None  # the newest checkpoint this loop wrote (rank 0)
     with caught_signals() as caught:
         for step in range(start, end):
-            began = (
-                time.perf_counter()
-            )  # img/s counts waiting for the batch too: the data pipeline's cost shows
+            # img/s counts waiting for the batch too: the data pipeline's cost shows
+            began = time.perf_counter()
             batch = future.result()
             future = plan.prefetch(step + 1) if step + 1 < end else None
             stats = train_step(batch)
@@ -380,13 +377,7 @@ def _run(
                     prefix = out / "samples" / f"step-{done:08d}"
                     with naming_full_disk(prefix.with_suffix(".png")):
                         write_samples(model, batch.micro[0], tokenizer, config, prefix)
-                minutes = config.checkpoint_minutes
-                if (
-                    stop
-                    or done % config.checkpoint_every == 0
-                    or done == end
-                    or (minutes and time.perf_counter() - last_save >= 60 * minutes)
-                ):
+                if checkpoint_due(config, done, end, stop, last_save):
                     saved = _save(out, done, model, optimizer, plan, config, identity)
                     last_save = time.perf_counter()
             if stop and done < end:  # at the last step the run is simply complete
@@ -396,6 +387,18 @@ def _run(
     with naming_full_disk(out / "loss.png"):
         logs.plot_losses(out / "log.jsonl", out / "loss.png")
     return record
+
+
+def checkpoint_due(config, done: int, end: int, stop: bool, last_save: float) -> bool:
+    """Save after this step: stopping, every `checkpoint_every` steps, at the end, or when
+    `checkpoint_minutes` have passed since the last save (`last_save`, a perf_counter time)."""
+    minutes = config.checkpoint_minutes
+    return bool(
+        stop
+        or done % config.checkpoint_every == 0
+        or done == end
+        or (minutes and time.perf_counter() - last_save >= 60 * minutes)
+    )
 
 
 def stop_now(caught: list[int], all_sum) -> bool:
