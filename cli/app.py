@@ -26,7 +26,10 @@ from . import (
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="AIMv2 vision encoders in MLX: inspect, convert, embed, probe, classify and pre-train.",
+    help=(
+        "AIMv2 vision encoders in MLX: inspect, convert, embed, search, probe, classify, "
+        "pre-train, LiT-tune and export."
+    ),
 )
 
 

@@ -26,9 +26,7 @@ def info(
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show a model's config, parameter count and quantization, and which device and BLAS MLX
-    uses.
-    """
+    """Show a model's config, size and quantization, and MLX's device and BLAS."""
     with one_line_errors():
         if is_lit_run(model):
             raise SettingError(
