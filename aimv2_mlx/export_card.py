@@ -48,6 +48,14 @@ def licence_of(config: ModelConfig) -> tuple[str, str]:
     origin = str(source.get("origin", ""))
     if origin == "aimv2 pretrain" and not source.get("init_from"):
         return OURS
+    if (
+        origin == "aimv2 lit"
+        and source.get("encoder_identity", {}).get("origin") == "aimv2 pretrain"
+    ):
+        return "mit", (
+            "MIT, as aimv2-mlx itself: the image encoder was pre-trained from random "
+            "initialisation here and the text tower LiT-tuned here"
+        )
     return "other", f"the licence of the source, `{origin or 'unknown'}`: check it before sharing"
 
 
@@ -74,6 +82,16 @@ def _strings(value):
 def how_made(config: ModelConfig) -> str:
     """One sentence on the weights' history, from what config.json's `source` recorded."""
     source = config.source
+    if source.get("origin") == "aimv2 lit":
+        encoder = source.get("encoder_identity", {}).get("name") or source.get("encoder")
+        samples = f", {source['samples_seen']:,} pairs" if source.get("samples_seen") else ""
+        data = f" on `{source['data']}`" if source.get("data") else ""
+        return (
+            f"The {source.get('trained', 'text tower')} LiT-tuned with `aimv2 lit` (aimv2-mlx) "
+            f"for {source.get('step')} steps{samples}{data} against the locked image encoder "
+            f"`{encoder}`, whose weights are unchanged ({source.get('loss', 'softmax')} "
+            "contrastive loss; LiT, arXiv 2111.07991)."
+        )
     if "step" in source:
         samples = f", {source['samples_seen']:,} samples" if source.get("samples_seen") else ""
         data = f" on `{source['data']}`" if source.get("data") else ""

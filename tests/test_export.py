@@ -16,7 +16,7 @@ import aimv2_mlx
 from aimv2_mlx.checkpoint_io import open_checkpoint
 from aimv2_mlx.config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, TextConfig
 from aimv2_mlx.convert import convert
-from aimv2_mlx.export_card import licence_of
+from aimv2_mlx.export_card import how_made, licence_of
 from aimv2_mlx.export_formats import foreign_plan, write_tensors
 from aimv2_mlx.train.export import export
 
@@ -397,6 +397,28 @@ def test_a_model_tuned_from_apple_weights_keeps_their_licence():
     assert licence_of(config)[0] == "apple-amlr"  # the most restrictive of its sources
     config.source = {"origin": "aimv2 pretrain", "init_from": "/cluster/ml-l3m/checkpoint.pt"}
     assert licence_of(config)[0] == "other"
+
+
+def test_the_card_of_a_lit_run_says_what_was_tuned_against_which_encoder():
+    config = tiny_config()
+    config.source = {
+        "origin": "aimv2 lit",
+        "encoder_identity": {"name": "my-encoder", "origin": "aimv2 pretrain"},
+        "data": "shapes",
+        "step": 20,
+        "samples_seen": 640,
+        "loss": "softmax",
+        "trained": "text tower",
+    }
+    made = how_made(config)
+    assert "`aimv2 lit`" in made and "20 steps, 640 pairs on `shapes`" in made
+    assert "locked image encoder `my-encoder`" in made and "Pre-trained" not in made
+    assert licence_of(config)[0] == "mit"  # an encoder pre-trained here, a tower tuned here
+    config.source["encoder_identity"] = {
+        "name": "x",
+        "origin": "hf://apple/aimv2-large-patch14-224",
+    }
+    assert licence_of(config)[0] == "apple-ascl"
 
 
 def test_upload_sends_the_exported_folder(tmp_path, monkeypatch):
