@@ -18,7 +18,7 @@ from .embed import embed, model_identity, same_model
 from .errors import SettingError
 from .index import Index, IndexFolderError, index_pool, open_index
 from .model import load
-from .zeroshot import ZeroShotClassifier
+from .text_embed import embed_texts
 
 BLOCK = 1 << 16  # rows scored at a time
 BACKENDS = ("exact", "ann")
@@ -100,8 +100,8 @@ def query_vector(index: Index, model, text: str | None, image) -> np.ndarray:
 
 
 def text_vector(model, text: str, index: Index | None = None) -> np.ndarray:
-    """A text query's unit vector from the LiT text tower: the zero-shot class embedding of the
-    text itself (one template, "{}"), so search and `classify --zero-shot` share one path."""
+    """A text query's unit vector from the LiT text tower, embedded as `classify --zero-shot`
+    embeds its prompts (`embed_texts`)."""
     config = model.config
     if not config.is_lit:
         where = f"{index.folder}: " if index is not None else ""
@@ -111,7 +111,7 @@ def text_vector(model, text: str, index: Index | None = None) -> np.ndarray:
         )
     if not text.strip():
         raise SettingError("the text query is empty")
-    return np.array(ZeroShotClassifier(model, [text], ["{}"]).class_embeddings[0], dtype=np.float32)
+    return np.array(embed_texts(model, [text.strip()])[0], dtype=np.float32)
 
 
 def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,7 @@ def embed(
         existing(*inputs)
         output_folder(output)
         encoder = load_named(model)
-        with _progress(enabled=rank == 0) as progress:
+        with progress_bar(enabled=rank == 0) as progress:
             summary = embed_folder(
                 inputs,
                 output,
@@ -85,7 +85,7 @@ def embed(
                 progress=progress,
             )
     if rank == 0:
-        _report_failures(output / "failures.jsonl")
+        report_failures(output / "failures.jsonl")
         if as_json:
             typer.echo(json.dumps(summary.to_dict()))
         else:
@@ -98,7 +98,7 @@ def embed(
         raise typer.Exit(1)
 
 
-def _report_failures(path: Path, shown: int = 20) -> None:
+def report_failures(path: Path, shown: int = 20) -> None:
     """One line per failed file on stderr (the first `shown`; all of them are in failures.jsonl)."""
     lines = path.read_text().splitlines()
     for line in lines[:shown]:
@@ -109,7 +109,7 @@ def _report_failures(path: Path, shown: int = 20) -> None:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     """A rich progress bar on stderr (images/s, ETA, failures); yields the callback embed_folder
     calls.
     """

@@ -11,7 +11,7 @@ from aimv2_mlx.model import load_named
 
 import typer
 
-from .embed import _progress, _report_failures
+from .embed import progress_bar, report_failures
 from .errors import one_line_errors
 from .options import at_least, existing, expand, output_folder
 
@@ -56,7 +56,7 @@ def index(
             model = open_index(output).model.get("path")
         encoder = load_named(model or "default")
         try:
-            with _progress(enabled=True) as progress:
+            with progress_bar(enabled=True) as progress:
                 summary = update_index(
                     inputs,
                     output,
@@ -75,7 +75,7 @@ def index(
                 err=True,
             )
             raise typer.Exit(130) from None
-    _report_failures(output / "failures.jsonl")
+    report_failures(output / "failures.jsonl")
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
     else:

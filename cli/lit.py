@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from aimv2_mlx.errors import SettingError
 from aimv2_mlx.lit_tuning import LitConfig, lit_tune
 from aimv2_mlx.lit_tuning.config import RESUMABLE
 from aimv2_mlx.model import load
@@ -14,7 +13,7 @@ from aimv2_mlx.train.loop import TrainingInterrupted, check_new_run
 import typer
 
 from .errors import one_line_errors
-from .options import above_zero, at_least, output_folder
+from .options import above_zero, at_least, given_options, output_folder, resume_changes
 
 # Options that say how to run a resumed run rather than what the run is.
 WITH_RESUME = ("data", "out", "resume", "distributed", "allow_data_change", "encoder")
@@ -116,12 +115,8 @@ def lit(
             checkpoint_minutes=checkpoint_minutes,
         )
         above_zero(lr=lr)
-        given = {
-            name
-            for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
-        }
-        changes = resume_changes(ctx.params, given, out) if resume else None
+        given = given_options(ctx)
+        changes = resume_changes(ctx.params, given, out, RESUMABLE, WITH_RESUME) if resume else None
         output_folder(out)
         config = None
         if not resume:
@@ -176,16 +171,3 @@ def lit(
             f"`aimv2 export {out} OUT` writes the "
             "LiT model"
         )
-
-
-def resume_changes(values: dict, given: set[str], out: Path) -> dict:
-    """The settings a resumed run takes from the command line; any other option given is refused."""
-    fixed = sorted(given - set(RESUMABLE) - set(WITH_RESUME))
-    if fixed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
-        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
-        raise SettingError(
-            f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
-            f"with --resume only {allowed} can change"
-        )
-    return {name: values[name] for name in RESUMABLE if name in given}

@@ -106,3 +106,33 @@ def existing(*paths: Path) -> None:
     for path in paths:
         if not os.path.lexists(path):
             raise SettingError(f"{path}: no such file or folder")
+
+
+def given_options(ctx) -> set[str]:
+    """The parameters of `ctx` the user set (command line or environment), not defaults."""
+    # by name: typer's and click's ParameterSource enums differ
+    return {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
+def resume_changes(
+    values: dict,
+    given: set[str],
+    out: Path,
+    resumable: tuple[str, ...],
+    with_resume: tuple[str, ...],
+) -> dict:
+    """The `resumable` settings a resumed run takes from the command line; any other option
+    given (beyond `with_resume`, which say how to run it) is refused."""
+    fixed = sorted(given - set(resumable) - set(with_resume))
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in resumable)
+        raise SettingError(
+            f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
+            f"with --resume only {allowed} can change"
+        )
+    return {name: values[name] for name in resumable if name in given}

@@ -19,7 +19,7 @@ from aimv2_mlx.train.loop import pretrain as run_pretraining
 import typer
 
 from .errors import one_line_errors
-from .options import above_zero, at_least, output_folder
+from .options import above_zero, at_least, given_options, output_folder, resume_changes
 
 # The defaults of the options that are PretrainConfig fields, and of the tokenizer a run trains:
 # taken from the library, which owns them.
@@ -189,12 +189,8 @@ def pretrain(
             checkpoint_minutes=checkpoint_minutes,
         )
         above_zero(lr=lr)
-        given = {
-            name
-            for name in ctx.params  # by name: typer's and click's ParameterSource differ
-            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
-        }
-        changes = _resume_changes(ctx.params, given, out) if resume else None
+        given = given_options(ctx)
+        changes = resume_changes(ctx.params, given, out, RESUMABLE, WITH_RESUME) if resume else None
         if not resume and warmup_steps > steps and "warmup_steps" not in given:
             warmup_steps = steps // 10
             typer.echo(
@@ -281,19 +277,6 @@ def pretrain(
             f"done: step {record['step']}, loss {record['loss']:.4f}; checkpoints in "
             f"{out / 'checkpoints'}"
         )
-
-
-def _resume_changes(values: dict, given: set[str], out: Path) -> dict:
-    """The settings a resumed run takes from the command line; any other option given is refused."""
-    fixed = sorted(given - set(RESUMABLE) - set(WITH_RESUME))
-    if fixed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
-        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
-        raise SettingError(
-            f"{flags}: a resumed run keeps the settings in {out / 'config.json'}; "
-            f"with --resume only {allowed} can change"
-        )
-    return {name: values[name] for name in RESUMABLE if name in given}
 
 
 def _start_from(init_from: Path | None, weights_only: bool, given: set[str]) -> L3mStart | None:

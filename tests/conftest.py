@@ -12,6 +12,8 @@ from aimv2_mlx.config import EncoderConfig, ModelConfig, PreprocessConfig
 import numpy as np
 import pytest
 
+from .clip_bpe import write_vocab
+
 
 def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> ModelConfig:
     """A small encoder config for logic tests (2 blocks, 64 wide, 2 heads)."""
@@ -28,6 +30,41 @@ def tiny_config(native: bool = False, head: bool = False, depth: int = 2) -> Mod
         ),
         preprocess=PreprocessConfig.for_mode("native" if native else "clip", 56),
     )
+
+
+def save_tiny_lit(
+    folder: Path,
+    transformers,
+    seed: int = 0,
+    context: int = 16,
+    vision_depth: int = 2,
+    logit_scale: float | None = None,
+):
+    """A random tiny transformers `Aimv2Model` (eager attention, eval mode) saved in `folder`
+    with a CLIP BPE vocabulary (`vocab.json` + `merges.txt`), as Apple's LiT ships; returns it.
+    `logit_scale` sets a non-default scale, so that a wrong one would show."""
+    import torch
+
+    vocab = write_vocab(folder)
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
+    config = transformers.Aimv2Config(
+        vision_config=dict(tower, num_hidden_layers=vision_depth, image_size=56, use_head=True),
+        text_config=dict(
+            tower,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=context,
+            eos_token_id=len(vocab) - 1,
+        ),
+        projection_dim=32,
+    )
+    reference = transformers.Aimv2Model._from_config(config, attn_implementation="eager").eval()
+    if logit_scale is not None:
+        with torch.no_grad():
+            reference.logit_scale.fill_(logit_scale)
+    reference.save_pretrained(folder)
+    return reference
 
 
 def png_bomb(path: Path, side: int = 20_000) -> None:

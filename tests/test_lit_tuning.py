@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from .clip_bpe import reference_ids, write_vocab
-from .conftest import one_line_error, run_cli
+from .conftest import one_line_error, run_cli, save_tiny_lit
 
 STEPS = 12
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -86,34 +86,7 @@ def test_the_loss_equals_torch_on_transformers_towers_with_the_same_weights(
     import torch
     import torch.nn.functional as F
 
-    vocab = write_vocab(tmp_path)
-    torch.manual_seed(0)
-    config = transformers_reference.Aimv2Config(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-            use_head=True,
-        ),
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            eos_token_id=len(vocab) - 1,
-        ),
-        projection_dim=32,
-    )
-    reference = transformers_reference.Aimv2Model._from_config(
-        config, attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():
-        reference.logit_scale.fill_(2.0)
-    reference.save_pretrained(tmp_path)
+    reference = save_tiny_lit(tmp_path, transformers_reference, vision_depth=1, logit_scale=2.0)
     model = aimv2_mlx.load(tmp_path)
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(6, 16, 64)).astype(np.float32)  # cached encoder tokens

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .clip_bpe import write_vocab
-from .conftest import one_line_error, run_cli, tiny_config
+from .conftest import one_line_error, run_cli, save_tiny_lit, tiny_config
 from .test_index import make_folder, write_png
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
@@ -116,33 +115,9 @@ def lit(tmp_path_factory):
     transformers = pytest.importorskip(
         "transformers", reason="LiT search parity needs transformers>=5"
     )
-    import torch
 
     root = tmp_path_factory.mktemp("lit-search")
-    vocab = write_vocab(root / "model")
-    torch.manual_seed(0)
-    config = transformers.Aimv2Config(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=56,
-            use_head=True,
-        ),
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-            eos_token_id=len(vocab) - 1,
-        ),
-        projection_dim=32,
-    )
-    reference = transformers.Aimv2Model._from_config(config, attn_implementation="eager").eval()
-    reference.save_pretrained(root / "model")
+    reference = save_tiny_lit(root / "model", transformers, context=CONTEXT)
     photos = root / "photos"
     photos.mkdir()
     for photo in PHOTOS.glob("*.jpg"):

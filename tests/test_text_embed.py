@@ -11,7 +11,7 @@ from aimv2_mlx.text_embed import embed_texts, trim_padding
 import numpy as np
 from PIL import Image, ImageOps
 
-from .clip_bpe import write_vocab
+from .conftest import save_tiny_lit
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "photos").glob("*.jpg"))
 QUERIES = ["a photo of a cat.", "a rocket", "coffee cup on a table", "an astronaut in space", "dog"]
@@ -23,30 +23,7 @@ def test_text_search_through_a_tiny_lit_ranks_images_as_transformers_does(
 ):
     import torch
 
-    vocab = write_vocab(tmp_path)
-    torch.manual_seed(1)
-    config = transformers_reference.Aimv2Config(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=56,
-            use_head=True,
-        ),
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-            eos_token_id=len(vocab) - 1,
-        ),
-        projection_dim=32,
-    )
-    reference = transformers_reference.Aimv2Model._from_config(config, attn_implementation="eager")
-    reference.eval().save_pretrained(tmp_path)
+    reference = save_tiny_lit(tmp_path, transformers_reference, seed=1, context=CONTEXT)
     model = aimv2_mlx.load(tmp_path)
     images = [Image.open(p).convert("RGB") for p in PHOTOS]
     images += [ImageOps.mirror(image) for image in images] + [image.rotate(90) for image in images]

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from .clip_bpe import write_vocab
-from .conftest import tiny_config
+from .conftest import save_tiny_lit, tiny_config
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 LABELS = ["cat", "rocket", "coffee cup", "astronaut", "dog"]
@@ -43,35 +42,9 @@ def lit(tmp_path_factory):
     transformers = pytest.importorskip(
         "transformers", reason="zero-shot parity needs transformers>=5"
     )
-    import torch
 
     folder = tmp_path_factory.mktemp("tiny-lit")
-    vocab = write_vocab(folder)
-    torch.manual_seed(0)
-    config = transformers.Aimv2Config(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=56,
-            use_head=True,
-        ),
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-            eos_token_id=len(vocab) - 1,
-        ),
-        projection_dim=32,
-    )
-    reference = transformers.Aimv2Model._from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():  # a non-default scale, so a wrong scale would show
-        reference.logit_scale.fill_(2.5)
-    reference.save_pretrained(folder)
+    reference = save_tiny_lit(folder, transformers, context=CONTEXT, logit_scale=2.5)
     return (
         folder,
         reference,
