@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,29 +69,31 @@ def _ml_aim_state(hf: dict, channels_last: bool) -> dict:
     return out
 
 
-def _write_layouts(hf_folder: Path, root: Path) -> dict[str, Path]:
-    """The same weights as an ml-aim torch safetensors, an ml-aim MLX file and a timm .pth."""
+def _write_layout(hf_folder: Path, layout: str, root: Path) -> Path:
+    """The transformers weights as an ml-aim torch safetensors, an ml-aim MLX file or a timm .pth.
+
+    One layout at a time, into a folder the caller removes: four AIMv2-L copies at once would
+    need 5 GB of disk.
+    """
     import torch
     from safetensors.numpy import save_file
 
+    if layout == "transformers":
+        return hf_folder
     hf = _read_safetensors(hf_folder / "model.safetensors")
-    folders = {"transformers": hf_folder}
-    ml_aim = _ml_aim_state(hf, channels_last=False)
-    folders["ml-aim-torch"] = root / "ml-aim-torch"
-    folders["ml-aim-torch"].mkdir()
-    save_file(ml_aim, folders["ml-aim-torch"] / "model.safetensors")
-    folders["ml-aim-mlx"] = root / "ml-aim-mlx"
-    folders["ml-aim-mlx"].mkdir()
-    save_file(
-        _ml_aim_state(hf, channels_last=True), folders["ml-aim-mlx"] / "mlx_model.safetensors"
-    )
-    folders["timm"] = root / "timm"
-    folders["timm"].mkdir()
-    torch.save(
-        {timm_key(k): torch.from_numpy(v) for k, v in ml_aim.items()},
-        folders["timm"] / "pytorch_model.bin",
-    )
-    return folders
+    folder = root / layout
+    folder.mkdir()
+    ml_aim = _ml_aim_state(hf, channels_last=layout == "ml-aim-mlx")
+    if layout == "ml-aim-torch":
+        save_file(ml_aim, folder / "model.safetensors")
+    elif layout == "ml-aim-mlx":
+        save_file(ml_aim, folder / "mlx_model.safetensors")
+    else:
+        torch.save(
+            {timm_key(k): torch.from_numpy(v) for k, v in ml_aim.items()},
+            folder / "pytorch_model.bin",
+        )
+    return folder
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -118,7 +121,7 @@ def _torch_tokens(reference, pixels: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
-    """AIMv2-L random weights in all four layouts, the reference's output and real photo pixels."""
+    """AIMv2-L random weights saved by transformers, the reference's output and random pixels."""
     pytest.importorskip("torch", reason="needs the test extra (torch) to build the reference")
     pytest.importorskip("transformers", reason="needs the test extra (transformers>=5)")
     root = tmp_path_factory.mktemp("large")
@@ -128,18 +131,14 @@ def large(tmp_path_factory):
     expected = _torch_tokens(reference, pixels)
     del reference
     gc.collect()
-    yield {
-        "folders": _write_layouts(root / "transformers", root),
-        "pixels": pixels,
-        "expected": expected,
-        "root": root,
-    }
+    yield {"source": root / "transformers", "pixels": pixels, "expected": expected}
+    shutil.rmtree(root)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["transformers", "ml-aim-torch", "ml-aim-mlx", "timm"])
 def test_large_round_trip_every_layout(large, layout, tmp_path):
-    result = convert(large["folders"][layout], tmp_path / "out")
+    result = convert(_write_layout(large["source"], layout, tmp_path), tmp_path / "out")
     assert result.config.source["layout"] == layout
     assert result.config.source["family"] == "large"
     model = aimv2_mlx.load(tmp_path / "out")
@@ -160,7 +159,7 @@ def test_quantized_large_keeps_photo_embeddings(large, tmp_path):
     from PIL import Image
 
     images = [Image.fromarray(p) if isinstance(p, np.ndarray) else p for p in photos]
-    source = large["folders"]["transformers"]
+    source = large["source"]
     full = convert(source, tmp_path / "fp32")
     reference = aimv2_mlx.embed(images, aimv2_mlx.load(full.path), batch_size=len(images))
     sizes = {"fp32": _disk_bytes(full.path)}
