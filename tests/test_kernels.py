@@ -10,7 +10,9 @@ import math
 
 import aimv2_mlx
 from aimv2_mlx import cpu
+from aimv2_mlx.config import DecoderConfig
 from aimv2_mlx.cpu import kernels, modules, settings
+from aimv2_mlx.decoder import MultimodalDecoder
 from aimv2_mlx.layers import prefix_mask
 
 import mlx.core as mx
@@ -334,6 +336,60 @@ def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(
     got = dict(tree_flatten(mx.grad(loss)(params)))
     for name, value in expected:
         assert _close(_np(got[name]), _np(value)), name
+
+
+def test_only_linear_layers_outside_a_trunk_become_row_split_linears():
+    decoder = MultimodalDecoder(
+        DecoderConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            context_length=6,
+        ),
+        24,
+        12,
+    )
+    cpu.apply(decoder, streams=())
+    split = {name for name, m in decoder.named_modules() if isinstance(m, modules.CPULinear)}
+    assert split == {"image_projector", "pixel_head", "text_head"}
+    cpu.remove(decoder)
+    assert not any(isinstance(m, modules.CPULinear) for _, m in decoder.named_modules())
+
+
+@pytest.mark.parametrize("batch", [4, 3])  # 4: images per stream; 3: token blocks
+def test_row_split_linear_matches_the_plain_layer_forward_and_gradient(batch):
+    layer = nn.Linear(24, 40)
+    x = mx.random.normal((batch, 10, 24), key=mx.random.key(21))
+    cotangent = mx.random.normal((batch, 10, 40), key=mx.random.key(22))
+
+    def loss(params, x):
+        layer.update(params)
+        return (layer(x) * cotangent).sum()
+
+    params = layer.trainable_parameters()
+    expected = [layer(x)] + [g for _, g in tree_flatten(mx.grad(loss, argnums=(0, 1))(params, x))]
+    cpu.apply(layer, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    assert type(layer) is modules.CPULinear
+    got = [layer(x)] + [g for _, g in tree_flatten(mx.grad(loss, argnums=(0, 1))(params, x))]
+    for g, e in zip(got, expected, strict=True):
+        assert _close(_np(g), _np(e))
+
+
+def test_kernel_gradients_on_another_stream_equal_the_default_streams():
+    """Each kernel's backward runs on the stream of its forward; the numbers must not change."""
+    gate, up, q = (mx.random.normal((2, 3, 16, 8), key=mx.random.key(k)) for k in (23, 24, 25))
+
+    def loss(gate, up, q):
+        return (kernels.attention(q, gate, up, 0.5, None) + kernels.silu_mul(gate, up)).sum()
+
+    expected = mx.grad(loss, argnums=(0, 1, 2))(gate, up, q)
+    with mx.stream(mx.new_stream(mx.cpu)):
+        got = mx.grad(loss, argnums=(0, 1, 2))(gate, up, q)
+        mx.eval(got)
+    for g, e in zip(got, expected, strict=True):
+        assert np.array_equal(_np(g), _np(e))
 
 
 def test_compiled_forward_equals_eager(tiny_model, pixels):

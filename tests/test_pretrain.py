@@ -286,6 +286,7 @@ def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(
         if backend:
             cpu.apply(model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
         assert isinstance(model.encoder.trunk, modules.CPUTransformer) == backend
+        assert isinstance(model.decoder.pixel_head, modules.CPULinear) == backend
         optimizer = build_optimizer(config)
         optimizer.init(model.trainable_parameters())
         stats = TrainStep(model, optimizer, config, tok.ignore_ids)(batch_data)

@@ -31,11 +31,15 @@ for float32 on the CPU (`cpu.modules`); tests/test_kernels.py checks every path.
 
 Every kernel that a model calls has a vector-Jacobian product built from the same
 vectorised exp (`mx.custom_function`), so training gets the fast path in forward and backward.
+MLX runs a custom VJP on whatever stream is the default when the gradient is traced, not on the
+forward's stream as it does for its own primitives; each kernel therefore runs its backward on
+the stream its forward ran on, or a trunk split over one stream per core would do all of its
+attention and SwiGLU backward on one core.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -166,21 +170,45 @@ def _exp_of_minus(gate: mx.array) -> tuple[mx.array, mx.array]:
     return _staged(_silu_r(gate, s)), _two_n(s)
 
 
-@mx.custom_function
+def _silu_mul_on(stream: mx.Stream) -> Callable:
+    def forward(gate, up):
+        return _silu_out(gate, up, *_exp_of_minus(gate))
+
+    def backward(primals, cotangent, output):
+        gate, up = primals
+        with mx.stream(stream):
+            return _silu_grads(gate, up, _single(cotangent), *_exp_of_minus(gate))
+
+    function = mx.custom_function(forward)
+    function.vjp(backward)
+    return function
+
+
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the SwiGLU product, in four vectorised passes (and five backward)."""
-    return _silu_out(gate, up, *_exp_of_minus(gate))
-
-
-@silu_mul.vjp
-def _silu_mul_vjp(primals, cotangent, output):
-    gate, up = primals
-    return _silu_grads(gate, up, _single(cotangent), *_exp_of_minus(gate))
+    return _on_this_stream(_silu_mul_on)(gate, up)
 
 
 def _single(arrays):
     """custom_function passes a lone output's cotangent as an array or a 1-tuple."""
     return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
+
+
+_kernels: dict[tuple, Callable] = {}
+
+
+def _on_this_stream(make: Callable, *key) -> Callable:
+    """`make(stream, *key)` for the current default stream, built once per stream and key.
+
+    Streams compare equal by value but hash by identity, so the cache is keyed by their repr,
+    which names the device and the stream's index.
+    """
+    stream = mx.default_stream(mx.default_device())
+    cache_key = (make.__name__, repr(stream), *key)
+    function = _kernels.get(cache_key)
+    if function is None:
+        function = _kernels[cache_key] = make(stream, *key)
+    return function
 
 
 # --- softmax and attention -------------------------------------------------------------------
@@ -221,8 +249,7 @@ def _scores_grad(e, d_weights, delta, factor):
     return e * (d_weights - delta) * factor
 
 
-@lru_cache(maxsize=64)
-def _attention(scale: float, masked: bool):
+def _attention_on(stream: mx.Stream, scale: float, masked: bool) -> Callable:
     """Differentiable softmax attention over (B, H, N, d) heads, for one scale and mask kind.
 
     Backward recomputes the weights (one GEMM and the vectorised exp) instead of keeping the
@@ -234,6 +261,10 @@ def _attention(scale: float, masked: bool):
         return (e @ v) / total
 
     def backward(primals, cotangent, output):
+        with mx.stream(stream):
+            return gradients(primals, cotangent)
+
+    def gradients(primals, cotangent):
         q, k, v = primals[:3]
         mask = primals[3] if masked else None
         e, total = _weights(q, k, scale, mask)
@@ -258,7 +289,7 @@ def attention(
 ) -> mx.array:
     """Softmax attention, (B, H, n, d) queries against (B, H, N, d) keys and values; `mask` is
     additive and broadcastable to (B, H, n, N). Differentiable."""
-    function = _attention(float(scale), mask is not None)
+    function = _on_this_stream(_attention_on, float(scale), mask is not None)
     return function(q, k, v) if mask is None else function(q, k, v, mask)
 
 

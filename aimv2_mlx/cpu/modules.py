@@ -1,13 +1,15 @@
 """The CPU versions of the transformer pieces, and `apply`, which swaps them into a model.
 
 `apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`, `SwiGLU`,
-`Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place. Weights, parameter
-names and saved files are untouched; `remove(model)` turns them back. In float32 the subclasses use
-the vectorised kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to the
-plain classes. The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole
-images per stream when the batch divides evenly, else blocks of tokens per stream, which meet at
-each attention to share keys and values. Results equal the plain forward to float32 rounding (BLAS
-may sum differently for different row counts).
+`Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place, and every
+`nn.Linear` outside a trunk (a decoder's projector and heads). Weights, parameter names and saved
+files are untouched; `remove(model)` turns them back. In float32 the subclasses use the vectorised
+kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to the plain classes.
+The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole images per
+stream when the batch divides evenly, else blocks of tokens per stream, which meet at each
+attention to share keys and values. A linear layer outside a trunk splits its rows the same way:
+the BLAS runs one thread per stream, so a matmul left on one stream would get one core. Results
+equal the plain forward to float32 rounding (BLAS may sum differently for different row counts).
 """
 
 from __future__ import annotations
@@ -65,6 +67,20 @@ class CPUAttentionPoolHead(AttentionPoolHead):
         return kernels.attention(q, k, v, scale, None)
 
 
+class CPULinear(nn.Linear):
+    streams: tuple = ()  # set by `apply` for layers outside a trunk
+
+    def __call__(self, x: mx.array) -> mx.array:
+        axis = split_plan(x, self.streams) if x.dtype == mx.float32 and x.ndim == 3 else None
+        if axis is None:
+            return super().__call__(x)
+        outs = []
+        for stream, part in zip(self.streams, _parts(x, axis, len(self.streams)), strict=True):
+            with mx.stream(stream):
+                outs.append(super().__call__(part))
+        return mx.concatenate(outs, axis=axis)
+
+
 class CPUBlock(Block):
     def over_row_blocks(self, parts: list, masks: list, streams: list) -> list:
         """This block over row blocks of one sequence, each on its own stream; every block's
@@ -94,11 +110,9 @@ class CPUTransformer(Transformer):
         if plan is None:
             return super().__call__(x, mask, feature_blocks)
         axis = plan
-        B, length = x.shape[0], x.shape[axis]
-        count = len(self.streams)
-        bounds = [(length * j // count, length * (j + 1) // count) for j in range(count)]
-        parts = [x[a:b] if axis == 0 else x[:, a:b] for a, b in bounds]
-        masks = [_mask_part(mask, axis, B, a, b) for a, b in bounds]
+        bounds = _bounds(x.shape[axis], len(self.streams))
+        parts = _parts(x, axis, len(self.streams))
+        masks = [_mask_part(mask, axis, x.shape[0], a, b) for a, b in bounds]
         wanted = block_indices(feature_blocks, len(self.blocks))
         outputs = {}
         for i, block in enumerate(self.blocks):
@@ -131,6 +145,15 @@ def split_plan(x: mx.array, streams: list) -> int | None:
     return 1 if len(streams) <= N else None
 
 
+def _bounds(length: int, count: int) -> list[tuple[int, int]]:
+    return [(length * j // count, length * (j + 1) // count) for j in range(count)]
+
+
+def _parts(x: mx.array, axis: int, count: int) -> list[mx.array]:
+    """`x` cut into `count` near-equal blocks along `axis` (0 or 1)."""
+    return [x[a:b] if axis == 0 else x[:, a:b] for a, b in _bounds(x.shape[axis], count)]
+
+
 def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> mx.array | None:
     """The rows of an additive mask (broadcastable to (B, H, N, N)) that one part needs."""
     if mask is None:
@@ -147,7 +170,7 @@ SWAPS = {
     Transformer: CPUTransformer,
     AttentionPoolHead: CPUAttentionPoolHead,
 }
-PLAIN = {cpu: plain for plain, cpu in SWAPS.items()}
+PLAIN = {cpu: plain for plain, cpu in SWAPS.items()} | {CPULinear: nn.Linear}
 
 
 def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
@@ -161,11 +184,19 @@ def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
         streams = settings.tune()
     else:
         settings.tune(split=False)
+    in_trunks = {
+        id(inner)
+        for _, module in model.named_modules()
+        if isinstance(module, Transformer)
+        for _, inner in module.named_modules()
+    }
     for _, module in model.named_modules():
         cls = SWAPS.get(type(module))
+        if type(module) is nn.Linear and id(module) not in in_trunks:
+            cls = CPULinear
         if cls is not None:
             module.__class__ = cls
-        if isinstance(module, CPUTransformer):
+        if isinstance(module, (CPUTransformer, CPULinear)):
             object.__setattr__(module, "streams", tuple(streams))
     return model
 
