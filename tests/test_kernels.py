@@ -377,6 +377,27 @@ def test_row_split_linear_matches_the_plain_layer_forward_and_gradient(batch):
         assert _close(_np(g), _np(e))
 
 
+def test_weight_handles_pass_values_and_gradients_through_and_reading_restores_the_weights():
+    layer = nn.Linear(6, 5)
+    cotangent = mx.random.normal((5, 6), key=mx.random.key(26))
+
+    def through_handles(weight):
+        layer.update({"weight": weight})
+        first, second = modules.weight_handles(layer, 2)
+        return ((first["weight"] + 2 * second["weight"]) * cotangent).sum()
+
+    original = layer.weight
+    gradient = mx.grad(through_handles)(original)
+    assert np.array_equal(_np(gradient), _np(3 * cotangent))
+    layer.update({"weight": original})
+    (handle,) = modules.weight_handles(layer, 1)
+    assert np.array_equal(_np(handle["weight"]), _np(original))
+    with pytest.raises(RuntimeError), modules.reading(layer, {"weight": mx.zeros((5, 6))}):
+        assert not np.any(_np(layer.weight))
+        raise RuntimeError
+    assert layer.weight is original
+
+
 def test_kernel_gradients_on_another_stream_equal_the_default_streams():
     """Each kernel's backward runs on the stream of its forward; the numbers must not change."""
     gate, up, q = (mx.random.normal((2, 3, 16, 8), key=mx.random.key(k)) for k in (23, 24, 25))

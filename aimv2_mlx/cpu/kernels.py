@@ -177,7 +177,7 @@ def _silu_mul_on(stream: mx.Stream) -> Callable:
     def backward(primals, cotangent, output):
         gate, up = primals
         with mx.stream(stream):
-            return _silu_grads(gate, up, _single(cotangent), *_exp_of_minus(gate))
+            return _silu_grads(gate, up, single(cotangent), *_exp_of_minus(gate))
 
     function = mx.custom_function(forward)
     function.vjp(backward)
@@ -189,7 +189,7 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return _on_this_stream(_silu_mul_on)(gate, up)
 
 
-def _single(arrays):
+def single(arrays):
     """custom_function passes a lone output's cotangent as an array or a 1-tuple."""
     return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
 
@@ -268,7 +268,7 @@ def _attention_on(stream: mx.Stream, scale: float, masked: bool) -> Callable:
         q, k, v = primals[:3]
         mask = primals[3] if masked else None
         e, total = _weights(q, k, scale, mask)
-        d_out = _single(cotangent)
+        d_out = single(cotangent)
         d_weights = d_out @ v.swapaxes(-1, -2)
         # delta = sum(P dP) rather than the cheaper sum(dO O): exact when P is one-hot.
         delta = mx.sum(e * d_weights, axis=-1, keepdims=True) / total

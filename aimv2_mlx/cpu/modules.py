@@ -10,15 +10,23 @@ stream when the batch divides evenly, else blocks of tokens per stream, which me
 attention to share keys and values. A linear layer outside a trunk splits its rows the same way:
 the BLAS runs one thread per stream, so a matmul left on one stream would get one core. Results
 equal the plain forward to float32 rounding (BLAS may sum differently for different row counts).
+
+Each stream reads the weights through its own handle (`weight_handles`), made on the stream that
+called the layer. A weight's gradient is then summed from its per-stream parts on that calling
+stream, not on one of the row streams: MLX runs each stream's work in order, and a row stream
+that had to add the other's part would wait for it, taking turns with it instead of running
+beside it (measured: both cores busy 46% of a small training step's time before, 61% after).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from ..encoder import AttentionPoolHead
 from ..layers import Attention, Block, Mask, SwiGLU, Transformer, block_indices
@@ -67,6 +75,34 @@ class CPUAttentionPoolHead(AttentionPoolHead):
         return kernels.attention(q, k, v, scale, None)
 
 
+@mx.custom_function
+def _handle(weight: mx.array) -> mx.array:
+    return mx.contiguous(weight)  # shares the buffer; unlike a no-op, compile keeps it
+
+
+@_handle.vjp
+def _handle_vjp(primals, cotangent, output):
+    return kernels.single(cotangent)
+
+
+def weight_handles(module: nn.Module, count: int) -> list[dict]:
+    """`count` handles on `module`'s weights: the same buffers, separate nodes of the graph
+    (custom functions are never merged), each collecting one stream's share of the gradient."""
+    weights = module.parameters()
+    return [tree_map(_handle, weights) for _ in range(count)]
+
+
+@contextmanager
+def reading(module: nn.Module, weights: dict) -> Iterator[None]:
+    """`module` with `weights` (a tree of its parameters' shape) for the duration of a block."""
+    saved = module.parameters()
+    module.update(weights)
+    try:
+        yield
+    finally:
+        module.update(saved)
+
+
 class CPULinear(nn.Linear):
     streams: tuple = ()  # set by `apply` for layers outside a trunk
 
@@ -75,8 +111,10 @@ class CPULinear(nn.Linear):
         if axis is None:
             return super().__call__(x)
         outs = []
-        for stream, part in zip(self.streams, _parts(x, axis, len(self.streams)), strict=True):
-            with mx.stream(stream):
+        handles = weight_handles(self, len(self.streams))
+        parts = _parts(x, axis, len(self.streams))
+        for stream, part, weights in zip(self.streams, parts, handles, strict=True):
+            with reading(self, weights), mx.stream(stream):
                 outs.append(super().__call__(part))
         return mx.concatenate(outs, axis=axis)
 
@@ -85,15 +123,25 @@ class CPUBlock(Block):
     def over_row_blocks(self, parts: list, masks: list, streams: list) -> list:
         """This block over row blocks of one sequence, each on its own stream; every block's
         queries see the keys and values of all rows."""
+        handles = weight_handles(self, len(streams))
         qkvs = []
-        for stream, x in zip(streams, parts, strict=True):
-            with mx.stream(stream):
+        for stream, x, weights in zip(streams, parts, handles, strict=True):
+            with reading(self, weights), mx.stream(stream):
                 qkvs.append(self.attn.qkv(self.norm_1(x)))
         outs = []
-        for stream, x, qkv, mask in zip(streams, parts, qkvs, masks, strict=True):
-            with mx.stream(stream):
+        for stream, x, qkv, mask, weights in zip(streams, parts, qkvs, masks, handles, strict=True):
+            with reading(self, weights), mx.stream(stream):
                 x = x + self.attn.proj(self.attn.attend(qkv, mask, mx.concatenate(qkvs, axis=1)))
                 outs.append(x + self.mlp(self.norm_2(x)))
+        return outs
+
+    def over_images(self, parts: list, masks: list, streams: list) -> list:
+        """This block over whole images, each part on its own stream."""
+        outs = []
+        handles = weight_handles(self, len(streams))
+        for stream, x, mask, weights in zip(streams, parts, masks, handles, strict=True):
+            with reading(self, weights), mx.stream(stream):
+                outs.append(self(x, mask))
         return outs
 
 
@@ -117,17 +165,17 @@ class CPUTransformer(Transformer):
         outputs = {}
         for i, block in enumerate(self.blocks):
             if axis == 0:
-                for j, stream in enumerate(self.streams):
-                    with mx.stream(stream):
-                        parts[j] = block(parts[j], masks[j])
+                parts = block.over_images(parts, masks, self.streams)
             else:
                 parts = block.over_row_blocks(parts, masks, self.streams)
             if i in wanted:
                 outputs[i] = mx.concatenate(parts, axis=axis)
         normed = []
-        for stream, part in zip(self.streams, parts, strict=True):
-            with mx.stream(stream):
-                normed.append(self.post_trunk_norm(part))
+        norm = self.post_trunk_norm
+        handles = weight_handles(norm, len(self.streams))
+        for stream, part, weights in zip(self.streams, parts, handles, strict=True):
+            with reading(norm, weights), mx.stream(stream):
+                normed.append(norm(part))
         return mx.concatenate(normed, axis=axis), [outputs[i] for i in wanted]
 
 
