@@ -47,6 +47,11 @@ class MultimodalDecoder(nn.Module):
         logits = self.text_head(h[:, n:]) if input_ids is not None else None
         return pixels, logits
 
+    def token_losses(self, logits: mx.array, targets: mx.array) -> mx.array:
+        """Cross-entropy of each position's vocabulary logits against its target token (the CPU
+        backend swaps in a faster one)."""
+        return nn.losses.cross_entropy(logits, targets, reduction="none")
+
     def text_inputs(self, input_ids: mx.array) -> mx.array:
         """[start ; token embeddings] + the text position table: (B, T + 1, D)."""
         B, T = input_ids.shape

@@ -18,6 +18,7 @@ makes accumulation and data parallelism exact rather than a mean of means.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,9 +90,16 @@ def pixel_count(prefix_lengths, num_patches: int) -> int:
     return int(np.sum(num_patches - np.asarray(prefix_lengths, dtype=np.int64)))
 
 
-def text_loss_sum(logits: mx.array, input_ids: mx.array, ignore_ids: tuple[int, ...]) -> mx.array:
-    """Σ over non-ignored tokens of the cross-entropy; logits (B, T + 1, V), the last dropped."""
-    ce = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), input_ids, reduction="none")
+def text_loss_sum(
+    logits: mx.array, input_ids: mx.array, ignore_ids: tuple[int, ...], token_losses=None
+) -> mx.array:
+    """Σ over non-ignored tokens of the cross-entropy; logits (B, T + 1, V), the last dropped.
+
+    `token_losses(logits, targets)`: the per-position cross-entropy (default MLX's; a decoder
+    passes its own)."""
+    if token_losses is None:
+        token_losses = partial(nn.losses.cross_entropy, reduction="none")
+    ce = token_losses(logits[:, :-1].astype(mx.float32), input_ids)
     return (ce * text_target_mask(input_ids, ignore_ids)).sum()
 
 
@@ -132,8 +140,9 @@ def loss_sums(
         pixel = pixel_loss_sum(
             predicted, pixel_targets(pixels, encoder.config.vision.patch_size), prefix_lengths
         )
-    text = zero if objective == "image" else text_loss_sum(logits, input_ids, ignore_ids)
-    return pixel, text
+    if objective == "image":
+        return pixel, zero
+    return pixel, text_loss_sum(logits, input_ids, ignore_ids, decoder.token_losses)
 
 
 def combine(

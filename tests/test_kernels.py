@@ -235,6 +235,66 @@ def test_qkv_attention_on_row_blocks_equals_whole_sequence_forward_and_gradient(
     assert np.max(np.abs(grads[0] - grads[1])) <= 1e-5 * np.max(np.abs(grads[1]))
 
 
+# --- cross-entropy ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: logits in the hundreds, near one-hot
+def test_cross_entropy_matches_mlx_forward_and_gradient(scale):
+    logits = mx.random.normal((3, 7, 50), key=mx.random.key(30)) * scale
+    targets = mx.random.randint(0, 50, (3, 7), key=mx.random.key(31))
+    weights = mx.random.uniform(shape=(3, 7), key=mx.random.key(32))
+
+    def loss(ce):
+        return lambda x: (ce(x) * weights).sum()
+
+    def plain(x):
+        return nn.losses.cross_entropy(x, targets, reduction="none")
+
+    def fast(x):
+        return kernels.cross_entropy(x, targets)
+
+    assert _rel(_np(fast(logits)), _np(plain(logits))) <= 1e-5
+    for compile_ in (False, True):
+        grad = mx.grad(loss(fast))
+        got = mx.compile(grad)(logits) if compile_ else grad(logits)
+        expected = mx.grad(loss(plain))(logits)
+        assert np.max(np.abs(_np(got) - _np(expected))) <= 1e-6
+
+
+def test_cross_entropy_with_masked_out_logits():
+    logits = mx.random.normal((2, 4, 9), key=mx.random.key(33))
+    logits = mx.where(mx.arange(9) >= 6, -math.inf, logits)  # three classes can never win
+    targets = mx.array([[0, 5, 2, 1], [3, 4, 0, 5]])
+    got = kernels.cross_entropy(logits, targets)
+    expected = nn.losses.cross_entropy(logits, targets, reduction="none")
+    assert _rel(_np(got), _np(expected)) <= 1e-5
+    gradient = _np(mx.grad(lambda x: kernels.cross_entropy(x, targets).sum())(logits))
+    assert np.all(np.isfinite(gradient)) and np.all(gradient[..., 6:] == 0)
+
+
+def test_the_cpu_decoder_uses_the_fast_cross_entropy_and_remove_restores_mlxs():
+    decoder = MultimodalDecoder(
+        DecoderConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            context_length=6,
+        ),
+        24,
+        12,
+    )
+    cpu.apply(decoder, streams=())
+    assert type(decoder) is modules.CPUMultimodalDecoder
+    logits = mx.random.normal((2, 3, 50), key=mx.random.key(34))
+    targets = mx.array([[1, 2, 3], [4, 5, 6]])
+    plain = nn.losses.cross_entropy(logits, targets, reduction="none")
+    assert _rel(_np(decoder.token_losses(logits, targets)), _np(plain)) <= 1e-5
+    cpu.remove(decoder)
+    assert type(decoder) is MultimodalDecoder
+
+
 # --- whole encoder ---------------------------------------------------------------------------
 
 

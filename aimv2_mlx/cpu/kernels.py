@@ -311,3 +311,44 @@ def qkv_attention(
         q = mx.contiguous(qkv[..., :D].reshape(B, n, h, D // h).transpose(0, 2, 1, 3))
         k, v = mx.contiguous(kv[..., D:].reshape(B, N, 2, h, D // h).transpose(2, 0, 3, 1, 4))
     return attention(q, k, v, scale, mask).transpose(0, 2, 1, 3).reshape(B, n, D)
+
+
+# --- cross-entropy ---------------------------------------------------------------------------
+
+
+@mx.compile
+def _softmax_minus_target(e, total, hit, cotangent):
+    """dL/dlogits of the per-position cross-entropy: cotangent * (softmax - one_hot)."""
+    return cotangent * (e / total - hit)
+
+
+def _cross_entropy_on(stream: mx.Stream) -> Callable:
+    def exp_and_total(logits):
+        peak = mx.max(logits, axis=-1, keepdims=True)
+        e = _exp_shifted(logits, peak, 1.0)
+        return peak, e, mx.sum(e, axis=-1, keepdims=True)
+
+    def forward(logits, targets):
+        peak, _, total = exp_and_total(logits)
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
+        # (peak - picked) first: exactly 0 when the target wins, so a near-zero loss keeps digits
+        return ((peak - picked) + mx.log(total))[..., 0]
+
+    def backward(primals, cotangent, output):
+        logits, targets = primals
+        with mx.stream(stream):
+            _, e, total = exp_and_total(logits)
+            hit = (mx.arange(logits.shape[-1]) == targets[..., None]).astype(logits.dtype)
+            d_logits = _softmax_minus_target(e, total, hit, single(cotangent)[..., None])
+            return d_logits, mx.zeros_like(targets)
+
+    function = mx.custom_function(forward)
+    function.vjp(backward)
+    return function
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-position cross-entropy of float32 `logits` (..., V) against integer `targets` (...),
+    as `nn.losses.cross_entropy(..., reduction="none")`, with the vectorised exp in forward and
+    backward (MLX's log-sum-exp calls its scalar exp)."""
+    return _on_this_stream(_cross_entropy_on)(logits, targets)

@@ -1,11 +1,11 @@
 """The CPU versions of the transformer pieces, and `apply`, which swaps them into a model.
 
 `apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`, `SwiGLU`,
-`Block`, `Transformer` and `AttentionPoolHead` to the subclass below, in place, and every
-`nn.Linear` outside a trunk (a decoder's projector and heads). Weights, parameter names and saved
-files are untouched; `remove(model)` turns them back. In float32 the subclasses use the
-vectorised kernels of `cpu.kernels` (forward and backward); for other dtypes they defer to the
-plain classes.
+`Block`, `Transformer`, `AttentionPoolHead` and `MultimodalDecoder` (its text loss) to the
+subclass below, in place, and every `nn.Linear` outside a trunk (a decoder's projector and
+heads). Weights, parameter names and saved files are untouched; `remove(model)` turns them back.
+In float32 the subclasses use the vectorised kernels of `cpu.kernels` (forward and backward);
+for other dtypes they defer to the plain classes.
 
 The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole images per
 stream when the batch divides evenly, else blocks of tokens per stream, which meet at each
@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from ..decoder import MultimodalDecoder
 from ..encoder import AttentionPoolHead
 from ..layers import Attention, Block, Mask, SwiGLU, Transformer, block_indices
 from . import kernels, settings
@@ -127,6 +128,13 @@ class CPULinear(nn.Linear):
         if axis is None:
             return super().__call__(x)
         return over_streams(self, x, axis, super().__call__)
+
+
+class CPUMultimodalDecoder(MultimodalDecoder):
+    def token_losses(self, logits: mx.array, targets: mx.array) -> mx.array:
+        if logits.dtype != mx.float32:
+            return super().token_losses(logits, targets)
+        return kernels.cross_entropy(logits, targets)
 
 
 class CPUBlock(Block):
@@ -227,6 +235,7 @@ SWAPS = {
     Block: CPUBlock,
     Transformer: CPUTransformer,
     AttentionPoolHead: CPUAttentionPoolHead,
+    MultimodalDecoder: CPUMultimodalDecoder,
 }
 OUTSIDE_TRUNKS = {nn.Linear: CPULinear}
 PLAIN = {cpu: plain for plain, cpu in (SWAPS | OUTSIDE_TRUNKS).items()}
