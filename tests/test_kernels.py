@@ -235,6 +235,18 @@ def test_qkv_attention_on_row_blocks_equals_whole_sequence_forward_and_gradient(
     assert np.max(np.abs(grads[0] - grads[1])) <= 1e-5 * np.max(np.abs(grads[1]))
 
 
+def _tiny_decoder() -> MultimodalDecoder:
+    config = DecoderConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        context_length=6,
+    )
+    return MultimodalDecoder(config, encoder_dims=24, patch_dims=12)
+
+
 # --- cross-entropy ---------------------------------------------------------------------------
 
 
@@ -273,18 +285,7 @@ def test_cross_entropy_with_masked_out_logits():
 
 
 def test_the_cpu_decoder_uses_the_fast_cross_entropy_and_remove_restores_mlxs():
-    decoder = MultimodalDecoder(
-        DecoderConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=50,
-            context_length=6,
-        ),
-        24,
-        12,
-    )
+    decoder = _tiny_decoder()
     cpu.apply(decoder, streams=())
     assert type(decoder) is modules.CPUMultimodalDecoder
     logits = mx.random.normal((2, 3, 50), key=mx.random.key(34))
@@ -399,18 +400,7 @@ def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(
 
 
 def test_only_linear_layers_outside_a_trunk_become_row_split_linears():
-    decoder = MultimodalDecoder(
-        DecoderConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=50,
-            context_length=6,
-        ),
-        24,
-        12,
-    )
+    decoder = _tiny_decoder()
     cpu.apply(decoder, streams=())
     split = {name for name, m in decoder.named_modules() if isinstance(m, modules.CPULinear)}
     assert split == {"image_projector", "pixel_head", "text_head"}

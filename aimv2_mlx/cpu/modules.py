@@ -107,17 +107,22 @@ def reading(module: nn.Module, weights: dict) -> Iterator[None]:
         module.update(saved)
 
 
-def over_streams(module: nn.Module, x: mx.array, axis: int, call) -> mx.array:
-    """`call(part)` for blocks of `x` along `axis`, one per stream of `module`, each reading the
-    module's weights through its own handle; the results joined again."""
-    count = len(module.streams)
+def over_parts(module: nn.Module, streams: Sequence, parts: list, call, handles=None) -> list:
+    """`call(*part)` for each part (a tuple of arguments) on its own stream, `module` reading its
+    weights through that stream's handle (`handles`, made here unless given)."""
+    if handles is None:
+        handles = weight_handles(module, len(streams))
     outs = []
-    for stream, part, weights in zip(
-        module.streams, _parts(x, axis, count), weight_handles(module, count), strict=True
-    ):
+    for stream, part, weights in zip(streams, parts, handles, strict=True):
         with reading(module, weights), mx.stream(stream):
-            outs.append(call(part))
-    return mx.concatenate(outs, axis=axis)
+            outs.append(call(*part))
+    return outs
+
+
+def over_streams(module: nn.Module, x: mx.array, axis: int, call) -> mx.array:
+    """`call` over blocks of `x` along `axis`, one per stream of `module`, joined again."""
+    parts = [(part,) for part in _parts(x, axis, len(module.streams))]
+    return mx.concatenate(over_parts(module, module.streams, parts, call), axis=axis)
 
 
 class CPULinear(nn.Linear):
@@ -142,25 +147,19 @@ class CPUBlock(Block):
         """This block over row blocks of one sequence, each on its own stream; every block's
         queries see the keys and values of all rows."""
         handles = weight_handles(self, len(streams))
-        qkvs = []
-        for stream, x, weights in zip(streams, parts, handles, strict=True):
-            with reading(self, weights), mx.stream(stream):
-                qkvs.append(self.attn.qkv(self.norm_1(x)))
-        outs = []
-        for stream, x, qkv, mask, weights in zip(streams, parts, qkvs, masks, handles, strict=True):
-            with reading(self, weights), mx.stream(stream):
-                x = x + self.attn.proj(self.attn.attend(qkv, mask, mx.concatenate(qkvs, axis=1)))
-                outs.append(x + self.mlp(self.norm_2(x)))
-        return outs
+        qkvs = over_parts(
+            self, streams, [(x,) for x in parts], lambda x: self.attn.qkv(self.norm_1(x)), handles
+        )
+
+        def rest(x, qkv, mask):
+            x = x + self.attn.proj(self.attn.attend(qkv, mask, mx.concatenate(qkvs, axis=1)))
+            return x + self.mlp(self.norm_2(x))
+
+        return over_parts(self, streams, list(zip(parts, qkvs, masks, strict=True)), rest, handles)
 
     def over_images(self, parts: list, masks: list, streams: list) -> list:
         """This block over whole images, each part on its own stream."""
-        outs = []
-        handles = weight_handles(self, len(streams))
-        for stream, x, mask, weights in zip(streams, parts, masks, handles, strict=True):
-            with reading(self, weights), mx.stream(stream):
-                outs.append(self(x, mask))
-        return outs
+        return over_parts(self, streams, list(zip(parts, masks, strict=True)), self)
 
 
 class CPUTransformer(Transformer):
@@ -188,12 +187,8 @@ class CPUTransformer(Transformer):
                 parts = block.over_row_blocks(parts, masks, self.streams)
             if i in wanted:
                 outputs[i] = mx.concatenate(parts, axis=axis)
-        normed = []
         norm = self.post_trunk_norm
-        handles = weight_handles(norm, len(self.streams))
-        for stream, part, weights in zip(self.streams, parts, handles, strict=True):
-            with reading(norm, weights), mx.stream(stream):
-                normed.append(norm(part))
+        normed = over_parts(norm, self.streams, [(part,) for part in parts], norm)
         return mx.concatenate(normed, axis=axis), [outputs[i] for i in wanted]
 
 
