@@ -7,6 +7,9 @@ mx.softmax, mx.fast.scaled_dot_product_attention) or with float64 NumPy, on tiny
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import aimv2_mlx
 from aimv2_mlx import cpu
@@ -399,13 +402,52 @@ def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(
         assert _close(_np(got[name]), _np(value)), name
 
 
-def test_only_linear_layers_outside_a_trunk_become_row_split_linears():
+def test_every_linear_layer_becomes_a_cpu_linear_and_only_those_outside_a_trunk_split_rows():
     decoder = _tiny_decoder()
-    cpu.apply(decoder, streams=())
-    split = {name for name, m in decoder.named_modules() if isinstance(m, modules.CPULinear)}
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    cpu.apply(decoder, streams=streams)
+    linears = {name: m for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}
+    assert linears and all(type(m) is modules.CPULinear for m in linears.values())
+    split = {name for name, m in linears.items() if m.streams}
     assert split == {"image_projector", "pixel_head", "text_head"}
     cpu.remove(decoder)
     assert not any(isinstance(m, modules.CPULinear) for _, m in decoder.named_modules())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 7, 24), (11, 24)])
+def test_linear_kernel_matches_the_plain_layer_and_lays_out_its_weight_gradient_like_the_weight(
+    bias, shape
+):
+    layer = nn.Linear(24, 40, bias=bias)
+    x = mx.random.normal(shape, key=mx.random.key(27))
+    cotangent = mx.random.normal((*shape[:-1], 40), key=mx.random.key(28)) * 1e3
+
+    def loss(params, x, call):
+        layer.update(params)
+        return (call(x) * cotangent).sum()
+
+    def kernel(x):
+        return kernels.linear(x, layer["weight"], layer.get("bias"))
+
+    params = layer.trainable_parameters()
+    expected = mx.grad(loss, argnums=(0, 1))(params, x, layer)
+    got = mx.grad(loss, argnums=(0, 1))(params, x, kernel)
+    assert _close(_np(kernel(x)), _np(layer(x)))
+    for (name, g), (_, e) in zip(tree_flatten(got), tree_flatten(expected), strict=True):
+        assert _close(_np(g), _np(e)), name
+    weight_gradient = memoryview(got[0]["weight"])
+    assert weight_gradient.strides == (24 * 4, 4)  # row order, as the weight
+
+
+def test_cpu_linear_defers_to_the_plain_layer_outside_float32():
+    layer = nn.Linear(8, 4)
+    layer.set_dtype(mx.bfloat16)
+    x = mx.random.normal((2, 5, 8), key=mx.random.key(29)).astype(mx.bfloat16)
+    expected = _np(layer(x).astype(mx.float32))
+    cpu.apply(layer, streams=())
+    assert type(layer) is modules.CPULinear
+    assert np.array_equal(_np(layer(x).astype(mx.float32)), expected)
 
 
 @pytest.mark.parametrize("batch", [4, 3])  # 4: images per stream; 3: token blocks
@@ -453,7 +495,8 @@ def test_kernel_gradients_on_another_stream_equal_the_default_streams():
     gate, up, q = (mx.random.normal((2, 3, 16, 8), key=mx.random.key(k)) for k in (23, 24, 25))
 
     def loss(gate, up, q):
-        return (kernels.attention(q, gate, up, 0.5, None) + kernels.silu_mul(gate, up)).sum()
+        mixed = kernels.linear(kernels.silu_mul(gate, up), q[0, 0])
+        return (kernels.attention(q, gate, up, 0.5, None)).sum() + mixed.sum()
 
     expected = mx.grad(loss, argnums=(0, 1, 2))(gate, up, q)
     with mx.stream(mx.new_stream(mx.cpu)):
@@ -484,6 +527,31 @@ def test_cpu_stream_count_follows_the_environment(monkeypatch):
     assert settings.stream_count() == 1
     monkeypatch.setenv(settings.STREAMS_ENV, "3")
     assert settings.stream_count() == 3
+
+
+@pytest.mark.parametrize(
+    "env, on_cpu, expected",
+    [
+        ({}, True, settings.BREADTH_FIRST),
+        ({settings.SCHEDULE_ENV: "7"}, True, None),  # the user's value stands
+        ({}, False, None),  # GPUs keep MLX's order
+    ],
+)
+def test_mlx_schedules_breadth_first_on_a_cpu_unless_the_user_chose(env, on_cpu, expected):
+    assert settings.scheduling_width(env, on_cpu) == expected
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_importing_aimv2_mlx_sets_the_scheduling_width_unless_the_user_did(user_value):
+    env = {k: v for k, v in os.environ.items() if k != settings.SCHEDULE_ENV}
+    if user_value is not None:
+        env[settings.SCHEDULE_ENV] = user_value
+    code = "import os, aimv2_mlx; print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    expected = user_value or (settings.BREADTH_FIRST if cpu.on_cpu() else "None")
+    assert done.stdout.strip() == expected
 
 
 def test_tune_and_restore_put_the_process_settings_back():

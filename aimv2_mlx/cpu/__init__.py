@@ -7,7 +7,7 @@
 * `modules`: subclasses of the transformer pieces that use them and split a trunk's rows over
   one stream per core; `apply`/`remove` swap them into or out of a model.
 * `settings`: the process-wide settings that needs (BLAS threads, MLX's cache limit), in one
-  place, restorable.
+  place, restorable; and MLX's breadth-first task order, set at import (MLX reads it once).
 
 `load()` and the training loop call `apply` when MLX computes on the CPU; on GPUs nothing of
 this is applied.
@@ -16,6 +16,10 @@ this is applied.
 from .blas import get_blas_threads, library_path, load_openblas, on_cpu, set_blas_threads
 
 load_openblas()
+
+from . import settings  # noqa: E402
+
+settings.schedule_breadth_first()  # before anything evaluates
 
 from .modules import apply, remove  # noqa: E402
 

@@ -313,6 +313,41 @@ def qkv_attention(
     return attention(q, k, v, scale, mask).transpose(0, 2, 1, 3).reshape(B, n, D)
 
 
+# --- linear layers ---------------------------------------------------------------------------
+
+
+def _linear_on(stream: mx.Stream, has_bias: bool) -> Callable:
+    def forward(x, weight, *bias):
+        return mx.addmm(bias[0], x, weight.T) if has_bias else x @ weight.T
+
+    def backward(primals, cotangent, output):
+        x, weight = primals[0], primals[1]
+        with mx.stream(stream):
+            d_y = single(cotangent)
+            rows = d_y.reshape(-1, d_y.shape[-1])
+            # rows.T @ x is (out, in) in row order, as the weight and the optimizer state are
+            d_weight = rows.T @ x.reshape(-1, x.shape[-1])
+            if has_bias:
+                return d_y @ weight, d_weight, mx.sum(rows, axis=0)
+            return d_y @ weight, d_weight
+
+    function = mx.custom_function(forward)
+    function.vjp(backward)
+    return function
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias), as `nn.Linear`, with a weight gradient laid out like the weight.
+
+    MLX's own matmul gradient gives the weight's gradient as the transpose of an (in, out)
+    product, a column-major view; AdamW's fused update then walks the weight, its moments and
+    that gradient with a strided loop, ~35% slower than in row order at the base preset. Same
+    products, same FLOPs; only the order of the weight-gradient product differs.
+    """
+    function = _on_this_stream(_linear_on, bias is not None)
+    return function(x, weight) if bias is None else function(x, weight, bias)
+
+
 # --- cross-entropy ---------------------------------------------------------------------------
 
 

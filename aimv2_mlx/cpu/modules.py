@@ -2,15 +2,17 @@
 
 `apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`, `SwiGLU`,
 `Block`, `Transformer`, `AttentionPoolHead` and `MultimodalDecoder` (its text loss) to the
-subclass below, in place, and every `nn.Linear` outside a trunk (a decoder's projector and
-heads). Weights, parameter names and saved files are untouched; `remove(model)` turns them back.
+subclass below, in place, and every `nn.Linear` (its weight gradient in the weight's own row
+order, `kernels.linear`). Weights, parameter names and saved files are untouched; `remove(model)`
+turns them back.
 In float32 the subclasses use the vectorised kernels of `cpu.kernels` (forward and backward);
 for other dtypes they defer to the plain classes.
 
 The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole images per
 stream when the batch divides evenly, else blocks of tokens per stream, which meet at each
-attention to share keys and values. A linear layer outside a trunk splits its rows the same way:
-the BLAS runs one thread per stream, so a matmul left on one stream would get one core. Results
+attention to share keys and values. A linear layer outside a trunk (a decoder's projector and
+heads) splits its rows the same way: the BLAS runs one thread per stream, so a matmul left on
+one stream would get one core. Results
 equal the plain forward to float32 rounding (BLAS may sum differently for different row counts).
 
 Each stream reads the weights through its own handle (`weight_handles`), made on the stream that
@@ -129,10 +131,15 @@ class CPULinear(nn.Linear):
     streams: tuple = ()  # set by `apply` for layers outside a trunk
 
     def __call__(self, x: mx.array) -> mx.array:
-        axis = split_plan(x, self.streams) if x.dtype == mx.float32 and x.ndim == 3 else None
-        if axis is None:
+        if x.dtype != mx.float32:
             return super().__call__(x)
-        return over_streams(self, x, axis, super().__call__)
+        axis = split_plan(x, self.streams) if x.ndim == 3 else None
+        if axis is None:
+            return self.project(x)
+        return over_streams(self, x, axis, self.project)
+
+    def project(self, x: mx.array) -> mx.array:
+        return kernels.linear(x, self["weight"], self.get("bias"))
 
 
 class CPUMultimodalDecoder(MultimodalDecoder):
@@ -225,6 +232,7 @@ def _mask_part(mask: mx.array | None, axis: int, batch: int, a: int, b: int) -> 
 
 
 SWAPS = {
+    nn.Linear: CPULinear,
     Attention: CPUAttention,
     SwiGLU: CPUSwiGLU,
     Block: CPUBlock,
@@ -232,8 +240,7 @@ SWAPS = {
     AttentionPoolHead: CPUAttentionPoolHead,
     MultimodalDecoder: CPUMultimodalDecoder,
 }
-OUTSIDE_TRUNKS = {nn.Linear: CPULinear}
-PLAIN = {cpu: plain for plain, cpu in (SWAPS | OUTSIDE_TRUNKS).items()}
+PLAIN = {cpu: plain for plain, cpu in SWAPS.items()}
 
 
 def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
@@ -255,11 +262,12 @@ def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
     }
     for _, module in model.named_modules():
         cls = SWAPS.get(type(module))
-        if type(module) in OUTSIDE_TRUNKS and id(module) not in in_trunks:
-            cls = OUTSIDE_TRUNKS[type(module)]
         if cls is not None:
             module.__class__ = cls
-        if isinstance(module, (CPUTransformer, CPULinear)):
+        splits = isinstance(module, CPUTransformer) or (
+            isinstance(module, CPULinear) and id(module) not in in_trunks
+        )
+        if splits:
             object.__setattr__(module, "streams", tuple(streams))
     return model
 

@@ -16,6 +16,16 @@
 
 `restore()` puts both back as they were before the first `tune()`; `tuned()` scopes them and
 `paused()` lifts them for a block.
+
+One more is made at import, because MLX reads it once, at its first evaluation, and it cannot be
+undone: `schedule_breadth_first()` sets `MLX_BFS_MAX_WIDTH` (unless the user set it) when MLX
+computes on the CPU. MLX orders a graph's tasks breadth-first up to that width (default 20) and
+depth-first beyond it, and keeps at most 10 tasks in flight (mlx/transforms.cpp, `eval_impl`).
+With the trunk's rows split over one stream per core, a depth-first stretch queues one stream's
+tasks while the other stream, having none, sits idle; breadth-first order alternates them.
+Only the order of independent operations changes, never a result. Measured (training steps,
+2-core Zen 5, `OPENBLAS_CORETYPE=Haswell`): tiny 0.37 -> 0.33 s, small 2.68 -> 2.43 s, base
+9.2 -> 8.4 s, same peak memory; AIMv2-L inference unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ from . import blas
 
 STREAMS_ENV = "AIMV2_MLX_CPU_STREAMS"
 MAX_STREAMS = 8
+
+SCHEDULE_ENV = "MLX_BFS_MAX_WIDTH"
+BREADTH_FIRST = str(1 << 20)  # wider than any graph here: breadth-first throughout
 
 _lock = threading.Lock()
 _saved: dict | None = None  # what tune() changed, to restore; None while untuned
@@ -74,6 +87,20 @@ def tune(split: bool = True) -> list:
                 if len(_streams) != count:
                     _streams = [mx.new_stream(mx.cpu) for _ in range(count)]
         return _streams if split and "blas_threads" in _saved else []
+
+
+def scheduling_width(env: dict, on_cpu: bool) -> str | None:
+    """The `MLX_BFS_MAX_WIDTH` to set, or None: the user's value stands, and GPUs keep MLX's."""
+    if SCHEDULE_ENV in env or not on_cpu:
+        return None
+    return BREADTH_FIRST
+
+
+def schedule_breadth_first() -> None:
+    """Set MLX's scheduling width for the CPU (see the module's docstring); before any eval."""
+    width = scheduling_width(os.environ, mx.default_device() == mx.cpu)
+    if width is not None:
+        os.environ[SCHEDULE_ENV] = width
 
 
 def restore() -> None:
