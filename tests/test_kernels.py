@@ -396,7 +396,7 @@ def test_encoder_gradients_with_cpu_backend_and_split_match_the_plain_layers(
 
     params = tiny_model.trainable_parameters()
     expected = tree_flatten(mx.grad(loss)(params))
-    cpu.apply(tiny_model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    cpu.apply(tiny_model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)], training=True)
     got = dict(tree_flatten(mx.grad(loss)(params)))
     for name, value in expected:
         assert _close(_np(got[name]), _np(value)), name
@@ -410,6 +410,9 @@ def test_every_linear_layer_becomes_a_cpu_linear_and_only_those_outside_a_trunk_
     assert linears and all(type(m) is modules.CPULinear for m in linears.values())
     split = {name for name, m in linears.items() if m.streams}
     assert split == {"image_projector", "pixel_head", "text_head"}
+    assert not any(m.row_order_gradient for m in linears.values())  # for inference
+    cpu.apply(decoder, streams=streams, training=True)
+    assert all(m.row_order_gradient for m in linears.values())
     cpu.remove(decoder)
     assert not any(isinstance(m, modules.CPULinear) for _, m in decoder.named_modules())
 
@@ -450,8 +453,9 @@ def test_cpu_linear_defers_to_the_plain_layer_outside_float32():
     assert np.array_equal(_np(layer(x).astype(mx.float32)), expected)
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("batch", [4, 3])  # 4: images per stream; 3: token blocks
-def test_row_split_linear_matches_the_plain_layer_forward_and_gradient(batch):
+def test_row_split_linear_matches_the_plain_layer_forward_and_gradient(batch, training):
     layer = nn.Linear(24, 40)
     x = mx.random.normal((batch, 10, 24), key=mx.random.key(21))
     cotangent = mx.random.normal((batch, 10, 40), key=mx.random.key(22))
@@ -462,11 +466,14 @@ def test_row_split_linear_matches_the_plain_layer_forward_and_gradient(batch):
 
     params = layer.trainable_parameters()
     expected = [layer(x)] + [g for _, g in tree_flatten(mx.grad(loss, argnums=(0, 1))(params, x))]
-    cpu.apply(layer, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    assert type(layer) is modules.CPULinear
-    got = [layer(x)] + [g for _, g in tree_flatten(mx.grad(loss, argnums=(0, 1))(params, x))]
+    cpu.apply(layer, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)], training=training)
+    assert type(layer) is modules.CPULinear and layer.row_order_gradient == training
+    gradients = mx.grad(loss, argnums=(0, 1))(params, x)
+    got = [layer(x)] + [g for _, g in tree_flatten(gradients)]
     for g, e in zip(got, expected, strict=True):
         assert _close(_np(g), _np(e))
+    if training:
+        assert memoryview(gradients[0]["weight"]).strides == (24 * 4, 4)
 
 
 def test_weight_handles_pass_values_and_gradients_through_and_reading_restores_the_weights():
@@ -580,7 +587,7 @@ def test_attention_pool_head_with_cpu_backend_matches_plain_forward_and_gradient
 
     params = head.trainable_parameters()
     expected_loss, expected = loss(params).item(), tree_flatten(mx.grad(loss)(params))
-    cpu.apply(head, streams=())
+    cpu.apply(head, streams=(), training=True)
     assert isinstance(head, modules.CPUAttentionPoolHead)
     assert abs(loss(params).item() - expected_loss) <= 1e-5 * abs(expected_loss)
     got = dict(tree_flatten(mx.grad(loss)(params)))

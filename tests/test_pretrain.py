@@ -284,9 +284,10 @@ def test_a_training_step_with_the_cpu_backend_equals_the_plain_step(
     for backend in (False, True):
         model = build_pretrain_model(config, cpu_backend=False)
         if backend:
-            cpu.apply(model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+            cpu.apply(model, streams=[mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)], training=True)
         assert isinstance(model.encoder.trunk, modules.CPUTransformer) == backend
         assert isinstance(model.decoder.pixel_head, modules.CPULinear) == backend
+        assert getattr(model.encoder.trunk.blocks[0].mlp.fc1, "row_order_gradient", 0) == backend
         optimizer = build_optimizer(config)
         optimizer.init(model.trainable_parameters())
         stats = TrainStep(model, optimizer, config, tok.ignore_ids)(batch_data)

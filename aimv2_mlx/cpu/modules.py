@@ -2,9 +2,9 @@
 
 `apply(model)` works like `nn.quantize`: it walks the model and retypes every `Attention`, `SwiGLU`,
 `Block`, `Transformer`, `AttentionPoolHead` and `MultimodalDecoder` (its text loss) to the
-subclass below, in place, and every `nn.Linear` (its weight gradient in the weight's own row
-order, `kernels.linear`). Weights, parameter names and saved files are untouched; `remove(model)`
-turns them back.
+subclass below, in place, and every `nn.Linear` (for training, with its weight gradient in the
+weight's own row order: `kernels.linear`). Weights, parameter names and saved files are
+untouched; `remove(model)` turns them back.
 In float32 the subclasses use the vectorised kernels of `cpu.kernels` (forward and backward);
 for other dtypes they defer to the plain classes.
 
@@ -129,6 +129,9 @@ def over_streams(module: nn.Module, x: mx.array, axis: int, call) -> mx.array:
 
 class CPULinear(nn.Linear):
     streams: tuple = ()  # set by `apply` for layers outside a trunk
+    # set by `apply(..., training=True)`: the row-order weight gradient of `kernels.linear`
+    # (the custom function costs inference ~3% at AIMv2-L, so a model only run forward skips it)
+    row_order_gradient: bool = False
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.dtype != mx.float32:
@@ -139,6 +142,8 @@ class CPULinear(nn.Linear):
         return over_streams(self, x, axis, self.project)
 
     def project(self, x: mx.array) -> mx.array:
+        if not self.row_order_gradient:
+            return super().__call__(x)
         return kernels.linear(x, self["weight"], self.get("bias"))
 
 
@@ -243,12 +248,13 @@ SWAPS = {
 PLAIN = {cpu: plain for plain, cpu in SWAPS.items()}
 
 
-def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
+def apply(model: nn.Module, streams: Sequence | None = None, training: bool = False) -> nn.Module:
     """Swap the CPU versions into `model` in place, and return it.
 
     `streams`: what each trunk splits its rows over. None: one stream per core, with the
     process-wide settings of `settings.tune`; () keeps each trunk on one stream (and the BLAS
-    threads as they are); a list of CPU streams uses those.
+    threads as they are); a list of CPU streams uses those. `training`: the model will be
+    trained, so its linear layers give weight gradients in the weights' row order.
     """
     if streams is None:
         streams = settings.tune()
@@ -264,6 +270,8 @@ def apply(model: nn.Module, streams: Sequence | None = None) -> nn.Module:
         cls = SWAPS.get(type(module))
         if cls is not None:
             module.__class__ = cls
+        if isinstance(module, CPULinear):
+            object.__setattr__(module, "row_order_gradient", training)
         splits = isinstance(module, CPUTransformer) or (
             isinstance(module, CPULinear) and id(module) not in in_trunks
         )
@@ -278,5 +286,6 @@ def remove(model: nn.Module) -> nn.Module:
         cls = PLAIN.get(type(module))
         if cls is not None:
             module.__dict__.pop("streams", None)
+            module.__dict__.pop("row_order_gradient", None)
             module.__class__ = cls
     return model

@@ -56,7 +56,7 @@ def build_lit(
     only the trained parts trainable."""
     model = build(model_config(config, preprocess, name))
     if cpu_backend and cpu.on_cpu():
-        cpu.apply(model)
+        cpu.apply(model, training=True)
     model.image_encoder.load_weights(list(locked.items()), strict=False)
     init_trained(model, config.seed)
     model.image_encoder.preprocessor.freeze()

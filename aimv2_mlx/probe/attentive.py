@@ -41,7 +41,7 @@ def new_head(dims: int, num_classes: int, num_heads: int, seed: int) -> Attentio
     head = AttentionPoolHead(dims, num_heads, out_dims=num_classes)
     head.cls_token = mx.random.normal(head.cls_token.shape) * 0.02
     mx.eval(head.parameters())
-    return cpu.apply(head, streams=()) if cpu.on_cpu() else head
+    return cpu.apply(head, streams=(), training=True) if cpu.on_cpu() else head
 
 
 def train_attentive_head(

@@ -112,7 +112,7 @@ def build_pretrain_model(
     model = PretrainModel(encoder, decoder)
     init_pretraining(model, config.seed)
     if cpu_backend and cpu.on_cpu():
-        cpu.apply(model)
+        cpu.apply(model, training=True)
     return model
 
 
