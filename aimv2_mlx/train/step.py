@@ -17,6 +17,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from .. import cpu
 from ..objective import LossWeights, combine, loss_sums, used_weights
 
 
@@ -34,11 +35,10 @@ def gradients_and_update(model: nn.Module, optimizer: optim.Optimizer, loss, con
     norm), each compiled when `config.compile`: the update over the model's and optimizer's state.
     Pre-training and LiT-tuning share it."""
     grads = mx.value_and_grad(loss)
+    streams = cpu.model_streams(model)  # the CPU backend's: the update shared out over them
 
     def apply(gradients):
-        gradients, norm = optim.clip_grad_norm(gradients, config.grad_clip)
-        optimizer.update(model, gradients)
-        return norm
+        return cpu.clipped_update(model, optimizer, gradients, config.grad_clip, streams)
 
     if not config.compile:
         return grads, apply
