@@ -454,6 +454,7 @@ def test_info_json_reports_isa_kernel_and_both_gemms(tmp_path):
         report["mlx_gemm_gflops"] / report["numpy_gemm_gflops"], abs=0.01
     )
     assert ("warning" in report) == (report["mlx_vs_numpy"] < blas.SLOW_RATIO)
+    assert report["mlx_bfs_max_width"] == os.environ.get("MLX_BFS_MAX_WIDTH")
 
 
 @linux_with_openblas

@@ -593,8 +593,11 @@ def describe() -> dict:
     else:
         info["blas"] = f"bundled reference BLAS ({_state['reason']})"
     info.setdefault("blas_kernel", "n/a")
-    size = 512 if info["blas"].startswith("bundled") else 1024
     from . import settings  # here, not at the top: this module loads before MLX
+
+    # MLX's task order as this process asked for it (MLX read it at its first evaluation)
+    info["mlx_bfs_max_width"] = os.environ.get(settings.SCHEDULE_ENV, "20 (MLX's default)")
+    size = 512 if info["blas"].startswith("bundled") else 1024
 
     with settings.paused():  # a loaded model set the BLAS to one thread per stream
         mlx_gflops, numpy_gflops = compare_gemm(size)
