@@ -542,23 +542,33 @@ def test_cpu_stream_count_follows_the_environment(monkeypatch):
         ({}, True, settings.BREADTH_FIRST),
         ({settings.SCHEDULE_ENV: "7"}, True, None),  # the user's value stands
         ({}, False, None),  # GPUs keep MLX's order
+        # MLX reads these as 0 and hangs: replaced
+        ({settings.SCHEDULE_ENV: "abc"}, True, settings.BREADTH_FIRST),
+        ({settings.SCHEDULE_ENV: "0"}, True, settings.BREADTH_FIRST),
+        ({settings.SCHEDULE_ENV: ""}, False, settings.MLX_DEFAULT_WIDTH),
+        ({settings.SCHEDULE_ENV: "-3"}, False, settings.MLX_DEFAULT_WIDTH),
     ],
 )
 def test_mlx_schedules_breadth_first_on_a_cpu_unless_the_user_chose(env, on_cpu, expected):
     assert settings.scheduling_width(env, on_cpu) == expected
 
 
-@pytest.mark.parametrize("user_value", [None, "7"])
+@pytest.mark.parametrize("user_value", [None, "7", "abc"])
 def test_importing_aimv2_mlx_sets_the_scheduling_width_unless_the_user_did(user_value):
     env = {k: v for k, v in os.environ.items() if k != settings.SCHEDULE_ENV}
     if user_value is not None:
         env[settings.SCHEDULE_ENV] = user_value
     code = "import os, aimv2_mlx; print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    code += "\nimport mlx.core as mx; mx.eval(mx.ones(2) + 1)"  # hangs on a width of 0
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
-    expected = user_value or (settings.BREADTH_FIRST if cpu.on_cpu() else "None")
-    assert done.stdout.strip() == expected
+    assert done.returncode == 0, done.stderr
+    usable = user_value if user_value and user_value.isdigit() else None
+    chosen = settings.BREADTH_FIRST if cpu.on_cpu() else ("20" if user_value else "None")
+    assert done.stdout.strip() == (usable or chosen)
+    warned = "is not a positive integer" in done.stderr
+    assert warned == (user_value is not None and usable is None)
 
 
 def test_tune_and_restore_put_the_process_settings_back():

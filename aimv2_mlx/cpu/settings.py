@@ -18,9 +18,10 @@
 `paused()` lifts them for a block.
 
 One more is made at import, because MLX reads it once, at its first evaluation, and it cannot be
-undone: `schedule_breadth_first()` sets `MLX_BFS_MAX_WIDTH` (unless the user set it) when MLX
-computes on the CPU. MLX orders a graph's tasks breadth-first up to that width (default 20) and
-depth-first beyond it, and keeps at most 10 tasks in flight (mlx/transforms.cpp, `eval_impl`).
+undone: `schedule_breadth_first()` sets `MLX_BFS_MAX_WIDTH` (unless the user set it to a
+positive integer) when MLX computes on the CPU. MLX orders a graph's tasks breadth-first up to
+that width (default 20) and depth-first beyond it, and keeps at most 10 tasks in flight
+(mlx/transforms.cpp, `eval_impl`).
 With the trunk's rows split over one stream per core, a depth-first stretch queues one stream's
 tasks while the other stream, having none, sits idle; breadth-first order alternates them.
 Only the order of independent operations changes, never a result. Measured (training steps,
@@ -31,6 +32,7 @@ Only the order of independent operations changes, never a result. Measured (trai
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -43,6 +45,7 @@ MAX_STREAMS = 8
 
 SCHEDULE_ENV = "MLX_BFS_MAX_WIDTH"
 BREADTH_FIRST = str(1 << 20)  # wider than any graph here: breadth-first throughout
+MLX_DEFAULT_WIDTH = "20"
 
 _lock = threading.Lock()
 _saved: dict | None = None  # what tune() changed, to restore; None while untuned
@@ -90,17 +93,29 @@ def tune(split: bool = True) -> list:
 
 
 def scheduling_width(env: dict, on_cpu: bool) -> str | None:
-    """The `MLX_BFS_MAX_WIDTH` to set, or None: the user's value stands, and GPUs keep MLX's."""
-    if SCHEDULE_ENV in env or not on_cpu:
-        return None
-    return BREADTH_FIRST
+    """The `MLX_BFS_MAX_WIDTH` to set, or None: a user's value stands and GPUs keep MLX's, except
+    that a value that is not a positive integer is replaced (MLX reads it as 0 and then hangs in
+    its first evaluation)."""
+    user = env.get(SCHEDULE_ENV)
+    if user is not None:
+        if user.strip().isdigit() and int(user) > 0:
+            return None
+        return BREADTH_FIRST if on_cpu else MLX_DEFAULT_WIDTH
+    return BREADTH_FIRST if on_cpu else None
 
 
 def schedule_breadth_first() -> None:
     """Set MLX's scheduling width for the CPU (see the module's docstring); before any eval."""
+    user = os.environ.get(SCHEDULE_ENV)
     width = scheduling_width(os.environ, mx.default_device() == mx.cpu)
-    if width is not None:
-        os.environ[SCHEDULE_ENV] = width
+    if width is None:
+        return
+    if user is not None:
+        sys.stderr.write(
+            f"aimv2-mlx: warning: {SCHEDULE_ENV}={user!r} is not a positive integer (MLX would "
+            f"hang on it); using {width}\n"
+        )
+    os.environ[SCHEDULE_ENV] = width
 
 
 def restore() -> None:
