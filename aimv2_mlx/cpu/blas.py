@@ -596,7 +596,9 @@ def describe() -> dict:
     from . import settings  # here, not at the top: this module loads before MLX
 
     # MLX's task order as this process asked for it (MLX read it at its first evaluation)
-    info["mlx_bfs_max_width"] = os.environ.get(settings.SCHEDULE_ENV, "20 (MLX's default)")
+    info["mlx_bfs_max_width"] = os.environ.get(
+        settings.SCHEDULE_ENV, f"{settings.MLX_DEFAULT_WIDTH} (MLX's default)"
+    )
     size = 512 if info["blas"].startswith("bundled") else 1024
 
     with settings.paused():  # a loaded model set the BLAS to one thread per stream

@@ -4,16 +4,15 @@
 `Block`, `Transformer`, `AttentionPoolHead` and `MultimodalDecoder` (its text loss) to the
 subclass below, in place, and every `nn.Linear` (for training, with its weight gradient in the
 weight's own row order: `kernels.linear`). Weights, parameter names and saved files are
-untouched; `remove(model)` turns them back.
-In float32 the subclasses use the vectorised kernels of `cpu.kernels` (forward and backward);
-for other dtypes they defer to the plain classes.
+untouched; `remove(model)` turns them back. In float32 the subclasses use the vectorised kernels
+of `cpu.kernels` (forward and backward); for other dtypes they defer to the plain classes.
 
 The trunk also splits its rows over one MLX stream per core (`settings.tune`): whole images per
 stream when the batch divides evenly, else blocks of tokens per stream, which meet at each
 attention to share keys and values. A linear layer outside a trunk (a decoder's projector and
 heads) splits its rows the same way: the BLAS runs one thread per stream, so a matmul left on
-one stream would get one core. Results
-equal the plain forward to float32 rounding (BLAS may sum differently for different row counts).
+one stream would get one core. Results equal the plain forward to float32 rounding (BLAS may sum
+differently for different row counts).
 
 Each stream reads the weights through its own handle (`weight_handles`), made on the stream that
 called the layer. A weight's gradient is then summed from its per-stream parts on that calling

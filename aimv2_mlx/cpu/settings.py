@@ -21,9 +21,9 @@ One more is made at import, because MLX reads it once, at its first evaluation, 
 undone: `schedule_breadth_first()` sets `MLX_BFS_MAX_WIDTH` (unless the user set it to a
 positive integer) when MLX computes on the CPU. MLX orders a graph's tasks breadth-first up to
 that width (default 20) and depth-first beyond it, and keeps at most 10 tasks in flight
-(mlx/transforms.cpp, `eval_impl`).
-With the trunk's rows split over one stream per core, a depth-first stretch queues one stream's
-tasks while the other stream, having none, sits idle; breadth-first order alternates them.
+(mlx/transforms.cpp, `eval_impl`). With the trunk's rows split over one stream per core, a
+depth-first stretch queues one stream's tasks while the other stream, having none, sits idle;
+breadth-first order alternates them.
 Only the order of independent operations changes, never a result. Measured (training steps,
 2-core Zen 5, `OPENBLAS_CORETYPE=Haswell`): tiny 0.37 -> 0.33 s, small 2.68 -> 2.43 s, base
 9.2 -> 8.4 s, same peak memory; AIMv2-L inference unchanged.

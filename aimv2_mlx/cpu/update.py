@@ -51,13 +51,17 @@ def _leaves_on_streams(optimizer: optim.Optimizer, stream_of: dict, normalizer: 
         return single
 
     leaves = _leaf_optimizers(optimizer)
+    saved = [vars(leaf).get("apply_single") for leaf in leaves]  # None: the class's method
     for leaf in leaves:
         leaf.apply_single = on_its_stream(leaf.apply_single)
     try:
         yield
     finally:
-        for leaf in leaves:
-            del leaf.apply_single  # the class's method again
+        for leaf, own in zip(leaves, saved, strict=True):
+            if own is None:
+                del leaf.apply_single
+            else:
+                leaf.apply_single = own
 
 
 def clipped_update(
